@@ -1,0 +1,318 @@
+"""RMSNorm benchmark cases: shapes, backends, inputs, correctness check and measurement.
+
+Shared by the pytest-benchmark file (bench/test_bench_rms_norm.py) and the plain-script runner
+(bench/rms_norm_demo.py), so both time exactly the same thing.
+
+Backends compared (``BACKENDS``, baselines first so a kernel's ratios are known when it runs):
+
+    eager    tokenforge.ops.rms_norm_reference, plain PyTorch, run eagerly
+    compile  torch.compile(tokenforge.ops.rms_norm_reference, dynamic=False), per shape
+    native   torch.nn.functional.rms_norm
+    triton   tokenforge.ops.rms_norm(backend="triton")
+    cuda     tokenforge.ops.rms_norm(backend="cuda")   (the CUDA C++ extension)
+    torch    tokenforge.ops.rms_norm(backend="torch")  (CPU runs only: the CPU fallback path)
+
+Passes: ``fwd`` (y = rms_norm(x, w), inputs not requiring grad) and ``fwd_bwd`` (forward, then
+``torch.autograd.grad(y, (x, w), dy)``; dx and dw, no accumulation into .grad).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import bandwidth as bw
+
+OP = "rms_norm"
+EPS = 1e-6
+PASSES = ("fwd", "fwd_bwd")
+
+# (rows, n). The first is the headline: a LLaMA-7B-like hidden size over 16k tokens.
+HEADLINE_SHAPE = (16384, 4096)
+GPU_SHAPES = [(16384, 4096), (4096, 8192), (8192, 2048), (32768, 1024)]
+CPU_SHAPES = [(64, 256)]
+
+BASELINES = ("eager", "compile", "native")
+TOKENFORGE_BACKENDS = ("triton", "cuda", "torch")
+GPU_BACKENDS = ("eager", "compile", "native", "triton", "cuda")
+CPU_BACKENDS = ("eager", "compile", "native", "torch", "triton", "cuda")
+
+BACKEND_DESCRIPTIONS = {
+    "eager": "tokenforge.ops.rms_norm_reference (plain PyTorch, eager)",
+    "compile": "torch.compile(tokenforge.ops.rms_norm_reference, dynamic=False)",
+    "native": "torch.nn.functional.rms_norm",
+    "triton": "tokenforge.ops.rms_norm(backend='triton')",
+    "cuda": "tokenforge.ops.rms_norm(backend='cuda') (CUDA C++ extension)",
+    "torch": "tokenforge.ops.rms_norm(backend='torch')",
+}
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot run this case here (not built, no GPU, no interpreter...)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    pass_: str  # "fwd" or "fwd_bwd"
+    rows: int
+    n: int
+    dtype: torch.dtype
+    headline: bool = False  # fwd+bwd, bf16, first shape of the set (16384x4096 on GPU; 64x256 on CPU)
+
+    @property
+    def shape(self) -> str:
+        return f"{self.rows}x{self.n}"
+
+    @property
+    def dtype_name(self) -> str:
+        return bw.dtype_name(self.dtype)
+
+    @property
+    def id(self) -> str:
+        return f"{self.pass_}-{self.shape}-{self.dtype_name}"
+
+    def bytes(self) -> int:
+        """Minimum bytes moved (bandwidth.rms_norm_fwd_bytes / rms_norm_fwd_bwd_bytes); the
+        weight has x's dtype in these benchmarks."""
+        eb = bw.dtype_bytes(self.dtype)
+        if self.pass_ == "fwd":
+            return bw.rms_norm_fwd_bytes(self.rows, self.n, eb)
+        return bw.rms_norm_fwd_bwd_bytes(self.rows, self.n, eb)
+
+
+def sizes_mode(device: torch.device) -> str:
+    """``full`` (the GPU shapes) or ``tiny`` (64x256); ``TOKENFORGE_BENCH_SIZES`` overrides the
+    default, which is full on CUDA and tiny elsewhere."""
+    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
+    if mode in ("full", "tiny"):
+        return mode
+    return "full" if torch.device(device).type == "cuda" else "tiny"
+
+
+def cases(device) -> list[Case]:
+    """Cases in run order: the headline first, then the rest of its shape, then the other shapes."""
+    device = torch.device(device)
+    out: list[Case] = []
+    if sizes_mode(device) == "full":
+        hr, hn = HEADLINE_SHAPE
+        out += [Case("fwd_bwd", hr, hn, torch.bfloat16, headline=True), Case("fwd", hr, hn, torch.bfloat16),
+                Case("fwd_bwd", hr, hn, torch.float32), Case("fwd", hr, hn, torch.float32)]
+        for rows, n in GPU_SHAPES:
+            if (rows, n) == HEADLINE_SHAPE:
+                continue
+            out += [Case("fwd_bwd", rows, n, torch.bfloat16), Case("fwd", rows, n, torch.bfloat16)]
+    else:
+        for i, (rows, n) in enumerate(CPU_SHAPES):
+            for dtype in (torch.bfloat16, torch.float32):
+                head = i == 0 and dtype == torch.bfloat16
+                out += [Case("fwd_bwd", rows, n, dtype, headline=head), Case("fwd", rows, n, dtype)]
+    return out
+
+
+def backends_for(device) -> tuple[str, ...]:
+    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+
+
+# ---------------------------------------------------------------------------------------------
+# The functions being timed
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference() -> Callable:
+    from tokenforge import ops
+
+    return ops.rms_norm_reference
+
+
+def static_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device``, when that is known without trying; else None."""
+    if device.type != "cuda":
+        if backend == "cuda":
+            return "the CUDA extension needs a CUDA device"
+        if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)"
+    return None
+
+
+def make_op(backend: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``op(x, w) -> y`` for one backend."""
+    if backend in TOKENFORGE_BACKENDS:
+        from tokenforge import ops
+
+        def op(x, w):
+            return ops.rms_norm(x, w, EPS, backend=backend)
+
+        return op
+    if backend == "eager":
+        ref = _reference()
+        return lambda x, w: ref(x, w, EPS)
+    if backend == "compile":
+        ref = _reference()
+        # A fresh dynamo cache for every case: a shape- and dtype-specialised graph each time,
+        # never the recompile limit, never a silent fall back to eager.
+        torch._dynamo.reset()
+        compiled = torch.compile(ref, dynamic=False)
+        return lambda x, w: compiled(x, w, EPS)
+    if backend == "native":
+        f = torch.nn.functional.rms_norm
+        return lambda x, w: f(x, (x.shape[-1],), w, EPS)
+    raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_DESCRIPTIONS)}")
+
+
+_CUDA_FAULT_MARKERS = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
+                       "misaligned address", "CUBLAS_STATUS", "cudaError")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A crash of the device (a bug to report), not a backend that is merely unavailable."""
+    msg = str(exc)
+    return any(m in msg for m in _CUDA_FAULT_MARKERS)
+
+
+def reference64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in float64, written out here (independent of tokenforge): the correctness oracle."""
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf for NaN/inf or a shape mismatch."""
+    if out is None or tuple(out.shape) != tuple(ref.shape):
+        return float("inf")
+    num = (out.double() - ref).norm().item()
+    den = ref.norm().item()
+    err = num / den if den > 0 else num
+    return err if err == err and err != float("inf") else float("inf")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Loose sanity bound for a benchmark (the test suite checks precisely): 1e-4 for fp32,
+    2e-2 for fp16/bf16."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+@dataclass
+class Prepared:
+    """A case ready to time: ``fn()`` runs one pass; the first call (compile, correctness) is done."""
+    case: Case
+    backend: str
+    device: torch.device
+    fn: Callable[[], object]
+    rel_err: dict = field(default_factory=dict)
+    tol: float = 0.0
+
+    @property
+    def correct(self) -> bool:
+        return all(e <= self.tol for e in self.rel_err.values())
+
+
+def make_inputs(case: Case, device: torch.device):
+    """Fresh random x, weight, dy (never zeros or ones): x, dy ~ N(0, 1), w ~ 1 + 0.1 N(0, 1)."""
+    x = torch.randn(case.rows, case.n, device=device, dtype=torch.float32).to(case.dtype)
+    w = (1.0 + 0.1 * torch.randn(case.n, device=device, dtype=torch.float32)).to(case.dtype)
+    dy = torch.randn(case.rows, case.n, device=device, dtype=torch.float32).to(case.dtype)
+    return x, w, dy
+
+
+def prepare(case: Case, backend: str, device) -> Prepared:
+    """Build inputs and the timed function, run it once (compiles, loads the extension) and check
+    it against :func:`reference64`.
+
+    Raises :class:`BackendUnavailable` when the backend cannot run here (it raised RuntimeError,
+    NotImplementedError or ImportError that is not a device fault); other errors propagate.
+    """
+    device = torch.device(device)
+    reason = static_unavailable_reason(backend, device)
+    if reason:
+        raise BackendUnavailable(reason)
+    x, w, dy = make_inputs(case, device)
+    try:
+        op = make_op(backend)
+        if case.pass_ == "fwd":
+            y = op(x, w)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        else:
+            xg = x.detach().requires_grad_(True)
+            wg = w.detach().requires_grad_(True)
+            y = op(xg, wg)
+            dx, dw = torch.autograd.grad(y, (xg, wg), dy)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError, ImportError) as exc:
+        if is_device_fault(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BackendUnavailable(f"{type(exc).__name__}: {first}"[:300]) from exc
+
+    tol = tolerance(case.dtype)
+    if case.pass_ == "fwd":
+        errs = {"y": rel_err(y, reference64(x, w))}
+        del y
+
+        def fn():
+            return op(x, w)
+    else:
+        xd = x.double().requires_grad_(True)
+        wd = w.double().requires_grad_(True)
+        yd = reference64(xd, wd)
+        dxd, dwd = torch.autograd.grad(yd, (xd, wd), dy.double())
+        errs = {"y": rel_err(y.detach(), yd.detach()), "dx": rel_err(dx, dxd), "dw": rel_err(dw, dwd)}
+        del xd, wd, yd, dxd, dwd, y, dx, dw
+
+        def fn():
+            out = op(xg, wg)
+            return torch.autograd.grad(out, (xg, wg), dy)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Prepared(case, backend, device, fn, errs, tol)
+
+
+def measure(prep: Prepared, copy_gbps: Optional[float] = None, timer_kwargs: Optional[dict] = None) -> dict:
+    """Time ``prep.fn`` (bandwidth.time_fn) and return the record stored in the JSON's extra_info."""
+    stats = bw.time_fn(prep.fn, prep.device, **(timer_kwargs or {}))
+    return make_record(prep, stats, copy_gbps)
+
+
+def make_record(prep: Prepared, stats: dict, copy_gbps: Optional[float]) -> dict:
+    case = prep.case
+    nbytes = case.bytes()
+    med = stats["median_ms"]
+    gbps = nbytes / (med * 1e-3) / bw.GB if med > 0 else float("nan")
+    rec = {
+        "op": OP,
+        "pass": case.pass_,
+        "shape": case.shape,
+        "rows": case.rows,
+        "n": case.n,
+        "dtype": case.dtype_name,
+        "backend": prep.backend,
+        "impl": BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend),
+        "device": prep.device.type,
+        "headline": case.headline,
+        **stats,
+        "bytes": nbytes,
+        "gbps": gbps,
+        "rel_err": {k: float(v) for k, v in prep.rel_err.items()},
+        "tol": prep.tol,
+        "correct": prep.correct,
+        "meaningful": prep.device.type == "cuda",
+    }
+    if copy_gbps:
+        rec["copy_gbps"] = copy_gbps
+        rec["fraction_of_copy"] = gbps / copy_gbps
+        rec["floor_ms"] = nbytes / (copy_gbps * bw.GB) * 1e3
+    return rec
+
+
+def add_ratios(rec: dict, baseline_ms: dict) -> dict:
+    """Add ``speedup_vs_<baseline>`` = baseline median / this median for each baseline measured
+    (``baseline_ms``: backend -> median ms for the same case)."""
+    for base, ms in baseline_ms.items():
+        if ms and rec.get("median_ms"):
+            rec[f"speedup_vs_{base}"] = ms / rec["median_ms"]
+    return rec

@@ -1,0 +1,65 @@
+// pybind11 module tokenforge._C. Compiled by the host compiler with no CUDA or libtorch
+// headers: every CUDA call lives behind csrc/tokenforge.h in the nvcc-compiled files.
+// pybind11 turns std::invalid_argument into ValueError and std::runtime_error into RuntimeError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "tokenforge.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() =
+      "tokenforge CUDA C++ kernels (no libtorch). Functions take raw device pointers as ints, "
+      "sizes and row strides in elements, dtype codes (0=float32, 1=float16, 2=bfloat16) and "
+      "the caller's CUDA stream as an int. Use the wrappers in tokenforge.cuda, which check "
+      "tensors before passing their pointers.";
+
+  m.def(
+      "build_info",
+      []() {
+        const tokenforge::BuildInfo info = tokenforge::build_info();
+        py::dict d;
+        d["cuda_version"] = info.cuda_version;
+        d["nvcc_version"] = info.nvcc_version;
+        d["archs"] = info.archs;
+        d["cudart"] = info.cudart;
+        d["version"] = info.version;
+        d["rms_norm_max_n"] = tokenforge::rms_norm_max_n(-1);
+        return d;
+      },
+      "Build facts: CUDA version compiled against, nvcc version, gencode targets, cudart "
+      "linkage, package version, rms_norm backward max n.");
+
+  m.def("device_count", &tokenforge::device_count,
+        "Number of visible CUDA devices (0 without a driver or device; never raises).");
+  m.def("device_error", &tokenforge::device_error,
+        "Empty string when a CUDA device is usable, else why not.");
+  m.def("driver_version", &tokenforge::driver_version,
+        "CUDA driver API version (e.g. 13000), 0 without a driver.");
+
+  m.def("rms_norm_max_n", &tokenforge::rms_norm_max_n, py::arg("device") = -1,
+        "Largest n rms_norm_bwd accepts with a weight: build-wide for device=-1, else for "
+        "that device (smaller on GPUs with less shared memory per block).");
+
+  m.def("rms_norm_fwd", &tokenforge::rms_norm_fwd, py::arg("x_ptr"), py::arg("w_ptr"),
+        py::arg("y_ptr"), py::arg("rstd_ptr"), py::arg("rows"), py::arg("n"),
+        py::arg("x_row_stride"), py::arg("y_row_stride"), py::arg("eps"), py::arg("x_dtype"),
+        py::arg("w_dtype"), py::arg("stream"),
+        "y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) per row, in fp32. y has x's "
+        "dtype; rstd is float32 [rows]; w_ptr == 0 means no weight. Columns contiguous.");
+
+  m.def("rms_norm_bwd", &tokenforge::rms_norm_bwd, py::arg("dy_ptr"), py::arg("x_ptr"),
+        py::arg("w_ptr"), py::arg("rstd_ptr"), py::arg("dx_ptr"), py::arg("dw_partial_ptr"),
+        py::arg("rows"), py::arg("n"), py::arg("dy_row_stride"), py::arg("x_row_stride"),
+        py::arg("dx_row_stride"), py::arg("num_partials"), py::arg("x_dtype"),
+        py::arg("w_dtype"), py::arg("stream"),
+        "dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd (dx in x's "
+        "dtype). With a weight, writes every row of dw_partial: float32 [num_partials, n] "
+        "(sum over dim 0 gives dweight). num_partials is also the grid size.");
+
+  m.def("rms_norm_bwd_num_partials", &tokenforge::rms_norm_bwd_num_partials, py::arg("rows"),
+        py::arg("n"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("has_weight") = true,
+        py::arg("device") = -1,
+        "num_partials that fills the current device with one wave of backward blocks.");
+}

@@ -1,0 +1,59 @@
+// Host API of tokenforge._C, shared by the nvcc-compiled kernel files and the host-compiled
+// pybind11 bindings. Plain C++ on purpose: bindings.cpp must build without CUDA headers, and
+// nothing here may mention libtorch (the extension never links it; see DESIGN.md).
+//
+// Conventions for every launcher:
+//   * pointers are raw device addresses (Python ints); 0 means "absent" where allowed;
+//   * sizes and strides are in elements; the last dimension is always contiguous;
+//   * dtype codes: 0 = float32, 1 = float16, 2 = bfloat16;
+//   * stream is the caller's cudaStream_t as an integer (torch's `cuda_stream`).
+// Bad arguments throw std::invalid_argument (Python ValueError); a missing device, a failed
+// launch or an unusable configuration throws std::runtime_error (Python RuntimeError).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tokenforge {
+
+// ---- runtime / build information (device.cu) -------------------------------------------------
+struct BuildInfo {
+  std::string cuda_version;       // CUDA runtime the extension was compiled against, "13.0"
+  std::string nvcc_version;       // compiler that built the kernels, "13.0.88"
+  std::vector<std::string> archs; // gencode targets: "sm_80", "sm_90a", "compute_90" (PTX)
+  std::string cudart;             // "static"
+  std::string version;            // tokenforge version at build time
+};
+BuildInfo build_info();
+
+// Number of CUDA devices; 0 when there is no driver or no device (never throws).
+int device_count();
+// Empty when a device is usable, else a sentence saying why not (driver missing, no device, ...).
+std::string device_error();
+// Driver API version (e.g. 13000), 0 when no driver is installed.
+int driver_version();
+
+// ---- RMSNorm (rms_norm.cu) ------------------------------------------------------------------
+// Largest n the backward accepts when it also computes dweight (the forward, and the backward
+// without a weight, accept any n < 2^31). device < 0: the build-wide limit; device >= 0: the
+// limit on that device, which is smaller on GPUs with < 160 KB of shared memory per block.
+int rms_norm_max_n(int device);
+
+void rms_norm_fwd(std::uintptr_t x, std::uintptr_t w, std::uintptr_t y, std::uintptr_t rstd,
+                  std::int64_t rows, std::int64_t n, std::int64_t x_row_stride,
+                  std::int64_t y_row_stride, double eps, int x_dtype, int w_dtype,
+                  std::uintptr_t stream);
+
+void rms_norm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rstd,
+                  std::uintptr_t dx, std::uintptr_t dw_partial, std::int64_t rows, std::int64_t n,
+                  std::int64_t dy_row_stride, std::int64_t x_row_stride,
+                  std::int64_t dx_row_stride, std::int64_t num_partials, int x_dtype,
+                  int w_dtype, std::uintptr_t stream);
+
+// Grid size for rms_norm_bwd that fills `device` with one wave of resident blocks (each block
+// owns one row of dw_partial), capped by the number of row groups. Always >= 1.
+std::int64_t rms_norm_bwd_num_partials(std::int64_t rows, std::int64_t n, int x_dtype,
+                                       int w_dtype, bool has_weight, int device);
+
+}  // namespace tokenforge

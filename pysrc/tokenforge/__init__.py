@@ -1,0 +1,16 @@
+"""tokenforge: fused Triton and CUDA C++ kernels for cheaper transformer training.
+
+    import tokenforge
+    y = tokenforge.ops.rms_norm(x, weight)     # functional, autograd-aware
+    norm = tokenforge.nn.RMSNorm(4096)         # drop-in for torch.nn.RMSNorm
+
+Backends per op: ``triton`` (default on CUDA), ``cuda`` (the C++ extension ``tokenforge._C``) and
+``torch`` (the plain reference, used on CPU). ``TOKENFORGE_BACKEND`` forces one;
+``tokenforge info`` says which one each op would use and why.
+"""
+
+__version__ = "0.1.0"
+
+from tokenforge import backends, nn, ops  # noqa: E402
+
+__all__ = ["__version__", "backends", "nn", "ops"]

@@ -1,0 +1,141 @@
+"""The ``tokenforge`` command: ``tokenforge info`` (more subcommands arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Optional
+
+
+def _versions() -> dict:
+    import torch
+
+    out = {
+        "tokenforge": __import__("tokenforge").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception as exc:
+        out["triton"] = None
+        out["triton_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _gpus() -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append({
+            "index": i,
+            "name": p.name,
+            "capability": f"sm_{p.major}{p.minor}",
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "sms": p.multi_processor_count,
+        })
+    return gpus
+
+
+def _op_backends(device_type: str) -> list[dict]:
+    """For each registered op: the backend a typical bf16/fp32 call would use on device_type, and why."""
+    import torch
+
+    from tokenforge import backends, ops  # noqa: F401  (importing ops registers them)
+
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    x = torch.empty((2, 64), dtype=dtype, device=device_type)
+    w = torch.empty((64,), dtype=dtype, device=device_type)
+    rows = []
+    for op in backends.registered_ops():
+        entry = {"op": op, "device": device_type, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            entry["backend"], entry["why"] = backends.explain(op, x, w)
+        except Exception as exc:  # a forced backend that cannot run: say so, don't crash info
+            entry["backend"], entry["why"] = "error", str(exc)
+        reasons = {b: backends.why_not(op, b, x, w) for b in backends.BACKENDS}
+        entry["unavailable"] = {b: r for b, r in reasons.items() if r is not None}
+        rows.append(entry)
+    return rows
+
+
+def collect_info() -> dict:
+    """Everything ``tokenforge info`` reports, as a JSON-able dict."""
+    from tokenforge import backends
+    from tokenforge import cuda as cuda_ext
+
+    gpus = _gpus()
+    info = {
+        "versions": _versions(),
+        "platform": platform.platform(),
+        "gpus": gpus,
+        "triton_interpret": backends.interpreter_requested(),
+        "forced_backend": os.environ.get(backends.ENV_VAR) or None,
+        "extension": cuda_ext.extension_status(),
+        "ops": _op_backends("cpu") + (_op_backends("cuda") if gpus else []),
+    }
+    return info
+
+
+def _print_info(info: dict) -> None:
+    v = info["versions"]
+    print(f"tokenforge {v['tokenforge']}")
+    print(f"  python {v['python']}  torch {v['torch']} (CUDA {v['torch_cuda'] or 'none: CPU build'})  "
+          f"triton {v['triton'] or 'not importable: ' + v.get('triton_error', '')}")
+    print(f"  platform {info['platform']}")
+    if info["gpus"]:
+        for g in info["gpus"]:
+            print(f"  GPU {g['index']}: {g['name']} ({g['capability']}, {g['memory_gib']} GiB, {g['sms']} SMs)")
+    else:
+        print("  GPU: none visible to torch")
+    print(f"  TRITON_INTERPRET: {'on' if info['triton_interpret'] else 'off'}"
+          f"   TOKENFORGE_BACKEND: {info['forced_backend'] or 'unset (auto)'}")
+    ext = info["extension"]
+    if ext["available"]:
+        b = ext.get("build_info") or {}
+        archs = b.get("cuda_archs") or b.get("archs")
+        print(f"  CUDA extension tokenforge._C: built" + (f" for {archs}" if archs else ""))
+        if not ext.get("gpu_usable", False):
+            print(f"    but cannot run here: {ext.get('gpu_reason', 'no CUDA device')}")
+    else:
+        print(f"  CUDA extension tokenforge._C: absent: {ext['reason']}")
+    print()
+    print(f"  {'op':<12} {'device':<7} {'dtype':<9} {'backend':<8} why")
+    for row in info["ops"]:
+        print(f"  {row['op']:<12} {row['device']:<7} {row['dtype']:<9} {row['backend']:<8} {row['why']}")
+        for b, reason in row["unavailable"].items():
+            print(f"  {'':<12} {'':<7} {'':<9} {'  not ' + b:<8}: {reason}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    p_info = sub.add_parser("info", help="versions, GPU, extension status and the backend each op uses")
+    p_info.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "info":
+        info = collect_info()
+        if args.json:
+            json.dump(info, sys.stdout, indent=2, default=str)
+            print()
+        else:
+            _print_info(info)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""tokenforge.nn.RMSNorm: a drop-in for torch.nn.RMSNorm (same arguments, parameters, state_dict)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+from tokenforge.ops.rms_norm import rms_norm
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm over the trailing ``normalized_shape`` dims, same signature as torch.nn.RMSNorm, except
+    that the default eps is 1e-6 (LLaMA's); ``eps=None`` means torch.finfo(x.dtype).eps like torch."""
+
+    def __init__(
+        self,
+        normalized_shape: Union[int, Sequence[int], torch.Size],
+        eps: Optional[float] = 1e-6,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(d) for d in normalized_shape)
+        if not self.normalized_shape or any(d <= 0 for d in self.normalized_shape):
+            raise ValueError(f"RMSNorm: normalized_shape must be positive sizes, got {normalized_shape}")
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.backend = backend
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RMSNorm, *, backend: Optional[str] = None) -> "RMSNorm":
+        """A tokenforge RMSNorm sharing ``module``'s weight (same Parameter object) and eps."""
+        new = cls(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                  device="meta", backend=backend)
+        new.weight = module.weight
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.normalized_shape)
+        if tuple(x.shape[-k:]) != self.normalized_shape:
+            raise ValueError(
+                f"RMSNorm: input shape {tuple(x.shape)} does not end with normalized_shape {self.normalized_shape}"
+            )
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if k == 1:
+            return rms_norm(x, self.weight, eps, backend=self.backend)
+        # Several normalised dims: flatten them into one row of length prod(normalized_shape).
+        n = math.prod(self.normalized_shape)
+        weight = self.weight.reshape(n) if self.weight is not None else None
+        y = rms_norm(x.reshape(*x.shape[:-k], n), weight, eps, backend=self.backend)
+        return y.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -1,0 +1,176 @@
+"""RMSNorm: ``y = x / sqrt(mean(x**2, -1) + eps) * weight``, normalising over the last dim.
+
+Path of a call: :func:`rms_norm` validates and picks a backend ->
+:class:`RMSNormFunction` (autograd; saves x, weight and the per-row rstd) ->
+the custom ops ``tokenforge::rms_norm_fwd`` / ``tokenforge::rms_norm_bwd`` (opaque to
+``torch.compile`` through their fake implementations) -> ``tokenforge.kernels.rms_norm`` (Triton)
+or ``tokenforge.cuda.rms_norm`` (CUDA C++). The ``torch`` backend is :func:`rms_norm_reference`,
+differentiated by autograd.
+
+Semantics follow ``torch.nn.functional.rms_norm``: y has x's dtype, the statistics are computed in
+fp32 (or in float64 for float64 inputs on the torch backend), dweight has weight's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tokenforge import backends
+
+OP = "rms_norm"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """Plain PyTorch RMSNorm over the last dim: the oracle of the tests, the CPU fallback and the
+    eager baseline of the benchmarks. Low-precision inputs are upcast to fp32; float64 stays float64."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(compute)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: every refusal says what to do.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, eps) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"rms_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"rms_norm: x must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+            f"got {x.dtype}; convert it first, e.g. x.float()"
+        )
+    if x.dim() == 0:
+        raise ValueError("rms_norm: x must have at least one dimension (the one normalised over)")
+    if x.shape[-1] == 0:
+        raise ValueError("rms_norm: the last dim of x (normalised over) must be at least 1, got 0")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"rms_norm: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if not weight.is_floating_point():
+            raise TypeError(f"rms_norm: weight must be floating point, got {weight.dtype}; convert it, e.g. weight.float()")
+        if tuple(weight.shape) != (x.shape[-1],):
+            raise ValueError(
+                f"rms_norm: weight has shape {tuple(weight.shape)} but must be ({x.shape[-1]},), the last dim "
+                f"of x {tuple(x.shape)}; to normalise over several trailing dims use tokenforge.nn.RMSNorm"
+            )
+        if weight.device != x.device:
+            raise ValueError(
+                f"rms_norm: x is on {x.device} but weight is on {weight.device}; move both to the same device"
+            )
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be a non-negative float, got {eps!r}")
+
+
+def _triton_supports(x, weight) -> Optional[str]:
+    reason = backends.triton_unsupported_reason(x.device)
+    if reason is not None:
+        return reason
+    from tokenforge.kernels import rms_norm as triton_rms_norm
+
+    return triton_rms_norm.supports(x, weight)
+
+
+def _cuda_supports(x, weight) -> Optional[str]:
+    reason = backends.cuda_ext_unsupported_reason(x.device)
+    if reason is not None:
+        return reason
+    from tokenforge.cuda import rms_norm as cuda_rms_norm
+
+    return cuda_rms_norm.supports(x, weight)
+
+
+backends.register_op(
+    OP,
+    # Triton first until the H200 benchmark ranks them (bench/results).
+    cuda_preference=("triton", "cuda"),
+    supports={"triton": _triton_supports, "cuda": _cuda_supports, "torch": lambda x, weight: None},
+)
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from tokenforge.kernels import rms_norm as module
+    elif backend == "cuda":
+        from tokenforge.cuda import rms_norm as module
+    else:
+        raise ValueError(f"rms_norm: no kernel launcher for backend {backend!r}")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees. x is 2-D with unit column stride.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tokenforge::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launchers(backend).rms_norm_forward(x, weight, eps)
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps, backend):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("tokenforge::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = _launchers(backend).rms_norm_backward(dy, x, weight, rstd)
+    # Custom ops cannot return None; an empty tensor stands for "no weight, no dweight".
+    return dx, dw if dw is not None else x.new_empty((0,))
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, backend):
+    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), dw
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, n) view of t with unit column stride, copying only when no such view exists."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd for the kernel backends: saves x, weight and rstd (4 bytes a row), recomputes xhat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, backend):
+        x2 = _rows(x)
+        w = weight.contiguous() if weight is not None else None
+        y, rstd = torch.ops.tokenforge.rms_norm_fwd(x2, w, float(eps), backend)
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.backend = backend
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, rstd = ctx.saved_tensors
+        dy2 = _rows(dy.to(x2.dtype))
+        dx, dw = torch.ops.tokenforge.rms_norm_bwd(dy2, x2, w, rstd, ctx.backend)
+        return dx.view(ctx.x_shape), (dw if w is not None else None), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *, backend: Optional[str] = None) -> torch.Tensor:
+    """RMSNorm of x (..., n) over its last dim times weight (n,) or None; fp32/fp16/bf16 (float64 on
+    the torch backend); returns x's shape and dtype. ``backend`` forces triton, cuda or torch."""
+    _check_inputs(x, weight, eps)
+    if x.numel() == 0:
+        return rms_norm_reference(x, weight, eps)
+    name = backends.choose(OP, x, weight, backend=backend)
+    if name == "torch":
+        return rms_norm_reference(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps, name)

@@ -1,0 +1,42 @@
+"""Test setup: Triton's interpreter on machines without a GPU, device parametrisation.
+
+Triton decides whether a kernel is compiled or interpreted when ``tokenforge.kernels`` is first
+imported, so TRITON_INTERPRET must be set here, before any test module imports it.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton>=3.9's notice; same codegen
+
+import pytest  # noqa: E402
+
+# CPU tensors exercise the Triton kernels through the interpreter at small sizes; CUDA tensors
+# run them for real, at real sizes.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine"))]
+
+
+def kernel_backends(device: str) -> list[str]:
+    """The kernel backends to check on a device: Triton everywhere, the CUDA extension on CUDA."""
+    return ["triton", "cuda"] if device == "cuda" else ["triton"]
+
+
+def pytest_report_header(config):
+    if HAS_CUDA:
+        return f"tokenforge: CUDA tests run on {torch.cuda.get_device_name(0)}"
+    return ("tokenforge: no CUDA GPU: CUDA tests are skipped; Triton kernels run under "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} on CPU tensors")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Fresh random inputs every run (never zeros); the seed shows in a failing test's captured
+    # stdout, so a failure can be replayed with torch.manual_seed.
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"torch.manual_seed({seed})")
+    torch.manual_seed(seed)
+    yield seed
