@@ -365,6 +365,7 @@ if __name__ == "__main__":
             required = mode == "1"
             info = {"extension_built": False, "reason": "", "nvcc": None, "nvcc_version": None,
                     "cuda_archs": [], "build_ext_env": os.environ.get("TOKENFORGE_BUILD_EXT"),
+                    "cuda_archs_env": os.environ.get("TOKENFORGE_CUDA_ARCHS"),
                     "build_seconds": None}
             # Paths in the build tree; setuptools copies _C into the source tree for editable and
             # --inplace builds afterwards, and we write the build-info JSON to both places.

@@ -12,9 +12,10 @@
 // 32, so groups are whole warps) and a block holds blockDim.y row groups. Thread t of a group
 // owns vectors t, t + blockDim.x, ... of the row, so a warp touches consecutive 16-byte vectors:
 // fully coalesced. Up to kVecPerThread vectors per thread stay in registers between the
-// reduction and the normalization, so a row is read from DRAM once ("cached" rows, which covers
-// n <= 32768 for 16-bit x and n <= 16384 for fp32 x in the forward). Longer rows are processed
-// in spans and re-read for the second pass (that re-read mostly hits L2).
+// reduction and the normalization, so a row is read from DRAM once ("cached" rows: n <= 32768
+// for 16-bit x and n <= 16384 for fp32 x in the forward; half that in the backward, whose row
+// groups stop at 512 threads). Longer rows are processed in spans and re-read for the second
+// pass (that re-read mostly hits L2).
 #include "common.cuh"
 #include "tokenforge.h"
 
@@ -26,8 +27,8 @@
 namespace tokenforge {
 namespace {
 
-// 4 x 16 B per thread keeps 64 B of loads in flight per thread without costing occupancy:
-// enough for DRAM bandwidth at (16384 x 4096) bf16, and the register cache stays at 16 registers.
+// 4 x 16 B per thread puts 64 B of loads in flight per thread (the lever for DRAM bandwidth on
+// a memory-bound op) while the register cache stays at 16 registers.
 constexpr int kVecPerThread = 4;
 // The forward caches only x (~16 registers), so a 1024-thread row group fits the 64-register
 // budget of __launch_bounds__(1024, 1).

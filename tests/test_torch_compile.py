@@ -69,3 +69,18 @@ def test_custom_ops_have_fake_implementations():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.tokenforge.rms_norm_fwd, (x, None, 1e-6, backend),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backend_checks_trace_without_graph_breaks():
+    """Every backend's availability check (imports, the extension's status, GPU facts) is a
+    constant to dynamo, so a traced op can ask about any backend, forced or not."""
+    from tokenforge import backends
+
+    def probe(x):
+        reasons = [backends.why_not("rms_norm", b, x, None) for b in backends.BACKENDS]
+        return x + len([r for r in reasons if r is None])
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 8)
+    out = torch.compile(probe, fullgraph=True, backend="eager")(x)
+    assert torch.equal(out, probe(x))

@@ -39,17 +39,28 @@ class OpBackends:
     # Order tried for CUDA tensors when nothing is forced: fastest measured first.
     cuda_preference: tuple[str, ...]
     supports: dict[str, SupportsFn] = field(default_factory=dict)
+    # (device, dtype) -> a tuple of small typical inputs, in the order supports() takes them; used
+    # by `tokenforge info` to say which backend a typical call would get.
+    example_inputs: Optional[Callable[[torch.device, torch.dtype], tuple]] = None
 
 
 _OPS: dict[str, OpBackends] = {}
 
 
-def register_op(name: str, cuda_preference: tuple[str, ...], supports: dict[str, SupportsFn]) -> None:
-    """Declare an op's backends; ``supports[b](*tensors)`` says whether backend b can run them."""
+def register_op(name: str, cuda_preference: tuple[str, ...], supports: dict[str, SupportsFn],
+                example_inputs: Optional[Callable[[torch.device, torch.dtype], tuple]] = None) -> None:
+    """Declare an op's backends; ``supports[b](*tensors)`` says whether backend b can run them, and
+    ``example_inputs(device, dtype)`` builds typical inputs for `tokenforge info`."""
     unknown = set(supports) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backend(s) {sorted(unknown)} for op {name}; known: {BACKENDS}")
-    _OPS[name] = OpBackends(name, tuple(cuda_preference), dict(supports))
+    _OPS[name] = OpBackends(name, tuple(cuda_preference), dict(supports), example_inputs)
+
+
+def example_inputs(op: str, device, dtype) -> Optional[tuple]:
+    """Typical inputs of ``op`` on device/dtype (None when the op registered none)."""
+    make = _OPS[op].example_inputs
+    return None if make is None else make(torch.device(device), dtype)
 
 
 def registered_ops() -> list[str]:
@@ -66,19 +77,51 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_TRITON_IMPORT = {}  # a plain dict, not lru_cache: torch.compile traces through this code
+# The checks below run inside torch.compile's tracing too (an op picks its backend while the model
+# is traced). Their answers are fixed for the life of the process, so they are marked
+# assume_constant_result: dynamo calls them once and bakes the answer in, instead of tracing
+# through imports, locks and C calls (which would break the graph).
 
 
-def triton_import_error() -> Optional[str]:
-    """None when triton imports, else why not."""
-    if "error" not in _TRITON_IMPORT:
-        try:
-            import triton  # noqa: F401
+@torch.compiler.assume_constant_result
+def triton_import_error() -> str:
+    """"" when triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+    return ""
 
-            _TRITON_IMPORT["error"] = None
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            _TRITON_IMPORT["error"] = f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
-    return _TRITON_IMPORT["error"]
+
+@torch.compiler.assume_constant_result
+def _triton_cuda_reason(device_index: int) -> str:
+    from tokenforge import kernels
+
+    if kernels.INTERPRETED:
+        # Interpreted kernels copy CUDA tensors through the host: correct but very slow. It is
+        # what the user asked for (TRITON_INTERPRET=1), so allow it.
+        return ""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 8:
+        return (
+            f"GPU {torch.cuda.get_device_name(device_index)} is sm_{major}{minor}; the Triton kernels "
+            "need sm_80 or newer (bf16); use backend='torch'"
+        )
+    return ""
+
+
+@torch.compiler.assume_constant_result
+def _triton_cpu_reason() -> str:
+    if not interpreter_requested():
+        return "CPU tensors run Triton kernels only under TRITON_INTERPRET=1 (Triton's interpreter)"
+    from tokenforge import kernels
+
+    if not kernels.INTERPRETED:
+        return (
+            "TRITON_INTERPRET=1 was set after tokenforge.kernels was imported; set it before "
+            "the first import (e.g. in the environment of the process)"
+        )
+    return ""
 
 
 def triton_unsupported_reason(device: torch.device) -> Optional[str]:
@@ -87,30 +130,10 @@ def triton_unsupported_reason(device: torch.device) -> Optional[str]:
     if err:
         return err
     if device.type == "cuda":
-        from tokenforge import kernels
-
-        if kernels.INTERPRETED:
-            # Interpreted kernels would copy CUDA tensors through the host: correct but very slow.
-            # It is what the user asked for, so allow it.
-            return None
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return (
-                f"GPU {torch.cuda.get_device_name(device)} is sm_{major}{minor}; the Triton kernels "
-                "need sm_80 or newer (bf16); use backend='torch'"
-            )
-        return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _triton_cuda_reason(index) or None
     if device.type == "cpu":
-        if not interpreter_requested():
-            return "CPU tensors run Triton kernels only under TRITON_INTERPRET=1 (Triton's interpreter)"
-        from tokenforge import kernels
-
-        if not kernels.INTERPRETED:
-            return (
-                "TRITON_INTERPRET=1 was set after tokenforge.kernels was imported; set it before "
-                "the first import (e.g. in the environment of the process)"
-            )
-        return None
+        return _triton_cpu_reason() or None
     return f"Triton kernels do not run on {device.type} tensors"
 
 
@@ -118,12 +141,10 @@ def cuda_ext_unsupported_reason(device: torch.device) -> Optional[str]:
     """Why the CUDA C++ extension cannot run on ``device`` (None when it can)."""
     from tokenforge import cuda as cuda_ext
 
-    status = cuda_ext.extension_status()
-    if not status["available"]:
-        return f"the CUDA extension tokenforge._C is not available: {status['reason']}"
+    reason = cuda_ext.runtime_unavailable_reason()
     if device.type != "cuda":
-        return f"the CUDA extension runs on CUDA tensors only, not {device.type}"
-    return None
+        return f"the CUDA extension runs on CUDA tensors only, not {device.type}" + (f" ({reason})" if reason else "")
+    return reason or None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,16 +54,19 @@ def _op_backends(device_type: str) -> list[dict]:
     from tokenforge import backends, ops  # noqa: F401  (importing ops registers them)
 
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    x = torch.empty((2, 64), dtype=dtype, device=device_type)
-    w = torch.empty((64,), dtype=dtype, device=device_type)
     rows = []
     for op in backends.registered_ops():
-        entry = {"op": op, "device": device_type, "dtype": str(dtype).replace("torch.", "")}
+        entry = {"op": op, "device": device_type, "dtype": str(dtype).replace("torch.", ""), "unavailable": {}}
+        inputs = backends.example_inputs(op, device_type, dtype)
+        if inputs is None:
+            entry["backend"], entry["why"] = "?", "the op registered no example inputs to decide with"
+            rows.append(entry)
+            continue
         try:
-            entry["backend"], entry["why"] = backends.explain(op, x, w)
+            entry["backend"], entry["why"] = backends.explain(op, *inputs)
         except Exception as exc:  # a forced backend that cannot run: say so, don't crash info
             entry["backend"], entry["why"] = "error", str(exc)
-        reasons = {b: backends.why_not(op, b, x, w) for b in backends.BACKENDS}
+        reasons = {b: backends.why_not(op, b, *inputs) for b in backends.BACKENDS}
         entry["unavailable"] = {b: r for b, r in reasons.items() if r is not None}
         rows.append(entry)
     return rows

@@ -133,6 +133,21 @@ def _extension_status_cached() -> dict[str, Any]:
     }
 
 
+def _runtime_unavailable_reason() -> str:
+    status = _extension_status_cached()
+    if not status["available"]:
+        return f"the CUDA extension tokenforge._C is not available: {status['reason']}"
+    if not status["gpu_usable"]:
+        return f"the CUDA extension cannot use the GPU: {status['gpu_reason']}"
+    return ""
+
+
+def runtime_unavailable_reason() -> str:
+    """"" when the extension is loaded and finds a GPU, else why not. Cheap after the first call,
+    and a constant to torch.compile (it runs while a model using the ops is traced)."""
+    return _runtime_unavailable_reason_constant()
+
+
 def get_extension():
     """The loaded ``tokenforge._C`` module; RuntimeError saying why and what to do otherwise."""
     module = _load()
@@ -182,4 +197,15 @@ __all__ = [
     "is_available",
     "read_build_info",
     "reset_status_cache",
+    "runtime_unavailable_reason",
 ]
+
+
+def _make_constant(fn):
+    # Imported lazily so this module stays importable without torch.
+    import torch
+
+    return torch.compiler.assume_constant_result(fn)
+
+
+_runtime_unavailable_reason_constant = _make_constant(_runtime_unavailable_reason)

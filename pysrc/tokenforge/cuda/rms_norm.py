@@ -35,7 +35,7 @@ from tokenforge import cuda as _ext
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a per-GPU constant; also read while torch.compile traces
 def max_n(device_index: int = -1) -> int:
     """Largest last-dim size these kernels accept (on ``device_index``, or the build-wide bound)."""
     return int(_ext.get_extension().rms_norm_max_n(device_index))
@@ -52,11 +52,9 @@ def supports(x: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[str]:
         return f"x must be a torch.Tensor, got {type(x).__name__}"
     if x.device.type != "cuda":
         return f"the CUDA extension runs on CUDA tensors only; x is on {x.device}"
-    status = _ext.extension_status()
-    if not status["available"]:
-        return f"the CUDA extension tokenforge._C is not available: {status['reason']}"
-    if not status["gpu_usable"]:
-        return f"the CUDA extension cannot use the GPU: {status['gpu_reason']}"
+    reason = _ext.runtime_unavailable_reason()
+    if reason:
+        return reason
     if x.dtype not in SUPPORTED_DTYPES:
         return f"x dtype {x.dtype} is not one of float32/float16/bfloat16 for the CUDA kernels; use backend='torch'"
     if x.dim() == 0:

@@ -92,6 +92,8 @@ backends.register_op(
     # Triton first until the H200 benchmark ranks them (bench/results).
     cuda_preference=("triton", "cuda"),
     supports={"triton": _triton_supports, "cuda": _cuda_supports, "torch": lambda x, weight: None},
+    example_inputs=lambda device, dtype: (torch.empty(2, 64, device=device, dtype=dtype),
+                                          torch.empty(64, device=device, dtype=dtype)),
 )
 
 
