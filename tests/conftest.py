@@ -8,21 +8,13 @@ import os
 
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton>=3.9's notice; same codegen
 
 import pytest  # noqa: E402
 
-# CPU tensors exercise the Triton kernels through the interpreter at small sizes; CUDA tensors
-# run them for real, at real sizes.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine"))]
-
-
-def kernel_backends(device: str) -> list[str]:
-    """The kernel backends to check on a device: Triton everywhere, the CUDA extension on CUDA."""
-    return ["triton", "cuda"] if device == "cuda" else ["triton"]
+from device_params import HAS_CUDA  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

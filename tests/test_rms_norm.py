@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, kernel_backends
+from device_params import DEVICES, HAS_CUDA, kernel_backends
 
 import tokenforge
 from tokenforge import backends, kernels

@@ -3,7 +3,7 @@ compiles with fullgraph=True (zero graph breaks), forward and backward, and comp
 
 import pytest
 import torch
-from conftest import DEVICES, kernel_backends
+from device_params import DEVICES, kernel_backends
 
 import tokenforge
 from tokenforge import kernels
