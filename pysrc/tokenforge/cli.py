@@ -113,11 +113,12 @@ def _print_info(info: dict) -> None:
     else:
         print(f"  CUDA extension tokenforge._C: absent: {ext['reason']}")
     print()
-    print(f"  {'op':<12} {'device':<7} {'dtype':<9} {'backend':<8} why")
+    width = max([len("op")] + [len(row["op"]) for row in info["ops"]])
+    print(f"  {'op':<{width}} {'device':<7} {'dtype':<9} {'backend':<8} why")
     for row in info["ops"]:
-        print(f"  {row['op']:<12} {row['device']:<7} {row['dtype']:<9} {row['backend']:<8} {row['why']}")
+        print(f"  {row['op']:<{width}} {row['device']:<7} {row['dtype']:<9} {row['backend']:<8} {row['why']}")
         for b, reason in row["unavailable"].items():
-            print(f"  {'':<12} {'':<7} {'':<9} {'  not ' + b:<8}: {reason}")
+            print(f"  {'':<{width}}   not {b}: {reason}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,5 +1,19 @@
 """Functional ops, one file each: validation, backend choice, autograd Function, custom ops."""
 
+from tokenforge.ops.add_rms_norm import add_rms_norm, add_rms_norm_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
+from tokenforge.ops.rope import rope, rope_reference
+from tokenforge.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = [
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope",
+    "rope_reference",
+    "swiglu",
+    "swiglu_packed",
+    "swiglu_packed_reference",
+    "swiglu_reference",
+]

@@ -1,0 +1,286 @@
+"""RoPE benchmark cases: shapes, backends, inputs, correctness check and measurement (used by
+bench/test_bench_rope.py; same structure as rms_norm_cases.py).
+
+Backends compared (baselines first, so a kernel's ratios are known when it runs):
+
+    eager    tokenforge.ops.rope_reference, plain PyTorch, run eagerly
+    compile  torch.compile(tokenforge.ops.rope_reference, dynamic=False), per shape
+    liger    liger_kernel.transformers.rope.liger_rotary_pos_emb (if importable; "bhsd" only)
+    triton   tokenforge.ops.rope(backend="triton")
+    torch    tokenforge.ops.rope(backend="torch")  (CPU runs only: the CPU fallback path)
+
+Passes: ``fwd`` (q_out, k_out = rope(q, k, cos, sin)) and ``fwd_bwd`` (forward, then
+``torch.autograd.grad((q_out, k_out), (q, k), (dq_out, dk_out))``). cos/sin are (1, seq, head_dim)
+in q's dtype, what Hugging Face's LlamaRotaryEmbedding returns for training (position_ids
+(1, seq)), half-split layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import bandwidth as bw
+
+OP = "rope"
+PASSES = ("fwd", "fwd_bwd")
+
+# (batch, seq, q heads, kv heads, head_dim): LLaMA-3-8B's attention at 4 x 4096 tokens first.
+HEADLINE_SHAPE = (4, 4096, 32, 8, 128)
+GPU_SHAPES = [(4, 4096, 32, 8, 128), (8, 2048, 32, 32, 128)]
+CPU_SHAPES = [(1, 16, 4, 2, 32)]
+
+BASELINES = ("eager", "compile", "liger")
+GPU_BACKENDS = ("eager", "compile", "liger", "triton")
+CPU_BACKENDS = ("eager", "compile", "liger", "torch", "triton")
+
+BACKEND_DESCRIPTIONS = {
+    "eager": "tokenforge.ops.rope_reference (plain PyTorch, eager)",
+    "compile": "torch.compile(tokenforge.ops.rope_reference, dynamic=False)",
+    "liger": "liger_kernel.transformers.rope.liger_rotary_pos_emb",
+    "triton": "tokenforge.ops.rope(backend='triton')",
+    "torch": "tokenforge.ops.rope(backend='torch')",
+}
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot run this case here (not installed, no GPU, no interpreter...)."""
+
+
+def rope_bytes(batch: int, seq: int, heads_q: int, heads_k: int, head_dim: int, x_bytes: int,
+               rot_dim: Optional[int] = None, cos_bytes: Optional[int] = None, cos_rows: Optional[int] = None) -> int:
+    """Minimum bytes of one RoPE pass (forward, or the backward alone): read q, k and cos, sin once,
+    write q_out, k_out (the backward reads dq_out, dk_out, cos, sin and writes dq, dk: the same)::
+
+        2 * batch*seq*(heads_q + heads_k)*head_dim*x_bytes  +  2 * cos_rows*rot_dim*cos_bytes
+            read q, k + write q_out, k_out                      read cos, sin
+
+    ``cos_rows`` is seq for (1, seq, R) tables (the default), batch*seq for per-batch rows."""
+    rot_dim = head_dim if rot_dim is None else rot_dim
+    cos_bytes = x_bytes if cos_bytes is None else cos_bytes
+    cos_rows = seq if cos_rows is None else cos_rows
+    return 2 * batch * seq * (heads_q + heads_k) * head_dim * x_bytes + 2 * cos_rows * rot_dim * cos_bytes
+
+
+@dataclass(frozen=True)
+class Case:
+    pass_: str  # "fwd" or "fwd_bwd"
+    batch: int
+    seq: int
+    heads_q: int
+    heads_k: int
+    head_dim: int
+    dtype: torch.dtype
+    layout: str = "bhsd"
+    headline: bool = False
+
+    @property
+    def shape(self) -> str:
+        return f"{self.layout}:{self.batch}x{self.seq}x{self.heads_q}x{self.heads_k}x{self.head_dim}"
+
+    @property
+    def dtype_name(self) -> str:
+        return bw.dtype_name(self.dtype)
+
+    @property
+    def id(self) -> str:
+        return f"{self.pass_}-{self.shape}-{self.dtype_name}"
+
+    def bytes(self) -> int:
+        one = rope_bytes(self.batch, self.seq, self.heads_q, self.heads_k, self.head_dim, bw.dtype_bytes(self.dtype))
+        return one if self.pass_ == "fwd" else 2 * one
+
+    def shape_of(self, heads: int) -> tuple:
+        if self.layout == "bshd":
+            return (self.batch, self.seq, heads, self.head_dim)
+        return (self.batch, heads, self.seq, self.head_dim)
+
+
+def sizes_mode(device: torch.device) -> str:
+    """``full`` (GPU shapes) or ``tiny``; ``TOKENFORGE_BENCH_SIZES`` overrides (full on CUDA)."""
+    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
+    if mode in ("full", "tiny"):
+        return mode
+    return "full" if torch.device(device).type == "cuda" else "tiny"
+
+
+def cases(device) -> list[Case]:
+    """The headline (fwd+bwd, LLaMA-8B, bf16, Hugging Face's bhsd) first, then the rest."""
+    out: list[Case] = []
+    if sizes_mode(device) == "full":
+        for i, shape in enumerate(GPU_SHAPES):
+            layouts = ("bhsd", "bshd") if i == 0 else ("bhsd",)
+            for layout in layouts:
+                for pass_ in ("fwd_bwd", "fwd"):
+                    head = i == 0 and layout == "bhsd" and pass_ == "fwd_bwd"
+                    out.append(Case(pass_, *shape, torch.bfloat16, layout, headline=head))
+    else:
+        for dtype in (torch.bfloat16, torch.float32):
+            for pass_ in ("fwd_bwd", "fwd"):
+                head = dtype == torch.bfloat16 and pass_ == "fwd_bwd"
+                out.append(Case(pass_, *CPU_SHAPES[0], dtype, "bhsd", headline=head))
+    return out
+
+
+def backends_for(device) -> tuple[str, ...]:
+    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+
+
+# ---------------------------------------------------------------------------------------------
+# The functions being timed
+# ---------------------------------------------------------------------------------------------
+
+
+def static_unavailable_reason(backend: str, case: Case, device: torch.device) -> Optional[str]:
+    if device.type != "cuda" and backend == "triton" and \
+            os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        return "Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)"
+    if backend == "liger":
+        if case.layout != "bhsd":
+            return "liger_rotary_pos_emb takes (batch, heads, seq, head_dim) only"
+        try:
+            from liger_kernel.transformers.rope import liger_rotary_pos_emb  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - not installed, or broken: not ours to benchmark
+            return f"liger-kernel not importable ({type(exc).__name__}: {exc})"
+        if device.type != "cuda":
+            return "liger-kernel runs on CUDA tensors only"
+    return None
+
+
+def make_op(backend: str, layout: str) -> Callable:
+    """``op(q, k, cos, sin) -> (q_out, k_out)`` for one backend."""
+    from tokenforge.ops.rope import rope, rope_reference
+
+    if backend in ("triton", "torch"):
+        return lambda q, k, cos, sin: rope(q, k, cos, sin, layout=layout, backend=backend)
+    if backend == "eager":
+        return lambda q, k, cos, sin: rope_reference(q, k, cos, sin, layout=layout)
+    if backend == "compile":
+        # A fresh dynamo cache per case: a specialised graph, never the recompile limit.
+        torch._dynamo.reset()
+        compiled = torch.compile(rope_reference, dynamic=False)
+        return lambda q, k, cos, sin: compiled(q, k, cos, sin, layout=layout)
+    if backend == "liger":
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        return lambda q, k, cos, sin: liger_rotary_pos_emb(q, k, cos, sin)
+    raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_DESCRIPTIONS)}")
+
+
+def reference64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Hugging Face's ``x * cos + rotate_half(x) * sin`` in float64, written out here (independent
+    of tokenforge): the correctness oracle."""
+    xd = x.double()
+    c, s = (t.double()[:, :, None] if layout == "bshd" else t.double()[:, None] for t in (cos, sin))
+    half = x.shape[-1] // 2
+    return xd * c + torch.cat((-xd[..., half:], xd[..., :half]), dim=-1) * s
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out is None or tuple(out.shape) != tuple(ref.shape):
+        return float("inf")
+    num = (out.double() - ref).norm().item()
+    den = ref.norm().item()
+    err = num / den if den > 0 else num
+    return err if err == err and err != float("inf") else float("inf")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Loose sanity bound (the test suite checks precisely): 1e-4 for fp32, 2e-2 for fp16/bf16."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+@dataclass
+class Prepared:
+    case: Case
+    backend: str
+    device: torch.device
+    fn: Callable[[], object]
+    rel_err: dict = field(default_factory=dict)
+    tol: float = 0.0
+
+    @property
+    def correct(self) -> bool:
+        return all(e <= self.tol for e in self.rel_err.values())
+
+
+def make_inputs(case: Case, device: torch.device):
+    """Fresh random q, k, dq_out, dk_out ~ N(0, 1) and Hugging Face LLaMA cos/sin (1, seq, head_dim)."""
+    def randn(heads):
+        return torch.randn(case.shape_of(heads), device=device, dtype=torch.float32).to(case.dtype)
+
+    inv_freq = 500000.0 ** -(torch.arange(0, case.head_dim, 2, device=device, dtype=torch.float32) / case.head_dim)
+    freqs = torch.arange(case.seq, device=device, dtype=torch.float32)[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[None]
+    cos, sin = emb.cos().to(case.dtype), emb.sin().to(case.dtype)
+    return randn(case.heads_q), randn(case.heads_k), cos, sin, randn(case.heads_q), randn(case.heads_k)
+
+
+def prepare(case: Case, backend: str, device) -> Prepared:
+    """Build inputs and the timed function, run it once and check it against :func:`reference64`."""
+    device = torch.device(device)
+    reason = static_unavailable_reason(backend, case, device)
+    if reason:
+        raise BackendUnavailable(reason)
+    q, k, cos, sin, dq_out, dk_out = make_inputs(case, device)
+    qg, kg = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    try:
+        op = make_op(backend, case.layout)
+        if case.pass_ == "fwd":
+            outs = op(q, k, cos, sin)
+        else:
+            outs = op(qg, kg, cos, sin)
+            grads = torch.autograd.grad(outs, (qg, kg), (dq_out, dk_out))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError, ImportError) as exc:
+        if any(m in str(exc) for m in ("CUDA error", "illegal memory access", "device-side assert")):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BackendUnavailable(f"{type(exc).__name__}: {first}"[:300]) from exc
+
+    errs = {"q_out": rel_err(outs[0].detach(), reference64(q, cos, sin, case.layout)),
+            "k_out": rel_err(outs[1].detach(), reference64(k, cos, sin, case.layout))}
+    if case.pass_ == "fwd_bwd":
+        # The transpose of the rotation is the rotation by -theta.
+        errs["dq"] = rel_err(grads[0], reference64(dq_out, cos, -sin, case.layout))
+        errs["dk"] = rel_err(grads[1], reference64(dk_out, cos, -sin, case.layout))
+        del grads
+    del outs
+
+    if case.pass_ == "fwd":
+        def fn():
+            return op(q, k, cos, sin)
+    else:
+        def fn():
+            return torch.autograd.grad(op(qg, kg, cos, sin), (qg, kg), (dq_out, dk_out))
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Prepared(case, backend, device, fn, errs, tolerance(case.dtype))
+
+
+def measure(prep: Prepared, copy_gbps: Optional[float] = None, timer_kwargs: Optional[dict] = None) -> dict:
+    """Time ``prep.fn`` (bandwidth.time_fn) and return the record stored in the JSON's extra_info."""
+    stats = bw.time_fn(prep.fn, prep.device, **(timer_kwargs or {}))
+    case = prep.case
+    nbytes = case.bytes()
+    med = stats["median_ms"]
+    gbps = nbytes / (med * 1e-3) / bw.GB if med > 0 else float("nan")
+    rec = {
+        "op": OP, "pass": case.pass_, "shape": case.shape, "layout": case.layout,
+        "batch": case.batch, "seq": case.seq, "heads_q": case.heads_q, "heads_k": case.heads_k,
+        "head_dim": case.head_dim, "dtype": case.dtype_name, "backend": prep.backend,
+        "impl": BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend), "device": prep.device.type,
+        "headline": case.headline, **stats, "bytes": nbytes, "gbps": gbps,
+        "rel_err": {k: float(v) for k, v in prep.rel_err.items()}, "tol": prep.tol,
+        "correct": prep.correct, "meaningful": prep.device.type == "cuda",
+    }
+    if copy_gbps:
+        rec["copy_gbps"] = copy_gbps
+        rec["fraction_of_copy"] = gbps / copy_gbps
+        rec["floor_ms"] = nbytes / (copy_gbps * bw.GB) * 1e3
+    return rec

@@ -1,0 +1,230 @@
+"""SwiGLU: ``silu(gate) * up``, elementwise, the gated activation of a LLaMA MLP.
+
+Path of a call: :func:`swiglu` / :func:`swiglu_packed` validate and pick a backend ->
+:class:`SwiGLUFunction` / :class:`SwiGLUPackedFunction` (autograd; save only the inputs, the
+backward recomputes sigmoid(gate)) -> the custom ops ``tokenforge::swiglu_fwd`` / ``_bwd`` and
+``tokenforge::swiglu_packed_fwd`` / ``_bwd`` -> ``tokenforge.kernels.swiglu`` (Triton). The
+``torch`` backend is :func:`swiglu_reference`, differentiated by autograd.
+
+The packed form takes the output of one fused gate/up projection, ``gate_up`` (..., 2*hidden):
+the first half of the last dim is gate, the second half up (``torch.cat([gate, up], -1)``, i.e.
+``Linear`` weights stacked as ``torch.cat([w_gate, w_up], 0)``). Its gradient is one packed
+(..., 2*hidden) tensor, written by the kernel directly into its two halves.
+
+Outputs and gradients have the inputs' dtype; the math is fp32 (float64 on the torch backend).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tokenforge import backends
+
+OP = "swiglu"
+OP_PACKED = "swiglu_packed"
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch ``silu(gate) * up``: the oracle of the tests, the CPU fallback and the eager
+    baseline of the benchmarks. Low-precision inputs are computed in fp32; float64 stays float64."""
+    compute = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (torch.nn.functional.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
+
+
+def swiglu_packed_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_reference` of the two halves of gate_up (..., 2*hidden): gate first, then up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_reference(gate, up)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: every refusal says what to do.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_float(name: str, what: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name}: {what} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+            f"got {t.dtype}; convert it first, e.g. {what}.float()"
+        )
+
+
+def _check_inputs(gate, up) -> None:
+    _check_float("swiglu", "gate", gate)
+    _check_float("swiglu", "up", up)
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"swiglu: gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}; they must match "
+            "(for one packed (..., 2*hidden) projection output use tokenforge.ops.swiglu_packed)"
+        )
+    if gate.dtype != up.dtype:
+        raise TypeError(f"swiglu: gate is {gate.dtype} but up is {up.dtype}; cast one, e.g. up.to(gate.dtype)")
+    if gate.device != up.device:
+        raise ValueError(f"swiglu: gate is on {gate.device} but up is on {up.device}; move both to the same device")
+
+
+def _check_packed(gate_up) -> None:
+    _check_float("swiglu_packed", "gate_up", gate_up)
+    if gate_up.dim() == 0:
+        raise ValueError("swiglu_packed: gate_up must have at least one dimension (..., 2*hidden)")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"swiglu_packed: the last dim of gate_up {tuple(gate_up.shape)} must be even (gate then up, "
+            "hidden each); pass gate and up separately to tokenforge.ops.swiglu otherwise"
+        )
+
+
+def _triton_supports(gate, up=None) -> Optional[str]:
+    reason = backends.triton_unsupported_reason(gate.device)
+    if reason is not None:
+        return reason
+    from tokenforge.kernels import swiglu as triton_swiglu
+
+    if up is None:  # packed: the kernels see the halves
+        return triton_swiglu.supports(gate[..., : gate.shape[-1] // 2], None)
+    return triton_swiglu.supports(gate, up)
+
+
+backends.register_op(OP, cuda_preference=("triton",),
+                     supports={"triton": _triton_supports, "torch": lambda gate, up: None},
+                     example_inputs=lambda device, dtype: (torch.empty(2, 64, device=device, dtype=dtype),
+                                                           torch.empty(2, 64, device=device, dtype=dtype)))
+backends.register_op(OP_PACKED, cuda_preference=("triton",),
+                     supports={"triton": _triton_supports, "torch": lambda gate_up: None},
+                     example_inputs=lambda device, dtype: (torch.empty(2, 128, device=device, dtype=dtype),))
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from tokenforge.kernels import swiglu as module
+    else:
+        raise ValueError(f"swiglu: no kernel launcher for backend {backend!r}")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees. Tensors are 2-D with unit column stride.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tokenforge::swiglu_fwd", mutates_args=())
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    return _launchers(backend).swiglu_forward(gate, up)
+
+
+@swiglu_fwd.register_fake
+def _(gate, up, backend):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("tokenforge::swiglu_bwd", mutates_args=())
+def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dgate, dup = torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(up, memory_format=torch.contiguous_format)
+    _launchers(backend).swiglu_backward(dy, gate, up, dgate, dup)
+    return dgate, dup
+
+
+@swiglu_bwd.register_fake
+def _(dy, gate, up, backend):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+@torch.library.custom_op("tokenforge::swiglu_packed_fwd", mutates_args=())
+def swiglu_packed_fwd(gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+    hidden = gate_up.shape[1] // 2
+    return _launchers(backend).swiglu_forward(gate_up[:, :hidden], gate_up[:, hidden:])
+
+
+@swiglu_packed_fwd.register_fake
+def _(gate_up, backend):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.custom_op("tokenforge::swiglu_packed_bwd", mutates_args=())
+def swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+    hidden = gate_up.shape[1] // 2
+    dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    _launchers(backend).swiglu_backward(dy, gate_up[:, :hidden], gate_up[:, hidden:],
+                                        dgate_up[:, :hidden], dgate_up[:, hidden:])
+    return dgate_up
+
+
+@swiglu_packed_bwd.register_fake
+def _(dy, gate_up, backend):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, n) view of t with unit column stride, copying only when no such view exists."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t
+    t2 = t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Autograd for the kernel backends: saves gate and up only; sigmoid(gate) is recomputed."""
+
+    @staticmethod
+    def forward(ctx, gate, up, backend):
+        g2, u2 = _rows(gate), _rows(up)
+        y = torch.ops.tokenforge.swiglu_fwd(g2, u2, backend)
+        ctx.save_for_backward(g2, u2)
+        ctx.backend = backend
+        ctx.shape = gate.shape
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        dg, du = torch.ops.tokenforge.swiglu_bwd(_rows(dy.to(g2.dtype)), g2, u2, ctx.backend)
+        return dg.view(ctx.shape), du.view(ctx.shape), None
+
+
+class SwiGLUPackedFunction(torch.autograd.Function):
+    """Autograd of the packed form: saves gate_up only; its gradient is one packed tensor."""
+
+    @staticmethod
+    def forward(ctx, gate_up, backend):
+        gu2 = _rows(gate_up)
+        y = torch.ops.tokenforge.swiglu_packed_fwd(gu2, backend)
+        ctx.save_for_backward(gu2)
+        ctx.backend = backend
+        ctx.shape = gate_up.shape
+        return y.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu2,) = ctx.saved_tensors
+        dgu = torch.ops.tokenforge.swiglu_packed_bwd(_rows(dy.to(gu2.dtype)), gu2, ctx.backend)
+        return dgu.view(ctx.shape), None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``silu(gate) * up`` for gate and up of one shape and dtype (fp32/fp16/bf16; float64 on the
+    torch backend); returns that shape and dtype. ``backend`` forces triton or torch."""
+    _check_inputs(gate, up)
+    if gate.numel() == 0:
+        return swiglu_reference(gate, up)
+    name = backends.choose(OP, gate, up, backend=backend)
+    if name == "torch":
+        return swiglu_reference(gate, up)
+    return SwiGLUFunction.apply(gate, up, name)
+
+
+def swiglu_packed(gate_up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``silu(gate) * up`` for gate_up (..., 2*hidden) = cat([gate, up], -1), the output of a fused
+    gate/up projection; returns (..., hidden) in gate_up's dtype, and a packed (..., 2*hidden)
+    gradient. ``backend`` forces triton or torch."""
+    _check_packed(gate_up)
+    if gate_up.numel() == 0:
+        return swiglu_packed_reference(gate_up)
+    name = backends.choose(OP_PACKED, gate_up, backend=backend)
+    if name == "torch":
+        return swiglu_packed_reference(gate_up)
+    return SwiGLUPackedFunction.apply(gate_up, name)
