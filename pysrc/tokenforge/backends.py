@@ -67,6 +67,11 @@ def registered_ops() -> list[str]:
     return sorted(_OPS)
 
 
+def op_backends(op: str) -> list[str]:
+    """The backends ``op`` has, in BACKENDS order."""
+    return [b for b in BACKENDS if b in _OPS[op].supports]
+
+
 # ---------------------------------------------------------------------------------------------
 # Environment facts shared by every op's supports() checks
 # ---------------------------------------------------------------------------------------------

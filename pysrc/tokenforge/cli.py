@@ -56,7 +56,8 @@ def _op_backends(device_type: str) -> list[dict]:
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     rows = []
     for op in backends.registered_ops():
-        entry = {"op": op, "device": device_type, "dtype": str(dtype).replace("torch.", ""), "unavailable": {}}
+        entry = {"op": op, "device": device_type, "dtype": str(dtype).replace("torch.", ""),
+                 "backends": backends.op_backends(op), "unavailable": {}}
         inputs = backends.example_inputs(op, device_type, dtype)
         if inputs is None:
             entry["backend"], entry["why"] = "?", "the op registered no example inputs to decide with"
@@ -66,7 +67,7 @@ def _op_backends(device_type: str) -> list[dict]:
             entry["backend"], entry["why"] = backends.explain(op, *inputs)
         except Exception as exc:  # a forced backend that cannot run: say so, don't crash info
             entry["backend"], entry["why"] = "error", str(exc)
-        reasons = {b: backends.why_not(op, b, *inputs) for b in backends.BACKENDS}
+        reasons = {b: backends.why_not(op, b, *inputs) for b in backends.op_backends(op)}
         entry["unavailable"] = {b: r for b, r in reasons.items() if r is not None}
         rows.append(entry)
     return rows

@@ -1,0 +1,233 @@
+"""Cross-entropy in Triton: the loss and its gradient w.r.t. the logits in one forward kernel.
+
+Per row (one token) with target t, label smoothing eps, z-loss weight z and V classes:
+
+    x    = softcap * tanh(logits / softcap)      (only when softcap > 0; Gemma 2)
+    lse  = logsumexp(x)                          (online over vocab blocks: running max m, sum d)
+    loss = lse - (1 - eps) * x[t] - eps / V * sum(x) + z * lse**2
+    dx_j = softmax(x)_j * (1 + 2 z lse) - eps / V - (1 - eps) [j == t]
+    dlogits_j = scale * dx_j * sech(logits_j / softcap)**2   (the softcap factor only with softcap)
+
+``scale`` is 1 / (number of non-ignored targets) for reduction 'mean' (read from a device scalar,
+so no host sync), times an optional per-row factor (the upstream gradient of reduction 'none' in
+the fused linear cross-entropy). All arithmetic is fp32 whatever the logits' dtype.
+
+Pass 1 reads the row once (max, sum of exponentials, sum of x); pass 2 reads it again (mostly from
+L2) and writes the gradient, so the backward never touches the logits: autograd only rescales the
+saved gradient by grad_output (:func:`scale_rows_`). The gradient may be written over the logits
+themselves (``dlogits=logits``): each element is read before it is overwritten by the same program.
+
+Ignored rows (target == ignore_index) get loss 0 and a zero gradient row without reading the
+logits. A target outside [0, V) that is not ignore_index makes the row's loss and gradient NaN
+(checking on the host would need a device sync; ``tokenforge.ops.cross_entropy(validate=True)``
+raises instead), so a bad label can never pass as a plausible number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Vocab columns per step. 8192 fp32 values over 16 warps are 16 per thread: no spills on sm_80 or
+# sm_90 (tests/test_cross_entropy.py compile gate), and a 128k vocab takes 16 steps per pass.
+MAX_BLOCK_V = 8192
+SCALE_BLOCK = 4096
+SCALE_WARPS = 8
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(y):
+    # Triton's interpreter has no libdevice.tanh; exp-based, with a Taylor series near 0 where
+    # 1 - exp(-2|y|) would cancel (relative error < 1e-7 everywhere in fp32).
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    y2 = a * a
+    small = a * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0 - y2 * (17.0 / 315.0))))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _sech2(y):
+    # 1 - tanh(y)**2 without the cancellation of 1 - t*t where |tanh(y)| is close to 1.
+    e = tl.exp(-2.0 * tl.abs(y))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    LOGITS, TARGET, LOSS, DLOGITS, N_VALID, ROW_SCALE,
+    V, stride_l, stride_d, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    l_row = LOGITS + row * stride_l
+    d_row = DLOGITS + row * stride_d
+    target = tl.load(TARGET + row)
+
+    if target == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                col = start + tl.arange(0, BLOCK_V)
+                tl.store(d_row + col, tl.zeros([BLOCK_V], dtype=DLOGITS.dtype.element_ty), mask=col < V)
+    else:
+        in_range = (target >= 0) & (target < V)
+        safe_target = tl.where(in_range, target, 0)
+
+        # Pass 1: online logsumexp and the sum of x (for label smoothing).
+        m = -float("inf")
+        d = 0.0
+        s = 0.0
+        for start in range(0, V, BLOCK_V):
+            col = start + tl.arange(0, BLOCK_V)
+            mask = col < V
+            x = tl.load(l_row + col, mask=mask, other=-float("inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, softcap * _tanh(x / softcap), -float("inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            s += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(d)
+
+        x_t = tl.load(l_row + safe_target).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_t = softcap * _tanh(x_t / softcap)
+        loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * s + z_loss * lse * lse
+        loss = tl.where(in_range, loss, float("nan"))
+        tl.store(LOSS + row, loss)
+
+        if COMPUTE_GRAD:
+            scale = tl.where(in_range, 1.0, float("nan"))
+            if MEAN:
+                scale = scale / tl.load(N_VALID)
+            if HAS_ROW_SCALE:
+                scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
+            p_scale = 1.0 + 2.0 * z_loss * lse
+            smooth = label_smoothing / V
+            # Pass 2: the gradient (reads x again before the same program overwrites it).
+            for start in range(0, V, BLOCK_V):
+                col = start + tl.arange(0, BLOCK_V)
+                mask = col < V
+                x = tl.load(l_row + col, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    y = x / softcap
+                    x = softcap * _tanh(y)
+                g = tl.exp(x - lse) * p_scale - smooth
+                g = tl.where(col == safe_target, g - (1.0 - label_smoothing), g)
+                if HAS_SOFTCAP:
+                    g = g * _sech2(y)
+                tl.store(d_row + col, (g * scale).to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(D, G, V, stride_d, stride_g, BLOCK: tl.constexpr):
+    # D[row, :] *= G[row * stride_g] in fp32, in place (stride_g = 0: one scalar for every row).
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < V
+    g = tl.load(G + row * stride_g).to(tl.float32)
+    d = tl.load(D + row * stride_d + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(D + row * stride_d + col, (d * g).to(D.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: the compile gate (tests/test_cross_entropy.py) compiles every config.
+# ---------------------------------------------------------------------------------------------
+
+
+def fwd_config(V: int) -> dict:
+    """BLOCK_V/num_warps of the forward kernel for a vocab of V classes."""
+    block_v = min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    num_warps = min(16, max(1, block_v // 512))
+    return dict(BLOCK_V=block_v, num_warps=num_warps)
+
+
+def all_configs() -> list[tuple[str, dict]]:
+    """Every (kernel name, constexpr + num_warps config) the launchers below can pick."""
+    out = []
+    block_v = 16
+    while block_v <= MAX_BLOCK_V:
+        out.append(("_cross_entropy_fwd_kernel", fwd_config(block_v)))
+        block_v *= 2
+    out.append(("_scale_rows_kernel", dict(BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: 2-D logits with unit column stride, already validated by tokenforge.ops.
+# ---------------------------------------------------------------------------------------------
+
+
+def supports(logits: torch.Tensor) -> Optional[str]:
+    """None when these kernels can run on logits of this dtype, else why not."""
+    if logits.dtype not in SUPPORTED_DTYPES:
+        return (f"logits dtype {logits.dtype} is not one of float32/float16/bfloat16 for the triton kernels; "
+                "use backend='torch'")
+    return None
+
+
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    n_valid: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
+    dlogits: Optional[torch.Tensor] = None,
+    compute_grad: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(loss, dlogits) for logits (rows, V) with unit column stride and int64 target (rows,).
+
+    loss: fp32 (rows,), unreduced (0 for ignored rows). dlogits: the gradient of
+    ``sum(loss) / n_valid`` (``n_valid``: fp32 device scalar; None means no division) times
+    ``row_scale`` (fp32 (rows,) or None), in logits' dtype, written into ``dlogits`` when given
+    (which may be ``logits`` itself), else into a new tensor; None when not ``compute_grad``."""
+    rows, V = logits.shape
+    loss = torch.empty((rows,), dtype=torch.float32, device=logits.device)
+    if compute_grad and dlogits is None:
+        dlogits = torch.empty((rows, V), dtype=logits.dtype, device=logits.device)
+    if rows == 0:
+        return loss, dlogits if compute_grad else None
+    d = dlogits if compute_grad else logits  # never written when COMPUTE_GRAD is False
+    nv = n_valid if n_valid is not None else loss  # never read when MEAN is False
+    rs = row_scale if row_scale is not None else loss
+    cfg = fwd_config(V)
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        _cross_entropy_fwd_kernel[(rows,)](
+            logits, target, loss, d, nv, rs,
+            V, logits.stride(0), d.stride(0), int(ignore_index),
+            float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
+            HAS_SOFTCAP=bool(softcap), MEAN=n_valid is not None, HAS_ROW_SCALE=row_scale is not None,
+            COMPUTE_GRAD=compute_grad, **cfg,
+        )
+    return loss, dlogits if compute_grad else None
+
+
+def scale_rows_(dlogits: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """dlogits (rows, V) *= grad_output (a scalar, or one value per row), in place, fp32 math."""
+    rows, V = dlogits.shape
+    if rows == 0 or V == 0:
+        return
+    g = grad_output.reshape(-1)
+    stride_g = 0 if g.numel() == 1 else g.stride(0)
+    with torch.cuda.device(dlogits.device) if dlogits.is_cuda else contextlib.nullcontext():
+        _scale_rows_kernel[(rows, triton.cdiv(V, SCALE_BLOCK))](
+            dlogits, g, V, dlogits.stride(0), stride_g, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
+        )

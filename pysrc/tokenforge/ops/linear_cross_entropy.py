@@ -1,0 +1,348 @@
+"""Fused linear + cross-entropy: ``cross_entropy(hidden @ weight.T + bias, target)`` without ever
+holding the (tokens, vocab) logits.
+
+Path of a call: :func:`linear_cross_entropy` validates and picks a backend ->
+:class:`LinearCrossEntropyFunction` -> the custom op ``tokenforge::linear_cross_entropy_fwd``
+(opaque to ``torch.compile``) -> :func:`chunked_forward`, a loop over token chunks:
+
+    logits = hidden[c] @ weight.T (+ bias)             cuBLAS, (chunk, V) in hidden's dtype
+    loss[c], logits <- d loss / d logits               cross-entropy kernel, gradient in place
+    grad_hidden[c]  = dlogits @ weight                 cuBLAS
+    grad_weight    += dlogits.T @ hidden[c]            fp32 accumulator across chunks
+    grad_bias      += dlogits.sum(0)                   fp32 accumulator
+
+so only one chunk of logits exists at a time, and the gradients are done by the end of the
+forward. For reduction 'mean' / 'sum' backward only scales them by grad_output. For 'none' each
+token's gradient needs its own grad_output, which is not known in the forward: the forward then
+computes only the losses, and backward runs the chunk loop again with dlogits rows scaled by
+grad_output (twice the matmuls; correct for any grad_output).
+
+The cross-entropy step runs the Triton kernel (``backend='triton'``) or the same math in torch
+(``backend='torch'``, the CPU fallback; also chunked, so it saves memory too).
+
+``chunk_size`` default (:func:`default_chunk_size`): tokens per chunk such that a chunk's logits
+are about the size of ``hidden`` (chunk * V ~ N * H, rounded to a power of two; Liger-Kernel's
+rule): 16384 tokens, H 4096, V 128256 -> chunks of 512 tokens.
+
+Semantics (ignore_index, reduction, label_smoothing, z_loss, softcap, fp32 loss, all-ignored 'mean'
+= 0, out-of-range targets) are those of :func:`tokenforge.ops.cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from tokenforge import backends
+from tokenforge.ops.cross_entropy import (
+    _check_targets_in_range,
+    _is_one,
+    check_options,
+    check_target,
+    cross_entropy_reference,
+    n_valid_of,
+)
+
+OP = "linear_cross_entropy"
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Unfused: the full logits ``hidden @ weight.T + bias`` then :func:`cross_entropy_reference`
+    (the oracle of the tests and the eager baseline of the benchmarks)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Loss and weight/bias-gradient accumulators: fp32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_size(tokens: int, hidden_size: int, vocab: int) -> int:
+    """Tokens per chunk so that a chunk's logits (chunk x vocab) are about as large as hidden."""
+    ratio = max(1, math.ceil(vocab / max(1, hidden_size)))
+    chunk = 1 << max(0, math.ceil(tokens / ratio) - 1).bit_length()  # next power of two
+    return max(1, min(tokens, chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                  chunk_size) -> None:
+    name = "linear_cross_entropy"
+    for what, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {what} must be floating point, got {t.dtype}; convert it, e.g. {what}.float()")
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"{name}: hidden must be (..., H) with H >= 1, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight must be (V, H) = (vocab, {hidden.shape[-1]}) like nn.Linear.weight, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{name}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other "
+                        "(e.g. hidden.to(weight.dtype)) or run the projection under torch.autocast")
+    if weight.device != hidden.device:
+        raise ValueError(f"{name}: hidden is on {hidden.device} but weight on {weight.device}; move both to one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{name}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{name}: bias is {bias.dtype} but hidden is {hidden.dtype}; cast it, e.g. "
+                            "bias.to(hidden.dtype)")
+        if bias.device != hidden.device:
+            raise ValueError(f"{name}: bias is on {bias.device} but hidden on {hidden.device}; move both to one device")
+    check_target(name, target, hidden.shape[:-1], hidden.device)
+    check_options(name, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+
+
+def _triton_supports(hidden) -> Optional[str]:
+    reason = backends.triton_unsupported_reason(hidden.device)
+    if reason is not None:
+        return reason
+    from tokenforge.kernels import cross_entropy as kernels_ce
+
+    return kernels_ce.supports(hidden)
+
+
+backends.register_op(OP, cuda_preference=("triton",),
+                     supports={"triton": _triton_supports, "torch": lambda hidden: None},
+                     example_inputs=lambda device, dtype: (torch.empty(4, 64, device=device, dtype=dtype),))
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk loop (runs inside the custom op)
+# ---------------------------------------------------------------------------------------------
+
+
+def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softcap, n_valid, row_scale,
+                    compute_grad):
+    """The cross-entropy kernel's contract in torch: per-row loss, gradient written over logits."""
+    V = logits.shape[1]
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    if softcap:
+        c = torch.tanh(x / softcap)
+        x = softcap * c
+    lse = torch.logsumexp(x, dim=1)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    x_t = x.gather(1, t[:, None])[:, 0]
+    loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * x.sum(1) + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    if compute_grad:
+        g = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
+        g.scatter_add_(1, t[:, None], torch.full_like(x_t, label_smoothing - 1.0)[:, None])
+        if softcap:
+            g = g * (1.0 - c * c)
+        scale = valid.to(g.dtype)
+        if n_valid is not None:
+            scale = scale / n_valid
+        if row_scale is not None:
+            scale = scale * row_scale
+        logits.copy_(g * scale[:, None])
+    return loss
+
+
+def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+                    mean, chunk_size, need_grad_hidden, need_grad_weight, backend):
+    """(loss (N,), n_valid, grad_hidden, grad_weight, grad_bias) for hidden (N, H) contiguous: the
+    gradients of sum(loss * row_scale) / (n_valid if mean else 1); grad_weight and grad_bias (with
+    a bias) fp32 when ``need_grad_weight``, grad_hidden when ``need_grad_hidden``, else None.
+    Allocates one (chunk, V) buffer, never (N, V)."""
+    N, _ = hidden.shape
+    V = weight.shape[0]
+    n_valid = n_valid_of(target, ignore_index)
+    acc = accumulate_dtype(hidden.dtype)
+    loss = torch.empty((N,), dtype=acc, device=hidden.device)
+    compute_grad = need_grad_hidden or need_grad_weight
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    grad_weight = grad_bias = None
+    if need_grad_weight:
+        # fp32 across chunks: bf16 accumulation over many chunks drifts (a known training bug).
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
+        if bias is not None:
+            grad_bias = torch.zeros((V,), dtype=acc, device=hidden.device)
+    if backend == "triton":
+        from tokenforge.kernels import cross_entropy as kernels_ce
+    logits = None
+    for start in range(0, N, chunk_size):
+        end = min(N, start + chunk_size)
+        h = hidden[start:end]
+        if logits is None or logits.shape[0] != end - start:
+            logits = torch.empty((end - start, V), dtype=hidden.dtype, device=hidden.device)
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
+        rs = row_scale[start:end] if row_scale is not None else None
+        if backend == "triton":
+            loss[start:end], _ = kernels_ce.cross_entropy_forward(
+                logits, target[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
+                z_loss=z_loss, softcap=softcap, n_valid=n_valid if mean else None, row_scale=rs,
+                dlogits=logits, compute_grad=compute_grad)
+        else:
+            loss[start:end] = _ce_chunk_torch(logits, target[start:end], ignore_index, label_smoothing, z_loss,
+                                              softcap, n_valid if mean else None, rs, compute_grad)
+        # From here on ``logits`` holds dlogits.
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if grad_weight is not None:
+            accumulate_mm_(grad_weight, logits.t(), h)
+        if grad_bias is not None:
+            grad_bias += logits.sum(0, dtype=acc)
+    return loss, n_valid, grad_hidden, grad_weight, grad_bias
+
+
+_ADDMM_OUT_DTYPE = {}  # device type -> whether torch.addmm(..., out_dtype=) runs there
+
+
+def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32 and a, b in a lower precision. Where torch has it (CUDA, recent
+    torch) one cuBLAS call with an fp32 output; elsewhere the product is rounded to a's dtype once
+    per chunk and then added in fp32 (a (V, H) temporary; still no low-precision sum across chunks)."""
+    if acc.dtype != a.dtype and acc.is_cuda and _ADDMM_OUT_DTYPE.get(acc.device.type, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # torch without addmm.dtype_out here
+            _ADDMM_OUT_DTYPE[acc.device.type] = False
+    acc += torch.mm(a, b)
+
+
+@torch.library.custom_op("tokenforge::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+    mean: bool, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool, validate: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss fp32 (N,), n_valid fp32 (), grad_hidden, grad_weight fp32, grad_bias fp32); a gradient
+    that is not computed comes back as an empty tensor."""
+    if validate:
+        _check_targets_in_range(target, weight.shape[0], ignore_index)
+    loss, n_valid, gh, gw, gb = chunked_forward(hidden, weight, target, bias, row_scale, ignore_index,
+                                                label_smoothing, z_loss, softcap, mean, chunk_size, need_grad_hidden,
+                                                need_grad_weight, backend)
+    acc = accumulate_dtype(hidden.dtype)
+    # Custom ops cannot return None, nor one tensor twice: a fresh empty tensor per missing gradient.
+    return (loss, n_valid, gh if gh is not None else hidden.new_empty((0,)),
+            gw if gw is not None else hidden.new_empty((0,), dtype=acc),
+            gb if gb is not None else hidden.new_empty((0,), dtype=acc))
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, mean, chunk_size,
+      need_grad_hidden, need_grad_weight, validate, backend):
+    N = hidden.shape[0]
+    f32 = accumulate_dtype(hidden.dtype)
+    gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
+    gw = hidden.new_empty(weight.shape, dtype=f32) if need_grad_weight else hidden.new_empty((0,), dtype=f32)
+    gb = hidden.new_empty((weight.shape[0],), dtype=f32) if need_grad_weight and bias is not None \
+        else hidden.new_empty((0,), dtype=f32)
+    return hidden.new_empty((N,), dtype=f32), hidden.new_empty((), dtype=torch.float32), gh, gw, gb
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """'mean'/'sum': gradients computed in the forward, saved, scaled by grad_output in backward.
+    'none': the forward saves its inputs; backward reruns the chunk loop with per-token scales.
+    Only the gradients autograd asks for are computed (a frozen lm_head costs no grad_weight)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                chunk_size, validate, backend):
+        H = hidden.shape[-1]
+        h2 = hidden.reshape(-1, H).contiguous()
+        t = target.reshape(-1).contiguous()
+        ctx.opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap), chunk_size, backend)
+        ctx.reduction = reduction
+        ctx.hidden_shape = hidden.shape
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        ctx.need_hidden = bool(ctx.needs_input_grad[0])
+        ctx.need_weight = bool(ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]))
+        w = weight.contiguous()
+        eager_grads = reduction != "none"
+        loss, n_valid, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
+            h2, w, t, bias, None, ignore_index, float(label_smoothing), float(z_loss), float(softcap),
+            reduction == "mean", chunk_size, eager_grads and ctx.need_hidden, eager_grads and ctx.need_weight,
+            validate, backend)
+        if reduction == "none":
+            ctx.save_for_backward(h2, w, t, bias)
+            return loss.reshape(target.shape)
+        ctx.save_for_backward(gh, gw, gb)
+        return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.opts
+        if ctx.reduction == "none":
+            h2, w, t, bias = ctx.saved_tensors
+            row_scale = grad_output.reshape(-1).to(accumulate_dtype(h2.dtype)).contiguous()
+            _, _, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
+                h2, w, t, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, False, chunk_size,
+                ctx.need_hidden, ctx.need_weight, False, backend)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            if not _is_one(grad_output):  # loss.backward() skips these multiplications
+                g = grad_output.to(accumulate_dtype(ctx.weight_dtype))
+                gh = (gh * g).to(gh.dtype) if ctx.need_hidden else gh
+                gw = gw * g if ctx.need_weight else gw
+                gb = gb * g if ctx.need_weight and ctx.has_bias else gb
+        grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
+        grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
+        grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    chunk_size: Optional[int] = None,
+    validate: Optional[bool] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """cross_entropy(hidden (..., H) @ weight (V, H).T + bias (V,), int64 target (...)) without the
+    (tokens, V) logits; hidden/weight/bias share one dtype (fp32/fp16/bf16; float64 on torch); fp32
+    loss. ``chunk_size`` tokens per chunk (None: logits chunk ~ hidden's size). ``backend`` forces
+    triton or torch; ``validate`` as in :func:`tokenforge.ops.cross_entropy`."""
+    _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                  chunk_size)
+    N = hidden.numel() // hidden.shape[-1]
+    if N == 0:
+        return linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction,
+                                              label_smoothing, z_loss, softcap)
+    name = backends.choose(OP, hidden, backend=backend)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(N, hidden.shape[-1], weight.shape[0])
+    if validate is None:
+        validate = hidden.device.type == "cpu"
+    return LinearCrossEntropyFunction.apply(hidden, weight, target, bias, ignore_index, reduction,
+                                            float(label_smoothing), float(z_loss), float(softcap),
+                                            int(min(chunk_size, N)), bool(validate), name)
