@@ -463,7 +463,9 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
         extras_require={
-            "test": ["pytest>=7", "pytest-benchmark>=4"],
+            # transformers: the Hugging Face patching tests (tokenforge.patch.TRANSFORMERS_TESTED).
+            "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.50,<6"],
+            "hf": ["transformers>=4.50,<6"],
             "bench": ["pytest-benchmark>=4", "matplotlib"],
         },
         package_dir={"": "pysrc", "tokenforge.kernels": "kernels"},

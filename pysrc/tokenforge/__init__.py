@@ -3,6 +3,7 @@
     import tokenforge
     y = tokenforge.ops.rms_norm(x, weight)     # functional, autograd-aware
     norm = tokenforge.nn.RMSNorm(4096)         # drop-in for torch.nn.RMSNorm
+    report = tokenforge.patch(model)           # kernels into a model (ours, Hugging Face, any nn.Module)
 
 Backends per op: ``triton`` (default on CUDA), ``cuda`` (the C++ extension ``tokenforge._C``) and
 ``torch`` (the plain reference, used on CPU). ``TOKENFORGE_BACKEND`` forces one;
@@ -11,6 +12,7 @@ Backends per op: ``triton`` (default on CUDA), ``cuda`` (the C++ extension ``tok
 
 __version__ = "0.1.0"
 
-from tokenforge import backends, nn, ops  # noqa: E402
+from tokenforge import backends, models, nn, ops  # noqa: E402
+from tokenforge.patch import PatchReport, patch, unpatch  # noqa: E402
 
-__all__ = ["__version__", "backends", "nn", "ops"]
+__all__ = ["PatchReport", "__version__", "backends", "models", "nn", "ops", "patch", "unpatch"]

@@ -1,0 +1,233 @@
+"""A LLaMA-style decoder-only transformer in plain PyTorch: the reference model tokenforge measures.
+
+    token embedding
+    n_layers x [ x = x + Attention(RMSNorm(x))        GQA, RoPE, causal
+                 x = x + FeedForward(RMSNorm(x)) ]    SwiGLU
+    RMSNorm -> output head (optionally tied to the embedding)
+
+Speed lives in the kernels, not here. The few places where tokenforge swaps in a kernel are plain
+attributes that hold a function (``Attention.rope_fn``, ``Attention.attention_fn``,
+``FeedForward.swiglu_fn``, ``Transformer.loss_fn``) or standard modules (``torch.nn.RMSNorm``), so
+``tokenforge.patch`` can replace them without touching parameters or state_dict keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenforge.ops.rope import rope_reference
+from tokenforge.ops.swiglu import swiglu_reference
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 32000
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no GQA)
+    hidden_dim: Optional[int] = None  # SwiGLU width; None: LLaMA's rule (8/3 * dim, rounded up)
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        kv = self.kv_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {kv}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+        """A named size (``tiny``, ``125m``, ``350m``, ``1b``, ``3b``, ``8b``), fields overridable."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig field(s): {sorted(unknown)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count from the shapes alone (no model needed, so 8b costs nothing)."""
+        d, kv_dim, f = self.dim, self.kv_heads * self.head_dim, self.ffn_dim
+        per_layer = 2 * d + d * d + 2 * d * kv_dim + d * d + 3 * d * f  # norms, q, k+v, o, mlp
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        total = self.n_layers * per_layer + d + head
+        return total + (self.vocab_size * d if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 N + 12 L d T, with N the parameters that
+        take part in matmuls (all but the embedding lookup; a tied head counts once) and the
+        12 L d T term the attention scores and values (PaLM's MFU convention, no causal discount)."""
+        n_matmul = self.num_params(include_embedding=False) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
+        return 6 * n_matmul + 12 * self.n_layers * self.dim * seq_len
+
+
+PRESETS: dict[str, TransformerConfig] = {
+    # CPU tests: small enough for the Triton interpreter, still GQA and multi-layer.
+    "tiny": TransformerConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                              max_seq_len=128),
+    # GPT-3 Small / Medium widths with LLaMA blocks and a 32k vocabulary.
+    "125m": TransformerConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, max_seq_len=2048, tie_embeddings=True),
+    "350m": TransformerConfig(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, max_seq_len=2048, tie_embeddings=True),
+    # LLaMA 3.2 1B / 3B and LLaMA 3 8B shapes.
+    "1b": TransformerConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                            rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
+    "3b": TransformerConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
+                            rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
+    "8b": TransformerConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                            rope_theta=500000.0, max_seq_len=8192),
+}
+
+
+def rope_tables(cfg: TransformerConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim) in Hugging Face's half-split layout, fp32."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64, device=device) / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over (batch, seq, heads, head_dim) with GQA, through torch's SDPA."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
+
+
+def logits_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits h @ weight.T (computed in fp32) against targets."""
+    logits = h @ weight.t()
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rope_fn = rope_reference          # (q, k, cos, sin) -> (q, k), (batch, seq, heads, dim)
+        self.attention_fn = sdpa_causal        # (q, k, v) -> out, (batch, seq, heads, dim), causal
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k = self.rope_fn(q, k, cos, sin)
+        out = self.attention_fn(q, k, v)
+        return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.swiglu_fn = swiglu_reference      # (gate, up) -> silu(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.swiglu_fn(self.w1(x), self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg)
+        # Not in the state_dict: recomputed from the config, and kept fp32 under .to(bf16) via _apply.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_fn = logits_cross_entropy   # (h, head weight, targets) -> mean loss
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat.
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the RoPE tables in fp32 when the model is cast to bf16/fp16 (angles need the bits).
+        super()._apply(fn, recurse)
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        return self
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameters of this model (a tied head counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_embedding else n - self.tok_embeddings.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return self.cfg.flops_per_token(seq_len)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx (batch, seq) token ids -> logits (batch, seq, vocab); with targets (batch, seq), the
+        mean cross-entropy instead (ignore_index -100), computed by ``loss_fn`` from the final
+        hidden states, so a fused linear cross-entropy never materialises the logits."""
+        _, t = idx.shape
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} > max_seq_len {self.cfg.max_seq_len}; raise it in the config")
+        x = self.tok_embeddings(idx)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        h = self.norm(x)
+        if targets is None:
+            return self.output(h)
+        return self.loss_fn(h, self.output.weight, targets)

@@ -1,0 +1,378 @@
+"""One call to put tokenforge's kernels into a model: ``report = tokenforge.patch(model)``.
+
+Three families of model are recognised:
+
+- ``tokenforge.models.Transformer``: its swap points (``nn.RMSNorm`` modules, ``Attention.rope_fn``
+  / ``attention_fn``, ``FeedForward.swiglu_fn``, ``Transformer.loss_fn``) are replaced.
+- Hugging Face Llama, Mistral and Qwen2 causal LMs: RMSNorm modules, the MLP's SwiGLU, rotary
+  embeddings (the modeling module's ``apply_rotary_pos_emb``), and the causal-LM loss through the
+  fused linear cross-entropy (the logits are never materialised when labels are given).
+- Anything else (the generic patch): ``torch.nn.RMSNorm`` modules, and with ``fp8=True`` eligible
+  ``nn.Linear`` layers. The report says the architecture was not recognised.
+
+Parameters are never copied or re-created: a patched model has the same parameters and state_dict
+keys. ``tokenforge.unpatch(model)`` undoes every change, in reverse order. Each change and each
+skipped option is listed in the returned :class:`PatchReport`; nothing is skipped silently.
+
+One caveat: Hugging Face's rotary function is a module-level function, so patching it affects every
+model of that architecture in the process while at least one patched model exists (reference
+counted; the last ``unpatch`` restores it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+# transformers versions whose model classes this file was written against and is tested with.
+TRANSFORMERS_TESTED = ">=4.50,<6"
+_HF_FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_UNDO_ATTR = "_tokenforge_undo"
+
+
+@dataclass
+class PatchReport:
+    """What ``tokenforge.patch`` did to a model."""
+
+    model: str
+    family: str
+    patched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"tokenforge.patch({self.model}): family {self.family}"]
+        lines += [f"  patched  {p}" for p in self.patched]
+        lines += [f"  skipped  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+class _Undo:
+    """The changes made to one model, undone in reverse order."""
+
+    def __init__(self):
+        self.steps: list[Callable[[], None]] = []
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        had = name in vars(obj) if hasattr(obj, "__dict__") else False
+        old = vars(obj).get(name) if had else None
+        if isinstance(obj, nn.Module) and isinstance(getattr(obj, name, None), nn.Module):
+            old_module = getattr(obj, name)
+            setattr(obj, name, value)
+            self.steps.append(lambda: setattr(obj, name, old_module))
+            return
+        setattr(obj, name, value)
+        if had:
+            self.steps.append(lambda: setattr(obj, name, old))
+        else:
+            self.steps.append(lambda: delattr(obj, name))
+
+    def run(self) -> None:
+        for step in reversed(self.steps):
+            step()
+        self.steps.clear()
+
+
+# Module-level functions patched for every model of a family, reference counted.
+_GLOBAL_PATCHES: dict[tuple[str, str], list] = {}
+
+
+def _patch_global(undo: _Undo, module_name: str, attr: str, value: Callable) -> None:
+    module = importlib.import_module(module_name)
+    key = (module_name, attr)
+    if key not in _GLOBAL_PATCHES:
+        _GLOBAL_PATCHES[key] = [getattr(module, attr), 0]
+        setattr(module, attr, value)
+    _GLOBAL_PATCHES[key][1] += 1
+
+    def release():
+        entry = _GLOBAL_PATCHES[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            setattr(module, attr, entry[0])
+            del _GLOBAL_PATCHES[key]
+
+    undo.steps.append(release)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel-backed replacements (plain functions, so torch.compile traces straight into the ops)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rope_bshd(q, k, cos, sin):
+    from tokenforge.ops.rope import rope
+
+    return rope(q, k, cos, sin, layout="bshd")
+
+
+def _hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
+    """Hugging Face's apply_rotary_pos_emb signature; q, k (batch, heads, seq, dim) when
+    unsqueeze_dim is 1 (the models' default), (batch, seq, heads, dim) when it is 2."""
+    from tokenforge.ops.rope import rope
+
+    return rope(q, k, cos, sin, layout="bhsd" if unsqueeze_dim == 1 else "bshd")
+
+
+def _swiglu(gate, up):
+    from tokenforge.ops.swiglu import swiglu
+
+    return swiglu(gate, up)
+
+
+def _matching_dtypes(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dtypes the unfused head matmul would use: autocast's when it is on, else the weight's."""
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return h.to(dtype), weight.to(dtype)
+    return h.to(weight.dtype), weight
+
+
+def _fused_linear_cross_entropy(h, weight, targets, ignore_index: int = -100):
+    """Drop-in for Transformer.loss_fn: mean cross-entropy of h @ weight.T without the logits."""
+    from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
+
+    h, weight = _matching_dtypes(h, weight)
+    return linear_cross_entropy(h.flatten(0, -2), weight, targets.flatten(), ignore_index=ignore_index)
+
+
+def _attention_available() -> Optional[str]:
+    try:
+        from tokenforge.ops import attention  # noqa: F401
+    except ImportError:
+        return "tokenforge has no attention kernel in this build"
+    return None
+
+
+def _causal_attention_bshd(q, k, v):
+    from tokenforge.ops.attention import attention
+
+    return attention(q, k, v, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------------
+
+
+def _replace_rms_norms(model: nn.Module, undo: _Undo, report: PatchReport, classes: tuple, make: Callable) -> None:
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in classes:
+                undo.set_attr(parent, name, make(child))
+                count += 1
+    if count:
+        report.patched.append(f"rms_norm: {count} {'/'.join(c.__name__ for c in classes)} module(s) -> tokenforge.nn.RMSNorm")
+    else:
+        report.skipped.append(f"rms_norm: no {'/'.join(c.__name__ for c in classes)} module found")
+
+
+def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
+    from tokenforge.models.transformer import Attention, FeedForward
+    from tokenforge.nn.rms_norm import RMSNorm
+
+    if opts["rms_norm"]:
+        _replace_rms_norms(model, undo, report, (nn.RMSNorm,), RMSNorm.from_torch)
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    if opts["rope"]:
+        for m in attentions:
+            undo.set_attr(m, "rope_fn", _rope_bshd)
+        report.patched.append(f"rope: {len(attentions)} Attention.rope_fn -> tokenforge.ops.rope")
+    if opts["attention"]:
+        reason = _attention_available()
+        if reason:
+            report.skipped.append(f"attention: {reason}")
+        else:
+            for m in attentions:
+                undo.set_attr(m, "attention_fn", _causal_attention_bshd)
+            report.patched.append(f"attention: {len(attentions)} Attention.attention_fn -> tokenforge.ops.attention")
+    if opts["swiglu"]:
+        ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+        for m in ffns:
+            undo.set_attr(m, "swiglu_fn", _swiglu)
+        report.patched.append(f"swiglu: {len(ffns)} FeedForward.swiglu_fn -> tokenforge.ops.swiglu")
+    if opts["cross_entropy"]:
+        undo.set_attr(model, "loss_fn", _fused_linear_cross_entropy)
+        report.patched.append("cross_entropy: Transformer.loss_fn -> tokenforge.ops.linear_cross_entropy (no logits)")
+
+
+class HFRMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm semantics (``weight * normed.to(input_dtype)``, so an fp32 weight
+    gives an fp32 output) on tokenforge's kernel; shares the original module's weight."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.weight = original.weight
+        self.variance_epsilon = original.variance_epsilon
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from tokenforge.ops.rms_norm import rms_norm
+
+        out = rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        out_dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon} (tokenforge)"
+
+
+def _hf_mlp_forward(self, x):
+    # LlamaMLP.forward with the gate activation and product fused: down(silu(gate(x)) * up(x)).
+    return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                          labels=None, logits_to_keep=0, **kwargs):
+    """CausalLM forward that, given labels, computes the shifted next-token loss from the final
+    hidden states with the fused linear cross-entropy (logits are not returned then)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if labels is None:
+        return self._tokenforge_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                                 position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                                 logits_to_keep=logits_to_keep, **kwargs)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, **kwargs)
+    hidden = outputs.last_hidden_state
+    # Hugging Face's ForCausalLMLoss: position t predicts labels[t + 1]; the last position has none.
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(hidden.device)
+    h, weight = _matching_dtypes(hidden, self.lm_head.weight)
+    bias = getattr(self.lm_head, "bias", None)
+    from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
+
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = linear_cross_entropy(h.flatten(0, -2), weight, shifted.flatten(),
+                                bias=bias.to(weight.dtype) if bias is not None else None,
+                                ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
+def _check_hf_shape(model, family: str) -> None:
+    """Fail loudly (naming the version) when the classes no longer look like what we patch."""
+    import transformers
+
+    problems = []
+    if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model, "lm_head"):
+        problems.append("model.model.layers / model.lm_head")
+    else:
+        for layer in model.model.layers[:1]:
+            mlp = getattr(layer, "mlp", None)
+            if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                problems.append("layer.mlp.{gate,up,down}_proj/act_fn")
+            norm = getattr(layer, "input_layernorm", None)
+            if norm is None or not hasattr(norm, "variance_epsilon") or not hasattr(norm, "weight"):
+                problems.append("layer.input_layernorm.weight/variance_epsilon")
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    if not callable(getattr(module, "apply_rotary_pos_emb", None)):
+        problems.append(f"modeling_{family}.apply_rotary_pos_emb")
+    if problems:
+        raise RuntimeError(
+            f"tokenforge.patch: transformers {transformers.__version__} changed the {family} model classes "
+            f"({', '.join(problems)} not found); tokenforge is tested with transformers{TRANSFORMERS_TESTED}. "
+            "Install a tested version or use tokenforge.patch(model, ...) options that avoid these parts."
+        )
+
+
+def _patch_hf(model, family: str, undo, report, opts) -> None:
+    _check_hf_shape(model, family)
+    module_name = f"transformers.models.{family}.modeling_{family}"
+    modeling = importlib.import_module(module_name)
+    norm_cls = getattr(modeling, f"{type(model).__name__[: -len('ForCausalLM')]}RMSNorm")
+    if opts["rms_norm"]:
+        _replace_rms_norms(model, undo, report, (norm_cls,), HFRMSNorm)
+    if opts["swiglu"]:
+        act = getattr(model.config, "hidden_act", None)
+        if act not in ("silu", "swish"):
+            report.skipped.append(f"swiglu: hidden_act is {act!r}, not silu")
+        else:
+            mlps = [layer.mlp for layer in model.model.layers]
+            for mlp in mlps:
+                undo.set_attr(mlp, "forward", types.MethodType(_hf_mlp_forward, mlp))
+            report.patched.append(f"swiglu: {len(mlps)} {type(mlps[0]).__name__}.forward -> tokenforge.ops.swiglu")
+    if opts["rope"]:
+        _patch_global(undo, module_name, "apply_rotary_pos_emb", _hf_apply_rotary_pos_emb)
+        report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
+                              "(module-level: all models of this family while patched)")
+    if opts["attention"]:
+        reason = _attention_available()
+        report.skipped.append(f"attention: {reason}" if reason else
+                              "attention: routed through tokenforge.patch_sdpa() when the model uses sdpa")
+    if opts["cross_entropy"]:
+        undo.set_attr(model, "_tokenforge_original_forward", model.forward)
+        undo.set_attr(model, "forward", types.MethodType(_hf_causal_lm_forward, model))
+        report.patched.append(f"cross_entropy: {type(model).__name__}.forward loss -> tokenforge.ops.linear_cross_entropy "
+                              "(no logits when labels are given)")
+
+
+def _patch_generic(model, undo, report, opts) -> None:
+    from tokenforge.nn.rms_norm import RMSNorm
+
+    report.skipped.append(f"{type(model).__name__} is not an architecture tokenforge knows: applied the generic patch "
+                          "(torch.nn.RMSNorm modules; rope, swiglu and cross_entropy need a known architecture)")
+    if opts["rms_norm"]:
+        _replace_rms_norms(model, undo, report, (nn.RMSNorm,), RMSNorm.from_torch)
+
+
+def _family(model: nn.Module) -> str:
+    from tokenforge.models.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        return "tokenforge"
+    for cls in type(model).__mro__:
+        if cls.__name__ in _HF_FAMILIES and cls.__module__.startswith("transformers."):
+            return _HF_FAMILIES[cls.__name__]
+    return "generic"
+
+
+def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+          cross_entropy: bool = True, fp8: bool = False, optimizer=None) -> PatchReport:
+    """Swap tokenforge's kernels into ``model`` in place (same parameters and state_dict keys) and
+    return a report of what was patched and what was skipped, and why."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tokenforge.patch expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, _UNDO_ATTR, None) is not None:
+        raise RuntimeError("tokenforge.patch: this model is already patched; call tokenforge.unpatch(model) first")
+    opts = dict(attention=attention, rms_norm=rms_norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy)
+    family = _family(model)
+    report = PatchReport(model=type(model).__name__, family=family)
+    undo = _Undo()
+    try:
+        if family == "tokenforge":
+            _patch_tokenforge_transformer(model, undo, report, opts)
+        elif family == "generic":
+            _patch_generic(model, undo, report, opts)
+        else:
+            _patch_hf(model, family, undo, report, opts)
+        if fp8:
+            report.skipped.append("fp8: tokenforge has no FP8 linear layers in this build")
+        if optimizer is not None:
+            report.skipped.append("optimizer: tokenforge has no fused optimizer in this build; keep your optimizer")
+    except BaseException:
+        undo.run()
+        raise
+    object.__setattr__(model, _UNDO_ATTR, undo)
+    return report
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo ``tokenforge.patch(model)``: every module, function and forward goes back as it was."""
+    undo = getattr(model, _UNDO_ATTR, None)
+    if undo is None:
+        raise RuntimeError("tokenforge.unpatch: this model was not patched by tokenforge.patch")
+    undo.run()
+    object.__delattr__(model, _UNDO_ATTR)

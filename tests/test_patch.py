@@ -1,0 +1,138 @@
+"""tokenforge.patch / unpatch: same parameters, same state_dict, same loss and gradients."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenforge
+from tokenforge.models import Transformer, TransformerConfig
+from tokenforge.testing import rel_error
+
+OPTIONS = ["rms_norm", "rope", "swiglu", "cross_entropy", "attention"]
+# fp32 kernels agree with PyTorch to ~1e-7 per op; through two layers, a loss and its backward the
+# differences compound to ~1e-6 at most.
+TOL = 1e-5
+
+
+def _tiny_model(**overrides):
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig.preset("tiny", **overrides))
+
+
+def _loss_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _batch(cfg, batch=2, seq=17):
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq))
+    targets = torch.randint(0, cfg.vocab_size, (batch, seq))
+    targets[0, :3] = -100  # ignored positions, as padding would be
+    return idx, targets
+
+
+def _assert_same(loss_a, grads_a, loss_b, grads_b, tol=TOL):
+    assert rel_error(loss_b, loss_a) <= tol, (loss_a.item(), loss_b.item())
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        err = rel_error(grads_b[name], grads_a[name])
+        assert err <= tol, f"grad of {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("only", OPTIONS + ["all"])
+def test_tokenforge_transformer_same_loss_and_grads(only):
+    model = _tiny_model()
+    idx, targets = _batch(model.cfg)
+    ref = _loss_and_grads(model, idx, targets)
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    opts = {o: (only == "all" or o == only) for o in OPTIONS}
+    report = tokenforge.patch(model, **opts)
+    assert report.family == "tokenforge"
+    assert list(model.state_dict()) == keys
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters()), "patch must not re-create parameters"
+    for o in OPTIONS:
+        if opts[o]:
+            assert any(line.startswith(o) for line in report.patched + report.skipped), (o, str(report))
+    _assert_same(*ref, *_loss_and_grads(model, idx, targets))
+    tokenforge.unpatch(model)
+    _assert_same(*ref, *_loss_and_grads(model, idx, targets), tol=0.0 if only != "all" else TOL)
+
+
+def test_unpatch_restores_everything_exactly():
+    model = _tiny_model()
+    before = {n: (type(m), dict(vars(m))) for n, m in model.named_modules()}
+    tokenforge.patch(model)
+    assert isinstance(model.norm, tokenforge.nn.RMSNorm)
+    tokenforge.unpatch(model)
+    after = {n: (type(m), dict(vars(m))) for n, m in model.named_modules()}
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name][0] is after[name][0], name
+        assert before[name][1].keys() == after[name][1].keys(), name
+    assert model.loss_fn is tokenforge.models.transformer.logits_cross_entropy
+    assert type(model.norm) is torch.nn.RMSNorm
+
+
+def test_patch_twice_is_a_clear_error_and_unpatch_needs_a_patch():
+    model = _tiny_model()
+    tokenforge.patch(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        tokenforge.patch(model)
+    tokenforge.unpatch(model)
+    with pytest.raises(RuntimeError, match="not patched"):
+        tokenforge.unpatch(model)
+    with pytest.raises(TypeError, match="nn.Module"):
+        tokenforge.patch(object())
+
+
+def test_report_says_what_was_skipped():
+    model = _tiny_model()
+    report = tokenforge.patch(model, fp8=True, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    text = str(report)
+    assert "fp8" in text and "optimizer" in text
+    tokenforge.unpatch(model)
+
+
+def test_generic_patch_on_a_hand_written_model():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.RMSNorm(32, eps=1e-6)
+            self.proj = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            q = self.proj(self.norm(x)).view(2, 5, 4, 8).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+
+    model = Tiny()
+    x = torch.randn(2, 5, 32)
+    ref = model(x)
+    report = tokenforge.patch(model)
+    assert report.family == "generic"
+    assert any("not an architecture tokenforge knows" in s for s in report.skipped)
+    assert any(p.startswith("rms_norm: 1") for p in report.patched)
+    assert isinstance(model.norm, tokenforge.nn.RMSNorm)
+    assert rel_error(model(x), ref) < 1e-5
+    tokenforge.unpatch(model)
+    assert type(model.norm) is torch.nn.RMSNorm
+
+
+def test_patched_model_compiles_fullgraph():
+    model = _tiny_model()
+    idx, targets = _batch(model.cfg)
+    tokenforge.patch(model)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(idx, targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(idx, targets)
+    loss.backward()
+    eager = copy.deepcopy(model)
+    assert rel_error(loss, eager(idx, targets)) < TOL
+    tokenforge.unpatch(model)
