@@ -62,4 +62,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("has_weight") = true,
         py::arg("device") = -1,
         "num_partials that fills the current device with one wave of backward blocks.");
+  m.def("fp8_quantize_rows", &tokenforge::fp8_quantize_rows, py::arg("x_ptr"), py::arg("data_ptr"),
+        py::arg("scale_ptr"), py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"), py::arg("x_dtype"),
+        py::arg("fp8_format"), py::arg("power_of_two"), py::arg("stream"),
+        "Rowwise fp8 quantization: scale[r] = amax(row)/FP8_MAX (dequant factor), data = satfinite(x/scale).");
+  m.def("fp8_amax_num_partials", &tokenforge::fp8_amax_num_partials, py::arg("device") = -1,
+        "Scratch size (floats) for fp8_quantize_tensor.");
+  m.def("fp8_quantize_tensor", &tokenforge::fp8_quantize_tensor, py::arg("x_ptr"), py::arg("data_ptr"),
+        py::arg("scale_ptr"), py::arg("partial_ptr"), py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"),
+        py::arg("num_partials"), py::arg("x_dtype"), py::arg("fp8_format"), py::arg("power_of_two"),
+        py::arg("stream"), "Tensorwise fp8 quantization: amax pass + cast pass, no host sync.");
 }

@@ -56,4 +56,17 @@ void rms_norm_bwd(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std::ui
 std::int64_t rms_norm_bwd_num_partials(std::int64_t rows, std::int64_t n, int x_dtype,
                                        int w_dtype, bool has_weight, int device);
 
+// ---- FP8 quantization (fp8_quantize.cu) -----------------------------------------------------
+// fp8_format: 0 = float8_e4m3fn, 1 = float8_e5m2. data is contiguous (rows, cols) fp8 bytes;
+// scale is float32 (rows,) for rowwise, one float for tensorwise (dequantization factors).
+void fp8_quantize_rows(std::uintptr_t x, std::uintptr_t data, std::uintptr_t scale, std::int64_t rows,
+                       std::int64_t cols, std::int64_t x_row_stride, int x_dtype, int fp8_format,
+                       bool power_of_two, std::uintptr_t stream);
+// Partials for fp8_quantize_tensor's amax pass on `device` (-1: current): 4 per SM, <= 1024.
+int fp8_amax_num_partials(int device);
+// partial: float32 scratch of num_partials elements.
+void fp8_quantize_tensor(std::uintptr_t x, std::uintptr_t data, std::uintptr_t scale, std::uintptr_t partial,
+                         std::int64_t rows, std::int64_t cols, std::int64_t x_row_stride, int num_partials,
+                         int x_dtype, int fp8_format, bool power_of_two, std::uintptr_t stream);
+
 }  // namespace tokenforge

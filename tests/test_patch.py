@@ -93,9 +93,31 @@ def test_patch_twice_is_a_clear_error_and_unpatch_needs_a_patch():
 
 def test_report_says_what_was_skipped():
     model = _tiny_model()
-    report = tokenforge.patch(model, fp8=True, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    text = str(report)
-    assert "fp8" in text and "optimizer" in text
+    report = tokenforge.patch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "optimizer" in str(report)
+    tokenforge.unpatch(model)
+
+
+def test_fp8_patch_converts_and_unpatch_restores():
+    model = _tiny_model()
+    originals = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    idx, targets = _batch(model.cfg)
+    ref_loss, _ = _loss_and_grads(model, idx, targets)
+    report = tokenforge.patch(model, fp8=True, attention=False, rope=False, swiglu=False, cross_entropy=False,
+                              rms_norm=False)
+    assert any(p.startswith("fp8:") for p in report.patched), str(report)
+    converted = [n for n, m in model.named_modules() if isinstance(m, tokenforge.fp8.Float8Linear)]
+    assert converted and "output" not in converted
+    loss, grads = _loss_and_grads(model, idx, targets)
+    assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
+    tokenforge.unpatch(model)
+    assert all(model.get_submodule(n) is m for n, m in originals.items())
+
+
+def test_fp8_patch_with_nothing_eligible_says_so():
+    model = _tiny_model(dim=60, n_heads=6, n_kv_heads=2, hidden_dim=150)  # no multiple-of-16 Linear
+    report = tokenforge.patch(model, fp8=True)
+    assert any(s.startswith("fp8: no eligible") for s in report.skipped), str(report)
     tokenforge.unpatch(model)
 
 

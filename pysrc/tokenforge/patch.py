@@ -7,16 +7,18 @@ Three families of model are recognised:
 - Hugging Face Llama, Mistral and Qwen2 causal LMs: RMSNorm modules, the MLP's SwiGLU, rotary
   embeddings (the modeling module's ``apply_rotary_pos_emb``), and the causal-LM loss through the
   fused linear cross-entropy (the logits are never materialised when labels are given).
-- Anything else (the generic patch): ``torch.nn.RMSNorm`` modules, and with ``fp8=True`` eligible
-  ``nn.Linear`` layers. The report says the architecture was not recognised.
+- Anything else (the generic patch): ``torch.nn.RMSNorm`` modules, ``F.scaled_dot_product_attention``
+  calls, and with ``fp8=True`` eligible ``nn.Linear`` layers. The report says the architecture was
+  not recognised.
 
 Parameters are never copied or re-created: a patched model has the same parameters and state_dict
 keys. ``tokenforge.unpatch(model)`` undoes every change, in reverse order. Each change and each
 skipped option is listed in the returned :class:`PatchReport`; nothing is skipped silently.
 
-One caveat: Hugging Face's rotary function is a module-level function, so patching it affects every
-model of that architecture in the process while at least one patched model exists (reference
-counted; the last ``unpatch`` restores it).
+One caveat: Hugging Face's rotary function and ``F.scaled_dot_product_attention`` are module-level
+functions, so patching them affects every model of that architecture (every SDPA call) in the
+process while at least one patched model exists (reference counted; the last ``unpatch`` restores
+them). SDPA calls the kernel does not support pass through to PyTorch unchanged.
 """
 
 from __future__ import annotations
@@ -151,6 +153,28 @@ def _attention_available() -> Optional[str]:
     except ImportError:
         return "tokenforge has no attention kernel in this build"
     return None
+
+
+# Patched models that rely on the process-wide SDPA routing, and whether patch() installed it.
+_SDPA_USERS = {"count": 0, "installed_by_patch": False}
+
+
+def _use_sdpa_routing(undo: _Undo) -> None:
+    """Route F.scaled_dot_product_attention to tokenforge while at least one patched model needs it."""
+    from tokenforge import sdpa_patch
+
+    if _SDPA_USERS["count"] == 0 and not sdpa_patch.is_installed():
+        sdpa_patch.install()
+        _SDPA_USERS["installed_by_patch"] = True
+    _SDPA_USERS["count"] += 1
+
+    def release():
+        _SDPA_USERS["count"] -= 1
+        if _SDPA_USERS["count"] == 0 and _SDPA_USERS["installed_by_patch"]:
+            sdpa_patch.uninstall()
+            _SDPA_USERS["installed_by_patch"] = False
+
+    undo.steps.append(release)
 
 
 def _causal_attention_bshd(q, k, v):
@@ -309,9 +333,14 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
         report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
                               "(module-level: all models of this family while patched)")
     if opts["attention"]:
-        reason = _attention_available()
-        report.skipped.append(f"attention: {reason}" if reason else
-                              "attention: routed through tokenforge.patch_sdpa() when the model uses sdpa")
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl != "sdpa":
+            report.skipped.append(f"attention: the model uses attn_implementation={impl!r}; load it with "
+                                  "attn_implementation='sdpa' to route attention to tokenforge")
+        else:
+            _use_sdpa_routing(undo)
+            report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the calls "
+                                  "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
     if opts["cross_entropy"]:
         undo.set_attr(model, "_tokenforge_original_forward", model.forward)
         undo.set_attr(model, "forward", types.MethodType(_hf_causal_lm_forward, model))
@@ -323,9 +352,31 @@ def _patch_generic(model, undo, report, opts) -> None:
     from tokenforge.nn.rms_norm import RMSNorm
 
     report.skipped.append(f"{type(model).__name__} is not an architecture tokenforge knows: applied the generic patch "
-                          "(torch.nn.RMSNorm modules; rope, swiglu and cross_entropy need a known architecture)")
+                          "(torch.nn.RMSNorm modules, SDPA calls; rope, swiglu and cross_entropy need a known architecture)")
     if opts["rms_norm"]:
         _replace_rms_norms(model, undo, report, (nn.RMSNorm,), RMSNorm.from_torch)
+    if opts["attention"]:
+        _use_sdpa_routing(undo)
+        report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the calls "
+                              "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
+
+
+def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
+    """Eligible nn.Linear -> Float8Linear (tensorwise recipe), undone module by module."""
+    from tokenforge.fp8.convert import convert_to_float8
+
+    before = dict(model.named_modules())
+    conversion = convert_to_float8(model)
+    for fqn in conversion.converted:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = before[fqn]
+        undo.steps.append(lambda parent=parent, child=child, original=original: setattr(parent, child, original))
+    if conversion.converted:
+        report.patched.append(f"fp8: {len(conversion.converted)} nn.Linear -> tokenforge.fp8.Float8Linear "
+                              f"({conversion.recipe}); {len(conversion.skipped)} kept in high precision")
+    else:
+        report.skipped.append("fp8: no eligible nn.Linear (in/out features multiples of 16, not the head or the first layer)")
 
 
 def _family(model: nn.Module) -> str:
@@ -359,7 +410,7 @@ def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, ro
         else:
             _patch_hf(model, family, undo, report, opts)
         if fp8:
-            report.skipped.append("fp8: tokenforge has no FP8 linear layers in this build")
+            _convert_fp8(model, undo, report)
         if optimizer is not None:
             report.skipped.append("optimizer: tokenforge has no fused optimizer in this build; keep your optimizer")
     except BaseException:

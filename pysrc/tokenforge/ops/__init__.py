@@ -1,6 +1,7 @@
 """Functional ops, one file each: validation, backend choice, autograd Function, custom ops."""
 
 from tokenforge.ops.add_rms_norm import add_rms_norm, add_rms_norm_reference
+from tokenforge.ops.attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from tokenforge.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
@@ -10,6 +11,10 @@ from tokenforge.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference
 __all__ = [
     "add_rms_norm",
     "add_rms_norm_reference",
+    "attention",
+    "attention_reference",
+    "attention_varlen",
+    "attention_varlen_reference",
     "cross_entropy",
     "cross_entropy_reference",
     "linear_cross_entropy",

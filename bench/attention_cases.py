@@ -1,0 +1,225 @@
+"""Attention benchmark cases: shapes, backends, inputs, correctness check and measurement.
+
+Backends (baselines first, so a kernel's ratios are known when it runs):
+
+    sdpa_flash       F.scaled_dot_product_attention under SDPBackend.FLASH_ATTENTION   (CUDA)
+    sdpa_efficient   ... EFFICIENT_ATTENTION                                           (CUDA)
+    sdpa_cudnn       ... CUDNN_ATTENTION                                               (CUDA)
+    sdpa             F.scaled_dot_product_attention, default choice                    (CPU runs)
+    flash_attn       flash_attn.flash_attn_func, when installed
+    triton           tokenforge.ops.attention(backend="triton")
+
+TFLOP/s follow flash_attn's convention: 4 * b * h * sq * sk * d for the forward, halved when causal;
+the backward counts 2.5x the forward (so fwd+bwd is 3.5x). ``fraction_of_matmul`` compares with a
+large bf16 torch.matmul measured in the same run (the dense tensor-core rate actually reachable).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import bandwidth as bw
+
+OP = "attention"
+PASSES = ("fwd", "fwd_bwd")
+BASELINES = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa", "flash_attn")
+GPU_BACKENDS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn", "triton")
+CPU_BACKENDS = ("sdpa", "triton")
+HEADS_TOKENS = 16 * 16384  # batch * seqlen held constant on the GPU: batch = 16384 // seqlen (x16 heads)
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot run this case here."""
+
+
+@dataclass(frozen=True)
+class Case:
+    pass_: str
+    batch: int
+    seqlen: int
+    heads: int
+    head_dim: int
+    causal: bool
+    dtype: torch.dtype = torch.bfloat16
+    headline: bool = False
+
+    @property
+    def shape(self) -> str:
+        return f"b{self.batch}-s{self.seqlen}-h{self.heads}-d{self.head_dim}" + ("-causal" if self.causal else "")
+
+    @property
+    def id(self) -> str:
+        return f"{self.pass_}-{self.shape}-{bw.dtype_name(self.dtype)}"
+
+    def flops(self) -> float:
+        f = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
+        if self.causal:
+            f /= 2
+        return f * (3.5 if self.pass_ == "fwd_bwd" else 1.0)
+
+
+def sizes_mode(device) -> str:
+    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
+    if mode in ("full", "tiny"):
+        return mode
+    return "full" if torch.device(device).type == "cuda" else "tiny"
+
+
+def cases(device) -> list[Case]:
+    """The headline (fwd bf16 d128 causal 16k) first, then seqlen 1k..16k x d 64/128 x causal."""
+    if sizes_mode(device) == "tiny":
+        return [Case("fwd_bwd", 1, 64, 2, 64, True, headline=True), Case("fwd", 1, 64, 2, 64, False)]
+    out = [Case("fwd", 1, 16384, 16, 128, True, headline=True), Case("fwd_bwd", 1, 16384, 16, 128, True)]
+    for seqlen in (1024, 4096, 16384):
+        for d in (128, 64):
+            for causal in (True, False):
+                for p in PASSES:
+                    c = Case(p, max(1, 16384 // seqlen), seqlen, 2048 // d, d, causal)
+                    if (c.pass_, c.seqlen, c.head_dim, c.causal) not in {(o.pass_, o.seqlen, o.head_dim, o.causal)
+                                                                          for o in out}:
+                        out.append(c)
+    return out
+
+
+def backends_for(device) -> tuple[str, ...]:
+    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+
+
+def make_op(backend: str, device: torch.device) -> Callable:
+    """``op(q, k, v, causal) -> out`` in (b, s, h, d) layout."""
+    import torch.nn.functional as F
+
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on", "yes"):
+            raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
+        from tokenforge.ops.attention import attention
+
+        return lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="triton")
+    if backend == "flash_attn":
+        try:
+            from flash_attn import flash_attn_func
+        except Exception as exc:  # noqa: BLE001 - not installed or broken build
+            raise BackendUnavailable(f"flash_attn not importable: {type(exc).__name__}") from exc
+        return lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+    if backend.startswith("sdpa"):
+        kind = backend[len("sdpa_"):] if backend != "sdpa" else None
+        if kind is not None and device.type != "cuda":
+            raise BackendUnavailable(f"SDPA's {kind} backend needs CUDA")
+
+        def op(q, k, v, causal):
+            args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            if kind is None:
+                return F.scaled_dot_product_attention(*args, is_causal=causal).transpose(1, 2)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
+            with sdpa_kernel([which]):
+                return F.scaled_dot_product_attention(*args, is_causal=causal).transpose(1, 2)
+
+        return op
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+_MATMUL: dict = {}
+
+
+def matmul_tflops(device) -> float:
+    """bf16 torch.matmul rate measured once per run (8192^3 on CUDA, 512^3 on CPU)."""
+    device = torch.device(device)
+    if device.type not in _MATMUL:
+        n = 8192 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        stats = bw.time_fn(lambda: a @ b, device, flush_l2=False)
+        _MATMUL[device.type] = 2.0 * n ** 3 / (stats["median_ms"] * 1e-3) / 1e12
+    return _MATMUL[device.type]
+
+
+@dataclass
+class Prepared:
+    case: Case
+    backend: str
+    device: torch.device
+    fn: Callable[[], object]
+    rel_err: dict = field(default_factory=dict)
+    tol: float = 2e-2
+    peak_mem_bytes: Optional[int] = None
+
+    @property
+    def correct(self) -> bool:
+        return all(e <= self.tol for e in self.rel_err.values())
+
+
+def _rel(out, ref) -> float:
+    num = (out.double() - ref.double()).norm().item()
+    den = ref.double().norm().item()
+    err = num / den if den > 0 else num
+    return err if err == err else float("inf")
+
+
+def prepare(case: Case, backend: str, device) -> Prepared:
+    """Inputs, one checked call, and the timed closure. Correctness: against SDPA in fp32 on the
+    same inputs (the float64 oracle is too big at these sizes; the test suite does that)."""
+    device = torch.device(device)
+    op = make_op(backend, device)
+    b, s, h, d = case.batch, case.seqlen, case.heads, case.head_dim
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=case.dtype) for _ in range(3))
+    dout = torch.randn(b, s, h, d, device=device, dtype=case.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    try:
+        if case.pass_ == "fwd":
+            out = op(q, k, v, case.causal)
+        else:
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            out = op(qg, kg, vg, case.causal)
+            grads = torch.autograd.grad(out, (qg, kg, vg), dout)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError, ImportError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BackendUnavailable(f"{type(exc).__name__}: {msg}"[:300]) from exc
+    peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else None
+
+    # Reference: fp32 math on a slice of heads (SDPA's math/efficient path in fp32).
+    import torch.nn.functional as F
+
+    hs = slice(0, min(h, 2))
+    q32, k32, v32 = (t[:, :, hs].float().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q32, k32, v32, is_causal=case.causal)
+    errs = {"out": _rel(out[:, :, hs].detach(), ref.transpose(1, 2))}
+    if case.pass_ == "fwd_bwd":
+        rg = torch.autograd.grad(ref, (q32, k32, v32), dout[:, :, hs].float().transpose(1, 2))
+        for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
+            errs[name] = _rel(g[:, :, hs], r.transpose(1, 2))
+    del ref, out
+
+    if case.pass_ == "fwd":
+        def fn():
+            return op(q, k, v, case.causal)
+    else:
+        def fn():
+            o = op(qg, kg, vg, case.causal)
+            return torch.autograd.grad(o, (qg, kg, vg), dout)
+    return Prepared(case, backend, device, fn, errs, peak_mem_bytes=peak)
+
+
+def make_record(prep: Prepared, stats: dict, matmul: Optional[float]) -> dict:
+    case = prep.case
+    med = stats["median_ms"]
+    tflops = case.flops() / (med * 1e-3) / 1e12 if med > 0 else float("nan")
+    rec = {"op": OP, "pass": case.pass_, "shape": case.shape, "dtype": bw.dtype_name(case.dtype),
+           "backend": prep.backend, "device": prep.device.type, "headline": case.headline, **stats,
+           "flops": case.flops(), "tflops": tflops, "rel_err": dict(prep.rel_err), "tol": prep.tol,
+           "correct": prep.correct, "meaningful": prep.device.type == "cuda", "peak_mem_bytes": prep.peak_mem_bytes}
+    if matmul:
+        rec["matmul_tflops"] = matmul
+        rec["fraction_of_matmul"] = tflops / matmul
+    return rec

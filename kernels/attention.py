@@ -1,0 +1,623 @@
+"""Fused attention in Triton (FlashAttention-2 schedule), forward and backward.
+
+Notation (per batch b, query head h, kv head hk = h // GROUP):
+
+    s[i, j] = scale * q[i] . k[j]                        (or softcap * tanh(scale * q.k / softcap))
+    s[i, j] = -inf where key j is masked for query i     (beyond seqlen_k, causal, sliding window)
+    p       = softmax_j(s),  o = p @ v,  lse[i] = log sum_j exp(s[i, j])
+
+Masks are bottom-right aligned as in flash_attn: with off = seqlen_k - seqlen_q, query i may see key
+j iff  i + off - left <= j <= i + off + right  (left/right = -1: unbounded). ``causal`` is the
+window (left, 0). A query that sees no key (causal with seqlen_q > seqlen_k) gets o = 0 and
+lse = +inf, so exp(s - lse) = 0 for it in the backward: no NaN anywhere.
+
+Forward: one program per (query block, batch * query head); an online softmax over key blocks in
+the log2 domain (exp2 is the native instruction), fp32 accumulators, S x S never stored. Key blocks
+that the causal/window mask hides entirely are never visited.
+
+Backward (no atomics, so every mode is deterministic bit for bit):
+  1. ``_attn_bwd_preprocess``: delta[i] = sum_d dO[i, d] * O[i, d] (fp32).
+  2. ``_attn_bwd_dkdv``: one program per (key block, batch * kv head) walks every query head of
+     its GQA group and every query block that sees the key block; dk and dv stay in registers, so
+     the sum over the group costs nothing and nothing is written twice.
+  3. ``_attn_bwd_dq``: one program per (query block, batch * query head) walks the key blocks.
+  Scores are recomputed from q, k and the saved lse (O(seqlen) extra memory).
+
+Varlen (packed documents): q/k/v are (total, heads, head_dim) and cu_seqlens give each document's
+start; the grid is sized from max_seqlen, and programs past a document's end return at once, so
+there is no host sync. Dense inputs use the same kernels with cu_seqlens absent (IS_VARLEN=False).
+
+head_dim: any multiple of 8 from 32 to 256; the head dim block is the next power of two and the
+tail lanes are masked (they read 0, so they add nothing to q.k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenforge.kernels import INTERPRETED
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+MIN_HEAD_DIM = 32
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # The interpreter multiplies the raw bits of bf16 operands; in fp32 it is exact.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow (exp -> inf or 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr):
+    """(first row, length) of batch entry b's queries and keys."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = SEQ_Q
+        k_start = 0
+        seqlen_k = SEQ_K
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Scores in the log2 domain (s * log2 e) with masked entries at -inf, and tanh's value
+    (needed for the softcap gradient; 0 when there is no softcap)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * (qk_scale / softcap))
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk
+        s = qk * (qk_scale * 1.4426950408889634)
+    keep = offs_n[None, :] < seqlen_k
+    if HAS_RIGHT:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + off + WIN_RIGHT)
+    if HAS_LEFT:
+        keep = keep & (offs_n[None, :] >= offs_m[:, None] + off - WIN_LEFT)
+    s = tl.where(keep, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi) of key positions that rows m_start .. m_start + BLOCK_M - 1 may see, lo a
+    multiple of BLOCK_N: blocks outside are fully masked and skipped."""
+    lo = 0
+    hi = seqlen_k
+    if HAS_RIGHT:
+        m_last = tl.minimum(m_start + BLOCK_M, seqlen_q) - 1
+        hi = tl.minimum(hi, tl.maximum(m_last + off + WIN_RIGHT + 1, 0))
+    if HAS_LEFT:
+        lo = tl.maximum(m_start + off - WIN_LEFT, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _q_range(n_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[lo, hi) of query rows that may see keys n_start .. n_start + BLOCK_N - 1, lo a multiple
+    of BLOCK_M."""
+    lo = 0
+    hi = seqlen_q
+    if HAS_RIGHT:
+        lo = tl.maximum(n_start - off - WIN_RIGHT, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        n_last = tl.minimum(n_start + BLOCK_N, seqlen_k) - 1
+        hi = tl.minimum(hi, tl.maximum(n_last - off + WIN_LEFT + 1, 0))
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    SEQ_Q, SEQ_K, HEADS, HEAD_DIM,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+    GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HEADS
+    h = pid_bh % HEADS
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+
+    b64 = tl.cast(b, tl.int64)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seqlen_q
+    rows_q = tl.cast(q_start + offs_m, tl.int64)
+
+    q_ptrs = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
+    v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
+                       HAS_LEFT, HAS_RIGHT)
+    for n_start in range(lo, hi, BLOCK_N):
+        offs_n = n_start + offs_n0
+        n_ok = offs_n < seqlen_k
+        kv_rows = tl.cast(offs_n, tl.int64)
+        kt = tl.load(k_base + kv_rows[None, :] * stride_ks + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = _dot(q, kt, UPCAST)
+        s, _t = _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+                        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = O + b64 * stride_ob + h * stride_oh + rows_q[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + rows_q, lse, mask=m_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA, CU_Q,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,
+    SEQ_Q, HEADS, HEAD_DIM,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HEADS
+    h = pid_bh % HEADS
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        seqlen_q = SEQ_Q
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen_q:
+        return
+    b64 = tl.cast(b, tl.int64)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seqlen_q
+    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = tl.cast(q_start + offs_m, tl.int64)
+    o = tl.load(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + rows, tl.sum(o * do, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    SEQ_Q, SEQ_K, KV_HEADS, HEAD_DIM,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+    GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
+    # dv += pT @ dO need no transposes of the accumulators.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // KV_HEADS
+    hk = pid_bh % KV_HEADS
+    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    n_start = pid_n * BLOCK_N
+    if n_start >= seqlen_k:
+        return
+    off = seqlen_k - seqlen_q
+
+    b64 = tl.cast(b, tl.int64)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < seqlen_k
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    rows_k = tl.cast(k_start + offs_n, tl.int64)
+    k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = _q_range(n_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
+                      HAS_LEFT, HAS_RIGHT)
+    q_row0 = tl.cast(q_start, tl.int64)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b64 * stride_qb + h * stride_qh + q_row0 * stride_qs
+        do_base = DO + b64 * stride_dob + h * stride_doh + q_row0 * stride_dos
+        l_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
+        dl_base = DELTA + b64 * stride_lb + h * stride_lh + q_row0
+        for m_start in range(lo, hi, BLOCK_M):
+            offs_m = m_start + offs_m0
+            m_ok = offs_m < seqlen_q
+            rows = tl.cast(offs_m, tl.int64)
+            qt = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            lse = tl.load(l_base + rows, mask=m_ok, other=float("inf"))
+            qkT = _dot(k, qt, UPCAST)
+            # _scores masks (row, col) = (query, key); here rows are keys, so flip the roles by
+            # computing the mask on the transposed index grids.
+            sT, tT = _scores_t(qkT, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT,
+                               WIN_RIGHT, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+            pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            dv += _dot(pT.to(do.dtype), do, UPCAST)
+            delta = tl.load(dl_base + rows, mask=m_ok, other=0.0)
+            dpT = _dot(v, tl.trans(do), UPCAST)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk += _dot(dsT.to(qt.dtype), tl.trans(qt), UPCAST)
+    dk = dk * qk_scale
+    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + rows_k[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _scores_t(qkT, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """_scores for the transposed tile (keys along rows, queries along columns)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qkT * (qk_scale / softcap))
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = qkT
+        s = qkT * (qk_scale * 1.4426950408889634)
+    keep = offs_n[:, None] < seqlen_k
+    if HAS_RIGHT:
+        keep = keep & (offs_n[:, None] <= offs_m[None, :] + off + WIN_RIGHT)
+    if HAS_LEFT:
+        keep = keep & (offs_n[:, None] >= offs_m[None, :] + off - WIN_LEFT)
+    s = tl.where(keep, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    SEQ_Q, SEQ_K, HEADS, HEAD_DIM,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+    GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HEADS
+    h = pid_bh % HEADS
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+
+    b64 = tl.cast(b, tl.int64)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seqlen_q
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    rows_q = tl.cast(q_start + offs_m, tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows_q[:, None] * stride_dos + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows_q, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + rows_q, mask=m_ok, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
+    v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
+                       HAS_LEFT, HAS_RIGHT)
+    for n_start in range(lo, hi, BLOCK_N):
+        offs_n = n_start + offs_n0
+        n_ok = offs_n < seqlen_k
+        kv_rows = tl.cast(offs_n, tl.int64)
+        kt = tl.load(k_base + kv_rows[None, :] * stride_ks + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + kv_rows[None, :] * stride_vs + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = _dot(q, kt, UPCAST)
+        s, t = _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+                       HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, vt, UPCAST)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), UPCAST)
+    dq = dq * qk_scale
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows_q[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration. The compile gate (tests/test_attention.py) compiles every config these
+# functions can return, so keep them the single source of truth.
+# ---------------------------------------------------------------------------------------------
+
+HEAD_DIM_BLOCKS = (32, 64, 128, 256)
+
+
+def block_d(head_dim: int) -> int:
+    return max(32, triton.next_power_of_2(head_dim))
+
+
+def fwd_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+    """BLOCK_M/BLOCK_N/BLOCK_D/num_warps/num_stages of the forward for a head dim. Sizes are the
+    largest that ptxas fits without spills on both sm_80 and sm_90 (tests/test_attention.py)."""
+    bd = block_d(head_dim)
+    if interpreted:
+        # Small tiles: several blocks per sequence even at seqlen 64, so the tails, the online
+        # softmax across blocks and block skipping are all exercised on CPU.
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=bd, num_warps=4, num_stages=1)
+    if bd <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=bd, num_warps=4, num_stages=3)
+    if bd == 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=bd, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
+
+
+def bwd_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+    """Tiles of the dk/dv kernel: BLOCK_N keys held in registers (k, v, dk, dv), BLOCK_M queries
+    streamed."""
+    bd = block_d(head_dim)
+    if interpreted:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=bd, num_warps=4, num_stages=1)
+    if bd <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=bd, num_warps=8, num_stages=2)
+    if bd == 128:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=bd, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=1)
+
+
+def dq_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+    """Tiles of the dq kernel: BLOCK_M queries held (q, dO, dq), BLOCK_N keys streamed."""
+    bd = block_d(head_dim)
+    if interpreted:
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=bd, num_warps=4, num_stages=1)
+    if bd <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=32, BLOCK_D=bd, num_warps=4 if bd <= 32 else 8, num_stages=2)
+    if bd == 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
+    # 64x16 tiles use wgmma on sm_90 but spill on sm_80; one config serves both for now.
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=1)
+
+
+def preprocess_config(head_dim: int) -> dict:
+    bd = block_d(head_dim)
+    return dict(BLOCK_M=max(16, min(128, 4096 // bd)), BLOCK_D=bd, num_warps=4)
+
+
+def all_configs() -> list[tuple[str, dict]]:
+    """Every (kernel name, constexpr + launch config) the GPU launchers can pick."""
+    out = []
+    for bd in HEAD_DIM_BLOCKS:
+        out.append(("_attn_fwd", fwd_config(bd, interpreted=False)))
+        out.append(("_attn_bwd_preprocess", preprocess_config(bd)))
+        out.append(("_attn_bwd_dkdv", bwd_config(bd, interpreted=False)))
+        out.append(("_attn_bwd_dq", dq_config(bd, interpreted=False)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: inputs already validated by tokenforge.ops.attention (head dim unit stride).
+# ---------------------------------------------------------------------------------------------
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when these kernels can run on (q, k, v), else why not (the backend rules aside)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return (f"dtype {q.dtype} is not float16/bfloat16 for the triton attention kernels; cast q, k, v "
+                "to bfloat16 (or use backend='torch', which materialises the scores)")
+    d = q.shape[-1]
+    if d % 8 or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        return (f"head_dim {d} is not a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for the triton "
+                "attention kernels; use backend='torch'")
+    return None
+
+
+def _bshd(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; varlen tensors (total, heads, dim) have no batch stride."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    # dense lse (batch, heads, seqlen_q); varlen lse (heads, total_q)
+    if varlen:
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def _window_args(window: tuple[int, int]) -> dict:
+    left, right = window
+    return dict(WIN_LEFT=max(left, 0), WIN_RIGHT=max(right, 0), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                      scale: float, window: tuple[int, int], softcap: float):
+    """(out, lse): out like q (contiguous), lse fp32 (batch, heads, seqlen_q) or (heads, total_q).
+
+    Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
+    cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0)."""
+    varlen = cu_seqlens_q is not None
+    heads, d = q.shape[-2], q.shape[-1]
+    kv_heads = k.shape[-2]
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+        seq_q, seq_k = 0, 0
+        lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        batch, seq_q = q.shape[0], q.shape[1]
+        seq_k = k.shape[1]
+        lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+        cu_q = cu_k = lse  # never read when IS_VARLEN is False
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cfg = fwd_config(d)
+    grid = (triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), batch * heads)
+    with _device_ctx(q):
+        _attn_fwd[grid](
+            q, k, v, out, lse, cu_q, cu_k,
+            *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(out, varlen),
+            *_lse_strides(lse, varlen),
+            seq_q, seq_k, heads, d, scale, softcap if softcap > 0 else 1.0,
+            GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0,
+            UPCAST=INTERPRETED, **_window_args(window), **cfg,
+        )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                       max_seqlen_k: int, scale: float, window: tuple[int, int], softcap: float):
+    """(dq, dk, dv), contiguous, in q/k/v's dtype; no atomics, so bitwise reproducible."""
+    varlen = cu_seqlens_q is not None
+    heads, d = q.shape[-2], q.shape[-1]
+    kv_heads = k.shape[-2]
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+        seq_q, seq_k = 0, 0
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        batch, seq_q = q.shape[0], q.shape[1]
+        seq_k = k.shape[1]
+        cu_q = cu_k = lse
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    lse_strides = _lse_strides(lse, varlen)
+    common = dict(GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, UPCAST=INTERPRETED,
+                  **_window_args(window))
+    cap = softcap if softcap > 0 else 1.0
+    sq_blocks = max(max_seqlen_q, 1)
+    with _device_ctx(q):
+        pcfg = preprocess_config(d)
+        _attn_bwd_preprocess[(triton.cdiv(sq_blocks, pcfg["BLOCK_M"]), batch * heads)](
+            out, do, delta, cu_q, *_bshd(out, varlen), *_bshd(do, varlen), *lse_strides,
+            seq_q, heads, d, IS_VARLEN=varlen, **pcfg,
+        )
+        cfg = bwd_config(d)
+        _attn_bwd_dkdv[(triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"]), batch * kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
+            *_bshd(dk, varlen), *_bshd(dv, varlen), *lse_strides,
+            seq_q, seq_k, kv_heads, d, scale, cap, **common, **cfg,
+        )
+        cfg = dq_config(d)
+        _attn_bwd_dq[(triton.cdiv(sq_blocks, cfg["BLOCK_M"]), batch * heads)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
+            *_bshd(dq, varlen), *lse_strides,
+            seq_q, seq_k, heads, d, scale, cap, **common, **cfg,
+        )
+    return dq, dk, dv
+
+
+# Flop counts (flash_attn convention) for the benchmarks.
+def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool,
+                    backward: bool = False) -> float:
+    """4 * b * h * sq * sk * d, halved for causal; the backward counts 2.5x the forward."""
+    f = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+    if causal:
+        f /= 2
+    return f * 2.5 if backward else f
+

@@ -1,0 +1,392 @@
+"""FP8 quantization in Triton: amax -> scale -> saturating cast, for 2-D (R, C) inputs.
+
+Conventions (those of ``torch._scaled_mm``): ``scale`` is the *dequantization* factor, so
+``x ~= data.float() * scale``. For a group (the whole tensor, a row or a column) with absolute
+maximum ``amax``:
+
+    scale = amax / FP8_MAX            (IEEE division; rounded *up* to a power of two on request)
+    scale = FLT_MIN if it underflows  (a subnormal amax still quantizes without inf/0 scales)
+    scale = 1       if amax == 0      (no division by zero; data is all zeros)
+    data  = cast(clamp(x * (1 / scale), -FP8_MAX, FP8_MAX))   round-to-nearest-even
+
+inf and nan are never turned into finite garbage: a group holding a nan gets a nan scale (and nan
+data), a group holding an inf gets an inf scale (its finite elements become 0, the inf elements
+nan), so a dequantized result or a GEMM that uses it shows the problem.
+
+The reciprocal is taken with ``div_rn`` (IEEE), never ``1.0 / s`` (which lowers to the approximate
+``div.full.f32`` on NVIDIA GPUs): the data is then bit-identical to the torch reference.
+
+Kernels:
+
+- ``_quantize_rows_kernel``: one scale per row; whole rows in registers when C <= ``MAX_ROW_N``
+  (one read of x), else two sweeps over column chunks (the second mostly from L2).
+- ``_quantize_cols_kernel``: one scale per column; a program owns ``COL_BLOCK_N`` columns and
+  sweeps the rows twice (amax, then cast), reading rows coalesced.
+- tensorwise: ``_amax_partial_kernel`` (persistent grid, one fp32 partial max per program) then
+  ``_quantize_tensor_kernel``, which reduces the few partials itself, so there is no host sync and
+  no atomics (deterministic).
+
+Software cast (``SOFT_CAST``): Triton's interpreter converts fp32 -> fp8 without carrying a
+mantissa round-up into the exponent (31.7 -> 16 in e4m3) and maps nan to a finite value, and
+GPUs below sm_89 have no fp8 convert instruction. There, :func:`_encode_fp8` computes the fp8 bit
+pattern with integer arithmetic (round to the fp8 grid with an IEEE add, then pack the fields).
+On sm_89+ the hardware ``cvt.rn.satfinite`` does the same rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenforge.kernels import INTERPRETED
+
+# Whole rows in registers up to this many columns (one read of x).
+MAX_ROW_N = 8192
+CHUNK_N = 4096
+COL_BLOCK_M = 32
+COL_BLOCK_N = 64
+TILE_M = 32
+TILE_N = 256
+FLT_MIN = 1.1754943508222875e-38  # smallest normal fp32
+
+# fp8 format facts: (max finite, mantissa bits, exponent bias)
+FORMATS = {
+    torch.float8_e4m3fn: (448.0, 3, 7),
+    torch.float8_e5m2: (57344.0, 2, 15),
+}
+SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_from_amax(amax, FP8_MAX: tl.constexpr, POW2: tl.constexpr):
+    """(scale, 1/scale) from a fp32 amax tensor; see the module docstring for the rules."""
+    s = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
+    s = tl.where(s < 1.1754943508222875e-38, 1.1754943508222875e-38, s)  # nan stays nan
+    if POW2:
+        bits = s.to(tl.int32, bitcast=True)
+        exp_bits = bits & 0x7F800000
+        up = ((bits & 0x7FFFFF) != 0) & (exp_bits != 0x7F800000)  # inf/nan keep their bits
+        bits = tl.where(up, exp_bits + 0x800000, bits)
+        s = bits.to(tl.float32, bitcast=True)
+    s = tl.where(amax == 0.0, 1.0, s)
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    return s, inv
+
+
+@triton.jit
+def _saturate(y, FP8_MAX: tl.constexpr):
+    # where-based clamp: nan compares false and passes through (tl.minimum could drop it).
+    y = tl.where(y > FP8_MAX, FP8_MAX, y)
+    return tl.where(y < -FP8_MAX, -FP8_MAX, y)
+
+
+@triton.jit
+def _encode_fp8(y, OUT_TY: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SOFT_CAST: tl.constexpr):
+    """y (fp32, already saturated to +-FP8_MAX or nan) -> OUT_TY, round-to-nearest-even; with
+    SOFT_CAST the fp8 bit pattern as uint8 (sm_80's Triton has no e4m3 type at all)."""
+    if SOFT_CAST:
+        sign = (y.to(tl.int32, bitcast=True) >> 31) & 1
+        a = tl.abs(y)
+        e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.where(e < 1 - BIAS, 1 - BIAS, e)
+        # Round a to a multiple of its fp8 ulp 2^(e - MBITS): adding c = 2^(e - MBITS + 23) puts
+        # the sum in [c, 2c), where the fp32 spacing is that ulp, so the IEEE add rounds (RNE).
+        c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)
+        r = (a + c) - c
+        rb = r.to(tl.int32, bitcast=True)
+        re = ((rb >> 23) & 0xFF) - 127
+        normal_code = ((re + BIAS) << MBITS) | ((rb & 0x7FFFFF) >> (23 - MBITS))
+        # Subnormal fp8: r is an exact multiple of 2^(1 - BIAS - MBITS).
+        sub_code = (r * (2.0 ** (MBITS + BIAS - 1))).to(tl.int32)
+        code = tl.where(re >= 1 - BIAS, normal_code, sub_code)
+        code = tl.where(r == 0.0, 0, code)
+        code = tl.where(y != y, 0x7F, code)
+        code = code | (sign << 7)
+        return code.to(tl.uint8)  # DATA is passed as a uint8 view in this mode
+    else:
+        return y.to(OUT_TY)
+
+
+@triton.jit
+def _abs_max_rows(x):
+    """Per-row max |x| of a 2-D tile, nan when the row holds a nan (tl.max may skip nan)."""
+    amax = tl.max(tl.abs(x), axis=1)
+    has_nan = tl.max((x != x).to(tl.int32), axis=1)
+    return tl.where(has_nan > 0, float("nan"), amax)
+
+
+@triton.jit
+def _nan_max(a, b):
+    """Elementwise max that keeps a nan from either side (sticky across chunks)."""
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    X, DATA, SCALE,
+    R, C, stride_xr, stride_xc,
+    FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+    SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = row < R
+    col = tl.arange(0, BLOCK_N)
+    out_ty: tl.constexpr = DATA.dtype.element_ty
+    x_rows = X + row[:, None] * stride_xr
+    d_rows = DATA + row[:, None] * C
+    if ONE_PASS:
+        mask = row_ok[:, None] & (col < C)[None, :]
+        x = tl.load(x_rows + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        scale, inv = _scale_from_amax(_abs_max_rows(x), FP8_MAX, POW2)
+        y = _saturate(x * inv[:, None], FP8_MAX)
+        tl.store(d_rows + col[None, :], _encode_fp8(y, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, C, BLOCK_N):
+            c = start + col
+            mask = row_ok[:, None] & (c < C)[None, :]
+            x = tl.load(x_rows + c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+            part = _abs_max_rows(x)
+            amax = _nan_max(amax, part)
+        scale, inv = _scale_from_amax(amax, FP8_MAX, POW2)
+        for start in range(0, C, BLOCK_N):
+            c = start + col
+            mask = row_ok[:, None] & (c < C)[None, :]
+            x = tl.load(x_rows + c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+            y = _saturate(x * inv[:, None], FP8_MAX)
+            tl.store(d_rows + c[None, :], _encode_fp8(y, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
+    tl.store(SCALE + row, scale, mask=row_ok)
+
+
+@triton.jit
+def _quantize_cols_kernel(
+    X, DATA, SCALE,
+    R, C, stride_xr, stride_xc,
+    FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+    SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    col = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = col < C
+    out_ty: tl.constexpr = DATA.dtype.element_ty
+    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, R, BLOCK_M):
+        row = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
+        mask = (row < R)[:, None] & col_ok[None, :]
+        x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        part = tl.max(tl.abs(x), axis=0)
+        has_nan = tl.max((x != x).to(tl.int32), axis=0)
+        part = tl.where(has_nan > 0, float("nan"), part)
+        amax = _nan_max(amax, part)
+    scale, inv = _scale_from_amax(amax, FP8_MAX, POW2)
+    for start in range(0, R, BLOCK_M):
+        row = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
+        mask = (row < R)[:, None] & col_ok[None, :]
+        x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        y = _saturate(x * inv[None, :], FP8_MAX)
+        tl.store(DATA + row[:, None] * C + col[None, :], _encode_fp8(y, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
+    tl.store(SCALE + col, scale, mask=col_ok)
+
+
+@triton.jit
+def _amax_partial_kernel(
+    X, PARTIAL, R, C, stride_xr, stride_xc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Persistent: program p folds tiles p, p + P, ... into one fp32 max (nan if any nan).
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles_n = tl.cdiv(C, BLOCK_N)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(R, BLOCK_M) * tiles_n, programs):
+        row = tl.cast(tile // tiles_n, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        col = tl.cast(tile % tiles_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (row < R)[:, None] & (col < C)[None, :]
+        x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        part = _abs_max_rows(x)
+        amax = _nan_max(amax, part)
+    has_nan = tl.max((amax != amax).to(tl.int32), axis=0)
+    total = tl.where(has_nan > 0, float("nan"), tl.max(amax, axis=0))
+    tl.store(PARTIAL + pid, total)
+
+
+@triton.jit
+def _quantize_tensor_kernel(
+    X, DATA, SCALE, PARTIAL, num_partials,
+    R, C, stride_xr, stride_xc,
+    FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+    SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Every program reduces the (few) partials itself: no second launch, no host sync.
+    p = tl.arange(0, BLOCK_P)
+    partial = tl.load(PARTIAL + p, mask=p < num_partials, other=0.0)
+    has_nan = tl.max((partial != partial).to(tl.int32), axis=0)
+    amax = tl.where(has_nan > 0, float("nan"), tl.max(partial, axis=0))
+    scale, inv = _scale_from_amax(tl.full([1], 0.0, tl.float32) + amax, FP8_MAX, POW2)
+
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(C, BLOCK_N)
+    row = tl.cast(pid // tiles_n, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.cast(pid % tiles_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (row < R)[:, None] & (col < C)[None, :]
+    x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    y = _saturate(x * inv[:, None], FP8_MAX)
+    tl.store(DATA + row[:, None] * C + col[None, :], _encode_fp8(y, DATA.dtype.element_ty, MBITS, BIAS, SOFT_CAST),
+             mask=mask)
+    if pid == 0:
+        tl.store(SCALE + tl.arange(0, 1), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (the compile gate compiles every config all_configs() returns).
+# ---------------------------------------------------------------------------------------------
+
+
+def rows_config(n: int) -> dict:
+    """BLOCK_M/BLOCK_N/ONE_PASS/num_warps of the rowwise kernel for rows of n columns."""
+    if n <= MAX_ROW_N:
+        block_n = max(16, triton.next_power_of_2(n))
+        block_m = max(1, min(64, 4096 // block_n))
+        num_warps = min(16, max(1, block_m * block_n // 512))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS=True, num_warps=num_warps)
+    return dict(BLOCK_M=1, BLOCK_N=CHUNK_N, ONE_PASS=False, num_warps=8)
+
+
+def cols_config() -> dict:
+    return dict(BLOCK_M=COL_BLOCK_M, BLOCK_N=COL_BLOCK_N, num_warps=4)
+
+
+def tile_config() -> dict:
+    return dict(BLOCK_M=TILE_M, BLOCK_N=TILE_N, num_warps=8)
+
+
+MAX_PARTIALS = 1024
+
+
+def tensor_cast_config(num_partials: int) -> dict:
+    return dict(tile_config(), BLOCK_P=max(16, triton.next_power_of_2(num_partials)))
+
+
+def all_configs() -> list[tuple[str, dict]]:
+    """Every (kernel name, constexpr + num_warps config) the launchers can pick (format and
+    POW2/SOFT_CAST flags aside: the gate sweeps those)."""
+    out = []
+    n = 16
+    while n <= MAX_ROW_N:
+        out.append(("_quantize_rows_kernel", rows_config(n)))
+        n *= 2
+    out.append(("_quantize_rows_kernel", rows_config(MAX_ROW_N + 1)))
+    out.append(("_quantize_cols_kernel", cols_config()))
+    out.append(("_amax_partial_kernel", tile_config()))
+    p = 16
+    while p <= MAX_PARTIALS:
+        out.append(("_quantize_tensor_kernel", tensor_cast_config(p)))
+        p *= 2
+    return out
+
+
+def _format_constexprs(fp8_dtype: torch.dtype, power_of_two: bool, soft_cast: bool) -> dict:
+    fp8_max, mbits, bias = FORMATS[fp8_dtype]
+    return dict(FP8_MAX=fp8_max, MBITS=mbits, BIAS=bias, POW2=bool(power_of_two), SOFT_CAST=bool(soft_cast))
+
+
+def needs_soft_cast(device: torch.device) -> bool:
+    """The software fp8 encoder runs under the interpreter and on GPUs without fp8 converts."""
+    if INTERPRETED or device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def _persistent_programs(device: torch.device, tiles: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, 4 * sms, MAX_PARTIALS))
+    return max(1, min(tiles, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: x is 2-D (R, C), any strides, validated by tokenforge.fp8.quantize.
+# ---------------------------------------------------------------------------------------------
+
+
+def supports(x: torch.Tensor, fp8_dtype: torch.dtype) -> str | None:
+    if x.dtype not in SUPPORTED_INPUT_DTYPES:
+        return f"x dtype {x.dtype} is not float32/float16/bfloat16 for the triton kernels; use backend='torch'"
+    if fp8_dtype not in FORMATS:
+        return f"fp8 dtype {fp8_dtype} is not float8_e4m3fn/float8_e5m2"
+    return None
+
+
+def _device_ctx(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (R, C) contiguous, scale (R, 1) fp32): one scale per row."""
+    R, C = x.shape
+    data = torch.empty((R, C), dtype=fp8_dtype, device=x.device)
+    scale = torch.empty((R, 1), dtype=torch.float32, device=x.device)
+    if R == 0 or C == 0:
+        return data, scale.fill_(1.0)
+    soft = needs_soft_cast(x.device)
+    out = data.view(torch.uint8) if soft else data
+    cfg = rows_config(C)
+    with _device_ctx(x):
+        _quantize_rows_kernel[(triton.cdiv(R, cfg["BLOCK_M"]),)](
+            x, out, scale, R, C, x.stride(0), x.stride(1),
+            **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
+        )
+    return data, scale
+
+
+def quantize_cols(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (R, C) contiguous, scale (1, C) fp32): one scale per column."""
+    R, C = x.shape
+    data = torch.empty((R, C), dtype=fp8_dtype, device=x.device)
+    scale = torch.empty((1, C), dtype=torch.float32, device=x.device)
+    if R == 0 or C == 0:
+        return data, scale.fill_(1.0)
+    soft = needs_soft_cast(x.device)
+    out = data.view(torch.uint8) if soft else data
+    cfg = cols_config()
+    with _device_ctx(x):
+        _quantize_cols_kernel[(triton.cdiv(C, cfg["BLOCK_N"]),)](
+            x, out, scale, R, C, x.stride(0), x.stride(1),
+            **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
+        )
+    return data, scale
+
+
+def quantize_tensor(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (R, C) contiguous, scale () fp32): one scale for the tensor, two launches, no sync."""
+    R, C = x.shape
+    data = torch.empty((R, C), dtype=fp8_dtype, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    if R == 0 or C == 0:
+        return data, scale.fill_(1.0)
+    soft = needs_soft_cast(x.device)
+    out = data.view(torch.uint8) if soft else data
+    tile = tile_config()
+    tiles = triton.cdiv(R, tile["BLOCK_M"]) * triton.cdiv(C, tile["BLOCK_N"])
+    programs = _persistent_programs(x.device, tiles)
+    partial = torch.empty((programs,), dtype=torch.float32, device=x.device)
+    with _device_ctx(x):
+        _amax_partial_kernel[(programs,)](x, partial, R, C, x.stride(0), x.stride(1), **tile)
+        _quantize_tensor_kernel[(tiles,)](
+            x, out, scale, partial, programs, R, C, x.stride(0), x.stride(1),
+            **_format_constexprs(fp8_dtype, power_of_two, soft),
+            **tensor_cast_config(programs),
+        )
+    return data, scale

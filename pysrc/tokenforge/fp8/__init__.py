@@ -1,0 +1,16 @@
+"""FP8 training for linear layers: quantization, the scaled GEMM, Float8Linear and model conversion.
+
+    data, scale = tokenforge.fp8.quantize(x, torch.float8_e4m3fn, "rowwise")   # x ~= data.float() * scale
+    y = tokenforge.fp8.scaled_mm(a_fp8, b_fp8, scale_a, scale_b, out_dtype=torch.bfloat16)
+    report = tokenforge.fp8.convert_to_float8(model, recipe="rowwise")        # then train as usual
+"""
+
+from tokenforge.fp8.convert import ConversionReport, convert_to_float8, revert_float8
+from tokenforge.fp8.gemm import scaled_mm, scaled_mm_reference, torch_path
+from tokenforge.fp8.linear import RECIPES, Float8Linear, float8_linear
+from tokenforge.fp8.quantize import dequantize, fp8_max, quantize, quantize_reference
+
+__all__ = [
+    "RECIPES", "ConversionReport", "Float8Linear", "convert_to_float8", "dequantize", "float8_linear", "fp8_max",
+    "quantize", "quantize_reference", "revert_float8", "scaled_mm", "scaled_mm_reference", "torch_path",
+]

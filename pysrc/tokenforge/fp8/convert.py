@@ -1,0 +1,101 @@
+"""convert_to_float8 / revert_float8: swap a model's eligible nn.Linear layers for Float8Linear.
+
+Eligible: an exact ``nn.Linear`` (not a subclass) whose in and out features are multiples of 16,
+that ``module_filter(fqn, module)`` accepts (when given), and, by default, that is neither
+
+- the output head: a module whose last name component is one of ``HEAD_NAMES`` (lm_head, output,
+  head, classifier, ...), or whose weight is tied to an ``nn.Embedding`` (a tied head), nor
+- the first Linear in module order, which in a transformer reads the embeddings directly
+  (embedding-adjacent layers see the widest activation ranges; torchao skips them too).
+
+Pass ``skip_first_last=False`` to convert those as well (the filter still applies). The swap
+shares the parameters (no copy), so optimizers and state_dicts are unaffected; revert_float8
+swaps back to plain nn.Linear, again sharing the parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from tokenforge.fp8.linear import RECIPES, Float8Linear
+
+HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score", "out_proj_head")
+
+
+@dataclass
+class ConversionReport:
+    """What convert_to_float8 did: fully-qualified names converted, and skipped with the reason."""
+
+    recipe: str
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"Float8 conversion ({self.recipe}): {len(self.converted)} converted, {len(self.skipped)} skipped"]
+        lines += [f"  converted {name}" for name in self.converted]
+        lines += [f"  skipped   {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_to_float8(model: nn.Module, recipe: str = "tensorwise",
+                      module_filter: Optional[Callable[[str, nn.Module], bool]] = None, *,
+                      skip_first_last: bool = True, backend: Optional[str] = None) -> ConversionReport:
+    """Swap eligible nn.Linear modules of ``model`` in place for Float8Linear(recipe); returns the
+    report. ``module_filter(fqn, module) -> bool`` narrows the choice further."""
+    if recipe not in RECIPES:
+        raise ValueError(f"convert_to_float8: recipe must be one of {RECIPES}, got {recipe!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_to_float8: model must be an nn.Module, got {type(model).__name__}")
+    report = ConversionReport(recipe)
+    tied = _embedding_weights(model)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    first = linears[0][0] if linears else None
+    for name, module in linears:
+        if isinstance(module, Float8Linear):
+            report.skipped[name] = "already Float8Linear"
+            continue
+        if type(module) is not nn.Linear:
+            report.skipped[name] = f"{type(module).__name__} is a subclass of nn.Linear, not converted"
+            continue
+        if module.in_features % 16 or module.out_features % 16:
+            report.skipped[name] = (f"features ({module.in_features}, {module.out_features}) not multiples of 16")
+            continue
+        if skip_first_last and name.rpartition(".")[2] in HEAD_NAMES:
+            report.skipped[name] = "output head (name); pass skip_first_last=False to convert it"
+            continue
+        if skip_first_last and id(module.weight) in tied:
+            report.skipped[name] = "weight tied to an nn.Embedding (output head)"
+            continue
+        if skip_first_last and name == first:
+            report.skipped[name] = "first Linear (embedding-adjacent); pass skip_first_last=False to convert it"
+            continue
+        if module_filter is not None and not module_filter(name, module):
+            report.skipped[name] = "rejected by module_filter"
+            continue
+        _set_child(model, name, Float8Linear.from_linear(module, recipe, backend))
+        report.converted.append(name)
+    return report
+
+
+def revert_float8(model: nn.Module) -> list[str]:
+    """Swap every Float8Linear in ``model`` back to nn.Linear (sharing parameters); returns their names."""
+    names = [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
+    for name in names:
+        module = model.get_submodule(name)
+        if name == "":
+            raise ValueError("revert_float8: the model itself is a Float8Linear; use model.to_linear()")
+        _set_child(model, name, module.to_linear())
+    return names

@@ -1,0 +1,336 @@
+"""Fused scaled-dot-product attention (FlashAttention-2 style), dense and varlen, with GQA/MQA,
+bottom-right causal masks, sliding windows and softcapping; the API mirrors flash_attn.
+
+Path of a call: :func:`attention` / :func:`attention_varlen` validate and pick a backend ->
+:class:`AttentionFunction` (autograd; saves q, k, v, out and the fp32 lse, never the scores) ->
+the custom ops ``tokenforge::attention_fwd`` / ``tokenforge::attention_bwd`` (opaque to
+``torch.compile`` through their fake implementations) -> ``tokenforge.kernels.attention``
+(Triton). The ``torch`` backend is :func:`attention_reference` (materialises the scores),
+differentiated by autograd.
+
+Dtypes: the Triton kernels take fp16/bf16 with fp32 accumulation. fp32 (and float64) inputs run on
+the torch reference (``backend='triton'`` refuses them and says so); cast to bf16 for the kernel.
+Rows that see no key at all (causal with seqlen_q > seqlen_k) give out = 0 and lse = +inf, as in
+flash_attn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from tokenforge import backends
+
+OP = "attention"
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch reference: the oracle of the tests, the CPU fallback and the eager baseline.
+# ---------------------------------------------------------------------------------------------
+
+
+def _keep_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], device) -> Optional[torch.Tensor]:
+    """(seqlen_q, seqlen_k) bool, True where query i may see key j (bottom-right aligned)."""
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    off = seqlen_k - seqlen_q
+    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep &= j <= i + off + right
+    if left >= 0:
+        keep &= j >= i + off - left
+    return keep
+
+
+def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype):
+    """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``."""
+    group = q.shape[2] // k.shape[2]
+    qc = q.to(compute).transpose(1, 2)
+    kc = k.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
+    vc = v.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
+    s = (qc @ kc.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    keep = _keep_mask(q.shape[1], k.shape[1], window, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    # A row with every key masked has max -inf: subtract 0 instead so exp gives 0, not NaN.
+    if s.shape[-1] == 0:  # a varlen document with no keys: every row is empty
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    out = (p @ vc) / safe
+    lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(safe)).squeeze(-1)
+    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    return out.transpose(1, 2).to(q.dtype), lse.to(lse_dtype)
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    if dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if upcast else dtype
+
+
+def attention_reference(q, k, v, causal: bool = False, softmax_scale: Optional[float] = None,
+                        window: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False,
+                        upcast: bool = True):
+    """Plain PyTorch attention over q (b, sq, hq, d), k/v (b, sk, hkv, d): materialises the
+    (sq, sk) scores. Math in fp32 (float64 for float64 inputs; the input dtype with upcast=False,
+    the low-precision baseline of the error bounds). Returns out, or (out, lse (b, hq, sq))."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _reference_dense(q, k, v, scale, _fold_causal(causal, window), softcap,
+                                _compute_dtype(q.dtype, upcast))
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                               causal: bool = False, softmax_scale: Optional[float] = None,
+                               window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                               return_lse: bool = False, upcast: bool = True):
+    """:func:`attention_reference` per document of packed q (total_q, hq, d), k/v (total_k, hkv, d);
+    lse is (hq, total_q). Reads cu_seqlens on the host (a sync: a reference, not a hot path)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    win = _fold_causal(causal, window)
+    compute = _compute_dtype(q.dtype, upcast)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        o, l = _reference_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                scale, win, softcap, compute)
+        outs.append(o[0])
+        lses.append(l[0])
+    out = torch.cat(outs, 0) if outs else q.new_empty(q.shape)
+    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=lse_dtype)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: every refusal says what to do.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fold_causal(causal: bool, window: tuple[int, int]) -> tuple[int, int]:
+    """flash_attn's convention: causal is the window (left, 0)."""
+    left, right = int(window[0]), int(window[1])
+    return (left, 0) if causal else (left, right)
+
+
+def _check_common(name, q, k, v, dims: int, layout: str, causal, softmax_scale, window, softcap) -> None:
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {label} must be floating point (bfloat16 or float16 for the kernel), got "
+                            f"{t.dtype}; convert it first, e.g. {label}.bfloat16()")
+        if t.dim() != dims:
+            raise ValueError(f"{name}: {label} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, k, v are on {q.device}, {k.device}, {v.device}; move them to one device")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{name}: head_dim of q ({q.shape[-1]}) and k/v ({k.shape[-1]}) must match")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{name}: heads_q ({hq}) must be a multiple of heads_kv ({hkv}) (GQA/MQA); "
+                         "repeat the k/v heads or fix the head counts")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{name}: head_dim must be at least 1, got 0")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: causal must be a bool, got {causal!r}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale)):
+        raise ValueError(f"{name}: softmax_scale must be a finite float or None (1/sqrt(head_dim)), got {softmax_scale!r}")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"{name}: window must be (left, right) ints >= -1 (-1 = unbounded), got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0 or math.isinf(softcap):
+        raise ValueError(f"{name}: softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+
+
+def _check_cu_seqlens(name, cu, label, total: int, batch: int, device, max_seqlen) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
+        raise TypeError(f"{name}: {label} must be a 1-D int32 tensor of document offsets (batch + 1,), got "
+                        f"{cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__}"
+                        f"{'' if not isinstance(cu, torch.Tensor) else ' of shape ' + str(tuple(cu.shape))}")
+    if cu.shape[0] != batch + 1:
+        raise ValueError(f"{name}: {label} has {cu.shape[0]} entries but must have batch + 1 = {batch + 1} "
+                         "(cu_seqlens_q and cu_seqlens_k describe the same documents)")
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name}: {label} needs at least 2 entries (0 and the total length), got {cu.shape[0]}")
+    if cu.device != device:
+        raise ValueError(f"{name}: {label} is on {cu.device} but q is on {device}; move it to {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{name}: max_seqlen for {label} must be an int >= 0, got {max_seqlen!r}")
+    # Checking the values reads them on the host: free for CPU tensors, a sync on CUDA (skipped
+    # there, as flash_attn does, and while torch.compile traces).
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        c = cu.tolist()
+        if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name}: {label} must start at 0, never decrease and end at the packed length "
+                             f"{total}; got {c[:8]}{'...' if len(c) > 8 else ''}")
+        longest = max(b - a for a, b in zip(c, c[1:]))
+        if longest > max_seqlen:
+            raise ValueError(f"{name}: a document in {label} has {longest} tokens but max_seqlen is {max_seqlen}; "
+                             "pass the longest document length")
+    return cu.to(torch.int32)
+
+
+def _triton_supports(q, k, v) -> Optional[str]:
+    reason = backends.triton_unsupported_reason(q.device)
+    if reason is not None:
+        return reason
+    from tokenforge.kernels import attention as kernels
+
+    return kernels.supports(q, k, v)
+
+
+backends.register_op(
+    OP,
+    cuda_preference=("triton",),
+    supports={"triton": _triton_supports, "torch": lambda q, k, v: None},
+    example_inputs=lambda device, dtype: tuple(torch.empty(1, 128, 8, 64, device=device, dtype=dtype)
+                                               for _ in range(3)),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees. Dense q is (b, sq, hq, d), varlen q is (total, hq, d)
+# (cu_seqlens given). window has causal folded in. Head dims have unit stride.
+# ---------------------------------------------------------------------------------------------
+
+
+def _launchers(backend: str):
+    if backend != "triton":
+        raise ValueError(f"attention: no kernel launcher for backend {backend!r}")
+    from tokenforge.kernels import attention as module
+
+    return module
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("tokenforge::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                  cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                  window_left: int, window_right: int, softcap: float, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launchers(backend).attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 scale, (window_left, window_right), softcap)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+      softcap, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+
+
+@torch.library.custom_op("tokenforge::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
+                  softcap: float, deterministic: bool, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The kernels use no atomics, so every backward is deterministic; the flag is part of the
+    # schema so a future faster non-deterministic schedule can be chosen without an API change.
+    return _launchers(backend).attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                  max_seqlen_k, scale, (window_left, window_right), softcap)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+      window_right, softcap, deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its head dim has unit stride (SDPA's transposed views qualify), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd for the kernel backend: saves q, k, v, out and lse (fp32, one per query row)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap,
+                deterministic, backend):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        out, lse = torch.ops.tokenforge.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, scale, window[0], window[1], softcap, backend)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, scale, window[0], window[1], softcap, deterministic, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dout = _unit_last(dout.to(q.dtype))
+        dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              softmax_scale: Optional[float] = None, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              return_lse: bool = False, deterministic: bool = False, backend: Optional[str] = None):
+    """Attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d), hq % hkv == 0; bf16/fp16 on the kernel
+    (head_dim a multiple of 8 in 32..256). Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with
+    return_lse. causal is bottom-right aligned; window=(left, right), -1 unbounded; softcap > 0 caps
+    scores at softcap * tanh(s / softcap). ``backend`` forces triton or torch."""
+    _check_common("attention", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale, window,
+                  softcap)
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"attention: q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
+    if k.shape[1] == 0 and q.shape[1] > 0:
+        raise ValueError("attention: seqlen_k must be at least 1 (there is nothing to attend to)")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    win = _fold_causal(causal, window)
+    name = backends.choose(OP, q, k, v, backend=backend)
+    if name == "torch" or q.numel() == 0:
+        out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True))
+    else:
+        out, lse = AttentionFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
+                                           bool(deterministic), name)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     softmax_scale: Optional[float] = None, window: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0, return_lse: bool = False, deterministic: bool = False,
+                     backend: Optional[str] = None):
+    """Attention within each packed document: q (total_q, hq, d), k/v (total_k, hkv, d), document b is
+    rows cu_seqlens[b]:cu_seqlens[b+1] (int32, batch + 1 entries); max_seqlen_* bound the document
+    lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q)."""
+    _check_common("attention_varlen", q, k, v, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale,
+                  window, softcap)
+    batch = (cu_seqlens_q.shape[0] - 1) if isinstance(cu_seqlens_q, torch.Tensor) and cu_seqlens_q.dim() == 1 else 0
+    cu_q = _check_cu_seqlens("attention_varlen", cu_seqlens_q, "cu_seqlens_q", q.shape[0], batch, q.device,
+                             max_seqlen_q)
+    cu_k = _check_cu_seqlens("attention_varlen", cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device,
+                             max_seqlen_k)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    win = _fold_causal(causal, window)
+    name = backends.choose(OP, q, k, v, backend=backend)
+    if name == "torch" or q.numel() == 0:
+        out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
+                                              softcap=float(softcap), return_lse=True)
+    else:
+        out, lse = AttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
+                                           float(softcap), bool(deterministic), name)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,106 @@
+"""Route ``torch.nn.functional.scaled_dot_product_attention`` to tokenforge's fused attention.
+
+    with tokenforge.patch_sdpa():          # a block of code
+        loss = model(batch).loss
+    tokenforge.sdpa_patch.install()        # or a whole script (uninstall() undoes it)
+
+A call is routed when the kernel computes exactly what SDPA would: 4-D (batch, heads, seq, dim)
+fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask; dropout_p == 0;
+is_causal only with seqlen_q == seqlen_k (SDPA aligns its causal mask to the top left, flash_attn
+and tokenforge to the bottom right: they agree only on square masks); heads_q == heads_kv, or
+heads_q % heads_kv == 0 with enable_gqa=True; a head dim the kernel supports. Every other call goes
+to the original function untouched (same arguments, same errors). SDPA's layout is read through
+transposed views, no copies. Code that bound the function before patching
+(``from torch.nn.functional import scaled_dot_product_attention``) keeps the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_original = None
+# How many calls were routed to the kernel or passed through, since install (tests, debugging).
+stats = {"routed": 0, "passed": 0}
+
+
+def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra) -> Optional[str]:
+    """None when the call can go to the kernel, else why not."""
+    from tokenforge import backends
+    from tokenforge.ops import attention as _registers_the_op  # noqa: F401
+
+    if extra:
+        return f"unknown arguments {sorted(extra)}"
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return "non-tensor inputs"
+    if attn_mask is not None:
+        return "attn_mask"
+    if dropout_p != 0.0:
+        return "dropout"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "not 4-D"
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float16, torch.bfloat16):
+        return "dtype"
+    if key.shape != value.shape or query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+        return "shapes"
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
+        return "heads"
+    if is_causal and query.shape[2] != key.shape[2]:
+        return "causal with seqlen_q != seqlen_k (SDPA aligns top-left)"
+    if key.shape[2] == 0 or query.numel() == 0:
+        return "empty"
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale"
+    return backends.why_not("attention", "triton", query, key, value)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+          **extra):
+    if _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra) is not None:
+        stats["passed"] += 1
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
+        if enable_gqa:
+            kwargs["enable_gqa"] = enable_gqa
+        return _original(query, key, value, **kwargs)
+    from tokenforge.ops.attention import attention
+
+    stats["routed"] += 1
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),
+                    softmax_scale=None if scale is None else float(scale), backend="triton")
+    return out.transpose(1, 2)
+
+
+def is_installed() -> bool:
+    return F.scaled_dot_product_attention is _sdpa
+
+
+def install() -> None:
+    """Route supported ``F.scaled_dot_product_attention`` calls to tokenforge for the rest of the
+    process (idempotent; :func:`uninstall` restores the original)."""
+    global _original
+    if is_installed():
+        return
+    _original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _sdpa
+
+
+def uninstall() -> None:
+    """Restore the original ``F.scaled_dot_product_attention`` (no-op when not installed)."""
+    if is_installed():
+        F.scaled_dot_product_attention = _original
+
+
+@contextlib.contextmanager
+def patch_sdpa():
+    """Context manager: supported SDPA calls inside the block run tokenforge's fused attention."""
+    was_installed = is_installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was_installed:
+            uninstall()

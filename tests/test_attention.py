@@ -1,0 +1,476 @@
+"""Fused attention: the Triton kernels against a float64 reference (out, lse, dq, dk, dv), dense.
+
+On CPU the kernels run under Triton's interpreter with small tiles (several blocks per sequence, so
+tails, block skipping and the online softmax across blocks are exercised) over a representative
+subset of the issue's grid; on CUDA the full grid runs at real sizes. Varlen: test_attention_varlen.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from device_params import DEVICES, HAS_CUDA
+
+from tokenforge import backends, kernels
+from tokenforge.ops.attention import attention, attention_reference
+from tokenforge.testing import TOLERANCE, PoisonEmpty, rel_error
+
+LOWP = [torch.float16, torch.bfloat16]
+
+
+def _finite_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """rel_error over the entries where ref is finite; the others must match exactly (lse = +inf
+    for rows that see no key)."""
+    fin = torch.isfinite(ref)
+    assert torch.equal(out.detach().cpu()[~fin.cpu()].double(), ref.detach().cpu()[~fin.cpu()].double()), \
+        "rows that see no key must have lse = +inf"
+    return rel_error(out[fin], ref[fin]) if fin.any() else 0.0
+
+
+def _cancelling_terms(q, k, v, dout, kw):
+    """Norms of the two terms whose difference gives dq and dk, (P * D) @ K and (P * D)^T @ Q times
+    the scale, with D = rowsum(dout * out), in float64.
+
+    ds = P * (dP - D) subtracts two terms that nearly cancel when a row sees few keys (for one key
+    exactly: softmax over one score has zero gradient). D is formed from the stored low-precision
+    out, as in every FlashAttention backward, so dq and dk carry an error of the size of these terms
+    times the unit roundoff even when the true gradient is ~0; their error is measured against
+    max(||ref||, ||terms||), as test_rms_norm.py does for its dx."""
+    q64, k64, v64, do64 = (t.detach().double() for t in (q, k, v, dout))
+    out = attention_reference(q64, k64, v64, **kw)[0]
+    delta = (do64 * out).sum(-1)  # (b, sq, hq)
+    scale = kw["softmax_scale"] or 1 / math.sqrt(q.shape[-1])
+    group = q.shape[2] // k.shape[2]
+    from tokenforge.ops.attention import _fold_causal, _keep_mask
+
+    kk = k64.repeat_interleave(group, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q64, kk) * scale
+    if kw["softcap"]:
+        s = kw["softcap"] * torch.tanh(s / kw["softcap"])
+    keep = _keep_mask(q.shape[1], k.shape[1], _fold_causal(kw["causal"], kw["window"]), "cpu")
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    pd = p * delta.transpose(1, 2)[..., None]
+    term_q = scale * torch.einsum("bhqk,bkhd->bqhd", pd, kk)
+    term_k = scale * torch.einsum("bhqk,bqhd->bkhd", pd, q64)
+    return term_q.norm().item(), term_k.norm().item()
+
+
+def _grad_error(out, ref, floor: float) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    diff = (out.detach().double().cpu() - ref.detach().double().cpu()).norm().item()
+    denom = max(ref.norm().item(), floor)
+    return diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def run_and_check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, softmax_scale=None, backend="triton",
+                  dout=None, check_lowp_bound=True):
+    """Forward + backward through ``attention`` vs float64 autograd of the reference.
+
+    Bound, FlashAttention style: each of out, dq, dk, dv is within TOLERANCE[dtype] of float64 and
+    within 2x (+ a 1e-3 atol in relative terms) of the error of the reference computed entirely in
+    the input's low precision. lse (fp32) is checked at 1e-4 relative: the scores' rounding in
+    the fp16/bf16 operands is the only error there."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = attention(q, k, v, causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale,
+                         return_lse=True, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    if dout is None:
+        dout = torch.randn_like(out)
+    out.backward(dout)
+    kw = dict(causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale, return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, **kw)
+    ref.backward(dout.double())
+    floor_q, floor_k = _cancelling_terms(q, k, v, dout, kw)
+    errs = {"out": rel_error(out, ref), "lse": _finite_rel(lse, ref_lse),
+            "dq": _grad_error(q.grad, q64.grad, floor_q), "dk": _grad_error(k.grad, k64.grad, floor_k),
+            "dv": rel_error(v.grad, v64.grad)}
+    tol = TOLERANCE[q.dtype]
+    assert errs["lse"] <= 1e-4, errs
+    for name in ("out", "dq", "dk", "dv"):
+        assert errs[name] <= tol, f"{name}: {errs[name]:.3e} > {tol:.0e}; all: {errs}"
+    if check_lowp_bound:
+        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+        low = attention_reference(ql, kl, vl, upcast=False, **kw)[0]
+        low.backward(dout)
+        low_errs = {"out": rel_error(low, ref), "dq": _grad_error(ql.grad, q64.grad, floor_q),
+                    "dk": _grad_error(kl.grad, k64.grad, floor_k), "dv": rel_error(vl.grad, v64.grad)}
+        for name, low_err in low_errs.items():
+            assert errs[name] <= 2 * low_err + 1e-3, f"{name}: {errs[name]:.3e} vs low-precision torch {low_err:.3e}"
+    return errs
+
+
+def make_qkv(batch, sq, sk, hq, hkv, d, dtype, device):
+    q = torch.randn(batch, sq, hq, d, device=device, dtype=dtype)
+    k = torch.randn(batch, sk, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(batch, sk, hkv, d, device=device, dtype=dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid. CPU: a representative subset (each case is a few tenths of a second interpreted);
+# CUDA: the issue's full grid.
+# ---------------------------------------------------------------------------------------------
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal, window, softcap)
+CPU_CASES = [
+    (1, 1, 1, 1, 1, 32, False, (-1, -1), 0.0),
+    (1, 1, 129, 4, 1, 64, True, (-1, -1), 0.0),       # decode-like: one query, MQA
+    (3, 17, 17, 2, 2, 32, True, (-1, -1), 0.0),
+    (1, 64, 64, 4, 2, 80, False, (-1, -1), 0.0),      # GQA 2, non-power-of-two head dim
+    (1, 129, 64, 4, 1, 64, True, (-1, -1), 0.0),      # causal with sq > sk: leading rows see nothing
+    (1, 64, 129, 2, 1, 128, True, (-1, -1), 0.0),     # causal bottom-right with sk > sq
+    (3, 17, 64, 8, 2, 32, False, (-1, -1), 0.0),      # GQA 4, batch 3
+    (1, 129, 129, 2, 2, 32, False, (16, 8), 0.0),     # sliding window both sides
+    (1, 64, 129, 2, 1, 64, True, (20, -1), 0.0),      # causal + left window (Mistral-style)
+    (1, 129, 17, 2, 2, 32, False, (-1, 3), 0.0),      # right-only window, sq > sk
+    (1, 64, 64, 2, 2, 64, False, (-1, -1), 30.0),     # softcap (Gemma 2 uses 50 for attention)
+    (1, 64, 64, 4, 1, 32, True, (-1, -1), 2.0),       # softcap small enough to bend the scores
+    (1, 17, 17, 2, 1, 256, True, (-1, -1), 0.0),      # the largest head dim
+]
+
+
+def _case_id(c):
+    b, sq, sk, hq, hkv, d, causal, window, cap = c
+    return (f"b{b}-q{sq}-k{sk}-h{hq}/{hkv}-d{d}" + ("-causal" if causal else "")
+            + (f"-win{window[0]}_{window[1]}" if window != (-1, -1) else "") + (f"-cap{cap:g}" if cap else ""))
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_grid_cpu(case, dtype):
+    if dtype == torch.bfloat16 and case[5] in (80, 256):
+        pytest.skip("bf16 is covered at the other head dims; keeps the interpreted suite small")
+    b, sq, sk, hq, hkv, d, causal, window, cap = case
+    run_and_check(*make_qkv(b, sq, sk, hq, hkv, d, dtype, "cpu"), causal=causal, window=window, softcap=cap)
+
+
+@pytest.mark.parametrize("head_dim", [40, 96, 136, 192, 248])
+def test_non_power_of_two_head_dims(head_dim):
+    """Every head dim pads its block to a power of two with masked lanes."""
+    run_and_check(*make_qkv(1, 17, 33, 2, 1, head_dim, torch.float16, "cpu"), causal=True)
+
+
+def test_softmax_scale_and_large_scores():
+    """An explicit scale and scores in the hundreds: the online max must keep exp in range."""
+    q, k, v = make_qkv(1, 33, 40, 2, 2, 32, torch.float16, "cpu")
+    run_and_check(q * 4, k * 4, v, softmax_scale=1.0)
+    run_and_check(q, k, v, softmax_scale=0.01)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (64, 129), (129, 64), (300, 300), (1, 300), (300, 17)])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 2), (8, 1)], ids=lambda h: f"{h[0]}/{h[1]}")
+def test_grid_cuda(dtype, batch, sq, sk, head_dim, heads):
+    q, k, v = make_qkv(batch, sq, sk, heads[0], heads[1], head_dim, dtype, "cuda")
+    for causal, window, cap in [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (32, 16), 0.0),
+                                (True, (-1, -1), 20.0)]:
+        run_and_check(q, k, v, causal=causal, window=window, softcap=cap)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("seqlen,head_dim,causal", [(4096, 128, True), (2048, 64, False), (8192, 128, True),
+                                                    (1024, 256, False)])
+def test_cuda_real_sizes(seqlen, head_dim, causal):
+    q, k, v = make_qkv(2, seqlen, seqlen, 16, 4, head_dim, torch.bfloat16, "cuda")
+    run_and_check(q, k, v, causal=causal)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: SDPA's (b, h, s, d) transposed views, strided and expanded tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    n = 1 if device == "cpu" else 8
+    # (b, h, s, d) storage seen as (b, s, h, d): what patch_sdpa passes, read in place.
+    q = torch.randn(2, 4, 40 * n, 64, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(2, 2, 33 * n, 64, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(2, 2, 33 * n, 64, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    run_and_check(q, k, v, causal=True)
+    # Slices of a packed qkv projection (row stride 3 * heads * d) and an expanded dout.
+    qkv = torch.randn(1, 21 * n, 3, 2, 32, device=device, dtype=torch.float16)
+    q, k, v = qkv.unbind(2)
+    dout = torch.randn(1, 1, 2, 32, device=device, dtype=torch.float16).expand(1, 21 * n, 2, 32)
+    run_and_check(q, k, v, dout=dout)
+    # Head dim not unit-stride: copied once, still right.
+    q = torch.randn(1, 17, 2, 64, device=device, dtype=torch.float16)[..., ::2]
+    k = torch.randn(1, 9, 1, 64, device=device, dtype=torch.float16)[..., ::2]
+    v = torch.randn(1, 9, 1, 64, device=device, dtype=torch.float16)[..., ::2]
+    run_and_check(q, k, v)
+
+
+def test_fully_masked_rows_are_zero_and_gradients_finite():
+    """Causal with seqlen_q > seqlen_k: the first sq - sk queries see no key (flash_attn gives them
+    0 and lse = +inf); nothing may turn into NaN, forward or backward."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 8, 2, 1, 32, torch.float16, "cpu"))
+    out, lse = attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    assert torch.all(out[:, :32] == 0) and torch.all(lse[:, :, :32] == float("inf"))
+    assert torch.isfinite(lse[:, :, 32:]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :32] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism and every output written
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    n = 1 if device == "cpu" else 16
+    q, k, v = make_qkv(2, 33 * n, 47 * n, 4, 1, 64, torch.bfloat16, device)
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = attention(qq, kk, vv, causal=True, deterministic=True, backend="triton")
+        out.backward(dout)
+        grads.append((out.detach(), qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sq,sk,causal", [(1, 1, False), (17, 40, True), (65, 33, True), (33, 65, False)])
+def test_launchers_write_every_output(device, sq, sk, causal):
+    from tokenforge.kernels import attention as launcher
+
+    q, k, v = make_qkv(2, sq, sk, 4, 2, 48, torch.float16, device)
+    win = (-1, 0) if causal else (-1, -1)
+    scale = 1 / math.sqrt(48)
+    with PoisonEmpty():
+        out, lse = launcher.attention_forward(q, k, v, None, None, sq, sk, scale, win, 0.0)
+        dout = torch.randn_like(out)
+        dq, dk, dv = launcher.attention_backward(dout, q, k, v, out, lse, None, None, sq, sk, scale, win, 0.0)
+    for t in (out, dq, dk, dv):
+        assert not torch.isnan(t).any()
+    assert not torch.isnan(lse).any()
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and refusals
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cpu_auto_backend(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 32, torch.float16, "cpu")
+    assert backends.choose("attention", q, k, v) == ("triton" if kernels.INTERPRETED else "torch")
+
+
+def test_fp32_runs_on_the_reference_and_triton_refuses_it():
+    q, k, v = make_qkv(1, 9, 9, 2, 1, 32, torch.float32, "cpu")
+    assert backends.choose("attention", q, k, v) == "torch"
+    out = attention(q, k, v, causal=True)
+    assert out.dtype == torch.float32
+    assert rel_error(out, attention_reference(q.double(), k.double(), v.double(), causal=True)) < 1e-5
+    with pytest.raises(backends.BackendUnavailableError, match="bfloat16"):
+        attention(q, k, v, backend="triton")
+    # float64 on the reference is the oracle itself.
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    assert torch.equal(attention(q64, k64, v64), attention_reference(q64, k64, v64))
+
+
+@pytest.mark.parametrize("head_dim", [16, 36, 264])
+def test_unsupported_head_dim_is_a_clear_error(head_dim):
+    q, k, v = make_qkv(1, 4, 4, 1, 1, head_dim, torch.float16, "cpu")
+    with pytest.raises(backends.BackendUnavailableError, match=f"head_dim {head_dim}.*backend='torch'"):
+        attention(q, k, v, backend="triton")
+    # The reference runs any head dim (auto on CPU falls back to it).
+    assert attention(q.float(), k.float(), v.float()).shape == q.shape
+
+
+def _qkv(b=1, sq=4, sk=4, hq=2, hkv=2, d=32, dtype=torch.float16):
+    return make_qkv(b, sq, sk, hq, hkv, d, dtype, "cpu")
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,exc,match",
+    [
+        (lambda: _qkv(hq=3, hkv=2), {}, ValueError, r"heads_q \(3\) must be a multiple of heads_kv \(2\)"),
+        (lambda: (*_qkv()[:2], torch.randn(1, 5, 2, 32, dtype=torch.float16)), {}, ValueError, "same shape"),
+        (lambda: (_qkv()[0], *_qkv(d=64)[1:]), {}, ValueError, "head_dim of q"),
+        (lambda: (_qkv()[0], *_qkv(b=2)[1:]), {}, ValueError, "batch"),
+        (lambda: tuple(torch.randint(0, 3, (1, 4, 2, 32)) for _ in range(3)), {}, TypeError, "floating point"),
+        (lambda: (_qkv()[0].float(), *_qkv()[1:]), {}, TypeError, "share a dtype"),
+        (lambda: (_qkv()[0][0], *_qkv()[1:]), {}, ValueError, "4-D"),
+        (lambda: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), {}, ValueError, "one device"),
+        (lambda: _qkv(), {"window": (-2, 0)}, ValueError, "window"),
+        (lambda: _qkv(), {"window": (4,)}, ValueError, "window"),
+        (lambda: _qkv(), {"softcap": -1.0}, ValueError, "softcap"),
+        (lambda: _qkv(), {"softmax_scale": float("nan")}, ValueError, "softmax_scale"),
+        (lambda: _qkv(), {"causal": 1}, TypeError, "causal"),
+        (lambda: _qkv(sk=0), {}, ValueError, "seqlen_k must be at least 1"),
+        (lambda: ([1.0], *_qkv()[1:]), {}, TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs(make, kwargs, exc, match):
+    q, k, v = make()
+    with pytest.raises(exc, match=match):
+        attention(q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(kernels.INTERPRETED, reason="outside the interpreter, CPU tensors cannot run Triton")
+def test_cpu_tensor_outside_interpreter_is_a_clear_error():
+    with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET"):
+        attention(*_qkv(), backend="triton")
+
+
+def test_empty_batch():
+    q, k, v = (t.requires_grad_() for t in make_qkv(0, 5, 5, 2, 1, 32, torch.float16, "cpu"))
+    out = attention(q, k, v, causal=True)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: custom ops with exact fake implementations, fullgraph, zero graph breaks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_custom_ops_pass_opcheck():
+    if not kernels.INTERPRETED:
+        pytest.skip("the custom ops wrap the kernel backend; it runs on CPU only under TRITON_INTERPRET=1")
+    q, k, v = make_qkv(1, 17, 9, 4, 2, 32, torch.float16, "cpu")
+    args = (q, k, v, None, None, 17, 9, 0.2, -1, 0, 0.0, "triton")
+    torch.library.opcheck(torch.ops.tokenforge.attention_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.tokenforge.attention_fwd(*args)
+    bargs = (torch.randn_like(out), q, k, v, out, lse, None, None, 17, 9, 0.2, -1, 0, 0.0, True, "triton")
+    torch.library.opcheck(torch.ops.tokenforge.attention_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fullgraph_compile_matches_eager():
+    backend = "triton" if kernels.INTERPRETED else None
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, window=(8, -1), softcap=10.0, backend=backend) * 2
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 20, 20, 2, 1, 32, torch.float16, "cpu"))
+    eager = f(q, k, v)
+    eager.float().sum().backward()
+    eager_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    explanation = torch._dynamo.explain(f)(q, k, v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    out.float().sum().backward()
+    assert torch.equal(out, eager)
+    for t, ref in zip((q, k, v), eager_grads):
+        assert torch.equal(t.grad, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile gate: every config the launchers can pick compiles for sm_90 and sm_80, no spills;
+# the matmul kernels use wgmma on sm_90.
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_arg_types(dtype: str) -> dict:
+    from compile_gate import TRITON_DTYPE
+
+    t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    t.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32")
+    return t
+
+
+def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
+                      softcap=False):
+    import inspect
+
+    from compile_gate import TARGETS, compile_kernel
+
+    from tokenforge.kernels import attention as ak
+
+    kernel = getattr(ak, name)
+    params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    config = dict(config)
+    num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
+    flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False)
+    constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
+    types = _attention_arg_types(dtype)
+    for p in params:  # strides, sizes and window bounds: 32-bit ints
+        if p not in types and p not in constexprs:
+            types[p] = "i32"
+    unaligned = ("qk_scale", "softcap", "SEQ_Q", "SEQ_K", "HEAD_DIM", "HEADS", "KV_HEADS", "WIN_LEFT", "WIN_RIGHT")
+    return compile_kernel(kernel, types, constexprs, num_warps, TARGETS[arch], unaligned_args=unaligned,
+                          num_stages=num_stages)
+
+
+def _gate_configs():
+    from tokenforge.kernels import attention as ak
+
+    return ak.all_configs()
+
+
+GATE_CONFIGS = _gate_configs()
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("name,config", GATE_CONFIGS,
+                         ids=[f"{n}-d{c['BLOCK_D']}-{c.get('BLOCK_M')}x{c.get('BLOCK_N', 0)}w{c['num_warps']}"
+                              for n, c in GATE_CONFIGS])
+def test_configs_compile_without_spills(arch, name, config):
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    compiled = compile_attention(name, config, arch)
+    report = ptxas_report(compiled.asm["ptx"], arch)
+    assert spill_bytes(report) == 0, f"{name} {config} spills on {arch}:\n{report}"
+    if arch == "sm_90" and name != "_attn_bwd_preprocess" and config["BLOCK_D"] in (64, 128):
+        assert uses_wgmma(compiled), f"{name} {config} does not use wgmma on sm_90"
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"])
+def test_every_feature_compiles(dtype, name):
+    """Varlen + both window sides + softcap + GQA 4 (the most code) at head dims 64 and 256,
+    plus the unmasked dense MHA variant, on both architectures, without spills."""
+    from compile_gate import ptxas_report, spill_bytes
+
+    for config in [c for n, c in GATE_CONFIGS if n == name and c["BLOCK_D"] in (64, 256)]:
+        for arch in ("sm_90", "sm_80"):
+            for kw in (dict(group=4, varlen=True, left=True, right=True, softcap=True),
+                       dict(group=1, right=False)):
+                compiled = compile_attention(name, config, arch, dtype=dtype, **kw)
+                assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (name, config, arch, kw)
+
+
+def test_every_head_dim_maps_to_a_gated_config():
+    from tokenforge.kernels import attention as ak
+
+    gated = {(n, tuple(sorted(c.items()))) for n, c in GATE_CONFIGS}
+    for d in range(32, 257, 8):
+        for name, fn in (("_attn_fwd", ak.fwd_config), ("_attn_bwd_dkdv", ak.bwd_config), ("_attn_bwd_dq", ak.dq_config)):
+            assert (name, tuple(sorted(fn(d, interpreted=False).items()))) in gated, (name, d)
+        assert ("_attn_bwd_preprocess", tuple(sorted(ak.preprocess_config(d).items()))) in gated
+
+
+def test_cpu_grid_covers_the_issue_axes():
+    """The CPU subset still touches every axis of the issue's grid at least once."""
+    seqlens = {c[1] for c in CPU_CASES} | {c[2] for c in CPU_CASES}
+    assert {1, 17, 64, 129} <= seqlens
+    assert {32, 64, 80, 128, 256} <= {c[5] for c in CPU_CASES}
+    assert {1, 2, 4} <= {c[3] // c[4] for c in CPU_CASES} and any(c[4] == 1 for c in CPU_CASES)
+    assert {1, 3} <= {c[0] for c in CPU_CASES}
+    assert any(c[6] for c in CPU_CASES) and any(c[7] != (-1, -1) for c in CPU_CASES) and any(c[8] for c in CPU_CASES)

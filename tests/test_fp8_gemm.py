@@ -1,0 +1,130 @@
+"""tokenforge.fp8.scaled_mm against the float64 product of the dequantized operands.
+
+Tolerance: fp8 x fp8 products are exact in fp32 and accumulate in fp32 (~K * 2^-24 relative), so
+the error is one rounding to out_dtype: <= 2^-9 per element for bf16 on a GPU (RNE). Triton's
+interpreter converts fp32 -> bf16/fp16 by truncation (measured: 3.3e-3 vs 1.6e-3 for RNE), up to
+2^-8 per element, so the bound in norm is 2^-8 = 3.9e-3 for bf16 and 2^-11 for fp16."""
+
+import pytest
+import torch
+from device_params import DEVICES, HAS_CUDA
+
+from tokenforge import backends, fp8
+from tokenforge.testing import rel_error
+
+TOL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 1e-5}
+
+
+def gemm_backends(device):
+    return ["triton", "torch"]
+
+
+def make(M, K, N, device, sa_rows, sb_cols, a_dtype=torch.float8_e4m3fn, b_dtype=torch.float8_e4m3fn):
+    x = torch.randn(M, K, device=device)
+    w = torch.randn(N, K, device=device) * 3
+    a, sa = fp8.quantize(x, a_dtype, "rowwise" if sa_rows else "tensorwise", backend="torch")
+    bt, sb = fp8.quantize(w, b_dtype, "rowwise" if sb_cols else "tensorwise", backend="torch")
+    return a, bt.t(), sa, (sb.t() if sb_cols else sb)
+
+
+def reference(a, b, sa, sb, bias=None):
+    out = (a.double() * sa.double()) @ (b.double() * sb.double())
+    return out + bias.double() if bias is not None else out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sa_rows", [False, True])
+@pytest.mark.parametrize("sb_cols", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaled_mm_matches_dequantized_product(device, sa_rows, sb_cols, out_dtype):
+    shapes = [(16, 16, 16), (48, 80, 112)] if device == "cpu" else [(4096, 4096, 4096), (16, 8192, 1024)]
+    for M, K, N in shapes:
+        a, b, sa, sb = make(M, K, N, device, sa_rows, sb_cols)
+        bias = torch.randn(N, device=device).to(out_dtype if out_dtype != torch.float32 else torch.bfloat16)
+        for backend in gemm_backends(device):
+            for with_bias in (False, True):
+                out = fp8.scaled_mm(a, b, sa, sb, out_dtype=out_dtype, bias=bias if with_bias else None, backend=backend)
+                assert out.dtype == out_dtype and out.shape == (M, N)
+                err = rel_error(out, reference(a, b, sa, sb, bias if with_bias else None))
+                assert err <= TOL[out_dtype], f"{backend} {M}x{K}x{N}: {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_formats_layouts_and_scale_shapes(device):
+    """e5m2 x e4m3 (the dX GEMM), non-K-major b and a transposed a (the dW GEMM), (1,1) scales."""
+    M, K, N = (32, 48, 64) if device == "cpu" else (2048, 4096, 1024)
+    a, b, sa, sb = make(M, K, N, device, True, True, a_dtype=torch.float8_e5m2)
+    for backend in gemm_backends(device):
+        for aa, bb in ((a, b), (a.t().contiguous().t(), b.contiguous())):
+            out = fp8.scaled_mm(aa, bb, sa, sb, backend=backend)
+            assert rel_error(out, reference(a, b, sa, sb)) <= TOL[torch.bfloat16]
+        one = torch.full((1, 1), 0.5, device=device)
+        out = fp8.scaled_mm(a, b, one, sb, backend=backend)
+        assert rel_error(out, reference(a, b, one, sb)) <= TOL[torch.bfloat16]
+
+
+def test_bad_inputs():
+    a = torch.randn(32, 32).to(torch.float8_e4m3fn)
+    s = torch.ones(())
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8.scaled_mm(torch.randn(20, 32).to(torch.float8_e4m3fn), a, s, s)
+    with pytest.raises(TypeError, match="float8_e4m3fn/float8_e5m2"):
+        fp8.scaled_mm(torch.randn(32, 32, dtype=torch.bfloat16), a, s, s)
+    with pytest.raises(ValueError, match="inner dims must match"):
+        fp8.scaled_mm(a, torch.randn(48, 32).to(torch.float8_e4m3fn), s, s)
+    with pytest.raises(ValueError, match="scale_a has shape"):
+        fp8.scaled_mm(a, a, torch.ones(32), s)
+    with pytest.raises(ValueError, match="scale_b has shape"):
+        fp8.scaled_mm(a, a, s, torch.ones(32, 1))
+    with pytest.raises(TypeError, match="scale_a must be float32"):
+        fp8.scaled_mm(a, a, s.double(), s)
+    with pytest.raises(ValueError, match="bias must be a tensor of shape"):
+        fp8.scaled_mm(a, a, s, s, bias=torch.ones(16))
+    with pytest.raises(TypeError, match="out_dtype"):
+        fp8.scaled_mm(a, a, s, s, out_dtype=torch.int8)
+
+
+def test_dispatch_is_registered_and_explained():
+    assert "fp8_scaled_mm" in backends.registered_ops() and "fp8_quantize" in backends.registered_ops()
+    a = torch.empty(16, 16, dtype=torch.float8_e4m3fn)
+    name, why = backends.explain("fp8_scaled_mm", a, a)
+    assert name in ("triton", "torch") and why
+    assert fp8.torch_path(a, torch.ones(()), torch.ones(()), torch.bfloat16) == "emulation"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+def test_matches_torch_scaled_mm_on_gpu():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need sm_89+")
+    a, b, sa, sb = make(4096, 4096, 4096, "cuda", True, True)
+    b = b.t().contiguous().t()
+    ours = fp8.scaled_mm(a, b, sa, sb, backend="triton")
+    theirs = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    assert rel_error(ours, theirs.double()) < 2.0 ** -8
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("b_type", ["*fp8e4nv", "*fp8e5"])
+@pytest.mark.parametrize("k_major_b", [True, False])
+def test_gemm_compiles_with_fp8_wgmma_on_sm90(b_type, k_major_b):
+    """Gated at sm_90 only: FP8 dots need sm_89+, and sm_80 is served by the emulation."""
+    from compile_gate import TARGETS, compile_kernel, ptxas_report, spill_bytes, uses_wgmma
+
+    from tokenforge.kernels import fp8_gemm
+
+    for _name, cfg in fp8_gemm.all_configs():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        types = dict(A="*fp8e4nv", B=b_type, SA="*fp32", SB="*fp32", BIAS="*bf16", OUT="*bf16")
+        types.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bk", "stride_bn", "stride_om",
+                                         "stride_sa", "stride_sb")})
+        consts = dict(cfg, HAS_BIAS=True, UPCAST=False, stride_ak=1, stride_on=1)
+        unit = "stride_bk" if k_major_b else "stride_bn"
+        consts[unit] = 1
+        del types[unit]
+        compiled = compile_kernel(fp8_gemm._fp8_gemm_kernel, types, consts, warps, TARGETS["sm_90"],
+                                  num_stages=stages, unaligned_args=("M", "N", "stride_sa", "stride_sb"))
+        ptx = compiled.asm["ptx"]
+        assert uses_wgmma(compiled) and "e4m3" in [l for l in ptx.splitlines() if "wgmma.mma_async" in l][0]
+        report = ptxas_report(ptx, "sm_90")
+        assert spill_bytes(report) == 0, f"{cfg} spills:\n{report}"

@@ -1,0 +1,140 @@
+"""patch_sdpa: supported F.scaled_dot_product_attention calls run the kernel and match SDPA;
+every other call passes through untouched; install/uninstall/context nesting restore the original."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenforge import kernels, sdpa_patch
+from tokenforge.sdpa_patch import patch_sdpa
+from tokenforge.testing import TOLERANCE, rel_error
+
+pytestmark = pytest.mark.skipif(not kernels.INTERPRETED and not torch.cuda.is_available(),
+                                reason="needs the Triton interpreter (CPU) or a GPU to route anything")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    sdpa_patch.uninstall()
+    yield
+    sdpa_patch.uninstall()
+
+
+def _bhsd(b, h, s, d, dtype=torch.float16):
+    return torch.randn(b, h, s, d, device=DEVICE, dtype=dtype)
+
+
+def _counts():
+    return dict(sdpa_patch.stats)
+
+
+@pytest.mark.parametrize("kw,hq,hkv,sq,sk", [
+    (dict(), 4, 4, 17, 33),
+    (dict(is_causal=True), 4, 4, 40, 40),
+    (dict(is_causal=True, enable_gqa=True), 4, 2, 24, 24),
+    (dict(scale=0.3), 2, 2, 9, 9),
+])
+def test_routed_calls_match_sdpa(kw, hq, hkv, sq, sk):
+    q, k, v = _bhsd(2, hq, sq, 32), _bhsd(2, hkv, sk, 32), _bhsd(2, hkv, sk, 32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    ref_args = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_args, **kw)
+    before = _counts()
+    with patch_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    assert sdpa_patch.stats["routed"] == before["routed"] + 1
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout.double())
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+    for t, r in zip((q, k, v), ref_args):
+        assert rel_error(t.grad, r.grad) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("make", [
+    lambda q, k, v: dict(attn_mask=torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=DEVICE)),
+    lambda q, k, v: dict(dropout_p=0.5),
+    lambda q, k, v: dict(is_causal=True, _sk=20),   # top-left causal with sq != sk
+    lambda q, k, v: dict(_dtype=torch.float32),
+    lambda q, k, v: dict(_d=16),                     # head dim the kernel does not take
+    lambda q, k, v: dict(_3d=True),
+], ids=["attn_mask", "dropout", "causal-rectangular", "fp32", "head_dim-16", "3-D"])
+def test_unsupported_calls_pass_through(make):
+    torch.manual_seed(0)
+    q, k, v = _bhsd(1, 2, 12, 32), _bhsd(1, 2, 12, 32), _bhsd(1, 2, 12, 32)
+    kw = make(q, k, v)
+    sk, dtype, d, three = kw.pop("_sk", 12), kw.pop("_dtype", torch.float16), kw.pop("_d", 32), kw.pop("_3d", False)
+    q, k, v = _bhsd(1, 2, 12, d, dtype), _bhsd(1, 2, sk, d, dtype), _bhsd(1, 2, sk, d, dtype)
+    if three:
+        q, k, v = q[0], k[0], v[0]
+    if "dropout_p" in kw:
+        torch.manual_seed(1)
+    expected = F.scaled_dot_product_attention(q, k, v, **kw)
+    before = _counts()
+    with patch_sdpa():
+        if "dropout_p" in kw:
+            torch.manual_seed(1)
+        got = F.scaled_dot_product_attention(q, k, v, **kw)
+    assert sdpa_patch.stats["passed"] == before["passed"] + 1 and sdpa_patch.stats["routed"] == before["routed"]
+    assert torch.equal(got, expected)
+
+
+def test_errors_of_sdpa_are_unchanged():
+    q, k = _bhsd(1, 3, 8, 32), _bhsd(1, 2, 8, 32)
+    with pytest.raises(RuntimeError) as theirs:
+        F.scaled_dot_product_attention(q, k, k)
+    with patch_sdpa(), pytest.raises(RuntimeError) as ours:
+        F.scaled_dot_product_attention(q, k, k)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_install_uninstall_and_nesting():
+    original = F.scaled_dot_product_attention
+    with patch_sdpa():
+        assert sdpa_patch.is_installed()
+        with patch_sdpa():
+            assert sdpa_patch.is_installed()
+        assert sdpa_patch.is_installed()
+    assert F.scaled_dot_product_attention is original
+    sdpa_patch.install()
+    sdpa_patch.install()
+    with patch_sdpa():
+        pass
+    assert sdpa_patch.is_installed()  # the context does not undo a script-wide install
+    sdpa_patch.uninstall()
+    assert F.scaled_dot_product_attention is original
+
+
+def test_module_attention_layer_uses_the_kernel():
+    """A stock torch attention call site (nn.MultiheadAttention calls F.scaled_dot_product_attention
+    through torch's functional path) keeps working under the patch."""
+    mha = torch.nn.MultiheadAttention(64, 2, batch_first=True).to(DEVICE)
+    x = torch.randn(2, 10, 64, device=DEVICE)
+    ref = mha(x, x, x, need_weights=False)[0]
+    with patch_sdpa():
+        out = mha(x, x, x, need_weights=False)[0]
+    assert rel_error(out, ref) < 1e-5  # fp32: passed through, identical math
+
+
+def test_nn_modules_match_the_reference():
+    from tokenforge.nn.attention import Attention, MultiHeadAttention
+    from tokenforge.ops.attention import attention_reference
+
+    q, k, v = (torch.randn(1, 20, h, 32, device=DEVICE, dtype=torch.bfloat16) for h in (4, 2, 2))
+    layer = Attention(causal=True, window=(8, -1), backend="triton")
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True, window=(8, -1))
+    assert rel_error(layer(q, k, v), ref) < TOLERANCE[torch.bfloat16]
+    assert "causal=True" in repr(layer)
+
+    block = MultiHeadAttention(128, 4, 2, backend="triton").to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, 9, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y = block(x)
+    y.float().sum().backward()
+    assert y.shape == x.shape and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        MultiHeadAttention(128, 4, 3)
