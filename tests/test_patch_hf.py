@@ -88,3 +88,25 @@ def test_changed_model_classes_fail_loudly():
     with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__} changed"):
         tokenforge.patch(model)
     assert "forward" not in vars(model)  # nothing left half-patched
+
+
+def test_hf_bf16_attention_is_routed_to_the_kernel():
+    """In bf16 the model's SDPA calls (causal, no mask) reach tokenforge's attention kernel."""
+    from tokenforge import sdpa_patch
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"  # head_dim 32: the smallest the attention kernel takes
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss.float()
+        tokenforge.patch(model)
+        before = sdpa_patch.stats["routed"]
+        loss = model(input_ids=ids, labels=ids).loss.float()
+        routed = sdpa_patch.stats["routed"] - before
+        tokenforge.unpatch(model)
+    assert routed == model.config.num_hidden_layers, f"{routed} SDPA calls routed"
+    assert not sdpa_patch.is_installed()
+    # bf16 activations through two layers: the loss agrees to bf16 precision.
+    assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
