@@ -28,9 +28,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests bench -q -ra --benchmark-disable
 
+# The main job: what the kernels buy on this device (a short train --compare on the embedded corpus:
+# tiny preset on a CPU, 125m on a GPU), then the cost model's seed table from those measurements.
 demo: $(STAMP)
 	$(PY) -m tokenforge info
 	$(PY) bench/rms_norm_demo.py
+	mkdir -p bench/results/latest
+	$(PY) -m tokenforge train --compare --max-steps 30 --eval-every 0 --progress plain --json bench/results/latest/demo_compare.json
+	$(PY) -m tokenforge cost --seed-table --from-results bench/results/latest/demo_compare.json
 
 bench: $(STAMP)
 	mkdir -p bench/results/latest

@@ -10,13 +10,14 @@
 #   a  env       nvidia-smi, versions, `python3 -m tokenforge info` (+ --json)   -> env.txt, info.json
 #   b  build     the CUDA extension for sm_90a: pip install --no-build-isolation --no-deps -e .
 #   c1 headline  RMSNorm fwd+bwd 16384x4096 bf16, every backend (pytest -m headline), then a first report
-#   c2 bench     the rest of bench/ (pytest -m "not headline")
 #   d  tests     python3 -m pytest tests -x -q on CUDA (TRITON_INTERPRET unset)
+#   c3 e2e       tokenforge train --compare, 125m and 1b presets (bench/e2e_train.sh)  -> e2e.json
+#   c2 bench     the rest of bench/ (pytest -m "not headline")
 #   e  report    results.json, results.md, results.png (bench/report.py)
 #   f  the step table, then the short summary table, printed LAST.
 # A failed or timed-out step does not stop the rest; the script says which failed and exits
 # non-zero if any did. Output under $OUT stays flat and small (the device tool returns 8 files):
-#   log.txt env.txt info.json results.json results.md results.png
+#   log.txt env.txt info.json results.json results.md results.png e2e.json
 #
 # Dry run (no GPU, or TOKENFORGE_GPU_CHECK_DRY=1): same plumbing on the CPU with tiny shapes; the
 # build step only checks that tokenforge imports (TOKENFORGE_GPU_CHECK_BUILD=1 builds anyway) and
@@ -223,14 +224,17 @@ step_report() {
   return $rc
 }
 
-export -f step_env step_build bench_pytest step_headline step_bench step_tests step_report
+step_e2e() { OUT="$OUT" PY="$PY" bash "$ROOT/bench/e2e_train.sh"; }
+
+export -f step_env step_build bench_pytest step_headline step_bench step_tests step_report step_e2e
 
 # MAX seconds and RESERVE (seconds kept for the steps after) of each step.
 run_step "a env"        45 400 bash -c step_env
 run_step "b build"     200 210 bash -c step_build
 run_step "c1 headline" 120 150 bash -c step_headline
-run_step "c2 bench"    180  90 bash -c step_bench
-run_step "d tests"     180  30 bash -c step_tests
+run_step "d tests"     150  90 bash -c step_tests
+run_step "c3 e2e"      120  60 bash -c step_e2e
+run_step "c2 bench"    120  30 bash -c step_bench
 run_step "e report"     60   0 bash -c step_report
 
 # ---------------------------------------------------------------------------------------------

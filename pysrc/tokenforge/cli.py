@@ -1,4 +1,4 @@
-"""The ``tokenforge`` command: ``tokenforge info`` (more subcommands arrive with their issues)."""
+"""The ``tokenforge`` command: ``tokenforge info``, ``tokenforge train``, ``tokenforge cost``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="versions, GPU, extension status and the backend each op uses")
     p_info.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    from tokenforge import cost, train
+
+    p_train = sub.add_parser("train", help="train the reference transformer: kernels on/off, --compare, --resume, "
+                             "torchrun --dist ddp|fsdp", description=train.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(p_train)
+    p_cost = sub.add_parser("cost", help="GPU-hours, days and dollars to train a model; --seed-table",
+                            description=cost.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cost.add_arguments(p_cost)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -139,6 +148,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             _print_info(info)
         return 0
+    if args.command == "train":
+        return train.run_cli(args)
+    if args.command == "cost":
+        return cost.run_cli(args)
     return 2
 
 

@@ -1,0 +1,80 @@
+"""Checkpoints that resume exactly: model, optimizer, LR scheduler, every rank's RNG states and
+the data sampler's position, written atomically (temp file + rename) by rank 0.
+
+Single process and DDP save the plain module's state_dict. FSDP2 gathers full (unsharded) model
+and optimizer state dicts through torch.distributed.checkpoint.state_dict, so a checkpoint is one
+ordinary file that loads into any world size or into a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from tokenforge.distributed import DistContext, all_gather_object, barrier, unwrap
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _full_state(model, optimizer, ctx: DistContext) -> tuple[dict, dict]:
+    if ctx.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(unwrap(model), optimizer, options=opts)
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def save(path: str, *, model, optimizer, scheduler, sampler_state: dict, step: int, ctx: DistContext,
+         extra: Optional[dict] = None) -> None:
+    """Collective under FSDP (every rank must call it); rank 0 writes ``path``."""
+    model_sd, optim_sd = _full_state(model, optimizer, ctx)
+    rngs = all_gather_object(rng_state(), ctx)
+    if ctx.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        payload = {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                   "sampler": sampler_state, "step": step, "rng": rngs, "world": ctx.world,
+                   "extra": extra or {}}
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    barrier(ctx)
+
+
+def load(path: str, *, model, optimizer, scheduler, ctx: DistContext) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns the payload
+    (``step``, ``sampler``, ``extra``) for the caller to restore the rest."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train with --out DIR first")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if ctx.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(unwrap(model), optimizer, model_state_dict=payload["model"],
+                       optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    rngs = payload["rng"]
+    set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
+    return payload

@@ -1,0 +1,569 @@
+"""``tokenforge train``: train the reference transformer with or without tokenforge's kernels.
+
+    tokenforge train --preset tiny --max-steps 200 --out runs/tiny         # embedded stdlib corpus
+    tokenforge train --preset tiny --max-steps 400 --out runs/tiny --resume
+    tokenforge train --preset 125m --compare --max-steps 30 --json bench/results/latest/compare.json
+    torchrun --nproc_per_node 8 -m tokenforge.train --dist fsdp --preset 1b --seq-len 4096
+
+bf16 autocast on a GPU, fp32 on the CPU. The optimizer is tokenforge.optim.AdamW when it imports
+(torch.optim.AdamW otherwise, said in the summary); warmup + cosine LR; gradient accumulation and
+clipping. ``--kernels off`` is plain PyTorch; ``on`` is ``tokenforge.patch(model)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from tokenforge import checkpoint, metrics
+from tokenforge.data import BatchSampler, load_corpus
+from tokenforge.distributed import DistContext, all_reduce_mean, setup, teardown, unwrap, wrap
+from tokenforge.models.transformer import PRESETS, Block, Transformer, TransformerConfig
+
+VARIANTS = ("eager", "compile", "kernels", "kernels+compile", "fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", choices=list(PRESETS), help="model size (default: tiny on CPU, 125m on GPU)")
+    m.add_argument("--config", metavar="FILE", help="JSON of TransformerConfig fields (may name a \"preset\" to start from)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="FILE|DIR|.bin", help="text file, directory, or uint16 .bin (default: Python stdlib source)")
+    d.add_argument("--tokenizer", metavar="FILE", help="Hugging Face tokenizers JSON (default: bytes, vocab 256)")
+    d.add_argument("--val-fraction", type=float, default=0.1, help="tail of the corpus kept for validation")
+    d.add_argument("--max-data-bytes", type=int, help="read at most this much text (faster start)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--max-steps", type=int, default=100)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per rank")
+    o.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128 on CPU, min(2048, max_seq_len) on GPU)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this")
+    o.add_argument("--warmup-steps", type=int, help="linear warmup (default: 10%% of --max-steps, at most 200)")
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    k = p.add_argument_group("speed")
+    k.add_argument("--kernels", choices=("on", "off"), default="on", help="tokenforge.patch the model (off: plain PyTorch)")
+    k.add_argument("--compile", action="store_true", help="torch.compile the model")
+    k.add_argument("--fp8", action="store_true", help="FP8 linear layers (tokenforge.fp8), where supported")
+    k.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    k.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="under torchrun: DDP or FSDP2")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl go here")
+    r.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (exactly)")
+    r.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    r.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (for testing --resume)")
+    r.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (0: only at the end)")
+    r.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
+    r.add_argument("--log-every", type=int, default=10, help="plain progress line every N steps")
+    r.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto")
+    r.add_argument("--plot", metavar="PNG", help="loss / tokens/s plot (needs matplotlib)")
+    c = p.add_argument_group("compare")
+    c.add_argument("--compare", action="store_true", help="same config and batches: eager, compile, kernels, fp8")
+    c.add_argument("--variants", help=f"comma list from {', '.join(VARIANTS)}")
+    c.add_argument("--timing-warmup", type=int, default=2, help="steps left out of the timing (compilation, autotune)")
+    c.add_argument("--gpu-price", type=float, help="$/GPU-hour for $/M tokens (default: tokenforge.cost's rate)")
+    c.add_argument("--json", metavar="FILE", help="write the compare table (or run summary) as JSON")
+
+
+def build_config(args) -> TransformerConfig:
+    on_gpu = _device_type(args) == "cuda"
+    overrides = {}
+    preset = args.preset
+    if args.config:
+        with open(args.config) as f:
+            overrides = json.load(f)
+        preset = overrides.pop("preset", preset)
+    preset = preset or ("125m" if on_gpu else "tiny")
+    if args.seq_len is None:
+        base = TransformerConfig.preset(preset, **overrides)
+        args.seq_len = min(2048, base.max_seq_len) if on_gpu else min(128, base.max_seq_len)
+    cfg = TransformerConfig.preset(preset, **overrides)
+    if args.seq_len > cfg.max_seq_len:
+        cfg = TransformerConfig.preset(preset, **{**overrides, "max_seq_len": args.seq_len})
+    args.preset = preset
+    return cfg
+
+
+def _device_type(args) -> str:
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(args.device).type
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   sharded: bool = False) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW over matrices (decayed) and vectors (not): tokenforge's if it imports (and, for FSDP2's
+    sharded DTensor parameters, says it handles them), else torch's."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    why = ""
+    try:
+        from tokenforge.optim import AdamW
+
+        # The multi-tensor kernels take raw pointers and sizes: on a DTensor they must use the local
+        # shard. AdamW.SUPPORTS_DTENSOR = True is the optimizer's promise that it does.
+        if not sharded or getattr(AdamW, "SUPPORTS_DTENSOR", False):
+            return AdamW(groups, **kw), "tokenforge.optim.AdamW"
+        why = "tokenforge.optim.AdamW does not declare FSDP2 DTensor support (AdamW.SUPPORTS_DTENSOR)"
+    except ImportError as exc:
+        why = f"tokenforge.optim unavailable ({exc})"
+    fused = any(p.is_cuda for p in decay)
+    return (torch.optim.AdamW(groups, fused=fused or None, **kw),
+            f"torch.optim.AdamW{' (fused)' if fused else ''}: {why}")
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def clip_grads(model: torch.nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if ctx.mode != "fsdp":  # FSDP2 grads are DTensors: torch's clip knows how to reduce them
+        try:
+            from tokenforge.optim import clip_grad_norm_
+
+            return clip_grad_norm_(params, max_norm)
+        except ImportError:
+            pass
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def fp8_unavailable(device: torch.device) -> Optional[str]:
+    """Why --fp8 cannot run here, or None."""
+    try:
+        from tokenforge.fp8.linear import Float8Linear  # noqa: F401
+    except ImportError as exc:
+        return f"tokenforge.fp8 is not available in this build ({exc})"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return f"FP8 needs sm_89+ (this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+    return None
+
+
+def convert_fp8(model: Transformer) -> int:
+    """Swap the blocks' nn.Linear layers for tokenforge.fp8 Float8Linear (the head stays high
+    precision: the fused cross-entropy reads its weight directly). Returns how many."""
+    import tokenforge.fp8 as fp8_pkg
+
+    convert = getattr(fp8_pkg, "convert_to_float8_training", None)
+    if convert is not None:
+        before = sum(isinstance(m, torch.nn.Linear) for m in model.layers.modules())
+        convert(model.layers)
+        return before
+    from tokenforge.fp8.linear import Float8Linear
+
+    count = 0
+    for parent in list(model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, Float8Linear.from_linear(child))
+                count += 1
+    return count
+
+
+def kernel_backend_note(device: torch.device) -> str:
+    """Which backend tokenforge's ops pick on this device, in a phrase (e.g. the torch fallback on CPU)."""
+    try:
+        from tokenforge import backends, ops  # noqa: F401
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        inputs = backends.example_inputs("rms_norm", device.type, dtype)
+        if inputs is None:
+            return "?"
+        b, why = backends.explain("rms_norm", *inputs)
+        return f"{b} ({why})"
+    except Exception as exc:  # informative only
+        return f"? ({exc})"
+
+
+@dataclass
+class Variant:
+    name: str
+    kernels: bool
+    compile: bool
+    fp8: bool
+
+
+def variant_of(args) -> Variant:
+    name = ("kernels" if args.kernels == "on" else "eager") + ("+compile" if args.compile else "")
+    if args.fp8:
+        name = "fp8" if args.kernels == "on" and not args.compile else name + "+fp8"
+    return Variant(name, args.kernels == "on", args.compile, args.fp8)
+
+
+def parse_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return Variant(name, kernels=name.startswith(("kernels", "fp8")), compile=name.endswith("compile"),
+                   fp8=name == "fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    variant: str
+    losses: list = field(default_factory=list)       # (step, loss) for every step run
+    val_losses: list = field(default_factory=list)   # (step, val loss)
+    tokens_per_s: float = 0.0                         # all ranks, median step after the timing warmup
+    mfu: Optional[float] = None
+    peak_mem: int = 0
+    usd_per_mtok: Optional[float] = None
+    optimizer: str = ""
+    patch: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(model, sampler: BatchSampler, iters: int, device, autocast, ctx: DistContext) -> float:
+    """Mean loss over the first ``iters`` validation batches (the same ones every time). ``model``
+    is the uncompiled module (no recompilation for no_grad; the model has no dropout, so no eval())."""
+    total = torch.zeros((), device=device)
+    for i in range(iters):
+        x, y = sampler.batch_at(i, device)
+        with autocast():
+            total += model(x, y).float()
+    return float(all_reduce_mean(total / iters, ctx))
+
+
+def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistContext, *,
+              log: Optional[metrics.JsonlWriter] = None, progress_mode: Optional[str] = None) -> RunResult:
+    """Train ``variant`` for args.max_steps from args.seed (or from the checkpoint with --resume)."""
+    device = ctx.device
+    res = RunResult(variant.name)
+    torch.manual_seed(args.seed)
+    with device:  # initialise in place: a 1b+ model's init on the CPU then a copy is slow
+        model = Transformer(cfg)
+    if variant.kernels:
+        import tokenforge
+
+        report = tokenforge.patch(model)
+        res.patch = list(report.patched) + [f"skipped {s}" for s in report.skipped]
+        res.notes.append(f"kernels backend on {device.type}: {kernel_backend_note(device)}")
+    if variant.fp8:
+        reason = fp8_unavailable(device)
+        if reason:
+            res.notes.append(f"--fp8 skipped: {reason}")
+        else:
+            n = convert_fp8(model)
+            res.notes.append(f"fp8: {n} Linear layers -> tokenforge.fp8.Float8Linear"
+                             + (" (CPU: emulated, no speedup)" if device.type == "cpu" else ""))
+    raw = model
+    model = wrap(model, ctx, block_types=(Block,))
+    optimizer, res.optimizer = make_optimizer(raw, args.lr, args.weight_decay, sharded=ctx.mode == "fsdp")
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.max_steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.max_steps, args.min_lr_ratio))
+    if variant.compile:
+        model = torch.compile(model)
+    sampler = BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed, rank=ctx.rank, world=ctx.world)
+    val_sampler = BatchSampler(corpus.val, args.batch_size, args.seq_len, seed=args.seed + 1, rank=ctx.rank,
+                               world=ctx.world)
+    ckpt_path = os.path.join(args.out, checkpoint.CHECKPOINT_NAME) if args.out else None
+    start = 0
+    if args.resume:
+        if not ckpt_path:
+            raise ValueError("--resume needs --out DIR (the checkpoint is DIR/checkpoint.pt)")
+        payload = checkpoint.load(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, ctx=ctx)
+        start = payload["step"]
+        sampler.load_state_dict(payload["sampler"])
+        res.notes.append(f"resumed from {ckpt_path} at step {start}")
+
+    on_gpu = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * ctx.world
+    fpt = cfg.flops_per_token(args.seq_len)
+    peak, price = metrics.peak_flops(device), args.gpu_price or metrics.default_price(device)
+    stop = min(args.max_steps, args.stop_at) if args.stop_at else args.max_steps
+    mode = progress_mode or (args.progress if ctx.is_main else "none")
+    bar = metrics.Progress(stop, initial=start, mode=mode, every=args.log_every, desc=variant.name)
+    metrics.reset_peak_memory(device)
+    step_times: list[float] = []
+    t_run = time.perf_counter()
+    try:
+        for step in range(start + 1, stop + 1):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(args.grad_accum):
+                x, y = sampler.next(device)
+                sync = contextlib.nullcontext()
+                if ctx.mode == "ddp" and micro < args.grad_accum - 1:
+                    sync = model.no_sync()
+                elif ctx.mode == "fsdp":
+                    unwrap(model).set_requires_gradient_sync(micro == args.grad_accum - 1)
+                with sync:
+                    with autocast():
+                        loss = model(x, y) / args.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach().float()
+            if args.clip > 0:
+                clip_grads(raw, args.clip, ctx)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_val = float(all_reduce_mean(loss_sum, ctx))  # .item() syncs the device: honest timing
+            metrics.synchronize(device)
+            dt = time.perf_counter() - t0
+            if step - start > args.timing_warmup or (stop - start) <= args.timing_warmup:
+                step_times.append(dt)
+            tps = tokens_per_step / dt
+            step_mfu = metrics.mfu(tps, fpt, peak, ctx.world)
+            mem = metrics.peak_memory(device)
+            res.losses.append((step, loss_val))
+            record = {"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tps,
+                      "mfu": step_mfu, "peak_mem": mem, "variant": variant.name,
+                      "tokens": step * tokens_per_step}
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss is {loss_val} at step {step} ({variant.name}); lower --lr")
+            if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
+                val = evaluate(raw, val_sampler, args.eval_iters, device, autocast, ctx)
+                record["val_loss"] = val
+                res.val_losses.append((step, val))
+                bar.write(f"step {step}: val loss {val:.4f}")
+            if log is not None and ctx.is_main:
+                log.write(record)
+            stats = {"loss": f"{loss_val:.4f}", "tok/s": f"{tps:,.0f}"}
+            if step_mfu is not None:
+                stats["mfu"] = f"{step_mfu:.1%}"
+            stats["mem"] = metrics.fmt_bytes(mem)
+            bar.update(step, stats)
+            if ckpt_path and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
+                checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                sampler_state=sampler.state_dict(), step=step, ctx=ctx,
+                                extra={"config": cfg.to_dict(), "variant": variant.name, "seed": args.seed})
+    finally:
+        bar.close()
+    res.steps = stop - start
+    res.seconds = time.perf_counter() - t_run
+    # The median step: robust to a stray slow step (a recompile, a checkpoint, a busy neighbour).
+    res.tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
+    res.mfu = metrics.mfu(res.tokens_per_s, fpt, peak, ctx.world)
+    res.peak_mem = metrics.peak_memory(device)
+    res.usd_per_mtok = metrics.usd_per_mtok(res.tokens_per_s, price, ctx.world)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+
+
+def header(args, cfg, corpus, ctx: DistContext) -> list[str]:
+    n = cfg.num_params()
+    return [f"tokenforge train: {args.preset} preset ({n / 1e6:.2f}M params, {cfg.n_layers} layers, dim {cfg.dim}), "
+            f"seq {args.seq_len}, batch {args.batch_size} x accum {args.grad_accum} x {ctx.world} rank(s)",
+            f"  data: {corpus.source}; {corpus.tokenizer} tokenizer; {len(corpus.train):,} train / "
+            f"{len(corpus.val):,} val tokens",
+            f"  device: {metrics.device_name(ctx.device)}"
+            f"{' (bf16 autocast)' if ctx.device.type == 'cuda' else ' (fp32)'}"
+            f"{'' if ctx.mode == 'none' else f', {ctx.mode} over {ctx.world} ranks'}"]
+
+
+def summary(res: RunResult, args) -> list[str]:
+    lines = [f"done: {res.steps} steps in {res.seconds:.1f}s; final loss {res.losses[-1][1]:.4f}"
+             if res.losses else "done: no steps run"]
+    if res.val_losses:
+        lines.append(f"  val loss {res.val_losses[-1][1]:.4f} at step {res.val_losses[-1][0]}")
+    mfu = f"{res.mfu:.1%}" if res.mfu is not None else "n/a (no GPU peak for this device)"
+    lines.append(f"  {res.tokens_per_s:,.0f} tokens/s, MFU {mfu}, peak memory {metrics.fmt_bytes(res.peak_mem)}"
+                 + (f", ${res.usd_per_mtok:.3f}/M tokens" if res.usd_per_mtok else ""))
+    lines.append(f"  optimizer: {res.optimizer}")
+    lines += [f"  kernels: {p}" for p in res.patch]
+    lines += [f"  note: {n}" for n in res.notes]
+    if args.out:
+        lines.append(f"  outputs: {args.out}/metrics.jsonl, {args.out}/{checkpoint.CHECKPOINT_NAME}")
+    return lines
+
+
+def compare_table(results: list[RunResult], device: torch.device) -> tuple[list[str], list[dict]]:
+    base = next((r for r in results if r.variant == "eager"), results[0])
+    rows = []
+    for r in results:
+        max_diff = max((abs(a[1] - b[1]) for a, b in zip(r.losses, base.losses)), default=0.0)
+        rows.append({"variant": r.variant, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem": r.peak_mem,
+                     "usd_per_mtok": r.usd_per_mtok,
+                     "speedup": r.tokens_per_s / base.tokens_per_s if base.tokens_per_s else None,
+                     "final_loss": r.losses[-1][1] if r.losses else None, "max_loss_diff_vs_eager": max_diff,
+                     "optimizer": r.optimizer, "notes": r.notes})
+    lines = [f"  {'variant':<16} {'tokens/s':>12} {'MFU':>7} {'peak mem':>11} {'$/Mtok':>9} {'speedup':>8} "
+             f"{'loss':>8} {'|dloss|':>8}"]
+    for row in rows:
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        usd = f"{row['usd_per_mtok']:.3f}" if row["usd_per_mtok"] else "-"
+        sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+        lines.append(f"  {row['variant']:<16} {row['tokens_per_s']:>12,.0f} {mfu:>7} {metrics.fmt_bytes(row['peak_mem']):>11} "
+                     f"{usd:>9} {sp:>8} {row['final_loss']:>8.4f} {row['max_loss_diff_vs_eager']:>8.2e}")
+    if device.type == "cpu":
+        lines.append("  (CPU: no MFU or $ without a GPU peak/price; peak mem is the process's max RSS, cumulative;")
+        lines.append("   the kernels run as their PyTorch references or the Triton interpreter: speed means "
+                     "something only on a GPU)")
+    return lines, rows
+
+
+def default_variants(device: torch.device) -> list[str]:
+    out = ["eager", "compile", "kernels"]
+    if fp8_unavailable(device) is None and device.type == "cuda":
+        out.append("fp8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = setup(args.dist, args.device)
+    try:
+        return _run(args, ctx)
+    finally:
+        teardown(ctx)
+
+
+def _say(ctx: DistContext, *lines: str) -> None:
+    if ctx.is_main:
+        for line in lines:
+            print(line, flush=True)
+
+
+def _run(args, ctx: DistContext) -> int:
+    cfg = build_config(args)
+    corpus = load_corpus(args.data, args.tokenizer, args.val_fraction, args.max_data_bytes)
+    if corpus.vocab_size > cfg.vocab_size:
+        cfg = TransformerConfig.preset(args.preset, **{**_config_overrides(args), "vocab_size": corpus.vocab_size,
+                                                      "max_seq_len": cfg.max_seq_len})
+    _say(ctx, *header(args, cfg, corpus, ctx))
+    if args.out and ctx.is_main:
+        os.makedirs(args.out, exist_ok=True)
+    log = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"), append=args.resume) \
+        if args.out and ctx.is_main else None
+    try:
+        if args.compare:
+            if args.resume:
+                raise ValueError("--compare runs every variant from scratch; drop --resume")
+            names = args.variants.split(",") if args.variants else default_variants(ctx.device)
+            variants = [parse_variant(n.strip()) for n in names]
+            out_dir, args.out = args.out, None  # no checkpoints for the comparison runs
+            results = []
+            for v in variants:
+                if v.fp8 and fp8_unavailable(ctx.device):
+                    _say(ctx, f"  {v.name}: skipped: {fp8_unavailable(ctx.device)}")
+                    continue
+                _say(ctx, f"-- {v.name}: {args.max_steps} steps")
+                results.append(train_run(args, cfg, corpus, v, ctx, log=log))
+                _release(ctx.device, v)
+            args.out = out_dir
+            lines, rows = compare_table(results, ctx.device)
+            _say(ctx, "", f"compare: {args.preset}, seq {args.seq_len}, {args.max_steps} steps each "
+                          f"(first {args.timing_warmup} untimed, median step), same batches, on {metrics.device_name(ctx.device)}",
+                 *lines)
+            for r in results:
+                for n in r.notes:
+                    _say(ctx, f"  {r.variant}: {n}")
+            _say(ctx, f"  optimizer: {results[0].optimizer}" if results else "")
+            payload = {"device_name": metrics.device_name(ctx.device), "preset": args.preset, "seq_len": args.seq_len,
+                       "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world": ctx.world,
+                       "steps": args.max_steps, "config": cfg.to_dict(), "rows": rows}
+        else:
+            res = train_run(args, cfg, corpus, variant_of(args), ctx, log=log)
+            _say(ctx, *summary(res, args))
+            payload = {"device_name": metrics.device_name(ctx.device), "preset": args.preset,
+                       "seq_len": args.seq_len, "losses": res.losses, "val_losses": res.val_losses,
+                       "rows": [{"variant": res.variant, "tokens_per_s": res.tokens_per_s, "mfu": res.mfu,
+                                 "peak_mem": res.peak_mem, "usd_per_mtok": res.usd_per_mtok}]}
+    finally:
+        if log is not None:
+            log.close()
+    if ctx.is_main and args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"  wrote {args.json}")
+    if ctx.is_main and args.plot:
+        if not args.out:
+            print("  --plot needs --out DIR (it plots DIR/metrics.jsonl)")
+        else:
+            why = metrics.plot(os.path.join(args.out, "metrics.jsonl"), args.plot)
+            print(f"  plot: {why}" if why else f"  wrote {args.plot}")
+    return 0
+
+
+def _release(device: torch.device, variant: Variant) -> None:
+    """Free one comparison run's model, optimizer and compiled graphs before the next one."""
+    import gc
+
+    if variant.compile:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _config_overrides(args) -> dict:
+    if not args.config:
+        return {}
+    with open(args.config) as f:
+        d = json.load(f)
+    d.pop("preset", None)
+    return d
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run parsed arguments (from ``main`` or the ``tokenforge train`` subcommand); errors the user
+    can fix become a one-line message and exit status 2."""
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tokenforge train: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="tokenforge train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
