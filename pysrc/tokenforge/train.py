@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--kernels", choices=("on", "off"), default="on", help="tokenforge.patch the model (off: plain PyTorch)")
     k.add_argument("--compile", action="store_true", help="torch.compile the model")
     k.add_argument("--fp8", action="store_true", help="FP8 linear layers (tokenforge.fp8), where supported")
+    k.add_argument("--fp8-recipe", default="tensorwise",
+                   choices=("tensorwise", "rowwise", "rowwise_with_gw_hp"), help="FP8 scaling recipe (with --fp8)")
     k.add_argument("--device", default="auto", help="auto, cpu or cuda")
     k.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="under torchrun: DDP or FSDP2")
     r = p.add_argument_group("run")
@@ -175,25 +177,13 @@ def fp8_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def convert_fp8(model: Transformer) -> int:
-    """Swap the blocks' nn.Linear layers for tokenforge.fp8 Float8Linear (the head stays high
-    precision: the fused cross-entropy reads its weight directly). Returns how many."""
-    import tokenforge.fp8 as fp8_pkg
+def convert_fp8(model: Transformer, recipe: str = "tensorwise") -> int:
+    """Swap the blocks' eligible nn.Linear layers for tokenforge.fp8 Float8Linear (the head stays
+    high precision: the fused cross-entropy reads its weight directly). Returns how many."""
+    from tokenforge.fp8 import convert_to_float8
 
-    convert = getattr(fp8_pkg, "convert_to_float8_training", None)
-    if convert is not None:
-        before = sum(isinstance(m, torch.nn.Linear) for m in model.layers.modules())
-        convert(model.layers)
-        return before
-    from tokenforge.fp8.linear import Float8Linear
-
-    count = 0
-    for parent in list(model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, Float8Linear.from_linear(child))
-                count += 1
-    return count
+    # Within the blocks there is no embedding-adjacent or head layer to protect.
+    return len(convert_to_float8(model.layers, recipe=recipe, skip_first_last=False).converted)
 
 
 def kernel_backend_note(device: torch.device) -> str:
@@ -285,7 +275,7 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
         if reason:
             res.notes.append(f"--fp8 skipped: {reason}")
         else:
-            n = convert_fp8(model)
+            n = convert_fp8(model, getattr(args, "fp8_recipe", "tensorwise"))
             res.notes.append(f"fp8: {n} Linear layers -> tokenforge.fp8.Float8Linear"
                              + (" (CPU: emulated, no speedup)" if device.type == "cpu" else ""))
     raw = model
