@@ -72,4 +72,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale_ptr"), py::arg("partial_ptr"), py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"),
         py::arg("num_partials"), py::arg("x_dtype"), py::arg("fp8_format"), py::arg("power_of_two"),
         py::arg("stream"), "Tensorwise fp8 quantization: amax pass + cast pass, no host sync.");
+  m.def("adamw_fp32_step", &tokenforge::adamw_fp32_step, py::arg("ptrs"), py::arg("meta"),
+        py::arg("blockmap"), py::arg("hyper"), py::arg("grad_scale"), py::arg("n_tensors"),
+        py::arg("n_blocks"), py::arg("chunk_size"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("aligned"), py::arg("stream"),
+        "One multi-tensor AdamW step over fp32 params from device tables (see csrc/adamw.cu): "
+        "ptrs int64 [7, n_tensors], meta int64 [2, n_tensors], blockmap int32 [2, n_blocks], "
+        "hyper float64 [5]; grad_scale fp32 0-d or 0.");
 }

@@ -69,4 +69,14 @@ void fp8_quantize_tensor(std::uintptr_t x, std::uintptr_t data, std::uintptr_t s
                          std::int64_t rows, std::int64_t cols, std::int64_t x_row_stride, int num_partials,
                          int x_dtype, int fp8_format, bool power_of_two, std::uintptr_t stream);
 
+// ---- AdamW (adamw.cu) -----------------------------------------------------------------------
+// One multi-tensor AdamW step over fp32 params from the device tables built by
+// tokenforge.optim.multi_tensor (ptrs int64 [7, n_tensors], meta int64 [2, n_tensors], blockmap
+// int32 [2, n_blocks], hyper float64 [5] = lr, beta1, beta2, eps, weight_decay; grad_scale: fp32
+// 0-d or 0 for none). aligned: every table pointer is 16-byte aligned (float4 accesses).
+void adamw_fp32_step(std::uintptr_t ptrs, std::uintptr_t meta, std::uintptr_t blockmap,
+                     std::uintptr_t hyper, std::uintptr_t grad_scale, std::int64_t n_tensors,
+                     std::int64_t n_blocks, std::int64_t chunk_size, bool amsgrad, bool maximize,
+                     bool aligned, std::uintptr_t stream);
+
 }  // namespace tokenforge

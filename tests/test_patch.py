@@ -93,8 +93,33 @@ def test_patch_twice_is_a_clear_error_and_unpatch_needs_a_patch():
 
 def test_report_says_what_was_skipped():
     model = _tiny_model()
-    report = tokenforge.patch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    assert "optimizer" in str(report)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = tokenforge.patch(model, optimizer=sgd)
+    assert any(s.startswith("optimizer: SGD has no tokenforge equivalent") for s in report.skipped)
+    assert report.optimizer is sgd
+    tokenforge.unpatch(model)
+
+
+def test_optimizer_is_swapped_for_the_fused_one_with_its_state():
+    model = _tiny_model()
+    idx, targets = _batch(model.cfg)
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.05)
+    for m, o in ((model, opt), (twin, twin_opt)):  # one torch step each, so there is state to carry
+        m(idx, targets).backward()
+        o.step()
+        o.zero_grad()
+    report = tokenforge.patch(model, optimizer=opt, attention=False, rope=False, swiglu=False,
+                              cross_entropy=False, rms_norm=False)
+    fused = report.optimizer
+    assert isinstance(fused, tokenforge.optim.AdamW)
+    assert fused.param_groups[0]["weight_decay"] == 0.05
+    for m, o in ((model, fused), (twin, twin_opt)):
+        m(idx, targets).backward()
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert rel_error(p, q) < 1e-6, name
     tokenforge.unpatch(model)
 
 

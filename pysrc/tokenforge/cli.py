@@ -51,7 +51,7 @@ def _op_backends(device_type: str) -> list[dict]:
     """For each registered op: the backend a typical bf16/fp32 call would use on device_type, and why."""
     import torch
 
-    from tokenforge import backends, ops  # noqa: F401  (importing ops registers them)
+    from tokenforge import backends, fp8, ops, optim  # noqa: F401  (importing them registers their ops)
 
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     rows = []

@@ -49,6 +49,9 @@ class PatchReport:
     family: str
     patched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # With patch(..., optimizer=opt): tokenforge's fused equivalent, same groups and state (or opt
+    # itself when there is none); use it in place of opt from then on.
+    optimizer: Any = None
 
     def __str__(self) -> str:
         lines = [f"tokenforge.patch({self.model}): family {self.family}"]
@@ -379,6 +382,23 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
         report.skipped.append("fp8: no eligible nn.Linear (in/out features multiples of 16, not the head or the first layer)")
 
 
+def _fused_optimizer(optimizer, report: PatchReport):
+    """tokenforge.optim.AdamW with ``optimizer``'s param groups, hyper-parameters and state."""
+    from tokenforge.optim import AdamW
+
+    if type(optimizer) is not torch.optim.AdamW:
+        report.skipped.append(f"optimizer: {type(optimizer).__name__} has no tokenforge equivalent "
+                              "(torch.optim.AdamW does); keep using it")
+        return optimizer
+    known = ("params", "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+    groups = [{k: v for k, v in g.items() if k in known} for g in optimizer.param_groups]
+    fused = AdamW(groups)
+    fused.load_state_dict(optimizer.state_dict())
+    report.patched.append("optimizer: torch.optim.AdamW -> tokenforge.optim.AdamW (same groups and state; "
+                          "use report.optimizer from now on)")
+    return fused
+
+
 def _family(model: nn.Module) -> str:
     from tokenforge.models.transformer import Transformer
 
@@ -412,7 +432,7 @@ def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, ro
         if fp8:
             _convert_fp8(model, undo, report)
         if optimizer is not None:
-            report.skipped.append("optimizer: tokenforge has no fused optimizer in this build; keep your optimizer")
+            report.optimizer = _fused_optimizer(optimizer, report)
     except BaseException:
         undo.run()
         raise
