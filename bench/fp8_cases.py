@@ -71,14 +71,33 @@ def prepare_linear(shape, backend, device):
     lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=torch.bfloat16)
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(M, N, device=device, dtype=torch.bfloat16)
-    mod = lin if backend == "bf16_linear" else fp8.Float8Linear.from_linear(lin, backend.split(":")[1])
+    if backend == "bf16_linear":
+        mod = lin
+    elif backend.startswith("torchao:"):
+        mod = _torchao_float8_linear(lin, backend.split(":")[1], device)
+    else:
+        mod = fp8.Float8Linear.from_linear(lin, backend.split(":")[1])
+    params = tuple(mod.parameters())
 
     def run():
         y = mod(x)
-        torch.autograd.grad(y, (x, lin.weight), dy)
+        torch.autograd.grad(y, (x, *params), dy)
 
     run()
     return run, 6.0 * M * K * N
+
+
+def _torchao_float8_linear(lin, recipe, device):
+    """The peer baseline: torchao's float8 training Linear with the same recipe, when installed."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except Exception as exc:  # ImportError, or a torchao built against another torch
+        raise BackendUnavailable(f"torchao float8 is not importable ({type(exc).__name__}); pip install torchao") from exc
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise BackendUnavailable("torchao float8 training needs an sm_89+ GPU")
+    model = torch.nn.Sequential(lin)
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe))
+    return model
 
 
 def measure(fn, device, quick):

@@ -56,7 +56,8 @@ def test_quantize(benchmark, bench_recorder, request, shape, scaling, backend):
          lambda: fc.prepare_quantize(shape, scaling, backend, DEVICE), "gbps", ("torch",))
 
 
-@pytest.mark.parametrize("backend", ["bf16_linear", "fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp"])
+@pytest.mark.parametrize("backend", ["bf16_linear", "fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp",
+                                     "torchao:tensorwise", "torchao:rowwise"])
 @pytest.mark.parametrize("shape", fc.LINEAR_GPU if DEVICE.type == "cuda" else fc.LINEAR_CPU,
                          ids=lambda s: "x".join(map(str, s)))
 def test_float8_linear(benchmark, bench_recorder, request, shape, backend):
