@@ -1,4 +1,5 @@
-"""Attention benchmark cases: shapes, backends, inputs, correctness check and measurement.
+"""Attention benchmark cases: shapes, backends, inputs, the fp32 reference and the record fields
+(the shared flow is bench/harness.py).
 
 Backends (baselines first, so a kernel's ratios are known when it runs):
 
@@ -16,13 +17,14 @@ large bf16 torch.matmul measured in the same run (the dense tensor-core rate act
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 import bandwidth as bw
+import harness
+from harness import BackendUnavailable, Prepared
 
 OP = "attention"
 PASSES = ("fwd", "fwd_bwd")
@@ -32,12 +34,8 @@ CPU_BACKENDS = ("sdpa", "triton")
 HEADS_TOKENS = 16 * 16384  # batch * seqlen held constant on the GPU: batch = 16384 // seqlen (x16 heads)
 
 
-class BackendUnavailable(Exception):
-    """The backend cannot run this case here."""
-
-
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseId):
     pass_: str
     batch: int
     seqlen: int
@@ -51,10 +49,6 @@ class Case:
     def shape(self) -> str:
         return f"b{self.batch}-s{self.seqlen}-h{self.heads}-d{self.head_dim}" + ("-causal" if self.causal else "")
 
-    @property
-    def id(self) -> str:
-        return f"{self.pass_}-{self.shape}-{bw.dtype_name(self.dtype)}"
-
     def flops(self) -> float:
         f = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
         if self.causal:
@@ -62,16 +56,9 @@ class Case:
         return f * (3.5 if self.pass_ == "fwd_bwd" else 1.0)
 
 
-def sizes_mode(device) -> str:
-    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
-    if mode in ("full", "tiny"):
-        return mode
-    return "full" if torch.device(device).type == "cuda" else "tiny"
-
-
 def cases(device) -> list[Case]:
     """The headline (fwd bf16 d128 causal 16k) first, then seqlen 1k..16k x d 64/128 x causal."""
-    if sizes_mode(device) == "tiny":
+    if harness.sizes_mode(device) == "tiny":
         return [Case("fwd_bwd", 1, 64, 2, 64, True, headline=True), Case("fwd", 1, 64, 2, 64, False)]
     out = [Case("fwd", 1, 16384, 16, 128, True, headline=True), Case("fwd_bwd", 1, 16384, 16, 128, True)]
     for seqlen in (1024, 4096, 16384):
@@ -86,7 +73,7 @@ def cases(device) -> list[Case]:
 
 
 def backends_for(device) -> tuple[str, ...]:
-    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+    return harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
 
 
 def make_op(backend: str, device: torch.device) -> Callable:
@@ -94,7 +81,7 @@ def make_op(backend: str, device: torch.device) -> Callable:
     import torch.nn.functional as F
 
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on", "yes"):
+        if harness.triton_needs_interpreter(device):
             raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
         from tokenforge.ops.attention import attention
 
@@ -140,28 +127,6 @@ def matmul_tflops(device) -> float:
     return _MATMUL[device.type]
 
 
-@dataclass
-class Prepared:
-    case: Case
-    backend: str
-    device: torch.device
-    fn: Callable[[], object]
-    rel_err: dict = field(default_factory=dict)
-    tol: float = 2e-2
-    peak_mem_bytes: Optional[int] = None
-
-    @property
-    def correct(self) -> bool:
-        return all(e <= self.tol for e in self.rel_err.values())
-
-
-def _rel(out, ref) -> float:
-    num = (out.double() - ref.double()).norm().item()
-    den = ref.double().norm().item()
-    err = num / den if den > 0 else num
-    return err if err == err else float("inf")
-
-
 def prepare(case: Case, backend: str, device) -> Prepared:
     """Inputs, one checked call, and the timed closure. Correctness: against SDPA in fp32 on the
     same inputs (the float64 oracle is too big at these sizes; the test suite does that)."""
@@ -174,18 +139,15 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    try:
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def first():
         if case.pass_ == "fwd":
-            out = op(q, k, v, case.causal)
-        else:
-            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-            out = op(qg, kg, vg, case.causal)
-            grads = torch.autograd.grad(out, (qg, kg, vg), dout)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise BackendUnavailable(f"{type(exc).__name__}: {msg}"[:300]) from exc
+            return op(q, k, v, case.causal), None
+        out = op(qg, kg, vg, case.causal)
+        return out, torch.autograd.grad(out, (qg, kg, vg), dout)
+
+    out, grads = harness.first_call(first, device)
     peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else None
 
     # Reference: fp32 math on a slice of heads (SDPA's math/efficient path in fp32).
@@ -194,11 +156,11 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     hs = slice(0, min(h, 2))
     q32, k32, v32 = (t[:, :, hs].float().transpose(1, 2).requires_grad_() for t in (q, k, v))
     ref = F.scaled_dot_product_attention(q32, k32, v32, is_causal=case.causal)
-    errs = {"out": _rel(out[:, :, hs].detach(), ref.transpose(1, 2))}
+    errs = {"out": harness.rel_err(out[:, :, hs].detach(), ref.transpose(1, 2))}
     if case.pass_ == "fwd_bwd":
         rg = torch.autograd.grad(ref, (q32, k32, v32), dout[:, :, hs].float().transpose(1, 2))
         for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
-            errs[name] = _rel(g[:, :, hs], r.transpose(1, 2))
+            errs[name] = harness.rel_err(g[:, :, hs], r.transpose(1, 2))
     del ref, out
 
     if case.pass_ == "fwd":
@@ -208,18 +170,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         def fn():
             o = op(qg, kg, vg, case.causal)
             return torch.autograd.grad(o, (qg, kg, vg), dout)
-    return Prepared(case, backend, device, fn, errs, peak_mem_bytes=peak)
+    return Prepared(case, backend, device, fn, errs, harness.tolerance(case.dtype), {"peak_mem_bytes": peak})
 
 
 def make_record(prep: Prepared, stats: dict, matmul: Optional[float]) -> dict:
-    case = prep.case
-    med = stats["median_ms"]
-    tflops = case.flops() / (med * 1e-3) / 1e12 if med > 0 else float("nan")
-    rec = {"op": OP, "pass": case.pass_, "shape": case.shape, "dtype": bw.dtype_name(case.dtype),
-           "backend": prep.backend, "device": prep.device.type, "headline": case.headline, **stats,
-           "flops": case.flops(), "tflops": tflops, "rel_err": dict(prep.rel_err), "tol": prep.tol,
-           "correct": prep.correct, "meaningful": prep.device.type == "cuda", "peak_mem_bytes": prep.peak_mem_bytes}
-    if matmul:
-        rec["matmul_tflops"] = matmul
-        rec["fraction_of_matmul"] = tflops / matmul
-    return rec
+    return harness.make_record(prep, stats, op=OP, flops=prep.case.flops(), matmul_tflops=matmul)

@@ -1,4 +1,5 @@
-"""RMSNorm benchmark cases: shapes, backends, inputs, correctness check and measurement.
+"""RMSNorm benchmark cases: shapes, backends, inputs, the float64 reference and the record fields
+(the shared flow is bench/harness.py).
 
 Shared by the pytest-benchmark file (bench/test_bench_rms_norm.py) and the plain-script runner
 (bench/rms_norm_demo.py), so both time exactly the same thing.
@@ -18,13 +19,14 @@ Passes: ``fwd`` (y = rms_norm(x, w), inputs not requiring grad) and ``fwd_bwd`` 
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 import bandwidth as bw
+import harness
+from harness import BackendUnavailable, Prepared
 
 OP = "rms_norm"
 EPS = 1e-6
@@ -50,12 +52,8 @@ BACKEND_DESCRIPTIONS = {
 }
 
 
-class BackendUnavailable(Exception):
-    """The backend cannot run this case here (not built, no GPU, no interpreter...)."""
-
-
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseId):
     pass_: str  # "fwd" or "fwd_bwd"
     rows: int
     n: int
@@ -66,14 +64,6 @@ class Case:
     def shape(self) -> str:
         return f"{self.rows}x{self.n}"
 
-    @property
-    def dtype_name(self) -> str:
-        return bw.dtype_name(self.dtype)
-
-    @property
-    def id(self) -> str:
-        return f"{self.pass_}-{self.shape}-{self.dtype_name}"
-
     def bytes(self) -> int:
         """Minimum bytes moved (bandwidth.rms_norm_fwd_bytes / rms_norm_fwd_bwd_bytes); the
         weight has x's dtype in these benchmarks."""
@@ -83,20 +73,11 @@ class Case:
         return bw.rms_norm_fwd_bwd_bytes(self.rows, self.n, eb)
 
 
-def sizes_mode(device: torch.device) -> str:
-    """``full`` (the GPU shapes) or ``tiny`` (64x256); ``TOKENFORGE_BENCH_SIZES`` overrides the
-    default, which is full on CUDA and tiny elsewhere."""
-    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
-    if mode in ("full", "tiny"):
-        return mode
-    return "full" if torch.device(device).type == "cuda" else "tiny"
-
-
 def cases(device) -> list[Case]:
     """Cases in run order: the headline first, then the rest of its shape, then the other shapes."""
     device = torch.device(device)
     out: list[Case] = []
-    if sizes_mode(device) == "full":
+    if harness.sizes_mode(device) == "full":
         hr, hn = HEADLINE_SHAPE
         out += [Case("fwd_bwd", hr, hn, torch.bfloat16, headline=True), Case("fwd", hr, hn, torch.bfloat16),
                 Case("fwd_bwd", hr, hn, torch.float32), Case("fwd", hr, hn, torch.float32)]
@@ -113,7 +94,7 @@ def cases(device) -> list[Case]:
 
 
 def backends_for(device) -> tuple[str, ...]:
-    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+    return harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +113,7 @@ def static_unavailable_reason(backend: str, device: torch.device) -> Optional[st
     if device.type != "cuda":
         if backend == "cuda":
             return "the CUDA extension needs a CUDA device"
-        if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        if backend == "triton" and harness.triton_needs_interpreter(device):
             return "Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)"
     return None
 
@@ -162,51 +143,10 @@ def make_op(backend: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_DESCRIPTIONS)}")
 
 
-_CUDA_FAULT_MARKERS = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
-                       "misaligned address", "CUBLAS_STATUS", "cudaError")
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A crash of the device (a bug to report), not a backend that is merely unavailable."""
-    msg = str(exc)
-    return any(m in msg for m in _CUDA_FAULT_MARKERS)
-
-
 def reference64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """RMSNorm in float64, written out here (independent of tokenforge): the correctness oracle."""
     xd = x.double()
     return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; inf for NaN/inf or a shape mismatch."""
-    if out is None or tuple(out.shape) != tuple(ref.shape):
-        return float("inf")
-    num = (out.double() - ref).norm().item()
-    den = ref.norm().item()
-    err = num / den if den > 0 else num
-    return err if err == err and err != float("inf") else float("inf")
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Loose sanity bound for a benchmark (the test suite checks precisely): 1e-4 for fp32,
-    2e-2 for fp16/bf16."""
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-
-@dataclass
-class Prepared:
-    """A case ready to time: ``fn()`` runs one pass; the first call (compile, correctness) is done."""
-    case: Case
-    backend: str
-    device: torch.device
-    fn: Callable[[], object]
-    rel_err: dict = field(default_factory=dict)
-    tol: float = 0.0
-
-    @property
-    def correct(self) -> bool:
-        return all(e <= self.tol for e in self.rel_err.values())
 
 
 def make_inputs(case: Case, device: torch.device):
@@ -229,28 +169,21 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     if reason:
         raise BackendUnavailable(reason)
     x, w, dy = make_inputs(case, device)
-    try:
-        op = make_op(backend)
-        if case.pass_ == "fwd":
-            y = op(x, w)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        else:
-            xg = x.detach().requires_grad_(True)
-            wg = w.detach().requires_grad_(True)
-            y = op(xg, wg)
-            dx, dw = torch.autograd.grad(y, (xg, wg), dy)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if is_device_fault(exc):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise BackendUnavailable(f"{type(exc).__name__}: {first}"[:300]) from exc
+    xg = x.detach().requires_grad_(True)
+    wg = w.detach().requires_grad_(True)
 
-    tol = tolerance(case.dtype)
+    def first():
+        op = make_op(backend)  # inside the first call: a backend that cannot load is unavailable
+        if case.pass_ == "fwd":
+            return op, op(x, w), None, None
+        y = op(xg, wg)
+        return (op, y, *torch.autograd.grad(y, (xg, wg), dy))
+
+    op, y, dx, dw = harness.first_call(first, device)
+
+    tol = harness.tolerance(case.dtype)
     if case.pass_ == "fwd":
-        errs = {"y": rel_err(y, reference64(x, w))}
+        errs = {"y": harness.rel_err(y, reference64(x, w))}
         del y
 
         def fn():
@@ -260,7 +193,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         wd = w.double().requires_grad_(True)
         yd = reference64(xd, wd)
         dxd, dwd = torch.autograd.grad(yd, (xd, wd), dy.double())
-        errs = {"y": rel_err(y.detach(), yd.detach()), "dx": rel_err(dx, dxd), "dw": rel_err(dw, dwd)}
+        errs = {"y": harness.rel_err(y.detach(), yd.detach()), "dx": harness.rel_err(dx, dxd),
+                "dw": harness.rel_err(dw, dwd)}
         del xd, wd, yd, dxd, dwd, y, dx, dw
 
         def fn():
@@ -280,39 +214,6 @@ def measure(prep: Prepared, copy_gbps: Optional[float] = None, timer_kwargs: Opt
 
 def make_record(prep: Prepared, stats: dict, copy_gbps: Optional[float]) -> dict:
     case = prep.case
-    nbytes = case.bytes()
-    med = stats["median_ms"]
-    gbps = nbytes / (med * 1e-3) / bw.GB if med > 0 else float("nan")
-    rec = {
-        "op": OP,
-        "pass": case.pass_,
-        "shape": case.shape,
-        "rows": case.rows,
-        "n": case.n,
-        "dtype": case.dtype_name,
-        "backend": prep.backend,
-        "impl": BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend),
-        "device": prep.device.type,
-        "headline": case.headline,
-        **stats,
-        "bytes": nbytes,
-        "gbps": gbps,
-        "rel_err": {k: float(v) for k, v in prep.rel_err.items()},
-        "tol": prep.tol,
-        "correct": prep.correct,
-        "meaningful": prep.device.type == "cuda",
-    }
-    if copy_gbps:
-        rec["copy_gbps"] = copy_gbps
-        rec["fraction_of_copy"] = gbps / copy_gbps
-        rec["floor_ms"] = nbytes / (copy_gbps * bw.GB) * 1e3
-    return rec
-
-
-def add_ratios(rec: dict, baseline_ms: dict) -> dict:
-    """Add ``speedup_vs_<baseline>`` = baseline median / this median for each baseline measured
-    (``baseline_ms``: backend -> median ms for the same case)."""
-    for base, ms in baseline_ms.items():
-        if ms and rec.get("median_ms"):
-            rec[f"speedup_vs_{base}"] = ms / rec["median_ms"]
-    return rec
+    return harness.make_record(prep, stats, op=OP, dims={"rows": case.rows, "n": case.n},
+                               impl=BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend),
+                               nbytes=case.bytes(), copy_gbps=copy_gbps)

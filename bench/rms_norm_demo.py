@@ -24,6 +24,7 @@ if _HERE not in sys.path:
 import torch  # noqa: E402
 
 import bandwidth as bw  # noqa: E402
+import harness  # noqa: E402
 import report  # noqa: E402
 import rms_norm_cases as rc  # noqa: E402
 
@@ -38,13 +39,13 @@ def run(cases, backends, device, copy_gbps, log=print):
             try:
                 prep = rc.prepare(case, backend, device)
                 rec = rc.measure(prep, copy_gbps)
-            except rc.BackendUnavailable as exc:
+            except harness.BackendUnavailable as exc:
                 problems.append(f"{case.id} {backend}: unavailable: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - a demo reports and goes on
                 problems.append(f"{case.id} {backend}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
-            rc.add_ratios(rec, {b: ms for b, ms in base.items() if b != backend})
+            harness.add_ratios(rec, {b: ms for b, ms in base.items() if b != backend})
             if backend in rc.BASELINES:
                 base[backend] = rec["median_ms"]
             if not rec["correct"]:

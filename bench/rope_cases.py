@@ -1,5 +1,5 @@
-"""RoPE benchmark cases: shapes, backends, inputs, correctness check and measurement (used by
-bench/test_bench_rope.py; same structure as rms_norm_cases.py).
+"""RoPE benchmark cases: shapes, backends, inputs, the float64 reference and the record fields
+(used by bench/test_bench_rope.py; the shared flow is bench/harness.py).
 
 Backends compared (baselines first, so a kernel's ratios are known when it runs):
 
@@ -17,13 +17,14 @@ in q's dtype, what Hugging Face's LlamaRotaryEmbedding returns for training (pos
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 import bandwidth as bw
+import harness
+from harness import BackendUnavailable, Prepared
 
 OP = "rope"
 PASSES = ("fwd", "fwd_bwd")
@@ -46,10 +47,6 @@ BACKEND_DESCRIPTIONS = {
 }
 
 
-class BackendUnavailable(Exception):
-    """The backend cannot run this case here (not installed, no GPU, no interpreter...)."""
-
-
 def rope_bytes(batch: int, seq: int, heads_q: int, heads_k: int, head_dim: int, x_bytes: int,
                rot_dim: Optional[int] = None, cos_bytes: Optional[int] = None, cos_rows: Optional[int] = None) -> int:
     """Minimum bytes of one RoPE pass (forward, or the backward alone): read q, k and cos, sin once,
@@ -66,7 +63,7 @@ def rope_bytes(batch: int, seq: int, heads_q: int, heads_k: int, head_dim: int, 
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseId):
     pass_: str  # "fwd" or "fwd_bwd"
     batch: int
     seq: int
@@ -81,14 +78,6 @@ class Case:
     def shape(self) -> str:
         return f"{self.layout}:{self.batch}x{self.seq}x{self.heads_q}x{self.heads_k}x{self.head_dim}"
 
-    @property
-    def dtype_name(self) -> str:
-        return bw.dtype_name(self.dtype)
-
-    @property
-    def id(self) -> str:
-        return f"{self.pass_}-{self.shape}-{self.dtype_name}"
-
     def bytes(self) -> int:
         one = rope_bytes(self.batch, self.seq, self.heads_q, self.heads_k, self.head_dim, bw.dtype_bytes(self.dtype))
         return one if self.pass_ == "fwd" else 2 * one
@@ -99,18 +88,10 @@ class Case:
         return (self.batch, heads, self.seq, self.head_dim)
 
 
-def sizes_mode(device: torch.device) -> str:
-    """``full`` (GPU shapes) or ``tiny``; ``TOKENFORGE_BENCH_SIZES`` overrides (full on CUDA)."""
-    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
-    if mode in ("full", "tiny"):
-        return mode
-    return "full" if torch.device(device).type == "cuda" else "tiny"
-
-
 def cases(device) -> list[Case]:
     """The headline (fwd+bwd, LLaMA-8B, bf16, Hugging Face's bhsd) first, then the rest."""
     out: list[Case] = []
-    if sizes_mode(device) == "full":
+    if harness.sizes_mode(device) == "full":
         for i, shape in enumerate(GPU_SHAPES):
             layouts = ("bhsd", "bshd") if i == 0 else ("bhsd",)
             for layout in layouts:
@@ -126,7 +107,7 @@ def cases(device) -> list[Case]:
 
 
 def backends_for(device) -> tuple[str, ...]:
-    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+    return harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +116,7 @@ def backends_for(device) -> tuple[str, ...]:
 
 
 def static_unavailable_reason(backend: str, case: Case, device: torch.device) -> Optional[str]:
-    if device.type != "cuda" and backend == "triton" and \
-            os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+    if backend == "triton" and harness.triton_needs_interpreter(device):
         return "Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)"
     if backend == "liger":
         if case.layout != "bhsd":
@@ -179,34 +159,6 @@ def reference64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: s
     return xd * c + torch.cat((-xd[..., half:], xd[..., :half]), dim=-1) * s
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if out is None or tuple(out.shape) != tuple(ref.shape):
-        return float("inf")
-    num = (out.double() - ref).norm().item()
-    den = ref.norm().item()
-    err = num / den if den > 0 else num
-    return err if err == err and err != float("inf") else float("inf")
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Loose sanity bound (the test suite checks precisely): 1e-4 for fp32, 2e-2 for fp16/bf16."""
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-
-@dataclass
-class Prepared:
-    case: Case
-    backend: str
-    device: torch.device
-    fn: Callable[[], object]
-    rel_err: dict = field(default_factory=dict)
-    tol: float = 0.0
-
-    @property
-    def correct(self) -> bool:
-        return all(e <= self.tol for e in self.rel_err.values())
-
-
 def make_inputs(case: Case, device: torch.device):
     """Fresh random q, k, dq_out, dk_out ~ N(0, 1) and Hugging Face LLaMA cos/sin (1, seq, head_dim)."""
     def randn(heads):
@@ -227,27 +179,22 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         raise BackendUnavailable(reason)
     q, k, cos, sin, dq_out, dk_out = make_inputs(case, device)
     qg, kg = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
-    try:
-        op = make_op(backend, case.layout)
-        if case.pass_ == "fwd":
-            outs = op(q, k, cos, sin)
-        else:
-            outs = op(qg, kg, cos, sin)
-            grads = torch.autograd.grad(outs, (qg, kg), (dq_out, dk_out))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if any(m in str(exc) for m in ("CUDA error", "illegal memory access", "device-side assert")):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise BackendUnavailable(f"{type(exc).__name__}: {first}"[:300]) from exc
 
-    errs = {"q_out": rel_err(outs[0].detach(), reference64(q, cos, sin, case.layout)),
-            "k_out": rel_err(outs[1].detach(), reference64(k, cos, sin, case.layout))}
+    def first():
+        op = make_op(backend, case.layout)  # inside the first call: a backend that cannot load is unavailable
+        if case.pass_ == "fwd":
+            return op, op(q, k, cos, sin), None
+        outs = op(qg, kg, cos, sin)
+        return op, outs, torch.autograd.grad(outs, (qg, kg), (dq_out, dk_out))
+
+    op, outs, grads = harness.first_call(first, device)
+
+    errs = {"q_out": harness.rel_err(outs[0].detach(), reference64(q, cos, sin, case.layout)),
+            "k_out": harness.rel_err(outs[1].detach(), reference64(k, cos, sin, case.layout))}
     if case.pass_ == "fwd_bwd":
         # The transpose of the rotation is the rotation by -theta.
-        errs["dq"] = rel_err(grads[0], reference64(dq_out, cos, -sin, case.layout))
-        errs["dk"] = rel_err(grads[1], reference64(dk_out, cos, -sin, case.layout))
+        errs["dq"] = harness.rel_err(grads[0], reference64(dq_out, cos, -sin, case.layout))
+        errs["dk"] = harness.rel_err(grads[1], reference64(dk_out, cos, -sin, case.layout))
         del grads
     del outs
 
@@ -260,27 +207,12 @@ def prepare(case: Case, backend: str, device) -> Prepared:
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Prepared(case, backend, device, fn, errs, tolerance(case.dtype))
+    return Prepared(case, backend, device, fn, errs, harness.tolerance(case.dtype))
 
 
-def measure(prep: Prepared, copy_gbps: Optional[float] = None, timer_kwargs: Optional[dict] = None) -> dict:
-    """Time ``prep.fn`` (bandwidth.time_fn) and return the record stored in the JSON's extra_info."""
-    stats = bw.time_fn(prep.fn, prep.device, **(timer_kwargs or {}))
+def make_record(prep: Prepared, stats: dict, copy_gbps: Optional[float]) -> dict:
     case = prep.case
-    nbytes = case.bytes()
-    med = stats["median_ms"]
-    gbps = nbytes / (med * 1e-3) / bw.GB if med > 0 else float("nan")
-    rec = {
-        "op": OP, "pass": case.pass_, "shape": case.shape, "layout": case.layout,
-        "batch": case.batch, "seq": case.seq, "heads_q": case.heads_q, "heads_k": case.heads_k,
-        "head_dim": case.head_dim, "dtype": case.dtype_name, "backend": prep.backend,
-        "impl": BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend), "device": prep.device.type,
-        "headline": case.headline, **stats, "bytes": nbytes, "gbps": gbps,
-        "rel_err": {k: float(v) for k, v in prep.rel_err.items()}, "tol": prep.tol,
-        "correct": prep.correct, "meaningful": prep.device.type == "cuda",
-    }
-    if copy_gbps:
-        rec["copy_gbps"] = copy_gbps
-        rec["fraction_of_copy"] = gbps / copy_gbps
-        rec["floor_ms"] = nbytes / (copy_gbps * bw.GB) * 1e3
-    return rec
+    dims = {"layout": case.layout, "batch": case.batch, "seq": case.seq, "heads_q": case.heads_q,
+            "heads_k": case.heads_k, "head_dim": case.head_dim}
+    return harness.make_record(prep, stats, op=OP, dims=dims, impl=BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend),
+                               nbytes=case.bytes(), copy_gbps=copy_gbps)

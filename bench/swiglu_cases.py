@@ -1,4 +1,5 @@
-"""SwiGLU and residual+RMSNorm benchmark cases: shapes, backends, inputs, correctness and timing.
+"""SwiGLU and residual+RMSNorm benchmark cases: shapes, backends, inputs, the float64 reference and
+the record fields (the shared flow is bench/harness.py).
 
 Used by bench/test_bench_swiglu.py and bench/test_bench_add_rms_norm.py. Backends (baselines
 first, so the kernels' speedups are known when they run):
@@ -15,21 +16,19 @@ every output with random upstream gradients into every input).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 import bandwidth as bw
+import harness
+from harness import BackendUnavailable, Prepared
 
 PASSES = ("fwd", "fwd_bwd")
 GPU_BACKENDS = ("eager", "compile", "liger", "triton")
 CPU_BACKENDS = ("eager", "compile", "liger", "torch", "triton")
-
-
-class BackendUnavailable(Exception):
-    """The backend cannot run this case here."""
+BASELINES = ("eager", "compile", "liger")
 
 
 def swiglu_bytes(pass_: str, rows: int, n: int, eb: int) -> int:
@@ -48,7 +47,7 @@ def add_rms_norm_bytes(pass_: str, rows: int, n: int, eb: int, wb: Optional[int]
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseId):
     op: str  # "swiglu" or "add_rms_norm"
     pass_: str
     rows: int
@@ -59,10 +58,6 @@ class Case:
     @property
     def shape(self) -> str:
         return f"{self.rows}x{self.n}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.pass_}-{self.shape}-{bw.dtype_name(self.dtype)}"
 
     def bytes(self) -> int:
         f = swiglu_bytes if self.op == "swiglu" else add_rms_norm_bytes
@@ -75,10 +70,7 @@ CPU_SHAPE = (64, 256)
 
 
 def cases(op: str, device) -> list[Case]:
-    device = torch.device(device)
-    mode = os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower()
-    full = mode == "full" or (mode != "tiny" and device.type == "cuda")
-    if not full:
+    if harness.sizes_mode(device) == "tiny":
         r, n = CPU_SHAPE
         return [Case(op, "fwd_bwd", r, n, torch.bfloat16, headline=True), Case(op, "fwd", r, n, torch.bfloat16),
                 Case(op, "fwd_bwd", r, n, torch.float32), Case(op, "fwd", r, n, torch.float32)]
@@ -90,7 +82,7 @@ def cases(op: str, device) -> list[Case]:
 
 
 def backends_for(device) -> tuple[str, ...]:
-    return GPU_BACKENDS if torch.device(device).type == "cuda" else CPU_BACKENDS
+    return harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +100,7 @@ def _reference(op: str) -> Callable:
 
 
 def make_op(op: str, backend: str, device: torch.device) -> Callable:
-    if device.type != "cuda" and backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true"):
+    if backend == "triton" and harness.triton_needs_interpreter(device):
         raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)")
     if backend == "eager":
         return _reference(op)
@@ -154,55 +146,29 @@ def reference64(op: str, inputs):
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w, h
 
 
-def rel_err(out, ref) -> float:
-    if out is None or tuple(out.shape) != tuple(ref.shape):
-        return float("inf")
-    den = ref.norm().item()
-    err = (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
-    return err if err == err else float("inf")
-
-
-@dataclass
-class Prepared:
-    case: Case
-    backend: str
-    device: torch.device
-    fn: Callable[[], object]
-    rel_err: dict = field(default_factory=dict)
-    tol: float = 0.0
-
-    @property
-    def correct(self) -> bool:
-        return all(e <= self.tol for e in self.rel_err.values())
-
-
 def prepare(case: Case, backend: str, device) -> Prepared:
     """Inputs, the timed function, one checked call against float64 (raises BackendUnavailable)."""
     device = torch.device(device)
     inputs, grads = make_inputs(case, device)
-    op = make_op(case.op, backend, device)
-    try:
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+
+    def first():
+        op = make_op(case.op, backend, device)  # inside the first call: a backend that cannot load is unavailable
         if case.pass_ == "fwd":
-            outs = op(*inputs)
-        else:
-            leaves = [t.detach().requires_grad_(True) for t in inputs]
-            outs = op(*leaves)
-            dins = torch.autograd.grad(outs, leaves, grads)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if "CUDA error" in str(exc) or "illegal memory" in str(exc):
-            raise
-        raise BackendUnavailable(f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+            return op, op(*inputs), None
+        outs = op(*leaves)
+        return op, outs, torch.autograd.grad(outs, leaves, grads)
+
+    op, outs, dins = harness.first_call(first, device)
 
     leaves64 = [t.detach().double().requires_grad_(True) for t in inputs]
     refs = reference64(case.op, leaves64)
-    errs = {f"out{i}": rel_err(o.detach(), r.detach()) for i, (o, r) in enumerate(zip(outs, refs))}
+    errs = {f"out{i}": harness.rel_err(o.detach(), r.detach()) for i, (o, r) in enumerate(zip(outs, refs))}
     if case.pass_ == "fwd_bwd":
         ref_dins = torch.autograd.grad(refs, leaves64, [g.double() for g in grads])
-        errs.update({f"d{i}": rel_err(d, r) for i, (d, r) in enumerate(zip(dins, ref_dins))})
+        errs.update({f"d{i}": harness.rel_err(d, r) for i, (d, r) in enumerate(zip(dins, ref_dins))})
     del outs
-    tol = 1e-4 if case.dtype == torch.float32 else 2e-2  # a sanity bound; tests/ check precisely
+    tol = harness.tolerance(case.dtype)
 
     if case.pass_ == "fwd":
         def fn():
@@ -213,38 +179,7 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     return Prepared(case, backend, device, fn, errs, tol)
 
 
-def record(prep: Prepared, stats: dict, copy_gbps: Optional[float]) -> dict:
-    """The record stored in pytest-benchmark's extra_info (same keys as bench/rms_norm_cases.py)."""
-    case, nbytes, med = prep.case, prep.case.bytes(), stats["median_ms"]
-    gbps = nbytes / (med * 1e-3) / bw.GB if med > 0 else float("nan")
-    rec = {"op": case.op, "pass": case.pass_, "shape": case.shape, "rows": case.rows, "n": case.n,
-           "dtype": bw.dtype_name(case.dtype), "backend": prep.backend, "device": prep.device.type,
-           "headline": case.headline, **stats, "bytes": nbytes, "gbps": gbps,
-           "rel_err": {k: float(v) for k, v in prep.rel_err.items()}, "tol": prep.tol, "correct": prep.correct,
-           "meaningful": prep.device.type == "cuda"}
-    if copy_gbps:
-        rec.update(copy_gbps=copy_gbps, fraction_of_copy=gbps / copy_gbps,
-                   floor_ms=nbytes / (copy_gbps * bw.GB) * 1e3)
-    return rec
-
-
-def run_benchmark(benchmark, bench_recorder, request, case: Case, backend: str, device) -> None:
-    """The body of one pytest-benchmark test: prepare, check, time, record (never assert a speed)."""
-    import pytest
-
-    benchmark.group = f"{case.op} {case.id}"
-    try:
-        prep = prepare(case, backend, device)
-    except BackendUnavailable as exc:
-        bench_recorder.skip(request.node.nodeid, str(exc))
-        pytest.skip(f"unavailable: {exc}")
-    quick = bool(getattr(benchmark, "disabled", False))
-    stats = bw.time_fn(prep.fn, prep.device, **({"warmup_ms": 0.0, "rep_ms": 0.0} if quick else {}))
-    if quick:
-        stats["timer"] += " [quick: --benchmark-disable]"
-    bench_recorder.record(benchmark, record(prep, stats, bench_recorder.copy_gbps), baselines=("eager", "compile", "liger"))
-    lo, hi = (5, 50) if prep.device.type == "cuda" else (3, 20)
-    rounds = int(max(lo, min(hi, 50.0 / stats["median_ms"]))) if stats["median_ms"] > 0 else lo
-    benchmark.pedantic(bw.synchronized(prep.fn, prep.device), rounds=rounds, iterations=1, warmup_rounds=1)
-    if not prep.correct:
-        pytest.fail(f"{backend} computed a wrong result for {case.op} {case.id}: {prep.rel_err} (tol {prep.tol:.0e})")
+def make_record(prep: Prepared, stats: dict, copy_gbps: Optional[float]) -> dict:
+    case = prep.case
+    return harness.make_record(prep, stats, op=case.op, dims={"rows": case.rows, "n": case.n},
+                               nbytes=case.bytes(), copy_gbps=copy_gbps)

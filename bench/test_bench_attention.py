@@ -20,33 +20,18 @@ import pytest  # noqa: E402
 
 import attention_cases as ac  # noqa: E402
 import bandwidth as bw  # noqa: E402
+import harness  # noqa: E402
 
 DEVICE = bw.bench_device()
 
 
-def _params():
-    for case in ac.cases(DEVICE):
-        for backend in ac.backends_for(DEVICE):
-            marks = [pytest.mark.headline] if case.headline else []
-            yield pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks)
+def _rounds(median_ms: float) -> int:
+    """Attention calls are long on the GPU: about 200 ms of pytest-benchmark rounds, 3..20; 3 on CPU."""
+    return harness.rounds_for(median_ms, DEVICE, target_ms=200.0, gpu_range=(3, 20), cpu_range=(3, 3))
 
 
-@pytest.mark.parametrize("case,backend", list(_params()))
+@pytest.mark.parametrize("case,backend", list(harness.bench_params(ac.cases(DEVICE), ac.backends_for(DEVICE))))
 def test_attention(benchmark, bench_recorder, request, case, backend):
-    benchmark.group = f"attention {case.id}"
-    try:
-        prep = ac.prepare(case, backend, DEVICE)
-    except ac.BackendUnavailable as exc:
-        bench_recorder.skip(request.node.nodeid, str(exc))
-        pytest.skip(f"unavailable: {exc}")
-    quick = bool(getattr(benchmark, "disabled", False))
-    stats = bw.time_fn(prep.fn, DEVICE, **({"warmup_ms": 0.0, "rep_ms": 0.0} if quick else {}))
-    rec = ac.make_record(prep, stats, ac.matmul_tflops(DEVICE))
-    if quick:
-        rec["timer"] += " [quick: --benchmark-disable]"
-    bench_recorder.record(benchmark, rec, baselines=ac.BASELINES)
-    rounds = 3 if DEVICE.type != "cuda" else int(max(3, min(20, 200.0 / max(rec["median_ms"], 1e-3))))
-    benchmark.pedantic(bw.synchronized(prep.fn, DEVICE), rounds=rounds, iterations=1, warmup_rounds=1)
-    if not prep.correct:
-        errs = ", ".join(f"{k} {v:.2e}" for k, v in prep.rel_err.items())
-        pytest.fail(f"{backend} computed a wrong result for {case.id}: {errs} (tolerance {prep.tol:.0e})")
+    harness.run_benchmark(benchmark, bench_recorder, request, op=ac.OP, case=case, backend=backend, device=DEVICE,
+                          prepare=ac.prepare, baselines=ac.BASELINES, rounds=_rounds,
+                          make_record=lambda prep, stats: ac.make_record(prep, stats, ac.matmul_tflops(DEVICE)))

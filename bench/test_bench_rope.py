@@ -24,44 +24,17 @@ if _HERE not in sys.path:
 import pytest  # noqa: E402
 
 import bandwidth as bw  # noqa: E402
+import harness  # noqa: E402
 import rope_cases as rc  # noqa: E402
 
 DEVICE = bw.bench_device()
 
 
-def _params():
-    for case in rc.cases(DEVICE):
-        for backend in rc.backends_for(DEVICE):
-            marks = [pytest.mark.headline] if case.headline else []
-            yield pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks)
-
-
-def _rounds(median_ms: float) -> int:
-    lo, hi = (5, 50) if DEVICE.type == "cuda" else (3, 20)
-    if not median_ms or median_ms <= 0:
-        return lo
-    return int(max(lo, min(hi, 50.0 / median_ms)))
-
-
-@pytest.mark.parametrize("case,backend", list(_params()))
+@pytest.mark.parametrize("case,backend", list(harness.bench_params(rc.cases(DEVICE), rc.backends_for(DEVICE))))
 def test_rope(benchmark, bench_recorder, request, case, backend):
-    benchmark.group = f"rope {case.id}"
-    try:
-        prep = rc.prepare(case, backend, DEVICE)
-    except rc.BackendUnavailable as exc:
-        bench_recorder.skip(request.node.nodeid, str(exc))
-        pytest.skip(f"unavailable: {exc}")
-    quick = bool(getattr(benchmark, "disabled", False))
-    rec = rc.measure(prep, bench_recorder.copy_gbps, {"warmup_ms": 0.0, "rep_ms": 0.0} if quick else None)
-    if quick:
-        rec["timer"] += " [quick: --benchmark-disable]"
-    bench_recorder.record(benchmark, rec, baselines=rc.BASELINES)
-    benchmark.pedantic(bw.synchronized(prep.fn, DEVICE), rounds=_rounds(rec["median_ms"]),
-                       iterations=1, warmup_rounds=1)
-    if not prep.correct:
-        errs = ", ".join(f"{k} {v:.2e}" for k, v in prep.rel_err.items())
-        pytest.fail(f"{backend} computed a wrong result for {case.id}: relative error {errs} "
-                    f"(tolerance {prep.tol:.0e}); its timing is recorded but means nothing")
+    harness.run_benchmark(benchmark, bench_recorder, request, op=rc.OP, case=case, backend=backend, device=DEVICE,
+                          prepare=rc.prepare, baselines=rc.BASELINES,
+                          make_record=lambda prep, stats: rc.make_record(prep, stats, bench_recorder.copy_gbps))
 
 
 def test_rope_bytes_formula():

@@ -1,11 +1,12 @@
-"""swiglu microbenchmarks (pytest-benchmark): forward and forward+backward against eager PyTorch,
-torch.compile and Liger-Kernel's LigerSiLUMulFunction (when importable).
+"""SwiGLU microbenchmarks (pytest-benchmark): ``y = silu(gate) * up``, forward and forward+backward,
+against eager PyTorch, torch.compile and Liger-Kernel's LigerSiLUMulFunction (when importable).
 
     pytest bench/test_bench_swiglu.py --benchmark-json=bench.json
     pytest bench/test_bench_swiglu.py -m headline       # 16384x14336 bf16 fwd+bwd only
 
-Bytes are the minimum traffic (bench/swiglu_cases.py), reported as GB/s and as a fraction of the
-copy bandwidth measured in the same run. CPU runs use a tiny shape and only prove the code runs.
+Minimum bytes: 3 tensors of rows x n forward, 8 forward+backward (swiglu_cases.swiglu_bytes), reported
+as GB/s and as a fraction of the copy bandwidth measured in the same run; the test body is
+harness.run_benchmark. CPU runs use a tiny shape and only prove the code runs.
 """
 
 from __future__ import annotations
@@ -20,19 +21,15 @@ if _HERE not in sys.path:
 import pytest  # noqa: E402
 
 import bandwidth as bw  # noqa: E402
+import harness  # noqa: E402
 import swiglu_cases as sc  # noqa: E402
 
 DEVICE = bw.bench_device()
 OP = "swiglu"
 
 
-def _params():
-    for case in sc.cases(OP, DEVICE):
-        for backend in sc.backends_for(DEVICE):
-            marks = [pytest.mark.headline] if case.headline else []
-            yield pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks)
-
-
-@pytest.mark.parametrize("case,backend", list(_params()))
+@pytest.mark.parametrize("case,backend", list(harness.bench_params(sc.cases(OP, DEVICE), sc.backends_for(DEVICE))))
 def test_swiglu(benchmark, bench_recorder, request, case, backend):
-    sc.run_benchmark(benchmark, bench_recorder, request, case, backend, DEVICE)
+    harness.run_benchmark(benchmark, bench_recorder, request, op=OP, case=case, backend=backend, device=DEVICE,
+                          prepare=sc.prepare, baselines=sc.BASELINES,
+                          make_record=lambda prep, stats: sc.make_record(prep, stats, bench_recorder.copy_gbps))

@@ -33,10 +33,16 @@ def test_matches_float64_reference(device, kwargs):
         ref_opt.step()
         # sign() is discontinuous at 0: an element whose interpolated momentum is within fp32
         # rounding of 0 (probability ~1e-7 per element-step) would differ by 2 lr; relative to
-        # the params that is < 1e-5.
+        # the params that is < 1e-5. Each tensor is compared against at least 1 per element: a
+        # 1-element param that training moves through zero has an unbounded relative error
+        # (seen: 5e-7 vs 5e-7 + 3e-11), while fp32 rounding stays ~1e-7 absolute.
         for p, r in zip(ours, ref):
-            assert rel_error(p, r) <= 1e-5, f"step {step}"
-            assert rel_error(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"]) <= 1e-5
+            scale = max(1.0, r.detach().abs().max().item())
+            assert (p.detach().double() - r.detach()).abs().max().item() <= 1e-5 * scale, f"step {step}"
+        assert rel_error(torch.cat([p.detach().flatten() for p in ours]),
+                         torch.cat([r.detach().flatten() for r in ref])) <= 1e-5
+        assert rel_error(torch.cat([opt.state[p]["exp_avg"].flatten() for p in ours]),
+                         torch.cat([ref_opt.state[r]["exp_avg"].flatten() for r in ref])) <= 1e-5
     assert set(opt.state[ours[0]]) == {"step", "exp_avg"}
 
 

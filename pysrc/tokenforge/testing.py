@@ -18,9 +18,10 @@ TOLERANCE = {
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (inf if out has NaN/inf where ref is finite)."""
-    out64 = out.detach().to(device="cpu", dtype=torch.float64)
-    ref64 = ref.detach().to(device="cpu", dtype=torch.float64)
+    """||out - ref|| / ||ref|| in float64 (inf if out has NaN/inf where ref is finite), computed on
+    out's device: real-size GPU checks should not pay a copy of both tensors to the host."""
+    out64 = out.detach().to(dtype=torch.float64)
+    ref64 = ref.detach().to(device=out64.device, dtype=torch.float64)
     if out64.shape != ref64.shape:
         raise AssertionError(f"shape mismatch: {tuple(out64.shape)} vs reference {tuple(ref64.shape)}")
     if not torch.isfinite(out64).all():
