@@ -10,14 +10,14 @@
 #   a  env       nvidia-smi, versions, `python3 -m tokenforge info` (+ --json)   -> env.txt, info.json
 #   b  build     the CUDA extension for sm_90a: pip install --no-build-isolation --no-deps -e .
 #   c1 headline  RMSNorm fwd+bwd 16384x4096 bf16, every backend (pytest -m headline), then a first report
-#   d  tests     python3 -m pytest tests -x -q on CUDA (TRITON_INTERPRET unset)
+#   d  tests     python3 -m pytest tests -k cuda on CUDA (TRITON_INTERPRET unset) -> tests.xml
 #   c3 e2e       tokenforge train --compare, 125m and 1b presets (bench/e2e_train.sh)  -> e2e.json
 #   c2 bench     the rest of bench/ (pytest -m "not headline")
 #   e  report    results.json, results.md, results.png (bench/report.py)
 #   f  the step table, then the short summary table, printed LAST.
 # A failed or timed-out step does not stop the rest; the script says which failed and exits
 # non-zero if any did. Output under $OUT stays flat and small (the device tool returns 8 files):
-#   log.txt env.txt info.json results.json results.md results.png e2e.json
+#   log.txt env.txt info.json results.json results.md results.png e2e.json tests.xml
 #
 # Dry run (no GPU, or TOKENFORGE_GPU_CHECK_DRY=1): same plumbing on the CPU with tiny shapes; the
 # build step only checks that tokenforge imports (TOKENFORGE_GPU_CHECK_BUILD=1 builds anyway) and
@@ -208,7 +208,11 @@ step_tests() {
     "$PY" -m pytest tests -qq -p no:cacheprovider --co
     return $?
   fi
-  env -u TRITON_INTERPRET "$PY" -m pytest tests -x -q -p no:cacheprovider -rs --durations=10
+  # The CUDA cases only (-k cuda): CI already runs every CPU case under the interpreter and the
+  # compile gate. No -x: on a first GPU run, see every failure rather than the first; --maxfail
+  # keeps a systematic break from eating the budget. The JUnit XML keeps the per-test outcome.
+  env -u TRITON_INTERPRET "$PY" -m pytest tests -k cuda -m "not compile_gate" -q -p no:cacheprovider -rfEs \
+    --maxfail=30 --durations=15 --junitxml="$OUT/tests.xml"
 }
 
 step_report() {
