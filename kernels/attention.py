@@ -34,10 +34,12 @@ tail lanes are masked (they read 0, so they add nothing to q.k).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from tokenforge.kernels import INTERPRETED
 
@@ -481,15 +483,145 @@ def preprocess_config(head_dim: int) -> dict:
     return dict(BLOCK_M=max(16, min(128, 4096 // bd)), BLOCK_D=bd, num_warps=4)
 
 
+# Autotuning candidates: per architecture family, kernel and head dim block, the configs tried
+# beyond the fixed one above (which always comes first and is what the interpreter, CPU and
+# TOKENFORGE_AUTOTUNE=0 use). Tuples are (BLOCK_M, BLOCK_N, num_warps, num_stages). Every one is in
+# all_configs(), so the compile gate compiles it for sm_90 and sm_80 without spills.
+_EXTRA = {
+    "sm_90": {
+        "_attn_fwd": {32: [(128, 128, 8, 3), (64, 64, 4, 3)], 64: [(128, 128, 8, 3), (64, 64, 4, 3)],
+                      128: [(64, 64, 4, 3), (128, 32, 8, 3)], 256: [(64, 16, 8, 2), (32, 32, 4, 2)]},
+        "_attn_bwd_dkdv": {32: [(64, 128, 8, 2), (32, 64, 4, 3)], 64: [(16, 128, 8, 2), (32, 64, 8, 2)],
+                           128: [(16, 64, 4, 2), (16, 64, 8, 2)], 256: [(16, 32, 8, 1)]},
+        "_attn_bwd_dq": {32: [(128, 64, 8, 2), (64, 64, 4, 3)], 64: [(64, 64, 4, 3), (64, 32, 8, 2)],
+                         128: [(64, 64, 8, 2), (64, 32, 8, 3)], 256: [(16, 32, 4, 1)]},
+    },
+    "sm_80": {
+        "_attn_fwd": {32: [(64, 64, 4, 3), (128, 32, 4, 4)], 64: [(64, 64, 4, 3), (128, 32, 4, 4)],
+                      128: [(64, 64, 4, 3), (128, 32, 8, 3)], 256: [(64, 16, 8, 2), (32, 32, 4, 2)]},
+        "_attn_bwd_dkdv": {32: [(32, 64, 4, 3), (16, 128, 8, 2)], 64: [(16, 128, 8, 2), (32, 64, 8, 2)],
+                           128: [(16, 64, 4, 2), (16, 64, 8, 2)], 256: [(16, 32, 8, 1)]},
+        "_attn_bwd_dq": {32: [(64, 64, 4, 3), (64, 32, 4, 3)], 64: [(64, 64, 4, 3), (64, 32, 8, 2)],
+                         128: [(64, 64, 8, 2), (64, 32, 8, 3)], 256: [(16, 32, 4, 1)]},
+    },
+    "default": {},
+}
+ARCH_FAMILIES = tuple(_EXTRA)
+_FIXED = {"_attn_fwd": fwd_config, "_attn_bwd_dkdv": bwd_config, "_attn_bwd_dq": dq_config}
+
+
+def candidates(kernel: str, head_dim: int, arch: str = "default", interpreted: bool = INTERPRETED) -> list[dict]:
+    """Configs the autotuner tries for ``kernel`` at ``head_dim`` on ``arch`` (a family from
+    ARCH_FAMILIES), the fixed config first; under the interpreter only the fixed one."""
+    first = _FIXED[kernel](head_dim, interpreted=interpreted)
+    if interpreted:
+        return [first]
+    bd = first["BLOCK_D"]
+    out = [first]
+    for bm, bn, w, st in _EXTRA.get(arch, {}).get(kernel, {}).get(bd, []):
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def all_configs() -> list[tuple[str, dict]]:
-    """Every (kernel name, constexpr + launch config) the GPU launchers can pick."""
+    """Every (kernel name, constexpr + launch config) the GPU launchers can pick, autotuning
+    candidates of every architecture family included."""
     out = []
     for bd in HEAD_DIM_BLOCKS:
-        out.append(("_attn_fwd", fwd_config(bd, interpreted=False)))
         out.append(("_attn_bwd_preprocess", preprocess_config(bd)))
-        out.append(("_attn_bwd_dkdv", bwd_config(bd, interpreted=False)))
-        out.append(("_attn_bwd_dq", dq_config(bd, interpreted=False)))
+        for name in _FIXED:
+            for arch in ARCH_FAMILIES:
+                for c in candidates(name, bd, arch, interpreted=False):
+                    if (name, c) not in out:
+                        out.append((name, c))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuner: explicit, so the choice is visible (``tuned_configs()``) and cached. On CUDA the first
+# call for a key times every candidate on the real arguments (writing into scratch outputs), keeps
+# the fastest in _TUNED, and later calls reuse it without timing. The interpreter, CPU, CUDA graph
+# capture and TOKENFORGE_AUTOTUNE=0 use the fixed first candidate.
+# ---------------------------------------------------------------------------------------------
+
+_TUNED: dict[tuple, dict] = {}
+SEQ_BUCKET_CAP = 16384
+
+
+def tuned_configs() -> dict[tuple, dict]:
+    """A copy of the autotuner cache: key -> chosen config."""
+    return {k: dict(v) for k, v in _TUNED.items()}
+
+
+def clear_tuned_configs() -> None:
+    _TUNED.clear()
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("TOKENFORGE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def arch_family(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "default"
+    major, _ = torch.cuda.get_device_capability(device)
+    return {9: "sm_90", 8: "sm_80"}.get(major, "default")
+
+
+def _can_tune(device: torch.device) -> bool:
+    return (not INTERPRETED and device.type == "cuda" and autotune_enabled()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _seq_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(int(n), 1)), SEQ_BUCKET_CAP)
+
+
+def _time_config(launch, cfg: dict) -> float:
+    """Milliseconds per launch of ``cfg`` (tests replace this with a fake timer)."""
+    return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+
+
+def _select(kernel: str, head_dim: int, device: torch.device, key_extra: tuple, launch) -> dict:
+    """The config to launch ``kernel`` with; ``launch(cfg)`` runs it into scratch outputs."""
+    arch = arch_family(device)
+    cands = candidates(kernel, head_dim, arch)
+    if len(cands) == 1 or not _can_tune(device):
+        return cands[0]
+    key = (kernel, arch, cands[0]["BLOCK_D"], *key_extra)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        best, best_t = cands[0], float("inf")
+        for c in cands:
+            try:
+                t = _time_config(launch, c)
+            except Exception:  # e.g. out of shared memory on this part: not a candidate here
+                continue
+            if t < best_t:
+                best, best_t = c, t
+        cfg = _TUNED[key] = best
+    return cfg
+
+
+def _scratch(launch, *outputs):
+    """``launch`` redirected to scratch copies of ``outputs`` (allocated once, on first use), so
+    timing a candidate never touches the real results."""
+    bufs: list[torch.Tensor] = []
+
+    def run(cfg):
+        if not bufs:
+            bufs.extend(torch.empty_like(t) for t in outputs)
+        launch(cfg, *bufs)
+
+    return run
+
+
+def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k) -> tuple:
+    left, right = window
+    return (str(q.dtype).removeprefix("torch."), varlen, left >= 0, right >= 0, right == 0, softcap > 0,
+            q.shape[-2] // k.shape[-2], _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,17 +684,23 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
         lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
         cu_q = cu_k = lse  # never read when IS_VARLEN is False
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    cfg = fwd_config(d)
-    grid = (triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), batch * heads)
-    with _device_ctx(q):
+    group = heads // kv_heads
+
+    def launch(cfg, out=out, lse=lse):
+        grid = (triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), batch * heads)
         _attn_fwd[grid](
             q, k, v, out, lse, cu_q, cu_k,
             *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(out, varlen),
             *_lse_strides(lse, varlen),
             seq_q, seq_k, heads, d, scale, softcap if softcap > 0 else 1.0,
-            GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0,
+            GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0,
             UPCAST=INTERPRETED, **_window_args(window), **cfg,
         )
+
+    with _device_ctx(q):
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k)
+        cfg = _select("_attn_fwd", d, q.device, key, _scratch(launch, out, lse))
+        launch(cfg)
     return out, lse
 
 
@@ -595,20 +733,29 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
             out, do, delta, cu_q, *_bshd(out, varlen), *_bshd(do, varlen), *lse_strides,
             seq_q, heads, d, IS_VARLEN=varlen, **pcfg,
         )
-        cfg = bwd_config(d)
-        _attn_bwd_dkdv[(triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"]), batch * kv_heads)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
-            *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
-            *_bshd(dk, varlen), *_bshd(dv, varlen), *lse_strides,
-            seq_q, seq_k, kv_heads, d, scale, cap, **common, **cfg,
-        )
-        cfg = dq_config(d)
-        _attn_bwd_dq[(triton.cdiv(sq_blocks, cfg["BLOCK_M"]), batch * heads)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k,
-            *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
-            *_bshd(dq, varlen), *lse_strides,
-            seq_q, seq_k, heads, d, scale, cap, **common, **cfg,
-        )
+
+        def launch_dkdv(cfg, dk=dk, dv=dv):
+            _attn_bwd_dkdv[(triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"]), batch * kv_heads)](
+                q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+                *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
+                *_bshd(dk, varlen), *_bshd(dv, varlen), *lse_strides,
+                seq_q, seq_k, kv_heads, d, scale, cap, **common, **cfg,
+            )
+
+        def launch_dq(cfg, dq=dq):
+            _attn_bwd_dq[(triton.cdiv(sq_blocks, cfg["BLOCK_M"]), batch * heads)](
+                q, k, v, do, lse, delta, dq, cu_q, cu_k,
+                *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
+                *_bshd(dq, varlen), *lse_strides,
+                seq_q, seq_k, heads, d, scale, cap, **common, **cfg,
+            )
+
+        # Candidates are timed into scratch buffers; the winner then writes the real outputs.
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k)
+        cfg = _select("_attn_bwd_dkdv", d, q.device, key, _scratch(launch_dkdv, dk, dv))
+        launch_dkdv(cfg)
+        cfg = _select("_attn_bwd_dq", d, q.device, key, _scratch(launch_dq, dq))
+        launch_dq(cfg)
     return dq, dk, dv
 
 
