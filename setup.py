@@ -441,15 +441,22 @@ if __name__ == "__main__":
                 (d / BUILD_INFO_NAME).write_text(text)
 
         def _remove_stale(self, ext) -> None:
-            """A _C left by an earlier in-place build would contradict the build info we write."""
-            if not (self.inplace or getattr(self, "editable_mode", False)):
-                return
-            build_py = self.get_finalized_command("build_py")
-            fullname = self.get_ext_fullname(ext.name)
-            package = ".".join(fullname.split(".")[:-1])
-            stale = Path(build_py.get_package_dir(package)) / os.path.basename(self.get_ext_filename(fullname))
-            if stale.is_file():
-                stale.unlink()
+            """A _C left by an earlier build would contradict the build info we write: in the build
+            directory (a non-editable install of a tree that was built before packages whatever
+            build/lib holds) and, for in-place builds, next to the sources."""
+            saved_inplace, self.inplace = self.inplace, False
+            try:
+                stale = [Path(self.get_ext_fullpath(ext.name))]
+            finally:
+                self.inplace = saved_inplace
+            if self.inplace or getattr(self, "editable_mode", False):
+                build_py = self.get_finalized_command("build_py")
+                fullname = self.get_ext_fullname(ext.name)
+                package = ".".join(fullname.split(".")[:-1])
+                stale.append(Path(build_py.get_package_dir(package)) / os.path.basename(self.get_ext_filename(fullname)))
+            for path in stale:
+                if path.is_file():
+                    path.unlink()
 
     class _Skip(Exception):
         pass
