@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
+from tokenforge.ops.cross_entropy import _triton_supports as _ce_triton_supports
 from tokenforge.ops.cross_entropy import (
     _check_targets_in_range,
     _is_one,
@@ -116,17 +117,10 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_s
         raise ValueError(f"{name}: chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
-def _triton_supports(hidden) -> Optional[str]:
-    reason = backends.triton_unsupported_reason(hidden.device)
-    if reason is not None:
-        return reason
-    from tokenforge.kernels import cross_entropy as kernels_ce
-
-    return kernels_ce.supports(hidden)
-
-
+# The chunk loop runs the cross-entropy kernel on each chunk's logits, which have hidden's dtype
+# and device: the same check decides whether Triton can run.
 backends.register_op(OP, cuda_preference=("triton",),
-                     supports={"triton": _triton_supports, "torch": lambda hidden: None},
+                     supports={"triton": _ce_triton_supports, "torch": lambda hidden: None},
                      example_inputs=lambda device, dtype: (torch.empty(4, 64, device=device, dtype=dtype),))
 
 
