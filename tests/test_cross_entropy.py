@@ -2,6 +2,7 @@
 float64 logits, every reduction and option, awkward shapes, poisoned outputs, bad inputs, the
 compile gate."""
 
+import math
 import re
 
 import pytest
@@ -61,7 +62,13 @@ def check(logits, target, backend, reduction="mean", grad_output=None, **opts):
         # forward and again when backward rescales it by grad_output.
         tol *= 2
     where = f"{backend} {tuple(logits.shape)} {logits.dtype} {reduction} {opts}"
-    assert loss_err <= 1e-5, f"loss: {loss_err:.2e} ({where})"
+    # A loss is lse - x_target: when the target dominates, it is a small difference of terms of
+    # size |x| + log V, and fp32 can only be exact relative to those terms (seen: one token, vocab
+    # 7, 1.8e-5 relative to a tiny loss). So the error may also be measured against them.
+    term = logits.detach().double().abs().amax().item() + math.log(logits.shape[-1])
+    count = int((target != opts.get("ignore_index", -100)).sum()) if reduction == "sum" else 1
+    abs_err = (out.detach().double() - ref.detach()).abs().max().item()
+    assert loss_err <= 1e-5 or abs_err <= 1e-5 * term * max(count, 1), f"loss: {loss_err:.2e} ({where})"
     assert grad_err <= tol, f"dlogits: {grad_err:.2e} > {tol:.0e} ({where})"
     return out, x.grad
 
