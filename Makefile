@@ -8,7 +8,13 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tokenforge-installed
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: test demo bench gpu-check install clean
+# The GPU machine runs triton 3.6: the compile gate runs a second time under it (sm_90, the GPU
+# machine's architecture), from a --target folder put ahead of the venv's own triton.
+TRITON_GPU_SPEC ?= triton==3.6.0
+TRITON36 := $(VENV)/triton36
+TRITON36_STAMP := $(TRITON36)/.installed
+
+.PHONY: test test-suite gate-triton36 gpu-check-dry demo bench gpu-check install clean prebuild-ext fetch-peers
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +30,26 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 install: $(STAMP)
 
 # The whole suite, CPU or GPU: Triton kernels run under the interpreter when there is no GPU,
-# benchmarks run once each as tests (timing disabled), the compile gate and the nvcc build run too.
-test: $(STAMP)
+# benchmarks run once each as tests (timing disabled), the compile gate and the nvcc build run too;
+# then the compile gate under the GPU machine's triton 3.6, and gpu_check.sh's dry run (every test
+# and benchmark id it names exists, every command line runs), so the GPU script cannot rot.
+test: test-suite gate-triton36 gpu-check-dry
+
+test-suite: $(STAMP)
 	$(PY) -m pytest tests bench -q -ra --benchmark-disable
+
+$(TRITON36_STAMP): $(PY)
+	rm -rf $(TRITON36)
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON36) "$(TRITON_GPU_SPEC)" "numpy<2.4"
+	touch $(TRITON36_STAMP)
+
+gate-triton36: $(STAMP) $(TRITON36_STAMP)
+	PYTHONPATH=$(TRITON36) TRITON_INTERPRET=0 TOKENFORGE_GATE_ARCHS=sm_90 \
+	  $(PY) -m pytest tests -q -p no:cacheprovider -m compile_gate
+	PYTHONPATH=$(TRITON36) $(PY) -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('compile gate ran under triton', triton.__version__)"
+
+gpu-check-dry: $(STAMP)
+	PYTHON=$(PY) OUT=$(CURDIR)/bench/results/latest/dry-run bash bench/gpu_check.sh --dry-run
 
 # The main job: what the kernels buy on this device (a short train --compare on the embedded corpus:
 # tiny preset on a CPU, 125m on a GPU), then the cost model's seed table from those measurements.
@@ -43,9 +66,17 @@ bench: $(STAMP)
 	$(PY) -m pytest bench -q --benchmark-json=bench/results/latest/benchmarks.json; rc=$$?; \
 	$(PY) bench/report.py bench/results/latest/benchmarks.json --out-dir bench/results/latest; exit $$rc
 
-# On a GPU machine (see ../shared/GPU.md): build for sm_90a, test on CUDA, benchmark, report.
+# On a GPU machine (bench/README.md): install, CUDA tests, headline benchmarks, e2e, report.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Before a GPU lease, here: tokenforge._C for the GPU machine's Python 3.12 and sm_90a (.prebuilt/),
+# and the peers' wheels (.whl/); both folders are git-ignored and travel with the device tool's carry.
+prebuild-ext:
+	bash bench/prebuild_ext.sh
+
+fetch-peers:
+	bash bench/fetch_peers.sh
 
 clean:
 	rm -rf build dist *.egg-info pysrc/*.egg-info pysrc/tokenforge/_C*.so pysrc/tokenforge/_build_info.json $(VENV)

@@ -44,8 +44,7 @@ LOW_MODES = ("torch_bf16", "triton_master", "triton_sr", "triton_sr32")
 CPU_MODES = ("torch_foreach", "triton", "triton_master", "triton_sr", "triton_q8")
 
 
-class BackendUnavailable(Exception):
-    pass
+from harness import BackendUnavailable  # noqa: E402  (one "not run here" for every benchmark)
 
 
 def llama_param_shapes(vocab: int, hidden: int, inter: int, layers: int, kv_dim: int) -> list[tuple]:

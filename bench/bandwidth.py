@@ -249,15 +249,57 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: Option
             rep_ms: Optional[float] = None, flush_l2: bool = True) -> dict:
     """Median time of ``fn()`` on ``device``: :func:`cuda_time` on CUDA, :func:`cpu_time` otherwise.
 
+    Timed warm: :data:`WARM_CALLS` untimed calls first, whatever the warm-up budget (a compiled
+    function builds its backward graph and loads its kernels over its first calls), then the timed
+    calls run under ``torch.compiler.set_stance("fail_on_recompile")``: a figure that included a
+    recompile is refused (:class:`RecompiledWhileTiming`), never reported.
+
     Returns a dict with ``median_ms``, ``p20_ms``, ``p80_ms``, ``min_ms``, ``max_ms``, ``mean_ms``,
-    ``reps`` and ``timer`` (how it was measured)."""
+    ``reps``, ``warm_calls`` and ``timer`` (how it was measured)."""
     device = torch.device(device)
     warmup_ms = default_warmup_ms(device) if warmup_ms is None else warmup_ms
     rep_ms = default_rep_ms(device) if rep_ms is None else rep_ms
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            return cuda_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, flush_l2=flush_l2, device=device)
-    return cpu_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    for _ in range(WARM_CALLS):
+        fn()
+    graphs_before = compiled_graphs()
+    with no_recompiles():
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                stats = cuda_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, flush_l2=flush_l2, device=device)
+        else:
+            stats = cpu_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    new_graphs = compiled_graphs() - graphs_before
+    if new_graphs:
+        raise RecompiledWhileTiming(f"{new_graphs} graph(s) compiled while timing: the figure would include "
+                                    "compilation and is not reported")
+    stats["warm_calls"] = WARM_CALLS
+    return stats
+
+
+# Untimed calls before any timing (see time_fn).
+WARM_CALLS = 3
+
+
+class RecompiledWhileTiming(RuntimeError):
+    """torch.compile compiled a graph during a timed region: that timing is refused."""
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def no_recompiles():
+    """Context in which a torch.compile'd function raises rather than recompile (torch >= 2.6;
+    a no-op context on older torch, where compiled_graphs() still catches it)."""
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("fail_on_recompile")
 
 
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:

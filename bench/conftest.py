@@ -128,6 +128,18 @@ def bench_recorder(bench_device, copy_bandwidth):
 
 
 def pytest_runtest_logreport(report):
+    if report.failed:
+        # A failure (wrong result, launch error, OOM, recompile while timing) goes into the JSON-lines
+        # file too, so the report lists it as FAILED even when the run was cut short afterwards.
+        path = os.environ.get("TOKENFORGE_BENCH_JSONL")
+        if path:
+            msg = getattr(report, "longreprtext", "") or str(report.longrepr)
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1:] or [""]
+            try:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps({"failed": report.nodeid, "when": report.when, "error": last[0][:400]}) + "\n")
+            except OSError:
+                pass
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         if reason.startswith("Skipped: "):

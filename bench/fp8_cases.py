@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 import bandwidth as bw
+import harness
+from harness import BackendUnavailable
 
 GPU_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 16384, 16384),
                    # LLaMA linear shapes, M = 16k tokens: 1B (2048 hidden, 8192 MLP), 8B (4096, 14336)
@@ -19,8 +21,16 @@ LINEAR_GPU = [(16384, 8192, 8192), (16384, 4096, 14336)]
 LINEAR_CPU = [(32, 64, 64)]
 
 
-class BackendUnavailable(Exception):
-    pass
+# Loose sanity bounds (a broken kernel, not FP8 rounding, fails them): the GEMM against the
+# product of the dequantized operands (the same fp8 inputs, so only accumulation order differs),
+# Float8Linear against bf16 nn.Linear (fp8 rounding of x, w and dy: ~20-30 dB SQNR, about 5-10%).
+GEMM_TOL = 1e-2
+LINEAR_TOL = 0.25
+QUANT_TOL = 0.07
+
+
+def _rel(out, ref) -> float:
+    return harness.rel_err(out.float(), ref.float())
 
 
 def gemm_shapes(device):
@@ -36,31 +46,33 @@ def prepare_gemm(shape, backend, device):
     w = torch.randn(N, K, device=device, dtype=torch.bfloat16)
     flops = 2.0 * M * N * K
     if backend == "bf16_matmul":
-        return (lambda: x @ w.t()), flops
+        out = x @ w.t()
+        return (lambda: x @ w.t()), flops, {"y": _rel(out, x.float() @ w.float().t())}
     a, sa = fp8.quantize(x, scaling="rowwise", backend="torch" if device.type != "cuda" else None)
     b, sb = fp8.quantize(w, scaling="rowwise", backend="torch" if device.type != "cuda" else None)
     bt, sbt = b.t(), sb.t()
     if backend == "torch_scaled_mm":
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise BackendUnavailable("torch._scaled_mm needs an sm_89+ GPU")
-        return (lambda: torch._scaled_mm(a, bt, scale_a=sa, scale_b=sbt, out_dtype=torch.bfloat16)), flops
-    try:
-        fp8.scaled_mm(a, bt, sa, sbt, backend="triton")
-    except Exception as exc:  # BackendUnavailableError (no GPU, no interpreter, < sm_89)
-        raise BackendUnavailable(str(exc)) from exc
-    return (lambda: fp8.scaled_mm(a, bt, sa, sbt, backend="triton")), flops
+
+        def fn():
+            return torch._scaled_mm(a, bt, scale_a=sa, scale_b=sbt, out_dtype=torch.bfloat16)
+    else:
+        def fn():
+            return fp8.scaled_mm(a, bt, sa, sbt, backend=backend)
+    out = harness.first_call(fn, device)
+    ref = (a.float() * sa) @ (bt.float() * sbt)
+    return fn, flops, {"y": _rel(out, ref)}
 
 
 def prepare_quantize(shape, scaling, backend, device):
     from tokenforge import fp8
 
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
-    try:
-        fp8.quantize(x, scaling=scaling, backend=backend)
-    except Exception as exc:
-        raise BackendUnavailable(str(exc)) from exc
+    data, scale = harness.first_call(lambda: fp8.quantize(x, scaling=scaling, backend=backend), device)
+    err = _rel(fp8.dequantize(data, scale, torch.float32), x)
     nbytes = x.numel() * 3 + (x.numel() * 2 if scaling == "tensorwise" else 0)  # bf16 read (twice), fp8 write
-    return (lambda: fp8.quantize(x, scaling=scaling, backend=backend)), nbytes
+    return (lambda: fp8.quantize(x, scaling=scaling, backend=backend)), nbytes, {"dequantized": err}
 
 
 def prepare_linear(shape, backend, device):
@@ -81,18 +93,25 @@ def prepare_linear(shape, backend, device):
 
     def run():
         y = mod(x)
-        torch.autograd.grad(y, (x, *params), dy)
+        return (y, *torch.autograd.grad(y, (x, *params), dy))
 
-    run()
-    return run, 6.0 * M * K * N
+    outs = harness.first_call(run, device)
+    refs = _bf16_linear_reference(lin, x, dy)
+    errs = {name: _rel(o, r) for name, o, r in zip(("y", "dx", "dw"), outs, refs)}
+    return run, 6.0 * M * K * N, errs
+
+
+def _bf16_linear_reference(lin, x, dy):
+    """y, dx, dw of the bf16 layer in fp32 (what FP8 approximates)."""
+    w = lin.weight.detach().float()
+    xf, dyf = x.detach().float(), dy.float()
+    return xf @ w.t(), dyf @ w, dyf.t() @ xf
 
 
 def _torchao_float8_linear(lin, recipe, device):
     """The peer baseline: torchao's float8 training Linear with the same recipe, when installed."""
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except Exception as exc:  # ImportError, or a torchao built against another torch
-        raise BackendUnavailable(f"torchao float8 is not importable ({type(exc).__name__}); pip install torchao") from exc
+    ao = harness.peer_import("torchao.float8", "torchao float8", "pip install torchao (bench/fetch_peers.sh)")
+    Float8LinearConfig, convert_to_float8_training = ao.Float8LinearConfig, ao.convert_to_float8_training
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise BackendUnavailable("torchao float8 training needs an sm_89+ GPU")
     model = torch.nn.Sequential(lin)

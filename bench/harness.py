@@ -68,31 +68,34 @@ def triton_needs_interpreter(device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
 
 
-_CUDA_FAULT_MARKERS = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
-                       "misaligned address", "CUBLAS_STATUS", "cudaError")
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A crash of the device (a bug to report), not a backend that is merely unavailable."""
-    msg = str(exc)
-    return any(m in msg for m in _CUDA_FAULT_MARKERS)
-
-
 def first_call(call: Callable[[], Any], device) -> Any:
-    """Run the first call of a backend and synchronize. A backend that raises RuntimeError,
-    NotImplementedError or ImportError cannot run here (:class:`BackendUnavailable`), unless the
-    error is a device fault: that is a bug, and it propagates so the test fails."""
+    """Run the first call of a backend and synchronize. Only
+    :class:`tokenforge.backends.BackendUnavailableError` (the backend was asked for where it cannot
+    run: extension not built, no GPU, no interpreter, GPU too old) and this module's
+    :class:`BackendUnavailable` mean "not run here". Anything else -- a launch failure, an
+    out-of-memory, a RuntimeError from a CUDA C++ kernel -- propagates and fails the benchmark."""
+    from tokenforge.backends import BackendUnavailableError
+
     device = torch.device(device)
     try:
         out = call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return out
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if is_device_fault(exc):
-            raise
+    except BackendUnavailableError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BackendUnavailable(f"{type(exc).__name__}: {first}"[:300]) from exc
+
+
+def peer_import(name: str, what: str, install: str):
+    """Import an optional peer library (a baseline, never tokenforge itself): not installed, or
+    built against another torch, makes its benchmarks unavailable, not failed."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any import failure of a peer means "not here"
+        raise BackendUnavailable(f"{what} is not importable ({type(exc).__name__}); {install}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

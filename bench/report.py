@@ -29,6 +29,13 @@ from typing import Iterable, Optional
 
 BASELINES = ("eager", "compile", "native")
 TOKENFORGE = ("triton", "cuda", "torch")
+
+
+def is_tokenforge(backend) -> bool:
+    """tokenforge's own backends (kernels, its Float8Linear recipes, its AdamW modes); everything
+    else in a record is a baseline: PyTorch, torch.compile, SDPA, cuBLAS, a peer library."""
+    b = str(backend)
+    return b in TOKENFORGE or b.startswith(("fp8:", "triton_"))
 REPORT_FORMAT = "tokenforge-bench-report/1"
 CPU_BANNER = ("**CPU run: these timings are wall-clock on tiny inputs and mean nothing about GPU "
               "performance; they only show that the benchmark code runs.**")
@@ -62,7 +69,7 @@ def _from_pytest_benchmark(b: dict) -> dict:
 
 def load(paths: Iterable[str]) -> tuple[list[dict], dict]:
     """Records and metadata (device, copy bandwidth, skipped, machine info, sources) from inputs."""
-    meta: dict = {"sources": [], "skipped": [], "device": None, "copy_bandwidth": None, "copy_runs": [],
+    meta: dict = {"sources": [], "skipped": [], "failed": [], "device": None, "copy_bandwidth": None, "copy_runs": [],
                   "machine_info": None, "commit_info": None, "missing": []}
     merged: dict = {}
     order: list = []
@@ -94,6 +101,8 @@ def load(paths: Iterable[str]) -> tuple[list[dict], dict]:
                         add(rec)
                     elif "skipped" in entry:
                         meta["skipped"].append({"test": entry["skipped"], "reason": entry.get("reason", "")})
+                    elif "failed" in entry:
+                        meta["failed"].append({"test": entry["failed"], "error": entry.get("error", "")})
             continue
         try:
             with open(path) as fh:
@@ -281,23 +290,31 @@ def summary_lines(records: list[dict], copy_gbps=None, detailed: bool = False) -
     by_case: dict = {}
     for r in sorted_records(records):
         by_case.setdefault(_case_key(r), []).append(r)
-    header = ["case", "best tokenforge", "median", "floor", "GB/s", "%copy", "vs eager", "vs compile", "vs native",
-              "best baseline"]
+    # Every op, one line: the best tokenforge backend against the best baseline measured in the same
+    # run (eager / compile / SDPA / cuBLAS / torch's fused AdamW / a peer), with its rate and its
+    # fraction of the floor (copy bandwidth for memory-bound ops, matmul rate for compute-bound).
+    header = ["case", "best tokenforge", "median", "rate", "of floor", "best baseline", "vs best baseline"]
     rows = []
     for key, rs in by_case.items():
-        tf = [r for r in rs if r.get("backend") in TOKENFORGE and _num(r.get("median_ms"))]
-        bl = [r for r in rs if r.get("backend") in BASELINES and _num(r.get("median_ms"))]
+        tf = [r for r in rs if is_tokenforge(r.get("backend")) and _num(r.get("median_ms"))]
+        bl = [r for r in rs if not is_tokenforge(r.get("backend")) and _num(r.get("median_ms"))]
         best = min(tf, key=lambda r: r["median_ms"]) if tf else None
         bbest = min(bl, key=lambda r: r["median_ms"]) if bl else None
         case = " ".join(str(k) for k in key)
         bcell = f"{bbest['backend']} {fmt_time(bbest['median_ms'])}" if bbest else "-"
         if best is None:
-            rows.append([case, "(none ran)", "-", "-", "-", "-", "-", "-", "-", bcell])
+            rows.append([case, "(none ran)", "-", "-", "-", bcell, "-"])
             continue
         name = best["backend"] + (" WRONG" if best.get("correct") is False else "")
-        rows.append([case, name, fmt_time(best.get("median_ms")), fmt_time(best.get("floor_ms")), fmt_num(best.get("gbps")),
-                     fmt_pct(best.get("fraction_of_copy")), fmt_x(best.get("speedup_vs_eager")),
-                     fmt_x(best.get("speedup_vs_compile")), fmt_x(best.get("speedup_vs_native")), bcell])
+        if _num(best.get("tflops")):
+            rate = f"{best['tflops']:.0f} TFLOP/s"
+        elif _num(best.get("gbps")):
+            rate = f"{best['gbps']:.0f} GB/s"
+        else:
+            rate = "-"
+        floor = best.get("fraction_of_copy") if _num(best.get("fraction_of_copy")) else best.get("fraction_of_matmul")
+        ratio = fmt_x(bbest["median_ms"] / best["median_ms"]) if bbest else "-"
+        rows.append([case, name, fmt_time(best.get("median_ms")), rate, fmt_pct(floor), bcell, ratio])
     out = _text_table(header, rows)
     if isinstance(copy_gbps, str):
         out.append(f"copy bandwidth (ceiling, read+write): {copy_gbps}")
@@ -352,6 +369,11 @@ def markdown(records: list[dict], meta: dict) -> str:
         "x, w, rstd + write dx, dw (bench/bandwidth.py).",
         "",
     ]
+    if meta.get("failed"):
+        lines += ["**FAILED** (an error other than 'backend unavailable': a bug to fix, never a skip):", ""]
+        for f in meta["failed"]:
+            lines.append(f"- `{str(f.get('test', '')).split('::')[-1]}`: {f.get('error', '')}")
+        lines.append("")
     if meta.get("skipped"):
         lines += ["Not run here:", ""]
         for s in meta["skipped"]:
@@ -454,6 +476,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", dest="json_out", help="merged JSON output (default OUT_DIR/results.json)")
     p.add_argument("--plot", help="PNG output (default OUT_DIR/results.png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-json", action="store_true", help="no results.json (the JSONL input already holds the records)")
     p.add_argument("--summary-only", action="store_true", help="print the summary, write nothing")
     p.add_argument("--summary-out", help="also write the summary table to this file")
     p.add_argument("--detailed", action="store_true", help="summary with one line per backend")
@@ -467,6 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cpu:
         lines.append("NOTE: CPU run -- timings are not meaningful for performance.")
     lines += summary_lines(records, copy_note(meta, records), detailed=a.detailed)
+    lines += [f"FAILED: {f['test'].split('::')[-1]}: {f.get('error', '')[:160]}" for f in meta.get("failed", [])]
     summary = "\n".join(lines)
 
     if not a.summary_only:
@@ -476,9 +500,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         json_path = a.json_out or os.path.join(out_dir, "results.json")
         with open(md_path, "w") as fh:
             fh.write(markdown(records, meta))
-        with open(json_path, "w") as fh:
-            json.dump(results_json(records, meta), fh, indent=1, default=str)
-        print(f"[report] wrote {md_path} and {json_path} ({len(records)} records)")
+        if not a.no_json:
+            with open(json_path, "w") as fh:
+                json.dump(results_json(records, meta), fh, indent=1, default=str)
+        print(f"[report] wrote {md_path}{'' if a.no_json else ' and ' + json_path} ({len(records)} records)")
         if a.no_plot:
             print("[report] no plot (--no-plot)")
         else:

@@ -122,9 +122,10 @@ def static_unavailable_reason(backend: str, case: Case, device: torch.device) ->
         if case.layout != "bhsd":
             return "liger_rotary_pos_emb takes (batch, heads, seq, head_dim) only"
         try:
-            from liger_kernel.transformers.rope import liger_rotary_pos_emb  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - not installed, or broken: not ours to benchmark
-            return f"liger-kernel not importable ({type(exc).__name__}: {exc})"
+            harness.peer_import("liger_kernel.transformers.rope", "liger-kernel",
+                                "pip install liger-kernel (bench/fetch_peers.sh)")
+        except BackendUnavailable as exc:
+            return str(exc)
         if device.type != "cuda":
             return "liger-kernel runs on CUDA tensors only"
     return None

@@ -110,10 +110,8 @@ def make_op(op: str, backend: str, device: torch.device) -> Callable:
     if backend == "liger":
         if op != "swiglu":
             raise BackendUnavailable("Liger-Kernel is compared for SwiGLU only")
-        try:
-            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-        except Exception as exc:  # noqa: BLE001 - optional dependency
-            raise BackendUnavailable(f"liger_kernel is not importable ({type(exc).__name__})") from exc
+        LigerSiLUMulFunction = harness.peer_import("liger_kernel.ops.swiglu", "liger_kernel",
+                                                   "pip install liger-kernel (bench/fetch_peers.sh)").LigerSiLUMulFunction
         if device.type != "cuda":
             raise BackendUnavailable("Liger-Kernel runs on CUDA only")
         return lambda g, u: (LigerSiLUMulFunction.apply(g, u),)

@@ -39,6 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bandwidth as bw  # noqa: E402
+import harness  # noqa: E402
+from harness import BackendUnavailable as Unavailable  # noqa: E402
 
 DEVICE = bw.bench_device()
 FULL = (os.environ.get("TOKENFORGE_BENCH_SIZES", "").strip().lower() or
@@ -84,9 +86,6 @@ else:
 BACKENDS = ("eager", "compile", "liger", "triton") + (() if DEVICE.type == "cuda" else ("torch",))
 
 
-class Unavailable(Exception):
-    pass
-
 
 # ---------------------------------------------------------------------------------------------
 # The functions being timed: op(*inputs) -> loss
@@ -109,10 +108,10 @@ def make_op(case: Case, backend: str):
         torch._dynamo.reset()
         return torch.compile(_eager_linear_ce if fused else _eager_ce, dynamic=False)
     if backend == "liger":
-        try:
-            from liger_kernel.transformers.functional import liger_cross_entropy, liger_fused_linear_cross_entropy
-        except Exception as exc:  # noqa: BLE001 - optional comparison
-            raise Unavailable(f"liger_kernel is not importable ({type(exc).__name__}); pip install liger-kernel")
+        liger = harness.peer_import("liger_kernel.transformers.functional", "liger_kernel",
+                                    "pip install liger-kernel (bench/fetch_peers.sh)")
+        liger_cross_entropy = liger.liger_cross_entropy
+        liger_fused_linear_cross_entropy = liger.liger_fused_linear_cross_entropy
         if DEVICE.type != "cuda":
             raise Unavailable("Liger-Kernel needs a CUDA device")
         if fused:
@@ -200,13 +199,10 @@ def test_cross_entropy(benchmark, bench_recorder, request, case, backend):
         return loss, torch.autograd.grad(loss, leaves)
 
     try:
-        loss, grads = fn()
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if "CUDA error" in str(exc) or "illegal memory" in str(exc):
-            raise
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-        bench_recorder.skip(request.node.nodeid, reason)
-        pytest.skip(f"unavailable: {reason}")
+        loss, grads = harness.first_call(fn, DEVICE)
+    except Unavailable as exc:
+        bench_recorder.skip(request.node.nodeid, str(exc))
+        pytest.skip(f"unavailable: {exc}")
     ref = reference(case, leaves, target)
     names = ["loss"] + (["dlogits"] if case.op == "cross_entropy" else ["dhidden", "dweight"])
     errs = {n: rel_err(o, r) for n, o, r in zip(names, [loss.detach(), *grads], ref)}

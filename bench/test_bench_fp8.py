@@ -15,15 +15,16 @@ import pytest  # noqa: E402
 
 import bandwidth as bw  # noqa: E402
 import fp8_cases as fc  # noqa: E402
+import harness  # noqa: E402
 
 DEVICE = bw.bench_device()
 
 
-def _run(benchmark, bench_recorder, request, op, pass_, shape, backend, prepare, work_key, baselines):
+def _run(benchmark, bench_recorder, request, op, pass_, shape, backend, prepare, work_key, baselines, tol):
     quick = bool(getattr(benchmark, "disabled", False))
     try:
-        fn, work = prepare()
-    except fc.BackendUnavailable as exc:
+        fn, work, errs = prepare()
+    except harness.BackendUnavailable as exc:
         bench_recorder.skip(request.node.nodeid, str(exc))
         pytest.skip(f"unavailable: {exc}")
     t = fc.measure(fn, DEVICE, quick)
@@ -34,8 +35,13 @@ def _run(benchmark, bench_recorder, request, op, pass_, shape, backend, prepare,
         rec[work_key] = rate / (1e12 if work_key == "tflops" else 1e9)
         if work_key == "gbps" and bench_recorder.copy_gbps:
             rec["fraction_of_copy"] = rec["gbps"] / bench_recorder.copy_gbps
+    rec.update({"rel_err": errs, "tol": tol, "correct": all(e <= tol for e in errs.values()),
+                "meaningful": DEVICE.type == "cuda"})
     bench_recorder.record(benchmark, rec, baselines=baselines)
     benchmark.pedantic(bw.synchronized(fn, DEVICE), rounds=3, iterations=1, warmup_rounds=1)
+    if not rec["correct"]:
+        pytest.fail(f"{backend} computed a wrong result for {op} {rec['shape']}: relative error {errs} "
+                    f"(tolerance {tol}); its timing is recorded but means nothing")
 
 
 @pytest.mark.parametrize("backend", fc.GEMM_BACKENDS)
@@ -43,7 +49,7 @@ def _run(benchmark, bench_recorder, request, op, pass_, shape, backend, prepare,
 def test_scaled_mm(benchmark, bench_recorder, request, shape, backend):
     benchmark.group = f"fp8 scaled_mm {shape}"
     _run(benchmark, bench_recorder, request, "fp8_scaled_mm", "fwd", shape, backend,
-         lambda: fc.prepare_gemm(shape, backend, DEVICE), "tflops", ("bf16_matmul", "torch_scaled_mm"))
+         lambda: fc.prepare_gemm(shape, backend, DEVICE), "tflops", ("bf16_matmul", "torch_scaled_mm"), fc.GEMM_TOL)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
@@ -53,7 +59,7 @@ def test_scaled_mm(benchmark, bench_recorder, request, shape, backend):
 def test_quantize(benchmark, bench_recorder, request, shape, scaling, backend):
     benchmark.group = f"fp8 quantize {scaling} {shape}"
     _run(benchmark, bench_recorder, request, f"fp8_quantize_{scaling}", "fwd", shape, backend,
-         lambda: fc.prepare_quantize(shape, scaling, backend, DEVICE), "gbps", ("torch",))
+         lambda: fc.prepare_quantize(shape, scaling, backend, DEVICE), "gbps", ("torch",), fc.QUANT_TOL)
 
 
 @pytest.mark.parametrize("backend", ["bf16_linear", "fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp",
@@ -63,4 +69,4 @@ def test_quantize(benchmark, bench_recorder, request, shape, scaling, backend):
 def test_float8_linear(benchmark, bench_recorder, request, shape, backend):
     benchmark.group = f"Float8Linear fwd+bwd {shape}"
     _run(benchmark, bench_recorder, request, "float8_linear", "fwd_bwd", shape, backend,
-         lambda: fc.prepare_linear(shape, backend, DEVICE), "tflops", ("bf16_linear",))
+         lambda: fc.prepare_linear(shape, backend, DEVICE), "tflops", ("bf16_linear",), fc.LINEAR_TOL)

@@ -10,3 +10,14 @@ package runs under the interpreter is fixed when it is first imported (``TRITON_
 import os
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def launch_device(x):
+    """The context a launcher runs its kernel in: ``torch.cuda.device`` of a CUDA tensor (or
+    device), so a kernel on cuda:1 launches there whatever the current device; a no-op on CPU."""
+    import contextlib
+
+    import torch
+
+    device = x.device if isinstance(x, torch.Tensor) else torch.device(x)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -25,16 +25,18 @@ raises instead), so a bad label can never pass as a plausible number.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from tokenforge.kernels import launch_device
+from tokenforge.kernels.activations import tanh
+
 # Vocab columns per step. 8192 fp32 values over 16 warps are 16 per thread: no spills on sm_80 or
 # sm_90 (tests/test_cross_entropy.py compile gate), and a 128k vocab takes 16 steps per pass.
-MAX_BLOCK_V = 8192
+MAX_BLOCK_V = 4096
 SCALE_BLOCK = 4096
 SCALE_WARPS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,19 +45,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(y):
-    # Triton's interpreter has no libdevice.tanh; exp-based, with a Taylor series near 0 where
-    # 1 - exp(-2|y|) would cancel (relative error < 1e-7 everywhere in fp32).
-    a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    y2 = a * a
-    small = a * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0 - y2 * (17.0 / 315.0))))
-    t = tl.where(a < 0.125, small, big)
-    return tl.where(y < 0, -t, t)
 
 
 @triton.jit
@@ -96,7 +85,7 @@ def _cross_entropy_fwd_kernel(
             mask = col < V
             x = tl.load(l_row + col, mask=mask, other=-float("inf")).to(tl.float32)
             if HAS_SOFTCAP:
-                x = tl.where(mask, softcap * _tanh(x / softcap), -float("inf"))
+                x = tl.where(mask, softcap * tanh(x / softcap), -float("inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             s += tl.sum(tl.where(mask, x, 0.0), axis=0)
@@ -105,7 +94,7 @@ def _cross_entropy_fwd_kernel(
 
         x_t = tl.load(l_row + safe_target).to(tl.float32)
         if HAS_SOFTCAP:
-            x_t = softcap * _tanh(x_t / softcap)
+            x_t = softcap * tanh(x_t / softcap)
         loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * s + z_loss * lse * lse
         loss = tl.where(in_range, loss, float("nan"))
         tl.store(LOSS + row, loss)
@@ -125,7 +114,7 @@ def _cross_entropy_fwd_kernel(
                 x = tl.load(l_row + col, mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
                     y = x / softcap
-                    x = softcap * _tanh(y)
+                    x = softcap * tanh(y)
                 g = tl.exp(x - lse) * p_scale - smooth
                 g = tl.where(col == safe_target, g - (1.0 - label_smoothing), g)
                 if HAS_SOFTCAP:
@@ -209,7 +198,7 @@ def cross_entropy_forward(
     nv = n_valid if n_valid is not None else loss  # never read when MEAN is False
     rs = row_scale if row_scale is not None else loss
     cfg = fwd_config(V)
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with launch_device(logits.device):
         _cross_entropy_fwd_kernel[(rows,)](
             logits, target, loss, d, nv, rs,
             V, logits.stride(0), d.stride(0), int(ignore_index),
@@ -227,7 +216,7 @@ def scale_rows_(dlogits: torch.Tensor, grad_output: torch.Tensor) -> None:
         return
     g = grad_output.reshape(-1)
     stride_g = 0 if g.numel() == 1 else g.stride(0)
-    with torch.cuda.device(dlogits.device) if dlogits.is_cuda else contextlib.nullcontext():
+    with launch_device(dlogits.device):
         _scale_rows_kernel[(rows, triton.cdiv(V, SCALE_BLOCK))](
             dlogits, g, V, dlogits.stride(0), stride_g, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
         )

@@ -6,8 +6,10 @@ twice the bf16 tensor-core rate; sm_89: FP8 ``mma``). scale_a is a scalar or one
 a, scale_b a scalar or one per column of b, passed as a pointer plus a stride that is 0 for a
 scalar. The epilogue is fp32: ``acc * sa[m] * sb[n] + bias[n]``, then one rounding to out's dtype.
 
-Any strides work; K-major operands (a row-major, b column-major, as ``torch._scaled_mm`` wants
-and as Float8Linear's forward produces) load fastest. Tiles are grouped along M (``GROUP_M``) so
+The kernel runs on K-major operands only (a row-major, b column-major, as ``torch._scaled_mm``
+wants and as Float8Linear's forward produces): :func:`k_major` copies any other layout first (the
+weight-gradient GEMM's M-major a / N-major b), because the N-major b tile spills 182 B of
+registers on sm_90 under triton 3.6 and loads slower everywhere; one fp8 copy costs far less. Tiles are grouped along M (``GROUP_M``) so
 a wave of programs reuses b tiles in L2.
 
 Triton's interpreter runs fp8 ``tl.dot`` exactly (it decodes to fp32); it misreads fp8 inf/nan
@@ -17,11 +19,11 @@ already inf/nan (tokenforge.fp8.quantize), so CPU results stay meaningful.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenforge.kernels import launch_device
 
 from tokenforge.kernels import INTERPRETED
 
@@ -127,12 +129,23 @@ def supports(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
+def k_major(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (M, K) with unit stride along K and b (K, N) with unit stride along K: the only layout
+    the kernel is compiled for (copies whatever is not already so)."""
+    if a.stride(1) != 1 and a.shape[1] > 1:
+        a = a.contiguous()
+    if b.stride(0) != 1 and b.shape[0] > 1:
+        b = b.t().contiguous().t()
+    return a, b
+
+
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, N) in out_dtype = (a @ b) * scale_a * scale_b + bias; scale_a () or (M, 1), scale_b ()
     or (1, N), fp32 contiguous; bias (N,) or None."""
     M, K = a.shape
     N = b.shape[1]
+    a, b = k_major(a, b)
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
@@ -140,7 +153,7 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     stride_sa = 0 if scale_a.numel() == 1 else 1
     stride_sb = 0 if scale_b.numel() == 1 else 1
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+    with launch_device(a.device):
         _fp8_gemm_kernel[grid](
             a, b, scale_a, scale_b, bias if bias is not None else scale_a, out,
             M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),

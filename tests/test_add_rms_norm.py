@@ -3,6 +3,7 @@ all three gradients (x, residual, weight, with gradient arriving through both ou
 rounding of h; launchers with NaN-poisoned outputs; refusals; the compile gate; torch.compile."""
 
 import pytest
+from compile_gate import GATE_ARCHS
 import torch
 from device_params import DEVICES, HAS_CUDA
 
@@ -351,7 +352,7 @@ def _all_configs():
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _all_configs(),
                          ids=[f"{n}-{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _all_configs()])
 def test_configs_compile_without_spills(arch, name, config):
@@ -364,7 +365,7 @@ def test_configs_compile_without_spills(arch, name, config):
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_dtypes_compile(arch, dtype):
     """Each dtype at the headline width 4096, with and without weight / dh, aligned and not."""

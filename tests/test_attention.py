@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from compile_gate import GATE_ARCHS
 import torch
 from device_params import DEVICES, HAS_CUDA
 
@@ -49,7 +50,7 @@ def _cancelling_terms(q, k, v, dout, kw):
     s = torch.einsum("bqhd,bkhd->bhqk", q64, kk) * scale
     if kw["softcap"]:
         s = kw["softcap"] * torch.tanh(s / kw["softcap"])
-    keep = _keep_mask(q.shape[1], k.shape[1], _fold_causal(kw["causal"], kw["window"]), "cpu")
+    keep = _keep_mask(q.shape[1], k.shape[1], _fold_causal(kw["causal"], kw["window"]), q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
@@ -426,7 +427,7 @@ GATE_CONFIGS = _gate_configs()
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", GATE_CONFIGS,
                          ids=[f"{n}-d{c['BLOCK_D']}-{c.get('BLOCK_M')}x{c.get('BLOCK_N', 0)}w{c['num_warps']}"
                               for n, c in GATE_CONFIGS])
@@ -449,7 +450,7 @@ def test_every_feature_compiles(dtype, name):
     from compile_gate import ptxas_report, spill_bytes
 
     for config in [c for n, c in GATE_CONFIGS if n == name and c["BLOCK_D"] in (64, 256)]:
-        for arch in ("sm_90", "sm_80"):
+        for arch in GATE_ARCHS:
             for kw in (dict(group=4, varlen=True, left=True, right=True, softcap=True),
                        dict(group=1, right=False)):
                 compiled = compile_attention(name, config, arch, dtype=dtype, **kw)

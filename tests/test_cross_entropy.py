@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+from compile_gate import GATE_ARCHS
 import torch
 import torch.nn.functional as F
 from device_params import DEVICES, HAS_CUDA, kernel_backends
@@ -409,7 +410,7 @@ def _gate_configs():
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _gate_configs(),
                          ids=[f"{n}-{c.get('BLOCK_V', c.get('BLOCK'))}w{c['num_warps']}" for n, c in _gate_configs()])
 def test_configs_compile_without_spills(arch, name, config):
@@ -423,7 +424,7 @@ def test_configs_compile_without_spills(arch, name, config):
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_variants_compile(arch, dtype):
     """Every flag combination the launcher passes, every dtype, unaligned too, at the 128k-vocab config."""

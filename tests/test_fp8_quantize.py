@@ -3,6 +3,7 @@ cast is deterministic round-to-nearest-even, so nothing less is acceptable), rou
 within the fp8 format's precision, and the documented amax = 0 / inf / nan / saturation rules."""
 
 import pytest
+from compile_gate import GATE_ARCHS
 import torch
 from device_params import DEVICES, HAS_CUDA, kernel_backends
 
@@ -157,7 +158,7 @@ def _gate_types(soft):
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 def test_quantize_kernels_compile_without_spills(arch):
     from compile_gate import TARGETS, compile_kernel, ptxas_report, spill_bytes
 

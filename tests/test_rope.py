@@ -4,6 +4,7 @@ and GPT-J's formulas written out here, the module, torch.compile, refusals and t
 import re
 
 import pytest
+from compile_gate import GATE_ARCHS
 import torch
 from device_params import DEVICES, HAS_CUDA, kernel_backends
 
@@ -561,7 +562,7 @@ def _assert_no_spills(compiled, arch, what):
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("cfg", _rope_configs(), ids=lambda c: f"t{c['BLOCK_T']}h{c['BLOCK_H']}j{c['BLOCK_J']}")
 def test_rope_configs_compile_without_spills(arch, cfg):
     compiled = _rope_compile(cfg, HEAVIEST, arch)
@@ -570,7 +571,7 @@ def test_rope_configs_compile_without_spills(arch, cfg):
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 def test_rope_every_variant_compiles(arch):
     """All 16 flag variants at the LLaMA-8B config, and every q/cos dtype pairing, unaligned too."""
     from tokenforge.kernels import rope as rope_kernels

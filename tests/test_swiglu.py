@@ -3,6 +3,7 @@ forward and both gradients; launchers with NaN-poisoned outputs; refusals; the c
 torch.compile; the LLaMA MLP module."""
 
 import pytest
+from compile_gate import GATE_ARCHS
 import torch
 from device_params import DEVICES, HAS_CUDA, kernel_backends
 
@@ -329,7 +330,7 @@ def _all_configs():
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _all_configs(),
                          ids=[f"{n}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _all_configs()])
 def test_configs_compile_without_spills(arch, name, config):
@@ -341,7 +342,7 @@ def test_configs_compile_without_spills(arch, name, config):
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_dtypes_compile(arch, dtype):
     """Every dtype at the headline width, aligned (vectorised) and unaligned (odd hidden sizes)."""

@@ -475,13 +475,17 @@ def _run(args, ctx: DistContext) -> int:
             variants = [parse_variant(n.strip()) for n in names]
             out_dir, args.out = args.out, None  # no checkpoints for the comparison runs
             results = []
-            for v in variants:
+            for i, v in enumerate(variants):
                 if v.fp8 and fp8_unavailable(ctx.device):
                     _say(ctx, f"  {v.name}: skipped: {fp8_unavailable(ctx.device)}")
                     continue
                 _say(ctx, f"-- {v.name}: {args.max_steps} steps")
                 results.append(train_run(args, cfg, corpus, v, ctx, log=log))
                 _release(ctx.device, v)
+                if ctx.is_main and args.json and i + 1 < len(variants):
+                    # Each finished variant is on disk at once: a run cut short keeps what it measured.
+                    _write_json(args.json, _compare_payload(args, cfg, ctx, compare_table(results, ctx.device)[1],
+                                                            complete=False))
             args.out = out_dir
             lines, rows = compare_table(results, ctx.device)
             _say(ctx, "", f"compare: {args.preset}, seq {args.seq_len}, {args.max_steps} steps each "
@@ -491,9 +495,7 @@ def _run(args, ctx: DistContext) -> int:
                 for n in r.notes:
                     _say(ctx, f"  {r.variant}: {n}")
             _say(ctx, f"  optimizer: {results[0].optimizer}" if results else "")
-            payload = {"device_name": metrics.device_name(ctx.device), "preset": args.preset, "seq_len": args.seq_len,
-                       "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world": ctx.world,
-                       "steps": args.max_steps, "config": cfg.to_dict(), "rows": rows}
+            payload = _compare_payload(args, cfg, ctx, rows, complete=True)
         else:
             res = train_run(args, cfg, corpus, variant_of(args), ctx, log=log)
             _say(ctx, *summary(res, args))
@@ -505,9 +507,7 @@ def _run(args, ctx: DistContext) -> int:
         if log is not None:
             log.close()
     if ctx.is_main and args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        _write_json(args.json, payload)
         print(f"  wrote {args.json}")
     if ctx.is_main and args.plot:
         if not args.out:
@@ -516,6 +516,22 @@ def _run(args, ctx: DistContext) -> int:
             why = metrics.plot(os.path.join(args.out, "metrics.jsonl"), args.plot)
             print(f"  plot: {why}" if why else f"  wrote {args.plot}")
     return 0
+
+
+def _compare_payload(args, cfg, ctx: DistContext, rows: list[dict], complete: bool) -> dict:
+    """The --compare JSON; ``complete`` is False while variants are still to run."""
+    return {"device_name": metrics.device_name(ctx.device), "preset": args.preset, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world": ctx.world,
+            "steps": args.max_steps, "config": cfg.to_dict(), "rows": rows, "complete": complete}
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _release(device: torch.device, variant: Variant) -> None:
