@@ -471,7 +471,7 @@ if __name__ == "__main__":
         install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
         extras_require={
             # transformers: the Hugging Face patching tests (tokenforge.patch.TRANSFORMERS_TESTED).
-            "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.50,<6"],
+            "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<6"],
             "hf": ["transformers>=4.50,<6"],
             "bench": ["pytest-benchmark>=4", "matplotlib"],
         },

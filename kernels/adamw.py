@@ -10,12 +10,15 @@ Per element, in fp32 (torch.optim.AdamW's formulas, in its order of operations):
     vm = max(vmax, v)                            (amsgrad; else vm = v)
     p  = p - lr / (1 - beta1**t) * m / (sqrt(vm) / sqrt(1 - beta2**t) + eps)
 
-Multi-tensor layout (built by tokenforge.optim.multi_tensor and cached while pointers hold):
+Multi-tensor layout (built by tokenforge.optim.multi_tensor and cached while pointers hold; the
+kernel-side helpers that read it live in kernels/multi_tensor.py, shared with Lion, 8-bit AdamW and
+the grad norm):
 
 - ``PTRS``: int64 [ROLES, n_tensors]: the data_ptr of each role (param, grad, exp_avg, exp_avg_sq,
   max_exp_avg_sq, step, master) of each tensor; a role a mode does not use is never read.
-- ``META``: int64 [2, n_tensors]: numel and a stable per-parameter key (its index in the optimizer,
-  which seeds stochastic rounding).
+- ``META``: int64 [3, n_tensors]: numel, a stable per-parameter key (its index in the optimizer)
+  and the flat index in the full parameter of the tensor's first element (0, or an FSDP2 shard's
+  offset); stochastic rounding draws its bits from (seed, step, key, offset + local index).
 - ``BLOCKMAP``: int32 [2, n_blocks]: tensor index and chunk index of each program, so a program
   handles elements [chunk * BLOCK, (chunk + 1) * BLOCK) of one tensor.
 - ``HYPER``: float64 [5] on the device: lr, beta1, beta2, eps, weight_decay. A tensor lr is copied
@@ -28,127 +31,27 @@ torch's double-precision host arithmetic.
 Modes (constexprs): fp32 params; fp16/bf16 params with an fp32 master copy (HAS_MASTER: p is read
 from and written to the master, and the param gets its round-to-nearest copy); bf16 params with
 stochastic rounding (STOCHASTIC: no master; the new fp32 value is rounded to bf16 up or down with
-probability proportional to its distance, from a counter-based hash of (seed, step, key, index):
-reproducible, unbiased and graph-capturable). Moments are stored in ``S_DTYPE`` (fp32, or bf16 in
+probability proportional to its distance, from Philox keyed by the seed with counter (global
+element index, step, key): reproducible, unbiased, the same under any sharding, graph-capturable). Moments are stored in ``S_DTYPE`` (fp32, or bf16 in
 the stochastic mode when asked), always computed in fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-# Rows of PTRS (constexpr globals, so the kernels may read them).
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, MASTER = (tl.constexpr(i) for i in range(7))
-ROLES = 7
-
-# Elements per program: 2048 with 8 warps is 8 elements per thread per stream (two 16-byte
-# accesses for fp32), with 4-6 streams in flight per thread. 4096 spilled on sm_80 in the
-# heaviest mode (bf16 + stochastic rounding + amsgrad: 128 registers), see the compile gate. The
-# interpreter uses a larger block: its cost is per program, and the tests' sizes still span chunks.
-BLOCK = 2048
-NUM_WARPS = 8
-INTERPRETER_BLOCK = 16384
-
-SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreted() -> bool:
-    from tokenforge import kernels
-
-    return kernels.INTERPRETED
-
-
-def block_size() -> int:
-    from tokenforge import kernels
-
-    return INTERPRETER_BLOCK if kernels.INTERPRETED else BLOCK
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared jitted helpers (also used by kernels/lion.py and kernels/grad_norm.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def _helper(fn):
-    """@triton.jit for compiled kernels. Under the interpreter the plain function is called instead:
-    it runs the same tl code (the interpreter patches tl while a kernel runs), without the ~5 ms
-    the interpreter spends setting up every nested jitted call, which dominated the CPU tests."""
-    from tokenforge import kernels
-
-    return fn if kernels.INTERPRETED else triton.jit(fn)
-
-
-@_helper
-def _mix32(x):
-    # A 32-bit avalanche (the lowbias32 finalizer): every input bit flips each output bit with
-    # probability ~1/2, which is all stochastic rounding needs from its random bits.
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    x = x ^ (x >> 16)
-    return x
-
-
-@_helper
-def stochastic_round_bf16(x, seed, step, key, offs):
-    """x (fp32) rounded to bf16 stochastically: add 16 random bits below the bf16 mantissa, then
-    truncate. Unbiased for finite x; NaN/inf pass through unchanged."""
-    s = _mix32(tl.cast(seed, tl.uint32) ^ _mix32(tl.cast(step, tl.uint32) * 0x9E3779B9 + tl.cast(key, tl.uint32)))
-    r = _mix32(tl.cast(offs, tl.uint32) ^ s) & 0xFFFF
-    bits = x.to(tl.uint32, bitcast=True)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    rounded = tl.where(finite, (bits + r) & 0xFFFF0000, bits)
-    return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
-
-
-@_helper
-def narrow(x, DT: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 x -> DT rounded to nearest even. Triton's interpreter truncates fp32 -> bf16, so there
-    the rounding is done on the bits (NaN/inf pass through); the GPU converts natively (RTNE)."""
-    if INTERPRETED and DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        finite = (bits & 0x7F800000) != 0x7F800000
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
-        return x.to(DT)
+from tokenforge.kernels.multi_tensor import (  # noqa: F401  (the shared table layout and helpers)
+    BLOCK, EXP_AVG, EXP_AVG_SQ, GRAD, INTERPRETER_BLOCK, MASTER, MAX_EXP_AVG_SQ, NUM_WARPS, PARAM, ROLES, STEP,
+    SUPPORTED_PARAM_DTYPES, _TL, _helper, _interpreted, block_size, launch_device, ld, narrow, st,
+    stochastic_round_bf16, table_ptr,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------------
-
-
-@_helper
-def ld(ptr, offs, mask, MASKED: tl.constexpr):
-    """Load as fp32; unmasked for whole chunks (so 16-byte vector accesses are possible)."""
-    if MASKED:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        return tl.load(ptr + offs).to(tl.float32)
-
-
-@_helper
-def st(ptr, offs, x, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + offs, x, mask=mask)
-    else:
-        tl.store(ptr + offs, x)
-
-
-@_helper
-def table_ptr(PTRS, role, n_tensors, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """The pointer of ``role`` of tensor t; ALIGNED: the launcher checked every pointer is 16-byte
-    aligned, which (with unmasked whole chunks) lets Triton emit 16-byte loads and stores."""
-    ptr = tl.load(PTRS + role * n_tensors + t).to(tl.pointer_type(DT))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
 
 
 @_helper
@@ -198,7 +101,8 @@ def _adamw_update(PTRS, META, GRAD_SCALE, n_tensors, t, offs, mask, seed, step,
         st(p_ptr, offs, narrow(p, P_DTYPE, INTERPRETED), mask, MASKED)
     elif STOCHASTIC:
         key = tl.load(META + n_tensors + t)
-        st(p_ptr, offs, stochastic_round_bf16(p, seed, step.to(tl.int64), key, offs), mask, MASKED)
+        gidx = tl.load(META + 2 * n_tensors + t) + offs
+        st(p_ptr, offs, stochastic_round_bf16(p, seed, step.to(tl.int64), key, gidx), mask, MASKED)
     else:
         st(p_ptr, offs, narrow(p, P_DTYPE, INTERPRETED), mask, MASKED)
 
@@ -253,7 +157,6 @@ def _adamw_kernel(
 # Configurations (the compile gate compiles every one) and the launcher
 # ---------------------------------------------------------------------------------------------
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def modes() -> list[dict]:
@@ -301,7 +204,7 @@ def adamw_step(tables, hyper: torch.Tensor, grad_scale: torch.Tensor | None, *, 
         return
     device = tables.ptrs.device
     scale = grad_scale if grad_scale is not None else hyper  # never read without HAS_SCALE
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with launch_device(device):
         _adamw_kernel[(tables.n_blocks,)](
             tables.ptrs, tables.meta, tables.blockmap, hyper, scale,
             tables.n_tensors, tables.n_blocks, seed & 0x7FFFFFFF,

@@ -16,13 +16,13 @@ absmax, row 1: v's max) of each tensor (amsgrad is not offered with 8-bit states
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from tokenforge.kernels.adamw import (  # noqa: F401
+from tokenforge.kernels import launch_device
+
+from tokenforge.kernels.multi_tensor import (  # noqa: F401
     BLOCK, EXP_AVG, EXP_AVG_SQ, GRAD, MASTER, MAX_EXP_AVG_SQ, NUM_WARPS, PARAM, STEP, _TL, _interpreted, narrow,
 )
 
@@ -129,7 +129,7 @@ def adamw8_step(tables, hyper: torch.Tensor, grad_scale, *, p_dtype, g_dtype, ma
         return
     assert tables.block % QBLOCK == 0
     device = tables.ptrs.device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with launch_device(device):
         _adamw8_kernel[(tables.n_blocks,)](
             tables.ptrs, tables.meta, tables.blockmap, hyper, grad_scale if grad_scale is not None else hyper,
             tables.n_tensors, tables.n_blocks,

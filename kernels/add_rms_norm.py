@@ -25,11 +25,11 @@ per-row dot kernel on h and then tiles the columns.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenforge.kernels import launch_device
 
 from tokenforge.kernels import rms_norm as _rn
 
@@ -207,9 +207,6 @@ def supports(x: torch.Tensor, residual: torch.Tensor, weight) -> str | None:
     return None
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,7 +219,7 @@ def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.
     w = weight if weight is not None else x  # never read when HAS_WEIGHT is False
     args = (x, residual, w, y, h, rstd)
     strides = (x.stride(0), residual.stride(0), y.stride(0), h.stride(0), eps)
-    with _device_ctx(x):
+    with launch_device(x):
         if n <= FWD_MAX_ROW_N:
             cfg = fwd_rows_config(n)
             _add_rms_norm_fwd_rows_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
@@ -247,7 +244,7 @@ def add_rms_norm_backward(
     dh_ = dh if has_dh else h
     flags = dict(HAS_WEIGHT=has_weight, HAS_DH=has_dh)
     strides = (dy.stride(0), dh_.stride(0), h.stride(0), dx.stride(0), dr.stride(0))
-    with _device_ctx(h):
+    with launch_device(h):
         if n <= BWD_MAX_ROW_N:
             cfg = bwd_rows_config(n)
             programs = _rn._persistent_programs(h.device, triton.cdiv(rows, cfg["BLOCK_M"]))

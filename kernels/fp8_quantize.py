@@ -35,11 +35,11 @@ On sm_89+ the hardware ``cvt.rn.satfinite`` does the same rounding.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenforge.kernels import launch_device
 
 from tokenforge.kernels import INTERPRETED
 
@@ -329,9 +329,6 @@ def supports(x: torch.Tensor, fp8_dtype: torch.dtype) -> str | None:
     return None
 
 
-def _device_ctx(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
 
 def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(data (R, C) contiguous, scale (R, 1) fp32): one scale per row."""
@@ -343,7 +340,7 @@ def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -
     soft = needs_soft_cast(x.device)
     out = data.view(torch.uint8) if soft else data
     cfg = rows_config(C)
-    with _device_ctx(x):
+    with launch_device(x):
         _quantize_rows_kernel[(triton.cdiv(R, cfg["BLOCK_M"]),)](
             x, out, scale, R, C, x.stride(0), x.stride(1),
             **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
@@ -361,7 +358,7 @@ def quantize_cols(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -
     soft = needs_soft_cast(x.device)
     out = data.view(torch.uint8) if soft else data
     cfg = cols_config()
-    with _device_ctx(x):
+    with launch_device(x):
         _quantize_cols_kernel[(triton.cdiv(C, cfg["BLOCK_N"]),)](
             x, out, scale, R, C, x.stride(0), x.stride(1),
             **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
@@ -382,7 +379,7 @@ def quantize_tensor(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool)
     tiles = triton.cdiv(R, tile["BLOCK_M"]) * triton.cdiv(C, tile["BLOCK_N"])
     programs = _persistent_programs(x.device, tiles)
     partial = torch.empty((programs,), dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
+    with launch_device(x):
         _amax_partial_kernel[(programs,)](x, partial, R, C, x.stride(0), x.stride(1), **tile)
         _quantize_tensor_kernel[(tiles,)](
             x, out, scale, partial, programs, R, C, x.stride(0), x.stride(1),

@@ -11,16 +11,16 @@ device scalar in place.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from tokenforge.kernels.adamw import _interpreted, narrow
+from tokenforge.kernels import launch_device
 
-# Tables are built at kernels.adamw's block size (block_size()), so launch at that size too.
-from tokenforge.kernels.adamw import BLOCK, NUM_WARPS  # noqa: E402
+from tokenforge.kernels.multi_tensor import _interpreted, narrow
+
+# Tables are built at the shared block size (multi_tensor.block_size()), so launch at that size too.
+from tokenforge.kernels.multi_tensor import BLOCK, NUM_WARPS  # noqa: E402
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -78,9 +78,6 @@ def all_configs() -> list[tuple[str, dict]]:
     return out
 
 
-def _device_ctx(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
 
 def norm_partials(tables, dtype: torch.dtype, norm_type: float) -> torch.Tensor:
     """fp32 [n_blocks] partials of the grads in ``tables``: sum |g|^p, or max |g| for p = inf."""
@@ -89,7 +86,7 @@ def norm_partials(tables, dtype: torch.dtype, norm_type: float) -> torch.Tensor:
     if tables.n_blocks == 0:
         return out.zero_()
     norm = {2.0: NORM_L2, 1.0: NORM_L1, float("inf"): NORM_INF}.get(float(norm_type), NORM_P)
-    with _device_ctx(device):
+    with launch_device(device):
         _norm_partials_kernel[(tables.n_blocks,)](
             tables.ptrs, tables.meta, tables.blockmap, out, tables.n_blocks, float(norm_type),
             G_DTYPE=_TL[dtype], NORM=norm, BLOCK=tables.block, num_warps=NUM_WARPS,
@@ -101,7 +98,7 @@ def scale_(tables, dtype: torch.dtype, scale: torch.Tensor) -> None:
     """grads *= scale (fp32 0-d tensor on the device), in place."""
     if tables.n_blocks == 0:
         return
-    with _device_ctx(tables.ptrs.device):
+    with launch_device(tables.ptrs.device):
         _scale_kernel[(tables.n_blocks,)](
             tables.ptrs, tables.meta, tables.blockmap, scale, tables.n_blocks,
             G_DTYPE=_TL[dtype], BLOCK=tables.block, INTERPRETED=_interpreted(), num_warps=NUM_WARPS,

@@ -13,18 +13,18 @@ HYPER: float64 [4] = lr, beta1, beta2, weight_decay.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from tokenforge.kernels.adamw import (  # noqa: F401  (shared layout and helpers)
+from tokenforge.kernels import launch_device
+
+from tokenforge.kernels.multi_tensor import (  # noqa: F401  (shared layout and helpers)
     EXP_AVG, GRAD, MASTER, PARAM, STEP, SUPPORTED_PARAM_DTYPES, _TL, _interpreted, narrow, stochastic_round_bf16,
 )
 
-# Tables are built at kernels.adamw's block size (block_size()), so launch at that size too.
-from tokenforge.kernels.adamw import BLOCK, NUM_WARPS  # noqa: E402
+# Tables are built at the shared block size (multi_tensor.block_size()), so launch at that size too.
+from tokenforge.kernels.multi_tensor import BLOCK, NUM_WARPS  # noqa: E402
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def _lion_kernel(
     elif STOCHASTIC:
         step = tl.load(tl.load(PTRS + STEP * n_tensors + t).to(tl.pointer_type(tl.float32)))
         key = tl.load(META + n_tensors + t)
-        tl.store(p_ptr + offs, stochastic_round_bf16(p, seed, step.to(tl.int64), key, offs), mask=mask)
+        gidx = tl.load(META + 2 * n_tensors + t) + offs
+        tl.store(p_ptr + offs, stochastic_round_bf16(p, seed, step.to(tl.int64), key, gidx), mask=mask)
     else:
         tl.store(p_ptr + offs, narrow(p, P_DTYPE, INTERPRETED), mask=mask)
 
@@ -100,7 +101,7 @@ def lion_step(tables, hyper: torch.Tensor, grad_scale, *, p_dtype, g_dtype, s_dt
     if tables.n_blocks == 0:
         return
     device = tables.ptrs.device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with launch_device(device):
         _lion_kernel[(tables.n_blocks,)](
             tables.ptrs, tables.meta, tables.blockmap, hyper, grad_scale if grad_scale is not None else hyper,
             tables.n_tensors, tables.n_blocks, seed & 0x7FFFFFFF,

@@ -25,11 +25,11 @@ Two kernel shapes:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenforge.kernels import launch_device
 
 # Largest rows kept entirely in registers. Checked against ptxas register/spill reports for sm_80
 # and sm_90 by tests/test_compile_gate.py: the backward holds ~4 fp32 values per element
@@ -260,7 +260,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     w = weight if weight is not None else x  # never read when HAS_WEIGHT is False
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with launch_device(x.device):
         if n <= FWD_MAX_ROW_N:
             cfg = fwd_rows_config(n)
             grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
@@ -284,7 +284,7 @@ def rms_norm_backward(
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     has_weight = weight is not None
     w = weight if has_weight else x
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with launch_device(x.device):
         if n <= BWD_MAX_ROW_N:
             cfg = bwd_rows_config(n)
             programs = _persistent_programs(x.device, triton.cdiv(rows, cfg["BLOCK_M"]))

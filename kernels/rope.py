@@ -25,11 +25,11 @@ broadcast over its heads.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenforge.kernels import launch_device
 
 # Pairs per program tile: 2048 pairs = 4096 elements of q or k (8 KiB in bf16) in flight per
 # program, 8 pairs per thread at 8 warps. At 4 warps the position_ids + pass-through variant with
@@ -230,7 +230,7 @@ def rope_forward(
     n_tok = batch * seq
     grid = (triton.cdiv(n_tok, cfg["BLOCK_T"]),
             triton.cdiv(heads_q, cfg["BLOCK_H"]) + triton.cdiv(heads_k, cfg["BLOCK_H"]))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with launch_device(q.device):
         _rope_kernel[grid](
             qv, kv, qov, kov, cos, sin, pos,
             n_tok, seq, heads_q, heads_k, head_dim, half, n_pos,

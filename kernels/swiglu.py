@@ -16,11 +16,11 @@ one packed gradient buffer.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenforge.kernels import launch_device
 
 # Elements per program: 1024 with 4 warps is 8 per thread, i.e. one 16-byte load per operand for
 # bf16 (two for fp32); narrow rows are packed BLOCK_M to a program so it still moves 1024.
@@ -109,9 +109,6 @@ def supports(gate: torch.Tensor, up: torch.Tensor) -> str | None:
     return None
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for gate, up (rows, n) with unit column stride; into ``out`` (rows, n) or a
@@ -119,7 +116,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
     rows, n = gate.shape
     y = torch.empty((rows, n), dtype=gate.dtype, device=gate.device) if out is None else out
     cfg = tile_config(n)
-    with _device_ctx(gate):
+    with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
             gate, up, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), **cfg,
         )
@@ -132,7 +129,7 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     packed gradient) for dy, gate, up (rows, n)."""
     rows, n = gate.shape
     cfg = tile_config(n)
-    with _device_ctx(gate):
+    with launch_device(gate):
         _swiglu_bwd_kernel[_grid(rows, n, cfg)](
             dy, gate, up, dgate, dup, rows, n,
             dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), **cfg,

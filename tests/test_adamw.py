@@ -3,6 +3,7 @@ state_dict round trips both ways; master weights; bf16 stochastic rounding; bad 
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -577,3 +578,103 @@ def test_8bit_bad_options():
         AdamW(p, state_bits=4)
     with pytest.raises(ValueError, match="amsgrad"):
         AdamW(p, state_bits=8, amsgrad=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_rounding_is_shard_invariant(tmp_path, backend):
+    """bf16 + stochastic rounding: params stepped as DTensor Shard(0) shards on 2 gloo ranks end
+    bit-identical to the same params stepped whole (the rounding bits are keyed by each element's
+    index in the full parameter, not by its index in the local shard)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "sr.pt"
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sr_shard_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), worker, backend, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = torch.load(out)
+    assert results == {"AdamW": [True] * 4, "Lion": [True] * 4}, results
+
+
+def test_stochastic_rounding_offset_is_the_global_index():
+    """The reference draws by global index: rounding a tensor whole equals rounding its pieces
+    with their offsets, and pieces rounded as if they started at 0 do not (bits would repeat)."""
+    x = torch.randn(1000) * 5
+    whole = stochastic_round_bf16_reference(x, seed=3, step=2, key=1)
+    pieces = torch.cat([stochastic_round_bf16_reference(x[:300], 3, 2, 1, offset=0),
+                        stochastic_round_bf16_reference(x[300:], 3, 2, 1, offset=300)])
+    assert torch.equal(whole, pieces)
+    local = torch.cat([stochastic_round_bf16_reference(x[:500], 3, 2, 1), stochastic_round_bf16_reference(x[500:], 3, 2, 1)])
+    assert not torch.equal(whole, local)
+    # 64-bit indices: offsets past 2**32 give bits of their own, not those of index mod 2**32
+    far = stochastic_round_bf16_reference(x, 3, 2, 1, offset=2**32)
+    assert not torch.equal(far, whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graph capture of the step: tensor lr on the device, refused clearly otherwise.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_capture_with_float_lr_is_refused(monkeypatch):
+    from tokenforge.optim import multi_tensor
+    from tokenforge.optim.multi_tensor import CaptureError
+
+    ps = _params([10, 33], "cpu")
+    opt = AdamW(ps, lr=1e-3, backend="torch")
+    _set_grads(ps)
+    opt.step()  # warm-up outside capture
+    monkeypatch.setattr(multi_tensor, "_capturing", lambda: True)
+    import tokenforge.optim.adamw as adamw_mod
+
+    monkeypatch.setattr(adamw_mod, "_capturing", lambda: True)
+    with pytest.raises(CaptureError, match="lr as a CUDA tensor"):
+        opt.step()
+    fresh = AdamW(_params([4], "cpu"), lr=torch.tensor(1e-3), backend="torch")
+    fresh.param_groups[0]["params"][0].grad = torch.ones(4)
+    with pytest.raises(CaptureError, match="lr as a CUDA tensor|one step before capturing"):
+        fresh.step()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_and_replay_follow_the_lr_schedule(backend):
+    """Capture one step with a device lr, replay it with a changing lr and fresh grads: the same
+    params as eager steps with the same schedule."""
+    sizes = [1000, 4096, 3, 70000]
+    ps = _params(sizes, "cuda")
+    qs = _clone(ps)
+    lr_t = torch.tensor(1e-3, device="cuda")
+    graphed = AdamW(ps, lr=lr_t, weight_decay=0.01, backend=backend)
+    eager = AdamW(qs, lr=1e-3, weight_decay=0.01, backend=backend)
+    grads = [torch.randn_like(p) for p in ps]
+    for p, q, g in zip(ps, qs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    graphed.step()
+    eager.step()  # warm-up step outside capture (creates the states and tables)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph):
+            graphed.step()
+    torch.cuda.current_stream().wait_stream(side)
+    # capture ran nothing; undo nothing. Replay with a schedule:
+    for i, lr in enumerate([5e-4, 2e-4, 1e-4]):
+        new = [torch.randn_like(p) for p in ps]
+        for p, q, g in zip(ps, qs, new):
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        lr_t.fill_(lr)
+        graph.replay()
+        eager.param_groups[0]["lr"] = lr
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ps, qs):
+        assert rel_error(p, q) < 1e-6

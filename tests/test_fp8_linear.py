@@ -174,3 +174,24 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.tokenforge.fp8_scaled_mm,
                           (a, b.t(), sa, sb.t(), torch.randn(16), torch.bfloat16, backend),
                           test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rowwise_holds_per_row_on_rows_of_very_different_magnitudes(device):
+    """Rows spanning 1e-3 .. 1e3: rowwise scaling keeps every row of y near fp8's ~29 dB (each row
+    measured against itself: no row is near zero here); tensorwise scaling on the same data flushes
+    the small rows and fails that floor, so a rowwise/tensorwise scale mix-up cannot pass."""
+    K, N, M = (64, 48, 40) if device == "cpu" else (1024, 1024, 4096)
+    lin = nn.Linear(K, N, bias=False, device=device)
+    mags = torch.logspace(-3, 3, M, device=device)[torch.randperm(M, device=device)]
+    x = torch.randn(M, K, device=device) * mags[:, None]
+    yr = x.double() @ lin.weight.detach().double().t()
+    with torch.no_grad():
+        y_row = Float8Linear.from_linear(lin, "rowwise")(x)
+        y_tensor = Float8Linear.from_linear(lin, "tensorwise")(x)
+    def worst_row_db(y):
+        err = ((y.double() - yr).norm(dim=1) / yr.norm(dim=1)).max().item()
+        return -20 * math.log10(err)
+
+    assert worst_row_db(y_row) >= 20
+    assert worst_row_db(y_tensor) < 20, "a tensorwise scale on mixed-magnitude rows must fail the per-row floor"

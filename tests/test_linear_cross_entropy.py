@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenforge.nn.cross_entropy as tf_nn
 from tokenforge import backends, kernels
-from tokenforge.ops.linear_cross_entropy import chunked_forward, default_chunk_size, linear_cross_entropy
+from tokenforge.ops.linear_cross_entropy import (chunked_forward, default_chunk_size, linear_cross_entropy,
+                                                linear_cross_entropy_reference)
 from tokenforge.testing import TOLERANCE, PoisonEmpty, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -378,3 +379,23 @@ def test_cuda_peak_memory_below_logits():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < N * V * 2, f"peak {extra / 2**20:.0f} MiB >= the bf16 logits ({N * V * 2 / 2**20:.0f} MiB)"
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_held_gradients_are_in_the_weights_dtype(weight_dtype):
+    """Between forward and backward only grad_hidden and grad_weight (in the weight's dtype) are
+    held: no fp32 V x H accumulator (2 GB at V=128k, H=4096) survives the forward."""
+    N, H, V = 48, 32, 3000
+    h = torch.randn(N, H, dtype=weight_dtype, requires_grad=True)
+    w = (torch.randn(V, H) * 0.05).to(weight_dtype).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    loss = linear_cross_entropy(h, w, t, backend="torch")
+    saved = loss.grad_fn.saved_tensors
+    held = sum(x.numel() * x.element_size() for x in saved)
+    assert held <= N * H * h.element_size() + V * H * w.element_size() + 64, held
+    assert all(x.dtype != torch.float32 or weight_dtype == torch.float32 for x in saved if x.numel() >= V * H)
+    loss.backward()
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    linear_cross_entropy_reference(hd, wd, t).backward()
+    tol = TOLERANCE[weight_dtype] if weight_dtype != torch.float32 else 1e-5
+    assert rel_error(w.grad, wd.grad) <= tol and rel_error(h.grad, hd.grad) <= tol

@@ -32,13 +32,19 @@ def test_matches_float64_reference(device, kwargs):
         opt.step()
         ref_opt.step()
         # sign() is discontinuous at 0: an element whose interpolated momentum is within fp32
-        # rounding of 0 (probability ~1e-7 per element-step) would differ by 2 lr; relative to
-        # the params that is < 1e-5. Each tensor is compared against at least 1 per element: a
-        # 1-element param that training moves through zero has an unbounded relative error
-        # (seen: 5e-7 vs 5e-7 + 3e-11), while fp32 rounding stays ~1e-7 absolute.
+        # rounding of 0 (rare, and likelier with clipping, whose coefficient is fp32 here and
+        # float64 in the reference) takes the other sign and lands up to 2 lr away, for good (seen
+        # once: 1e-3 at step 13). Such elements must be rare and off by no more than that; every
+        # other element is within fp32 rounding. Each tensor is compared against at least 1 per
+        # element: a 1-element param that training moves through zero has an unbounded relative
+        # error (seen: 5e-7 vs 5e-7 + 3e-11), while fp32 rounding stays ~1e-7 absolute.
+        lr = kwargs["lr"]
         for p, r in zip(ours, ref):
             scale = max(1.0, r.detach().abs().max().item())
-            assert (p.detach().double() - r.detach()).abs().max().item() <= 1e-5 * scale, f"step {step}"
+            diff = (p.detach().double() - r.detach()).abs()
+            flipped = diff > 1e-5 * scale
+            assert int(flipped.sum()) <= max(1, diff.numel() // 1000), f"step {step}: {int(flipped.sum())} elements off"
+            assert (diff[flipped] <= 2 * lr * (step + 1) + 1e-5 * scale).all(), f"step {step}"
         assert rel_error(torch.cat([p.detach().flatten() for p in ours]),
                          torch.cat([r.detach().flatten() for r in ref])) <= 1e-5
         assert rel_error(torch.cat([opt.state[p]["exp_avg"].flatten() for p in ours]),

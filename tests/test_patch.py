@@ -59,6 +59,9 @@ def test_tokenforge_transformer_same_loss_and_grads(only):
     for o in OPTIONS:
         if opts[o]:
             assert any(line.startswith(o) for line in report.patched + report.skipped), (o, str(report))
+    if opts["rms_norm"]:  # the residual add is fused into the norm after it, in every block
+        assert f"add_rms_norm: {model.cfg.n_layers} Block.add_norm_fn" in str(report), str(report)
+        assert all(b.add_norm_fn.__name__ == "_fused_add_rms_norm" for b in model.layers)
     _assert_same(*ref, *_loss_and_grads(model, idx, targets))
     tokenforge.unpatch(model)
     _assert_same(*ref, *_loss_and_grads(model, idx, targets), tol=0.0 if only != "all" else TOL)

@@ -33,6 +33,32 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested (argument or TOKENFORGE_BACKEND) that cannot run these inputs."""
 
 
+class Launchers:
+    """An op's table backend name -> launcher module (``tokenforge.kernels.<op>`` for Triton,
+    ``tokenforge.cuda.<op>`` for CUDA C++), built where the op registers and read by its custom
+    ops: ``LAUNCHERS[backend].<op>_forward(...)``. Modules are imported on first use, so a
+    machine without the extension or Triton imports tokenforge all the same."""
+
+    def __init__(self, op: str, **modules: str):
+        self.op = op
+        self._modules = dict(modules)
+        self._loaded: dict = {}
+
+    def __getitem__(self, backend: str):
+        module = self._loaded.get(backend)
+        if module is None:
+            if backend not in self._modules:
+                raise ValueError(f"{self.op}: no kernel launcher for backend {backend!r} "
+                                 f"(kernel backends: {', '.join(self._modules)}); use backend='torch' for the reference")
+            import importlib
+
+            module = self._loaded[backend] = importlib.import_module(self._modules[backend])
+        return module
+
+    def __contains__(self, backend: str) -> bool:
+        return backend in self._modules
+
+
 @dataclass
 class OpBackends:
     name: str

@@ -204,12 +204,25 @@ def _replace_rms_norms(model: nn.Module, undo: _Undo, report: PatchReport, class
         report.skipped.append(f"rms_norm: no {'/'.join(c.__name__ for c in classes)} module found")
 
 
+def _fused_add_rms_norm(delta, residual, norm):
+    """Block.add_norm_fn fused: one pass reads delta and residual, writes the sum and its norm."""
+    from tokenforge.ops.add_rms_norm import add_rms_norm
+
+    eps = norm.eps if norm.eps is not None else torch.finfo(residual.dtype).eps
+    return add_rms_norm(delta, residual, norm.weight, eps, backend=getattr(norm, "backend", None))
+
+
 def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
-    from tokenforge.models.transformer import Attention, FeedForward
+    from tokenforge.models.transformer import Attention, Block, FeedForward
     from tokenforge.nn.rms_norm import RMSNorm
 
     if opts["rms_norm"]:
         _replace_rms_norms(model, undo, report, (nn.RMSNorm,), RMSNorm.from_torch)
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        for m in blocks:
+            undo.set_attr(m, "add_norm_fn", _fused_add_rms_norm)
+        report.patched.append(f"add_rms_norm: {len(blocks)} Block.add_norm_fn (residual add + ffn_norm) "
+                              "-> tokenforge.ops.add_rms_norm")
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     if opts["rope"]:
         for m in attentions:

@@ -164,6 +164,13 @@ class FeedForward(nn.Module):
         return self.w2(self.swiglu_fn(self.w1(x), self.w3(x)))
 
 
+def add_then_norm(delta: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + delta), residual + delta): the residual add and the norm after it, the swap
+    point tokenforge.patch fuses into one pass (tokenforge.ops.add_rms_norm)."""
+    h = residual + delta
+    return norm(h), h
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -171,10 +178,11 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        self.add_norm_fn = add_then_norm       # (delta, residual, norm) -> (normed, residual + delta)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
-        return x + self.feed_forward(self.ffn_norm(x))
+        normed, h = self.add_norm_fn(self.attention(self.attention_norm(x), cos, sin), x, self.ffn_norm)
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from tokenforge.ops.layout import rows_view
+
 from tokenforge import backends
 
 OP = "add_rms_norm"
@@ -96,12 +98,8 @@ backends.register_op(OP, cuda_preference=("triton",),
                                                            torch.empty(64, device=device, dtype=dtype)))
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from tokenforge.kernels import add_rms_norm as module
-    else:
-        raise ValueError(f"add_rms_norm: no kernel launcher for backend {backend!r}")
-    return module
+# The custom ops below call their backend's launcher through this table (no dispatch in between).
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.add_rms_norm")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,7 +113,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @torch.library.custom_op("tokenforge::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launchers(backend).add_rms_norm_forward(x, residual, weight, eps)
+    return LAUNCHERS[backend].add_rms_norm_forward(x, residual, weight, eps)
 
 
 @add_rms_norm_fwd.register_fake
@@ -127,7 +125,7 @@ def _(x, residual, weight, eps, backend):
 @torch.library.custom_op("tokenforge::add_rms_norm_bwd", mutates_args=())
 def add_rms_norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, weight: Optional[torch.Tensor],
                      rstd: torch.Tensor, x_dtype: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dr, dw = _launchers(backend).add_rms_norm_backward(dy, dh, h, weight, rstd, _DTYPES[x_dtype])
+    dx, dr, dw = LAUNCHERS[backend].add_rms_norm_backward(dy, dh, h, weight, rstd, _DTYPES[x_dtype])
     # Custom ops cannot return None; an empty tensor stands for "no weight, no dweight".
     return dx, dr, dw if dw is not None else h.new_empty((0,))
 
@@ -138,12 +136,6 @@ def _(dy, dh, h, weight, rstd, x_dtype, backend):
     return h.new_empty(h.shape, dtype=_DTYPES[x_dtype]), h.new_empty(h.shape), dw
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, n) view of t with unit column stride, copying only when no such view exists."""
-    if t.dim() == 2 and t.stride(1) == 1:
-        return t
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -153,7 +145,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, backend):
         w = weight.contiguous() if weight is not None else None
-        y, h, rstd = torch.ops.tokenforge.add_rms_norm_fwd(_rows(x), _rows(residual), w, float(eps), backend)
+        y, h, rstd = torch.ops.tokenforge.add_rms_norm_fwd(rows_view(x), rows_view(residual), w, float(eps), backend)
         ctx.save_for_backward(h, w, rstd)
         ctx.set_materialize_grads(False)  # an unused h gets no gradient pass at all
         ctx.backend = backend
@@ -166,8 +158,8 @@ class AddRMSNormFunction(torch.autograd.Function):
         h, w, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros(ctx.shape, dtype=ctx.x_dtype, device=h.device)
-        dy2 = _rows(dy.to(ctx.x_dtype))
-        dh2 = _rows(dh.to(h.dtype)) if dh is not None else None
+        dy2 = rows_view(dy.to(ctx.x_dtype))
+        dh2 = rows_view(dh.to(h.dtype)) if dh is not None else None
         dx, dr, dw = torch.ops.tokenforge.add_rms_norm_bwd(dy2, dh2, h, w, rstd, str(ctx.x_dtype).split(".")[-1],
                                                            ctx.backend)
         return dx.view(ctx.shape), dr.view(ctx.shape), (dw if w is not None else None), None, None

@@ -213,12 +213,8 @@ backends.register_op(
 # ---------------------------------------------------------------------------------------------
 
 
-def _launchers(backend: str):
-    if backend != "triton":
-        raise ValueError(f"attention: no kernel launcher for backend {backend!r}")
-    from tokenforge.kernels import attention as module
-
-    return module
+# The custom ops below call their backend's launcher through this table (no dispatch in between).
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.attention")
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -230,7 +226,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   window_left: int, window_right: int, softcap: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                  scale, (window_left, window_right), softcap)
 
 
@@ -248,7 +244,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The kernels use no atomics, so every backward is deterministic; the flag is part of the
     # schema so a future faster non-deterministic schedule can be chosen without an API change.
-    return _launchers(backend).attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    return LAUNCHERS[backend].attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, scale, (window_left, window_right), softcap)
 
 

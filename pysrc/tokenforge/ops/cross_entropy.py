@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from tokenforge.ops.layout import rows_view
 import torch.nn.functional as F
 
 from tokenforge import backends
@@ -186,12 +188,6 @@ def _(dlogits, grad_output, backend):
     return None
 
 
-def rows_view(t: torch.Tensor) -> torch.Tensor:
-    """(rows, n) view of t with unit column stride, copying only when no such view exists."""
-    if t.dim() == 2 and t.stride(1) == 1:
-        return t
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
 def reduce_loss(loss: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -12,7 +12,12 @@ Path of a call: :func:`linear_cross_entropy` validates and picks a backend ->
     grad_bias      += dlogits.sum(0)                   fp32 accumulator
 
 so only one chunk of logits exists at a time, and the gradients are done by the end of the
-forward. For reduction 'mean' / 'sum' backward only scales them by grad_output. For 'none' each
+forward. Memory beyond the inputs, for N tokens, H hidden, V vocab, chunk C, element size e (2 for
+bf16) and weight element size ew: during the forward C*V*e (one chunk of logits) + N*H*e
+(grad_hidden) + 4*V*H (the fp32 grad_weight accumulator: bf16 sums over many chunks drift) + V*H*ew
+at its end (the rounded copy); held from forward to backward N*H*e + V*H*ew (no fp32 V x H buffer).
+At N=16384, H=4096, V=128256, bf16: 128 MiB of logits, 128 MiB grad_hidden, 2 GiB fp32 accumulator
+in the forward, 1 GiB grad_weight held. For reduction 'mean' / 'sum' backward only scales them by grad_output. For 'none' each
 token's gradient needs its own grad_output, which is not known in the forward: the forward then
 computes only the losses, and backward runs the chunk loop again with dlogits rows scaled by
 grad_output (twice the matmuls; correct for any grad_output).
@@ -282,6 +287,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             ctx.save_for_backward(h2, w, t, bias)
             return loss.reshape(target.shape)
+        # Held until backward in the weight's dtype: the fp32 accumulator (4 V H bytes) lives only
+        # inside the forward's chunk loop; rounding it once here is what backward did before.
+        if ctx.need_weight:
+            gw = gw.to(ctx.weight_dtype)
+            gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
         ctx.save_for_backward(gh, gw, gb)
         return loss.sum() / n_valid if reduction == "mean" else loss.sum()
 
@@ -299,8 +309,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if not _is_one(grad_output):  # loss.backward() skips these multiplications
                 g = grad_output.to(accumulate_dtype(ctx.weight_dtype))
                 gh = (gh * g).to(gh.dtype) if ctx.need_hidden else gh
-                gw = gw * g if ctx.need_weight else gw
-                gb = gb * g if ctx.need_weight and ctx.has_bias else gb
+                gw = (gw * g).to(gw.dtype) if ctx.need_weight else gw
+                gb = (gb * g).to(gb.dtype) if ctx.need_weight and ctx.has_bias else gb
         grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
         grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
         grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None

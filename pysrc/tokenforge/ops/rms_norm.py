@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from tokenforge.ops.layout import rows_view
+
 from tokenforge import backends
 
 OP = "rms_norm"
@@ -97,14 +99,8 @@ backends.register_op(
 )
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from tokenforge.kernels import rms_norm as module
-    elif backend == "cuda":
-        from tokenforge.cuda import rms_norm as module
-    else:
-        raise ValueError(f"rms_norm: no kernel launcher for backend {backend!r}")
-    return module
+# The custom ops below call their backend's launcher through this table (no dispatch in between).
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.rms_norm", cuda="tokenforge.cuda.rms_norm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +110,7 @@ def _launchers(backend: str):
 
 @torch.library.custom_op("tokenforge::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).rms_norm_forward(x, weight, eps)
+    return LAUNCHERS[backend].rms_norm_forward(x, weight, eps)
 
 
 @rms_norm_fwd.register_fake
@@ -126,7 +122,7 @@ def _(x, weight, eps, backend):
 def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw = _launchers(backend).rms_norm_backward(dy, x, weight, rstd)
+    dx, dw = LAUNCHERS[backend].rms_norm_backward(dy, x, weight, rstd)
     # Custom ops cannot return None; an empty tensor stands for "no weight, no dweight".
     return dx, dw if dw is not None else x.new_empty((0,))
 
@@ -137,12 +133,6 @@ def _(dy, x, weight, rstd, backend):
     return x.new_empty(x.shape), dw
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, n) view of t with unit column stride, copying only when no such view exists."""
-    if t.dim() == 2 and t.stride(1) == 1:
-        return t
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -150,7 +140,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, backend):
-        x2 = _rows(x)
+        x2 = rows_view(x)
         w = weight.contiguous() if weight is not None else None
         y, rstd = torch.ops.tokenforge.rms_norm_fwd(x2, w, float(eps), backend)
         ctx.save_for_backward(x2, w, rstd)
@@ -161,7 +151,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, w, rstd = ctx.saved_tensors
-        dy2 = _rows(dy.to(x2.dtype))
+        dy2 = rows_view(dy.to(x2.dtype))
         dx, dw = torch.ops.tokenforge.rms_norm_bwd(dy2, x2, w, rstd, ctx.backend)
         return dx.view(ctx.x_shape), (dw if w is not None else None), None, None
 

@@ -166,12 +166,8 @@ backends.register_op(
 )
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from tokenforge.kernels import rope as module
-    else:
-        raise ValueError(f"rope: no kernel launcher for backend {backend!r}")
-    return module
+# The custom ops below call their backend's launcher through this table (no dispatch in between).
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.rope")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +180,7 @@ def _launchers(backend: str):
 def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              position_ids: Optional[torch.Tensor], interleaved: bool, layout: str,
              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).rope_forward(q, k, cos, sin, position_ids, interleaved, layout)
+    return LAUNCHERS[backend].rope_forward(q, k, cos, sin, position_ids, interleaved, layout)
 
 
 @rope_fwd.register_fake
@@ -196,7 +192,7 @@ def _(q, k, cos, sin, position_ids, interleaved, layout, backend):
 def rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              position_ids: Optional[torch.Tensor], interleaved: bool, layout: str,
              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).rope_backward(dq_out, dk_out, cos, sin, position_ids, interleaved, layout)
+    return LAUNCHERS[backend].rope_backward(dq_out, dk_out, cos, sin, position_ids, interleaved, layout)
 
 
 @rope_bwd.register_fake

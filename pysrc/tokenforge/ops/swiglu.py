@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from tokenforge.ops.layout import rows_view
+
 from tokenforge import backends
 
 OP = "swiglu"
@@ -99,12 +101,8 @@ backends.register_op(OP_PACKED, cuda_preference=("triton",),
                      example_inputs=lambda device, dtype: (torch.empty(2, 128, device=device, dtype=dtype),))
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from tokenforge.kernels import swiglu as module
-    else:
-        raise ValueError(f"swiglu: no kernel launcher for backend {backend!r}")
-    return module
+# The custom ops below call their backend's launcher through this table (no dispatch in between).
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.swiglu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +112,7 @@ def _launchers(backend: str):
 
 @torch.library.custom_op("tokenforge::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
-    return _launchers(backend).swiglu_forward(gate, up)
+    return LAUNCHERS[backend].swiglu_forward(gate, up)
 
 
 @swiglu_fwd.register_fake
@@ -125,7 +123,7 @@ def _(gate, up, backend):
 @torch.library.custom_op("tokenforge::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(up, memory_format=torch.contiguous_format)
-    _launchers(backend).swiglu_backward(dy, gate, up, dgate, dup)
+    LAUNCHERS[backend].swiglu_backward(dy, gate, up, dgate, dup)
     return dgate, dup
 
 
@@ -137,7 +135,7 @@ def _(dy, gate, up, backend):
 @torch.library.custom_op("tokenforge::swiglu_packed_fwd", mutates_args=())
 def swiglu_packed_fwd(gate_up: torch.Tensor, backend: str) -> torch.Tensor:
     hidden = gate_up.shape[1] // 2
-    return _launchers(backend).swiglu_forward(gate_up[:, :hidden], gate_up[:, hidden:])
+    return LAUNCHERS[backend].swiglu_forward(gate_up[:, :hidden], gate_up[:, hidden:])
 
 
 @swiglu_packed_fwd.register_fake
@@ -149,7 +147,7 @@ def _(gate_up, backend):
 def swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor, backend: str) -> torch.Tensor:
     hidden = gate_up.shape[1] // 2
     dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-    _launchers(backend).swiglu_backward(dy, gate_up[:, :hidden], gate_up[:, hidden:],
+    LAUNCHERS[backend].swiglu_backward(dy, gate_up[:, :hidden], gate_up[:, hidden:],
                                         dgate_up[:, :hidden], dgate_up[:, hidden:])
     return dgate_up
 
@@ -159,12 +157,6 @@ def _(dy, gate_up, backend):
     return gate_up.new_empty(gate_up.shape)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, n) view of t with unit column stride, copying only when no such view exists."""
-    if t.dim() == 2 and t.stride(1) == 1:
-        return t
-    t2 = t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -172,7 +164,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, backend):
-        g2, u2 = _rows(gate), _rows(up)
+        g2, u2 = rows_view(gate), rows_view(up)
         y = torch.ops.tokenforge.swiglu_fwd(g2, u2, backend)
         ctx.save_for_backward(g2, u2)
         ctx.backend = backend
@@ -182,7 +174,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        dg, du = torch.ops.tokenforge.swiglu_bwd(_rows(dy.to(g2.dtype)), g2, u2, ctx.backend)
+        dg, du = torch.ops.tokenforge.swiglu_bwd(rows_view(dy.to(g2.dtype)), g2, u2, ctx.backend)
         return dg.view(ctx.shape), du.view(ctx.shape), None
 
 
@@ -191,7 +183,7 @@ class SwiGLUPackedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, backend):
-        gu2 = _rows(gate_up)
+        gu2 = rows_view(gate_up)
         y = torch.ops.tokenforge.swiglu_packed_fwd(gu2, backend)
         ctx.save_for_backward(gu2)
         ctx.backend = backend
@@ -201,7 +193,7 @@ class SwiGLUPackedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (gu2,) = ctx.saved_tensors
-        dgu = torch.ops.tokenforge.swiglu_packed_bwd(_rows(dy.to(gu2.dtype)), gu2, ctx.backend)
+        dgu = torch.ops.tokenforge.swiglu_packed_bwd(rows_view(dy.to(gu2.dtype)), gu2, ctx.backend)
         return dgu.view(ctx.shape), None
 
 

@@ -15,10 +15,18 @@ State per param is torch's: ``step`` (float32 0-d, kept on the param's device), 
   casts the moments to the param dtype and ignores ``master_param``; loading torch's state_dict here
   upcasts the moments and starts the master from the param;
 - ``bf16_stochastic_rounding=True``: bf16 params updated in place with stochastic rounding, no master
-  copy, moments in ``sr_state_dtype`` (bf16 by default: 14 bytes of traffic per param per step);
+  copy, moments in ``sr_state_dtype`` (bf16 by default: 14 bytes of traffic per param per step). The
+  random bits are Philox draws keyed by ``seed`` and counted by (the element's index in the *full*
+  parameter, step, param index): an FSDP2 shard rounds exactly as the unsharded tensor would, on
+  any number of ranks (tests/test_adamw.py checks 2 gloo ranks against one process);
 - ``state_bits=8``: moments as int8/uint8 codes plus fp32 block scales (``qscale`` [2, n_blocks of
   256]), 2.03 bytes of state per param (kernels/adamw8bit.py). Such a state_dict reloads here, not
   into torch.optim.AdamW.
+
+CUDA graphs: a step can be captured and replayed once one step has run outside capture (states and
+pointer tables exist) and ``lr`` is a CUDA tensor updated in place between replays; the step
+counters live on the device. A capture with a float lr (it would be frozen into the graph), before
+the first step, or after a param / grad moved raises ``multi_tensor.CaptureError`` saying what to do.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
-from tokenforge.optim.multi_tensor import LOW_PRECISION, MultiTensorOptimizer, TableCache, local
+from tokenforge.optim.multi_tensor import (LOW_PRECISION, MultiTensorOptimizer, TableCache, _capturing,
+                                           check_capturable, global_offset, local)
 
 OP = "adamw"
 
@@ -61,26 +70,45 @@ backends.register_op(
 
 
 # ---------------------------------------------------------------------------------------------
-# Stochastic rounding in torch: the same counter-based hash as the kernels, bit for bit.
+# Stochastic rounding in torch: the kernels' Philox draw, bit for bit.
 # ---------------------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 
 
-def _mix32(x):
-    # int64 tensors or Python ints holding uint32 values; products wrap, the mask keeps 32 bits.
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a 32-bit constant a and int64 tensors b holding uint32
+    values, without overflowing int64: a is split in 16-bit halves."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    x, y = a_hi * b, a_lo * b  # each < 2**48
+    hi = (x + (y >> 16)) >> 16
+    lo = (((x & 0xFFFF) << 16) + y) & _M32
+    return hi, lo
 
 
-def stochastic_round_bf16_reference(x: torch.Tensor, seed: int, step: int, key: int) -> torch.Tensor:
-    """fp32 x -> bf16, rounded up or down at random with the kernels' hash of (seed, step, key, index)."""
-    s = _mix32((seed & 0x7FFFFFFF) ^ _mix32(((step * 0x9E3779B9) + key) & _M32))
-    offs = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
-    r = _mix32((offs & _M32) ^ s) & 0xFFFF
+def philox_reference(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+                     n_rounds: int = 10) -> torch.Tensor:
+    """First output word of Philox-4x32 (triton.language.philox's rounds and constants) for int64
+    tensors holding uint32 counters and a 64-bit seed (the key)."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0
+
+
+def stochastic_round_bf16_reference(x: torch.Tensor, seed: int, step: int, key: int, offset: int = 0) -> torch.Tensor:
+    """fp32 x -> bf16, rounded up or down at random with the kernels' Philox bits for (seed, step,
+    key, offset + flat index): ``offset`` is the flat index of x's first element in the full
+    parameter (an FSDP2 shard's), so a shard rounds exactly as the whole tensor would."""
+    gidx = torch.arange(x.numel(), device=x.device, dtype=torch.int64) + int(offset)
+    c0, c1 = gidx & _M32, (gidx >> 32) & _M32
+    r = philox_reference(int(seed) & 0x7FFFFFFF, c0, c1, torch.full_like(c0, int(step) & _M32),
+                         torch.full_like(c0, int(key) & _M32)) & 0xFFFF
     bits = x.detach().reshape(-1).contiguous().view(torch.int32).to(torch.int64) & _M32
     finite = (bits & 0x7F800000) != 0x7F800000
     rounded = torch.where(finite, (bits + r) & 0xFFFF0000, bits)
@@ -96,9 +124,10 @@ def stochastic_round_bf16_reference(x: torch.Tensor, seed: int, step: int, key: 
 def adamw_reference(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr, beta1: float, beta2: float,
                     eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                     grad_scale: Optional[torch.Tensor] = None, stochastic: bool = False, seed: int = 0,
-                    key: int = 0) -> None:
+                    key: int = 0, offset: int = 0) -> None:
     """Update param (and state) in place by one AdamW step; state['step'] is already incremented.
-    fp16/bf16 params update state['master_param'] when present, or round stochastically."""
+    fp16/bf16 params update state['master_param'] when present, or round stochastically (``offset``:
+    flat index of param's first element in the full parameter, for a shard)."""
     step = float(state["step"])
     lr = float(lr)
     master = state.get("master_param")
@@ -130,7 +159,7 @@ def adamw_reference(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr,
     exp_avg_sq.copy_(v)
     if p is not param:
         if stochastic:
-            param.copy_(stochastic_round_bf16_reference(p, seed, int(step), key))
+            param.copy_(stochastic_round_bf16_reference(p, seed, int(step), key, offset))
         else:
             param.copy_(p)
 
@@ -283,6 +312,7 @@ class AdamW(MultiTensorOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        capturing = _capturing()
         work = []
         for group in self.param_groups:
             items = []
@@ -291,6 +321,8 @@ class AdamW(MultiTensorOptimizer):
                     continue
                 self._check_grad(p)
                 mode = self._mode(p)
+                if capturing:
+                    check_capturable(self.NAME, group, self.state[p])
                 self._init_state(p, group, mode)
                 items.append((p, mode))
             work.append(items)
@@ -311,8 +343,8 @@ class AdamW(MultiTensorOptimizer):
                 if "master_param" in st:
                     tensors.append(st["master_param"])
                 if not all(local(t).is_contiguous() for t in tensors) or p.grad.dtype not in (
-                        torch.float32, torch.float16, torch.bfloat16):
-                    name = "torch"  # the kernels index flat memory
+                        torch.float32, torch.float16, torch.bfloat16) or global_offset(p) is None:
+                    name = "torch"  # the kernels index flat memory (and a shard's rows contiguously)
             key = (p.device, p.dtype, p.grad.dtype, st["exp_avg"].dtype, mode, name)
             parts.setdefault(key, []).append(p)
         return parts
@@ -329,13 +361,18 @@ class AdamW(MultiTensorOptimizer):
 
     def _reference(self, p, st, group, scale, mode, key) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
+        # A DTensor shard steps as its local tensors (in place, same storage); its stochastic
+        # rounding indexes elements by their place in the full parameter.
+        offset = global_offset(p) or 0
+        grad, p = local(p.grad), local(p)
+        st = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
         if mode.startswith("q8"):
-            adamw8_reference(p, p.grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            adamw8_reference(p, grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                              weight_decay=group["weight_decay"], maximize=group["maximize"], grad_scale=scale)
             return
-        adamw_reference(p, p.grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        adamw_reference(p, grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                        grad_scale=scale, stochastic=mode == "stochastic", seed=self.seed, key=key)
+                        grad_scale=scale, stochastic=mode == "stochastic", seed=self.seed, key=key, offset=offset)
 
     def _launch(self, name, tables, hyper, scale, group, **kw) -> None:
         if self.state_bits == 8:
@@ -371,7 +408,8 @@ class AdamW(MultiTensorOptimizer):
                 [s["step"] for s in states], [local(s.get("master_param")) for s in states],
             ]
             cache = self._caches.setdefault((gi, pkey), TableCache())
-            tables = cache.get(roles, [keys[p] for p in params], kadamw.block_size(), device)
+            tables = cache.get(roles, [keys[p] for p in params], kadamw.block_size(), device,
+                               offsets=[global_offset(p) for p in params])
             hyper = self._hyper_table(gi, device, self._hyper_values(group))
             self._launch(name, tables, hyper, scale, group, p_dtype=p_dtype, g_dtype=g_dtype, s_dtype=s_dtype,
                          has_master=mode in ("master", "q8master"), stochastic=mode == "stochastic", seed=self.seed)

@@ -12,6 +12,7 @@ import torch
 
 from tokenforge import backends
 from tokenforge.optim.adamw import AdamW, stochastic_round_bf16_reference
+from tokenforge.optim.multi_tensor import global_offset, local
 
 OP = "lion"
 
@@ -35,7 +36,7 @@ backends.register_op(
 
 def lion_reference(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr, beta1: float, beta2: float,
                    weight_decay: float, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
-                   stochastic: bool = False, seed: int = 0, key: int = 0) -> None:
+                   stochastic: bool = False, seed: int = 0, key: int = 0, offset: int = 0) -> None:
     """Update param and state['exp_avg'] in place by one Lion step (fp32 math; master/SR as AdamW)."""
     lr = float(lr)
     master = state.get("master_param")
@@ -53,7 +54,7 @@ def lion_reference(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr, 
     state["exp_avg"].copy_(m)
     if p is not param:
         if stochastic:
-            param.copy_(stochastic_round_bf16_reference(p, seed, int(float(state["step"])), key))
+            param.copy_(stochastic_round_bf16_reference(p, seed, int(float(state["step"])), key, offset))
         else:
             param.copy_(p)
 
@@ -82,9 +83,12 @@ class Lion(AdamW):
 
     def _reference(self, p, st, group, scale, mode, key) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
-        lion_reference(p, p.grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+        offset = global_offset(p) or 0  # as AdamW._reference: local shards, global indices
+        grad, p = local(p.grad), local(p)
+        st = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        lion_reference(p, grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                        maximize=group["maximize"], grad_scale=scale, stochastic=mode == "stochastic",
-                       seed=self.seed, key=key)
+                       seed=self.seed, key=key, offset=offset)
 
     def _launch(self, name, tables, hyper, scale, group, **kw) -> None:
         from tokenforge.kernels import lion as klion

@@ -4,7 +4,8 @@ A launch over n tensors gets three small device tensors (see kernels/adamw.py fo
 reads them):
 
 - ``ptrs``  int64 [roles, n]: data_ptr of every role (param, grad, state, ...) of every tensor;
-- ``meta``  int64 [2, n]: numel and a stable per-parameter key;
+- ``meta``  int64 [3, n]: numel, a stable per-parameter key, and the global flat offset of the
+  tensor's first element (nonzero for an FSDP2 shard; stochastic rounding indexes by it);
 - ``blockmap`` int32 [2, n_blocks]: (tensor index, chunk index) of each program.
 
 Building them is a host loop over the tensors plus one host-to-device copy, so :class:`TableCache`
@@ -39,10 +40,35 @@ def is_dtensor(t) -> bool:
     return local(t) is not t
 
 
+def global_offset(t) -> Optional[int]:
+    """Flat index, in the full parameter, of the first element of t's local shard: 0 for a plain
+    tensor; for a DTensor replicated or sharded on dim 0 (FSDP2's layout), the shard's first row
+    times the row size, so its elements keep their global indices. None for any other sharding,
+    where the local flat index does not map to one global offset (such params take the torch path)."""
+    if not is_dtensor(t):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+
+    if any(not isinstance(pl, (Replicate, Shard)) for pl in t.placements):
+        return None
+    dims = [pl.dim for pl in t.placements if isinstance(pl, Shard)]
+    if any(d != 0 for d in dims):
+        return None
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # older torch
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    row = 1
+    for n in t.shape[1:]:
+        row *= int(n)
+    return int(offset[0]) * row if len(offset) else 0
+
+
 @dataclass
 class Tables:
     ptrs: torch.Tensor      # int64 [roles, n_tensors]
-    meta: torch.Tensor      # int64 [2, n_tensors]
+    meta: torch.Tensor      # int64 [3, n_tensors]: numel, key, global offset
     blockmap: torch.Tensor  # int32 [2, n_blocks]
     n_tensors: int
     n_blocks: int
@@ -81,20 +107,26 @@ class TableCache:
         self.rebuilds = 0  # pointer-table uploads, for tests
 
     def get(self, roles: Sequence[Sequence[Optional[torch.Tensor]]], keys: Sequence[int], block: int,
-            device: torch.device) -> Tables:
+            device: torch.device, offsets: Optional[Sequence[int]] = None) -> Tables:
         """Tables for ``roles[r][i]`` = tensor of role r for tensor i (None: role unused, 0 pointer).
-        Every tensor of a column must have the numel of ``roles[0][i]`` and be contiguous."""
+        Every tensor of a column must have the numel of ``roles[0][i]`` and be contiguous.
+        ``offsets``: global flat offset of each tensor's first element (default 0)."""
         n = len(roles[0])
         sizes = tuple(t.numel() for t in roles[0])
-        sizes_key = (sizes, tuple(keys), block, device)
+        offsets = tuple(offsets) if offsets is not None else (0,) * n
+        sizes_key = (sizes, tuple(keys), offsets, block, device)
+        ptrs = tuple(tuple(0 if t is None else t.data_ptr() for t in role) for role in roles)
+        if (sizes_key != self._sizes_key or ptrs != self._ptrs_key) and _capturing():
+            raise CaptureError("a multi-tensor table would be rebuilt during CUDA graph capture (a param, grad "
+                               "or state moved since the last step): run a step outside capture first and keep "
+                               "the grads allocated (zero_grad(set_to_none=False)) while replaying")
         if sizes_key != self._sizes_key:
             bm = _blockmap(sizes, block)
             self._n_blocks = len(bm[0])
             self._blockmap = _upload(bm if self._n_blocks else [[0], [0]], torch.int32, device)
-            self._meta = _upload([list(sizes), list(keys)] if n else [[0], [0]], torch.int64, device)
+            self._meta = _upload([list(sizes), list(keys), list(offsets)] if n else [[0], [0], [0]], torch.int64, device)
             self._sizes_key = sizes_key
             self._ptrs_key = None
-        ptrs = tuple(tuple(0 if t is None else t.data_ptr() for t in role) for role in roles)
         if ptrs != self._ptrs_key:
             table = _upload([list(r) for r in ptrs] if n else [[0]] * len(roles), torch.int64, device)
             aligned = all(p % 16 == 0 for role in ptrs for p in role)
@@ -113,6 +145,30 @@ class TableCache:
 KEPT_STATE_DTYPES = (torch.float32, torch.int8, torch.uint8)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _capturing() -> bool:
+    """True inside torch.cuda.graph capture on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class CaptureError(RuntimeError):
+    """The optimizer step was captured into a CUDA graph in a way that would replay wrong values."""
+
+
+def check_capturable(name: str, group: dict, state: dict) -> None:
+    """Refuse a CUDA-graph capture that would freeze a value: a float lr is uploaded from the host
+    at capture time and every replay would reuse it (a schedule would silently stop), and a state
+    created during capture would be allocated inside the graph's private pool."""
+    lr = group["lr"]
+    if not (isinstance(lr, torch.Tensor) and lr.device.type == "cuda"):
+        raise CaptureError(
+            f"{name}: capturing the step in a CUDA graph needs lr as a CUDA tensor (got {type(lr).__name__} "
+            f"{lr!r}); a float would be frozen into the graph. Use lr=torch.tensor({float(lr)!r}, device='cuda') "
+            "and update it in place (lr.fill_(...)) between replays")
+    if len(state) == 0:
+        raise CaptureError(f"{name}: run one step before capturing (states are created on the first step, "
+                           "outside the graph), as with torch.optim's capturable optimizers")
 
 
 class SparseGradientError(TypeError, RuntimeError):
