@@ -138,3 +138,27 @@ def test_nn_modules_match_the_reference():
     assert y.shape == x.shape and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="n_kv_heads"):
         MultiHeadAttention(128, 4, 3)
+
+
+def test_bare_call_installs_and_unpatch_removes():
+    """``tokenforge.patch_sdpa()`` called bare (as the README reads) routes for good;
+    ``tokenforge.unpatch_sdpa()`` restores torch's; the context-manager form still restores."""
+    import torch.nn.functional as F
+
+    import tokenforge
+    from tokenforge import sdpa_patch
+
+    original = F.scaled_dot_product_attention
+    assert not sdpa_patch.is_installed()
+    try:
+        tokenforge.patch_sdpa()
+        assert sdpa_patch.is_installed() and F.scaled_dot_product_attention is not original
+        with tokenforge.patch_sdpa():  # nested inside a bare install: leaves it installed
+            assert sdpa_patch.is_installed()
+        assert sdpa_patch.is_installed()
+    finally:
+        tokenforge.unpatch_sdpa()
+    assert F.scaled_dot_product_attention is original
+    with tokenforge.patch_sdpa():
+        assert sdpa_patch.is_installed()
+    assert not sdpa_patch.is_installed()

@@ -179,3 +179,45 @@ def test_e2e_bench_script(tmp_path):
     d = json.loads((tmp_path / "e2e.json").read_text())
     assert {r["variant"] for r in d["rows"]} >= {"eager", "kernels"}
     assert "1T" in proc.stdout and "$100K buys" in proc.stdout
+
+
+@pytest.mark.parametrize("bad,words", [
+    (["--batch-size", "0"], "--batch-size"), (["--max-steps", "-5"], "--max-steps"),
+    (["--seq-len", "100000"], "--seq-len"), (["--seq-len", "1"], "--seq-len"), (["--lr", "0"], "--lr"),
+    (["--grad-accum", "0"], "--grad-accum"), (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--compare", "--timing-warmup", "9", "--max-steps", "3"], "--timing-warmup"),
+])
+def test_cli_refuses_bad_values_with_one_line(bad, words, capsys):
+    base = ["--preset", "tiny", "--eval-every", "0", "--progress", "none", "--max-data-bytes", "200000"]
+    args = base + ["--max-steps", "2"] + bad if "--max-steps" not in bad else base + bad
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and err[0].startswith("tokenforge train:"), err
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--eval-iters", "1",
+            "--progress", "none", "--max-data-bytes", "200000", "--out", out]
+    assert train.main(base + ["--max-steps", "3"]) == 0
+    capsys.readouterr()
+    assert train.main(base + ["--max-steps", "2", "--resume"]) == 2
+    assert "is at step 3" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_named_with_what_to_do(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--eval-iters", "1",
+            "--progress", "none", "--max-data-bytes", "200000", "--out", str(out)]
+    assert train.main(base + ["--max-steps", "2"]) == 0
+    ckpt = out / "checkpoint.pt"
+    assert (out / "checkpoint.pt.sha256").exists() and not list(out.glob("*.tmp*"))
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    capsys.readouterr()
+    assert train.main(base + ["--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is corrupt" in err[0] and "SHA-256" in err[0], err
+    (out / "checkpoint.pt.sha256").unlink()  # no checksum: the unpickling error is named the same way
+    assert train.main(base + ["--max-steps", "4", "--resume"]) == 2
+    assert "is corrupt" in capsys.readouterr().err

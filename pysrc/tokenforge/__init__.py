@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from tokenforge import backends, fp8, models, nn, ops, optim, sdpa_patch  # noqa: E402
 from tokenforge.patch import PatchReport, patch, unpatch  # noqa: E402
-from tokenforge.sdpa_patch import patch_sdpa  # noqa: E402
+from tokenforge.sdpa_patch import patch_sdpa, unpatch_sdpa  # noqa: E402
 
-__all__ = ["PatchReport", "__version__", "backends", "fp8", "models", "nn", "ops", "optim", "patch", "patch_sdpa", "sdpa_patch",
+__all__ = ["PatchReport", "__version__", "backends", "fp8", "models", "nn", "ops", "optim", "patch", "patch_sdpa", "sdpa_patch", "unpatch_sdpa",
            "unpatch"]

@@ -54,10 +54,31 @@ def save(path: str, *, model, optimizer, scheduler, sampler_state: dict, step: i
         payload = {"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                    "sampler": sampler_state, "step": step, "rng": rngs, "world": ctx.world,
                    "extra": extra or {}}
+        # Atomic: a temp file renamed over the old one, so an interrupted save leaves the previous
+        # checkpoint; its SHA-256 beside it (written first) lets load tell a corrupt file from a good one.
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(payload, tmp)
+        digest = _sha256(tmp)
+        with open(f"{tmp}.sha256", "w") as f:
+            f.write(digest + "\n")
+        os.replace(f"{tmp}.sha256", f"{path}.sha256")
         os.replace(tmp, path)
     barrier(ctx)
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _corrupt(path: str, why: str) -> ValueError:
+    return ValueError(f"--resume: {path} is corrupt ({why}); restore a good copy, or delete it and "
+                      f"{os.path.basename(path)}.sha256 to start the run over")
 
 
 def load(path: str, *, model, optimizer, scheduler, ctx: DistContext) -> dict[str, Any]:
@@ -65,7 +86,18 @@ def load(path: str, *, model, optimizer, scheduler, ctx: DistContext) -> dict[st
     (``step``, ``sampler``, ``extra``) for the caller to restore the rest."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train with --out DIR first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    sidecar = f"{path}.sha256"
+    if os.path.exists(sidecar):
+        with open(sidecar) as f:
+            want = f.read().strip()
+        if _sha256(path) != want:
+            raise _corrupt(path, "its SHA-256 does not match the one saved with it")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is not a checkpoint
+        raise _corrupt(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}") from exc
+    if not isinstance(payload, dict) or not {"model", "optimizer", "scheduler", "step"} <= set(payload):
+        raise _corrupt(path, "it is not a tokenforge train checkpoint")
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

@@ -16,7 +16,6 @@ transposed views, no copies. Code that bound the function before patching
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -94,13 +93,25 @@ def uninstall() -> None:
         F.scaled_dot_product_attention = _original
 
 
-@contextlib.contextmanager
-def patch_sdpa():
-    """Context manager: supported SDPA calls inside the block run tokenforge's fused attention."""
-    was_installed = is_installed()
-    install()
-    try:
-        yield
-    finally:
-        if not was_installed:
+class patch_sdpa:
+    """Route supported ``F.scaled_dot_product_attention`` calls to tokenforge's fused attention.
+
+    Called bare, ``tokenforge.patch_sdpa()`` installs the routing for the rest of the process
+    (:func:`unpatch_sdpa` removes it); used as ``with tokenforge.patch_sdpa():`` it routes only
+    inside the block and restores what was there before."""
+
+    def __init__(self) -> None:
+        self._was_installed = is_installed()
+        install()
+
+    def __enter__(self) -> "patch_sdpa":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._was_installed:
             uninstall()
+
+
+def unpatch_sdpa() -> None:
+    """Undo a bare :func:`patch_sdpa` (or :func:`install`): SDPA calls run PyTorch's own again."""
+    uninstall()

@@ -84,7 +84,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--json", metavar="FILE", help="write the compare table (or run summary) as JSON")
 
 
+def check_args(args) -> None:
+    """Refuse values that would run nothing, run wrong, or die deep inside (one line, what to do)."""
+    positive = {"--max-steps": args.max_steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
+                "--eval-iters": args.eval_iters, "--log-every": args.log_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    non_negative = {"--ckpt-every": args.ckpt_every, "--eval-every": args.eval_every,
+                    "--timing-warmup": args.timing_warmup, "--warmup-steps": args.warmup_steps or 0}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (a token and its successor), got {args.seq_len}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.clip < 0 or args.weight_decay < 0 or not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--clip and --weight-decay must be >= 0 and --min-lr-ratio in [0, 1] (got {args.clip}, "
+                         f"{args.weight_decay}, {args.min_lr_ratio})")
+    if args.max_data_bytes is not None and args.max_data_bytes < 1:
+        raise ValueError(f"--max-data-bytes must be positive, got {args.max_data_bytes}")
+    if args.compare and args.timing_warmup >= args.max_steps:
+        raise ValueError(f"--timing-warmup {args.timing_warmup} leaves no timed step of --max-steps {args.max_steps}; "
+                         "raise --max-steps or lower --timing-warmup")
+
+
 def build_config(args) -> TransformerConfig:
+    check_args(args)
     on_gpu = _device_type(args) == "cuda"
     overrides = {}
     preset = args.preset
@@ -98,7 +127,8 @@ def build_config(args) -> TransformerConfig:
         args.seq_len = min(2048, base.max_seq_len) if on_gpu else min(128, base.max_seq_len)
     cfg = TransformerConfig.preset(preset, **overrides)
     if args.seq_len > cfg.max_seq_len:
-        cfg = TransformerConfig.preset(preset, **{**overrides, "max_seq_len": args.seq_len})
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the {preset} model's context (max_seq_len "
+                         f"{cfg.max_seq_len}); lower it, or pass --config FILE with a larger max_seq_len")
     args.preset = preset
     return cfg
 
@@ -295,6 +325,9 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             raise ValueError("--resume needs --out DIR (the checkpoint is DIR/checkpoint.pt)")
         payload = checkpoint.load(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, ctx=ctx)
         start = payload["step"]
+        if start >= args.max_steps:
+            raise ValueError(f"--resume: the checkpoint in {args.out} is at step {start}, so --max-steps "
+                             f"{args.max_steps} leaves nothing to run; pass --max-steps > {start} to continue")
         sampler.load_state_dict(payload["sampler"])
         res.notes.append(f"resumed from {ckpt_path} at step {start}")
 
