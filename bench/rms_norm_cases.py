@@ -161,8 +161,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     """Build inputs and the timed function, run it once (compiles, loads the extension) and check
     it against :func:`reference64`.
 
-    Raises :class:`BackendUnavailable` when the backend cannot run here (it raised RuntimeError,
-    NotImplementedError or ImportError that is not a device fault); other errors propagate.
+    Raises :class:`BackendUnavailable` when the backend cannot run here (a static reason, or
+    tokenforge's BackendUnavailableError); any other error propagates and fails the benchmark.
     """
     device = torch.device(device)
     reason = static_unavailable_reason(backend, device)
