@@ -585,19 +585,10 @@ def test_stochastic_rounding_is_shard_invariant(tmp_path, backend):
     """bf16 + stochastic rounding: params stepped as DTensor Shard(0) shards on 2 gloo ranks end
     bit-identical to the same params stepped whole (the rounding bits are keyed by each element's
     index in the full parameter, not by its index in the local shard)."""
-    import socket
-    import subprocess
-    import sys
+    from torchrun import run_worker
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "sr.pt"
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sr_shard_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), worker, backend, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker("sr_shard_worker.py", backend, str(out))
     results = torch.load(out)
     assert results == {"AdamW": [True] * 4, "Lion": [True] * 4}, results
 

@@ -3,12 +3,9 @@ process does on the same global batch: DDP, and FSDP2 (fully_shard, with tokenfo
 the sharded DTensor parameters) including a checkpoint that resumes exactly."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from torchrun import torchrun
 
 from tokenforge import train
 from tokenforge.metrics import read_jsonl
@@ -17,19 +14,8 @@ COMMON = ["--preset", "tiny", "--seq-len", "32", "--max-data-bytes", "400000", "
           "--eval-iters", "1", "--progress", "none", "--kernels", "off", "--lr", "3e-3", "--max-steps", "4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args, nproc=2, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "tokenforge.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    return torchrun(["-m", "tokenforge.train", *args], nproc=nproc, timeout=timeout)
 
 
 def _tokenforge_adamw_takes_dtensors() -> bool:
