@@ -321,6 +321,21 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
 # ---------------------------------------------------------------------------------------------
 
 
+_MATMUL: dict = {}
+
+
+def matmul_tflops(device) -> float:
+    """bf16 torch.matmul rate measured once per run (8192^3 on CUDA, 512^3 on CPU)."""
+    device = torch.device(device)
+    if device.type not in _MATMUL:
+        n = 8192 if device.type == "cuda" else 512
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        stats = time_fn(lambda: a @ b, device, flush_l2=False)
+        _MATMUL[device.type] = 2.0 * n ** 3 / (stats["median_ms"] * 1e-3) / 1e12
+    return _MATMUL[device.type]
+
+
 def copy_bandwidth(device, nbytes: Optional[int] = None) -> dict:
     """Measure device-memory bandwidth as a large device-to-device copy.
 

@@ -2,7 +2,7 @@
 # bench/e2e_train.sh -- the end-to-end benchmark: `tokenforge train --compare` on the embedded
 # stdlib corpus, then the cost table from the measured MFUs. Step "e2e" of bench/gpu_check.sh.
 #
-#   bash bench/e2e_train.sh                       # GPU: 125m @ 2048 (eager, kernels, compile), then 1b if time is left
+#   bash bench/e2e_train.sh                       # GPU: 125m @ 2048 (eager, kernels, compile, kernels+muon), then 1b if time is left
 #   OUT=dir E2E_FIRST=125m:2048:8 E2E_SECOND=1b:4096:4 E2E_DEADLINE_S=110 bash bench/e2e_train.sh
 #
 # PRESET:SEQ_LEN:BATCH specs. The first preset's compare JSON is $OUT/e2e.json, written by train
@@ -27,7 +27,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
   SECOND="${E2E_SECOND-1b:4096:4}"
   STEPS="${E2E_STEPS:-15}"
   WARM="${E2E_TIMING_WARMUP:-5}"
-  VARIANTS="${E2E_VARIANTS:-eager,kernels,compile}"
+  VARIANTS="${E2E_VARIANTS:-eager,kernels,compile,kernels+muon}"
   unset TRITON_INTERPRET
 else
   echo "# e2e: no GPU: tiny preset on the CPU, plumbing only"

@@ -34,4 +34,4 @@ def _rounds(median_ms: float) -> int:
 def test_attention(benchmark, bench_recorder, request, case, backend):
     harness.run_benchmark(benchmark, bench_recorder, request, op=ac.OP, case=case, backend=backend, device=DEVICE,
                           prepare=ac.prepare, baselines=ac.BASELINES, rounds=_rounds,
-                          make_record=lambda prep, stats: ac.make_record(prep, stats, ac.matmul_tflops(DEVICE)))
+                          make_record=lambda prep, stats: ac.make_record(prep, stats, bw.matmul_tflops(DEVICE)))

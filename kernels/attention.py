@@ -29,6 +29,13 @@ there is no host sync. Dense inputs use the same kernels with cu_seqlens absent 
 
 head_dim: any multiple of 8 from 32 to 256; the head dim block is the next power of two and the
 tail lanes are masked (they read 0, so they add nothing to q.k).
+
+Sizes: batch and row offsets are int64 always; head offsets (h * stride_h, i32 when both fit) are
+int64 when a tensor reaches 2^31 elements past its start (``HEAD_I64``, chosen by the launcher:
+the 64-bit head index would cost the sm_80 backward kernels a spill at every size). The grid is
+(blocks, batch x heads); past 65535 batch x heads (axis 1's limit) the launcher folds both into
+axis 0 (``FOLD``). tests/test_attention.py runs a view whose third head starts past 2^31 and checks
+the grids of 2048 documents x 32 heads.
 """
 
 from __future__ import annotations
@@ -140,6 +147,21 @@ def _q_range(n_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.
 
 
 @triton.jit
+def _split_pid(N_BLOCKS, FOLD: tl.constexpr):
+    """(sequence block, batch x head) of this program. The grid is (blocks, batch x heads), blocks
+    fastest so programs of one head run together and share its K/V in L2; when batch x heads
+    passes axis 1's limit of 65535 (2048 packed documents x 32 heads) the launcher folds both
+    into axis 0 (2^31 - 1) and sets FOLD (the index math costs the sm_80 backward kernels, at 255
+    registers, a spill, so it is not the default)."""
+    if FOLD:
+        pid = tl.program_id(0)
+        pid_bh = pid // N_BLOCKS
+        return pid - pid_bh * N_BLOCKS, pid_bh
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -147,16 +169,18 @@ def _attn_fwd(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
-    SEQ_Q, SEQ_K, HEADS, HEAD_DIM,
+    SEQ_Q, SEQ_K, HEADS, HEAD_DIM, N_BLOCKS,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
+    if HEAD_I64:  # h * stride_h passes 2^31 at 128 heads x 128k x d128 (see _head_i64)
+        h = tl.cast(h, tl.int64)
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
     m_start = pid_m * BLOCK_M
@@ -223,13 +247,15 @@ def _attn_bwd_preprocess(
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh,
-    SEQ_Q, HEADS, HEAD_DIM,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEQ_Q, HEADS, HEAD_DIM, N_BLOCKS,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_I64: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
+    if HEAD_I64:
+        h = tl.cast(h, tl.int64)
     if IS_VARLEN:
         q_start = tl.load(CU_Q + b)
         seqlen_q = tl.load(CU_Q + b + 1) - q_start
@@ -262,18 +288,20 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
-    SEQ_Q, SEQ_K, KV_HEADS, HEAD_DIM,
+    SEQ_Q, SEQ_K, KV_HEADS, HEAD_DIM, N_BLOCKS,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // KV_HEADS
     hk = pid_bh % KV_HEADS
+    if HEAD_I64:
+        hk = tl.cast(hk, tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
     n_start = pid_n * BLOCK_N
     if n_start >= seqlen_k:
@@ -361,16 +389,18 @@ def _attn_bwd_dq(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
-    SEQ_Q, SEQ_K, HEADS, HEAD_DIM,
+    SEQ_Q, SEQ_K, HEADS, HEAD_DIM, N_BLOCKS,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
+    if HEAD_I64:  # h * stride_h passes 2^31 at 128 heads x 128k x d128 (see _head_i64)
+        h = tl.cast(h, tl.int64)
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
     m_start = pid_m * BLOCK_M
@@ -651,6 +681,26 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return lse.stride(0), lse.stride(1)
 
 
+MAX_GRID_Y = 65535
+
+
+def _grid(n_blocks: int, bh: int) -> tuple[tuple, bool]:
+    """(grid, FOLD): (blocks, batch x heads), or one folded axis past axis 1's limit."""
+    if bh > MAX_GRID_Y:
+        return (n_blocks * bh,), True
+    return (n_blocks, bh), False
+
+
+def _head_i64(*tensors) -> bool:
+    """True when an element of any tensor lies 2^31 or more past its first: then head offsets
+    (h * stride_h, i32 when both fit) are computed in int64. Off otherwise, because the 64-bit
+    head index costs the sm_80 backward kernels, already at 255 registers, a spill."""
+    for t in tensors:
+        if t is not None and t.numel() and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31:
+            return True
+    return False
+
+
 def _window_args(window: tuple[int, int]) -> dict:
     left, right = window
     return dict(WIN_LEFT=max(left, 0), WIN_RIGHT=max(right, 0), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
@@ -680,13 +730,14 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     group = heads // kv_heads
 
     def launch(cfg, out=out, lse=lse):
-        grid = (triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), batch * heads)
+        n_blocks = triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"])
+        grid, fold = _grid(n_blocks, batch * heads)
         _attn_fwd[grid](
             q, k, v, out, lse, cu_q, cu_k,
             *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(out, varlen),
             *_lse_strides(lse, varlen),
-            seq_q, seq_k, heads, d, scale, softcap if softcap > 0 else 1.0,
-            GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0,
+            seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
+            GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
             UPCAST=INTERPRETED, **_window_args(window), **cfg,
         )
 
@@ -716,31 +767,38 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     lse_strides = _lse_strides(lse, varlen)
+    wide = _head_i64(q, k, v, do, out, lse, dq, dk, dv)
     common = dict(GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, UPCAST=INTERPRETED,
-                  **_window_args(window))
+                  HEAD_I64=wide, **_window_args(window))
     cap = softcap if softcap > 0 else 1.0
     sq_blocks = max(max_seqlen_q, 1)
     with launch_device(q):
         pcfg = preprocess_config(d)
-        _attn_bwd_preprocess[(triton.cdiv(sq_blocks, pcfg["BLOCK_M"]), batch * heads)](
+        n_pre = triton.cdiv(sq_blocks, pcfg["BLOCK_M"])
+        grid, fold = _grid(n_pre, batch * heads)
+        _attn_bwd_preprocess[grid](
             out, do, delta, cu_q, *_bshd(out, varlen), *_bshd(do, varlen), *lse_strides,
-            seq_q, heads, d, IS_VARLEN=varlen, **pcfg,
+            seq_q, heads, d, n_pre, IS_VARLEN=varlen, HEAD_I64=wide, FOLD=fold, **pcfg,
         )
 
         def launch_dkdv(cfg, dk=dk, dv=dv):
-            _attn_bwd_dkdv[(triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"]), batch * kv_heads)](
+            n_blocks = triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"])
+            grid, fold = _grid(n_blocks, batch * kv_heads)
+            _attn_bwd_dkdv[grid](
                 q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
                 *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
                 *_bshd(dk, varlen), *_bshd(dv, varlen), *lse_strides,
-                seq_q, seq_k, kv_heads, d, scale, cap, **common, **cfg,
+                seq_q, seq_k, kv_heads, d, n_blocks, scale, cap, FOLD=fold, **common, **cfg,
             )
 
         def launch_dq(cfg, dq=dq):
-            _attn_bwd_dq[(triton.cdiv(sq_blocks, cfg["BLOCK_M"]), batch * heads)](
+            n_blocks = triton.cdiv(sq_blocks, cfg["BLOCK_M"])
+            grid, fold = _grid(n_blocks, batch * heads)
+            _attn_bwd_dq[grid](
                 q, k, v, do, lse, delta, dq, cu_q, cu_k,
                 *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
                 *_bshd(dq, varlen), *lse_strides,
-                seq_q, seq_k, heads, d, scale, cap, **common, **cfg,
+                seq_q, seq_k, heads, d, n_blocks, scale, cap, FOLD=fold, **common, **cfg,
             )
 
         # Candidates are timed into scratch buffers; the winner then writes the real outputs.

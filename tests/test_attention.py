@@ -395,7 +395,7 @@ def _attention_arg_types(dtype: str) -> dict:
 
 
 def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
-                      softcap=False):
+                      softcap=False, head_i64=False, fold=False):
     import inspect
 
     from compile_gate import TARGETS, compile_kernel
@@ -406,13 +406,15 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
     params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
     config = dict(config)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
-    flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False)
+    flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
+                 HEAD_I64=head_i64, FOLD=fold)
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
     for p in params:  # strides, sizes and window bounds: 32-bit ints
         if p not in types and p not in constexprs:
             types[p] = "i32"
-    unaligned = ("qk_scale", "softcap", "SEQ_Q", "SEQ_K", "HEAD_DIM", "HEADS", "KV_HEADS", "WIN_LEFT", "WIN_RIGHT")
+    unaligned = ("qk_scale", "softcap", "SEQ_Q", "SEQ_K", "HEAD_DIM", "HEADS", "KV_HEADS", "WIN_LEFT", "WIN_RIGHT",
+                 "N_BLOCKS")
     return compile_kernel(kernel, types, constexprs, num_warps, TARGETS[arch], unaligned_args=unaligned,
                           num_stages=num_stages)
 
@@ -475,3 +477,84 @@ def test_cpu_grid_covers_the_issue_axes():
     assert {1, 2, 4} <= {c[3] // c[4] for c in CPU_CASES} and any(c[4] == 1 for c in CPU_CASES)
     assert {1, 3} <= {c[0] for c in CPU_CASES}
     assert any(c[6] for c in CPU_CASES) and any(c[7] != (-1, -1) for c in CPU_CASES) and any(c[8] for c in CPU_CASES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sizes on the CPU: 64-bit head offsets, launch grids within CUDA's limits (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="a 4 GB strided view runs cheaply only under the interpreter")
+def test_head_offsets_past_2_31_elements():
+    """patch_sdpa passes (B, H, S, D) views through, so stride_h = S * D and h * stride_h passes
+    2^31 at 128 heads x 128k tokens x d128. Here the head stride fits in 32 bits (so Triton types it
+    i32) and the third head of q, k and v starts past element 2^31 (untouched pages of the views'
+    storage are never allocated)."""
+    torch.manual_seed(0)
+    s, d, h = 40, 64, 3
+    stride_h = 2**30 + 64
+
+    def far_view():
+        base = torch.empty(stride_h * (h - 1) + s * d, dtype=torch.float16)
+        view = base.as_strided((1, s, h, d), (stride_h * h, d, stride_h, 1))
+        view.copy_(torch.randn(1, s, h, d, dtype=torch.float16))
+        return view
+
+    q, k, v = far_view(), far_view(), far_view()
+    run_and_check(q, k, v, causal=True)
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name,config", GATE_CONFIGS,
+                         ids=[f"{n}-d{c['BLOCK_D']}-{c.get('BLOCK_M')}x{c.get('BLOCK_N', 0)}w{c['num_warps']}"
+                              for n, c in GATE_CONFIGS])
+def test_int64_head_offsets_compile_on_hopper(name, config):
+    """The HEAD_I64 + FOLD variant (tensors reaching past 2^31 elements, batch x heads past 65535)
+    at every config: no spills on sm_90 (on sm_80 the backward kernels sit at 255 registers and
+    may spill a few bytes there)."""
+    from compile_gate import ptxas_report, spill_bytes
+
+    if "sm_90" not in GATE_ARCHS:
+        pytest.skip("sm_90 is not in this gate run")
+    compiled = compile_attention(name, config, "sm_90", head_i64=True, fold=True)
+    assert spill_bytes(ptxas_report(compiled.asm["ptx"], "sm_90")) == 0
+
+
+def test_wide_tensors_turn_on_int64_head_offsets():
+    from tokenforge.kernels import attention as ak
+
+    assert not ak._head_i64(torch.empty(2, 4096, 32, 128))
+    far = torch.empty_strided((1, 8, 3, 64), (0, 64, 2**30 + 64, 1), device="meta")
+    assert ak._head_i64(far)
+
+
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    """2048 packed documents x 32 heads = 65536 (batch x head) programs: past axis 1's 65535 every
+    kernel launches on one folded axis (2^31 - 1); below it, (blocks, batch x heads)."""
+    from tokenforge.kernels import attention as ak
+
+    grids = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, tuple(grid)))
+            return lambda *a, **k: None
+
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        monkeypatch.setattr(ak, name, Spy(name))
+    monkeypatch.setattr(ak, "_select", lambda kernel, d, device, key, launch: ak.candidates(kernel, d)[0])
+    docs, heads, d = 2048, 32, 64
+    cu = torch.arange(0, 2 * docs + 1, 2, dtype=torch.int32)
+    q = torch.zeros(2 * docs, heads, d, dtype=torch.float16)
+    out, lse = ak.attention_forward(q, q, q, cu, cu, 2, 2, 0.125, (-1, 0), 0.0)
+    ak.attention_backward(out, q, q, q, out, lse, cu, cu, 2, 2, 0.125, (-1, 0), 0.0)
+    assert {n for n, _ in grids} == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    for name, grid in grids:
+        assert len(grid) == 1 and grid[0] >= docs * heads and grid[0] < 2**31, (name, grid)
+    grids.clear()
+    small = q[:, :8]
+    ak.attention_forward(small, small, small, cu, cu, 2, 2, 0.125, (-1, 0), 0.0)
+    assert len(grids[0][1]) == 2 and grids[0][1][1] == docs * 8

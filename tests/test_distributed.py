@@ -89,3 +89,23 @@ def test_fsdp_with_fp8_linears_matches_single(tmp_path, monkeypatch):
     assert len(losses) == len(ref)
     for x, y in zip(losses, ref):
         assert abs(x - y) <= 1e-4 * abs(y), (losses, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_muon_two_processes_match_single(tmp_path, dist):
+    """Muon under DDP (whole matrices on every rank) and FSDP2 (DTensor shards: each matrix
+    gathered to its owner rank, orthogonalised once, scattered back) trains what one process does."""
+    muon = COMMON + ["--optimizer", "muon"]
+    single = tmp_path / "single"
+    assert train.main(muon + ["--batch-size", "4", "--out", str(single)]) == 0
+    ref = [r["loss"] for r in read_jsonl(single / "metrics.jsonl")]
+    out = tmp_path / dist
+    text = _torchrun(muon + ["--dist", dist, "--batch-size", "2", "--out", str(out)])
+    assert f"{dist} over 2 ranks" in text and "optimizer: tokenforge.optim.Muon" in text
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) == len(ref)
+    # bf16 Newton-Schulz of gradients that differ in the last bits (reduction order): a little
+    # looser than AdamW's 1e-5
+    for x, y in zip(losses, ref):
+        assert abs(x - y) <= 1e-4 * abs(y), (losses, ref)

@@ -9,6 +9,7 @@ What still differs from the GPU, and why (each kernel module's docstring says th
   bit patterns otherwise); fp16 and fp8 cases here run the GPU's dots.
 - fp8 quantize: the interpreter mis-rounds fp32 -> fp8 casts, so it uses the bit-exact software
   encoder there (the GPU casts natively; test_fp8_quantize checks both against one reference).
+- Newton-Schulz: bf16 dots upcast as above; these cases run fp32 (IEEE dots, as on the GPU).
 - multi-tensor optimizer helpers run as plain Python under the interpreter (a per-call cost of the
   interpreter, not an algorithm change); their GPU block size (2048) is forced below.
 """
@@ -61,6 +62,22 @@ def test_fp8_gemm_at_gpu_tiles(monkeypatch):
         out = fp8_gemm.scaled_mm(a, b.t(), sa, sb.t(), None, torch.float32)
         ref = (a.double() * sa.double()) @ (b.double() * sb.double()).t()
         assert rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_newton_schulz_at_gpu_tiles(monkeypatch, large):
+    """The GPU's 64- and 128-tiles (8 warps, 3 stages for the 128 ones) on 2x2 tiles with tails:
+    the lower triangle, the mirrored store and the epilogues at the shipped block sizes."""
+    from tokenforge.kernels import newton_schulz as kns
+    from tokenforge.ops.newton_schulz import newton_schulz
+
+    cfg = kns.LARGE if large else kns.SMALL
+    monkeypatch.setattr(kns, "config", lambda m, interpreted=None: dict(cfg))
+    m = cfg["BLOCK"] + 37
+    g = torch.randn(m, m + 90)
+    out = newton_schulz(g, steps=2, dtype=torch.float32, backend="triton")
+    ref = newton_schulz(g.double(), steps=2, dtype=torch.float64, backend="torch")
+    assert rel_error(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["fp32", "master", "stochastic"])

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from device_params import INTERPRETING
+from device_params import HAS_CUDA, INTERPRETING
 from torchrun import run_worker
 
 from tokenforge.models.transformer import Transformer, TransformerConfig
@@ -383,3 +383,33 @@ def test_qk_clip_bad_input(kw, match):
         QKClip(Transformer(TransformerConfig.preset("tiny")), **kw)
     with pytest.raises(ValueError, match="no attention module"):
         QKClip(torch.nn.Linear(3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (bench/gpu_tests.txt): real sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+def test_cuda_real_sizes():
+    """The 125m preset's hidden shapes on the GPU: fp32 Newton-Schulz (IEEE dots) against the
+    float64 formula, and the bf16 default against torch.optim.Muon."""
+    shapes = [(768, 768)] * 3 + [(2048, 768), (768, 2048)]
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
+
+    def run(opt, ps):
+        for step in range(2):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g.cuda()
+            opt.step()
+
+    run(Muon(params, lr=0.02, ns_dtype=torch.float32, backend="triton"), params)
+    want = _muon_float64(_params(shapes), 2, 0.02, 0.1, 0.95, True, None)
+    for p, w, p0 in zip(params, want, _params(shapes)):
+        assert rel_error((p.detach().cpu() - p0.detach()), w - p0.detach().double()) < 1e-4
+    ours = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
+    theirs = [torch.nn.Parameter(p.detach().cuda()) for p in _params(shapes)]
+    run(Muon(ours, lr=0.02, backend="triton"), ours)
+    run(torch.optim.Muon(theirs, lr=0.02), theirs)
+    for a, b, p0 in zip(ours, theirs, _params(shapes)):
+        assert rel_error(a.detach().cpu() - p0.detach(), (b.detach().cpu() - p0.detach())) < 4e-2

@@ -221,3 +221,97 @@ def test_corrupt_checkpoint_is_named_with_what_to_do(tmp_path, capsys):
     (out / "checkpoint.pt.sha256").unlink()  # no checksum: the unpickling error is named the same way
     assert train.main(base + ["--max-steps", "4", "--resume"]) == 2
     assert "is corrupt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# --optimizer muon, --qk-clip, --target-loss (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_muon_trains_and_resumes_bit_exactly(tmp_path, capsys):
+    args = SMALL + ["--kernels", "off", "--optimizer", "muon", "--max-steps", "6", "--eval-every", "0"]
+    assert train.main(args + ["--out", str(tmp_path / "full")]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer: tokenforge.optim.Muon (14 hidden matrices" in text
+    assert train.main(args + ["--out", str(tmp_path / "cut"), "--stop-at", "3"]) == 0
+    assert train.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert resumed == full
+    assert full[-1][1] < full[0][1]
+
+
+def test_qk_clip_records_per_step(tmp_path):
+    out = tmp_path / "qk"
+    assert train.main(SMALL + ["--kernels", "off", "--optimizer", "muon", "--qk-clip", "0.01", "--max-steps", "3",
+                               "--eval-every", "0", "--out", str(out)]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    # a threshold under every logit clips every head of every layer at the first step; after it
+    # the logits stay near the threshold (an optimizer step moves them a little either way)
+    assert rows[0]["qk_clipped_heads"] == 2 * 4 and rows[0]["qk_max_logit"] > 0.05
+    assert all(0 < r["qk_max_logit"] < 0.03 for r in rows[1:])
+
+
+def test_target_loss_stops_and_prices_the_run(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    assert train.main(SMALL + ["--kernels", "off", "--max-steps", "40", "--eval-every", "2", "--target-loss", "5.0",
+                               "--gpu-price", "2.0", "--json", str(path), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    row = json.loads(path.read_text())["rows"][0]
+    t = row["target"]
+    assert t is not None and t["val_loss"] <= 5.0 and t["step"] % 2 == 0 and t["step"] < 40
+    assert row["steps"] == t["step"] and t["tokens"] == t["step"] * 4 * 32
+    assert t["gpu_hours"] == pytest.approx(t["train_seconds"] / 3600) and t["usd"] == pytest.approx(2.0 * t["gpu_hours"])
+    assert f"reached at step {t['step']}" in text
+    assert len(read_jsonl(tmp_path / "out" / "metrics.jsonl")) == t["step"]  # it stopped there
+
+
+def test_target_loss_not_reached_says_so(tmp_path, capsys):
+    assert train.main(SMALL + ["--kernels", "off", "--max-steps", "2", "--eval-every", "1", "--target-loss", "0.1"]) == 0
+    assert "target val loss 0.1: not reached in 2 steps" in capsys.readouterr().out
+
+
+def test_compare_holds_optimizers_side_by_side(tmp_path, capsys):
+    path = tmp_path / "cmp.json"
+    assert train.main(SMALL + ["--compare", "--variants", "eager+adamw,eager+muon", "--max-steps", "12",
+                               "--eval-every", "2", "--timing-warmup", "1", "--target-loss", "5.2",
+                               "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "tok->L" in text and "$->L" in text and "eager+muon" in text
+    assert "tokenforge.optim.Muon" in text and "tokenforge.optim.AdamW" in text
+    d = json.loads(path.read_text())
+    adamw, muon = d["rows"]
+    assert adamw["optimizer"].startswith("tokenforge.optim.AdamW") and muon["optimizer"].startswith("tokenforge.optim.Muon")
+    assert d["target_loss"] == 5.2 and adamw["tokens_to_target_ratio"] == pytest.approx(1.0)
+    if muon["target"] and adamw["target"]:
+        assert muon["tokens_to_target_ratio"] == pytest.approx(muon["target"]["tokens"] / adamw["target"]["tokens"])
+
+
+@pytest.mark.parametrize("bad,words", [
+    (["--target-loss", "2.0", "--eval-every", "0"], "--eval-every"), (["--qk-clip", "-1"], "--qk-clip"),
+    (["--target-loss", "nan", "--eval-every", "1"], "--target-loss"),
+    (["--compare", "--variants", "eager+sgd"], "unknown variant"),
+])
+def test_optimizer_flags_refuse_bad_values(bad, words, capsys):
+    base = ["--preset", "tiny", "--progress", "none", "--max-data-bytes", "200000", "--max-steps", "2",
+            "--timing-warmup", "0"]
+    assert train.main(base + bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+
+
+def test_parse_variant_takes_the_optimizer_suffix():
+    v = train.parse_variant("kernels+compile+muon")
+    assert (v.kernels, v.compile, v.fp8, v.optimizer) == (True, True, False, "muon")
+    assert train.parse_variant("fp8", "muon").optimizer == "muon"
+    assert train.parse_variant("eager+adamw", "muon").optimizer == "adamw"
+
+
+def test_kernels_muon_matches_torch_muon(tmp_path):
+    """The Triton Newton-Schulz (interpreter) in a training step against the torch one: bf16
+    iterations both, so the updates differ at bf16 rounding and the losses barely."""
+    args = SMALL + ["--max-steps", "2", "--eval-every", "0", "--batch-size", "2", "--optimizer", "muon"]
+    assert train.main(args + ["--kernels", "off", "--out", str(tmp_path / "off")]) == 0
+    assert train.main(args + ["--kernels", "on", "--out", str(tmp_path / "on")]) == 0
+    off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
+    for (s1, a), (s2, b) in zip(off, on):
+        assert s1 == s2 and abs(a - b) < 1e-3 * abs(a)

@@ -5,9 +5,18 @@
     tokenforge train --preset 125m --compare --max-steps 30 --json bench/results/latest/compare.json
     torchrun --nproc_per_node 8 -m tokenforge.train --dist fsdp --preset 1b --seq-len 4096
 
+    tokenforge train --preset tiny --optimizer muon --target-loss 2.2 --eval-every 10
+    tokenforge train --compare --variants eager+adamw,kernels+muon --target-loss 2.2 --eval-every 10
+
 bf16 autocast on a GPU, fp32 on the CPU. The optimizer is tokenforge.optim.AdamW when it imports
-(torch.optim.AdamW otherwise, said in the summary); warmup + cosine LR; gradient accumulation and
-clipping. ``--kernels off`` is plain PyTorch; ``on`` is ``tokenforge.patch(model)``.
+(torch.optim.AdamW otherwise, said in the summary), or with ``--optimizer muon`` tokenforge.optim.Muon
+(hidden matrices; AdamW for embeddings, head and norms; Moonlight's update scaling, so ``--lr`` and
+``--weight-decay`` mean what they mean for AdamW); ``--qk-clip TAU`` adds MuonClip's QK-clip. Warmup +
+cosine LR; gradient accumulation and clipping. ``--kernels off`` is plain PyTorch; ``on`` is
+``tokenforge.patch(model)``. ``--target-loss L`` stops a run when the evaluated validation loss
+reaches L and reports the steps, tokens, training wall time (evaluations not counted), GPU-hours
+and dollars it took; under ``--compare`` each variant (which may name its optimizer:
+``kernels+muon``) runs to the target or to --max-steps, and the table gives the ratios.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from tokenforge.distributed import DistContext, all_reduce_mean, setup, teardown
 from tokenforge.models.transformer import PRESETS, Block, Transformer, TransformerConfig
 
 VARIANTS = ("eager", "compile", "kernels", "kernels+compile", "fp8")
+OPTIMIZERS = ("adamw", "muon")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup-steps", type=int, help="linear warmup (default: 10%% of --max-steps, at most 200)")
     o.add_argument("--weight-decay", type=float, default=0.1)
     o.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw, or muon (Newton-Schulz on hidden matrices, AdamW for the rest; same --lr)")
+    o.add_argument("--qk-clip", type=float, metavar="TAU",
+                   help="MuonClip's QK-clip: rescale W_q/W_k of heads whose max attention logit passed TAU (off)")
+    o.add_argument("--target-loss", type=float, metavar="L",
+                   help="stop when the evaluated val loss is <= L; report steps, tokens, time and $ to reach it")
     k = p.add_argument_group("speed")
     k.add_argument("--kernels", choices=("on", "off"), default="on", help="tokenforge.patch the model (off: plain PyTorch)")
     k.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -78,7 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--plot", metavar="PNG", help="loss / tokens/s plot (needs matplotlib)")
     c = p.add_argument_group("compare")
     c.add_argument("--compare", action="store_true", help="same config and batches: eager, compile, kernels, fp8")
-    c.add_argument("--variants", help=f"comma list from {', '.join(VARIANTS)}")
+    c.add_argument("--variants", help=f"comma list from {', '.join(VARIANTS)}, each optionally +adamw or +muon "
+                                      "(default: --optimizer)")
     c.add_argument("--timing-warmup", type=int, default=2, help="steps left out of the timing (compilation, autotune)")
     c.add_argument("--gpu-price", type=float, help="$/GPU-hour for $/M tokens (default: tokenforge.cost's rate)")
     c.add_argument("--json", metavar="FILE", help="write the compare table (or run summary) as JSON")
@@ -107,6 +124,14 @@ def check_args(args) -> None:
                          f"{args.weight_decay}, {args.min_lr_ratio})")
     if args.max_data_bytes is not None and args.max_data_bytes < 1:
         raise ValueError(f"--max-data-bytes must be positive, got {args.max_data_bytes}")
+    if args.qk_clip is not None and not 0 < args.qk_clip < math.inf:
+        raise ValueError(f"--qk-clip must be a positive logit threshold (Kimi K2 used 100), got {args.qk_clip}")
+    if args.target_loss is not None:
+        if not math.isfinite(args.target_loss):
+            raise ValueError(f"--target-loss must be a finite loss, got {args.target_loss}")
+        if args.eval_every == 0:
+            raise ValueError("--target-loss compares the evaluated val loss: pass --eval-every N > 0 "
+                             "(how often to check; smaller is finer but costs evaluation time)")
     if args.compare and args.timing_warmup >= args.max_steps:
         raise ValueError(f"--timing-warmup {args.timing_warmup} leaves no timed step of --max-steps {args.max_steps}; "
                          "raise --max-steps or lower --timing-warmup")
@@ -144,10 +169,24 @@ def _device_type(args) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                   sharded: bool = False) -> tuple[torch.optim.Optimizer, str]:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, sharded: bool = False,
+                   optimizer: str = "adamw", kernels: bool = True) -> tuple[torch.optim.Optimizer, str]:
     """AdamW over matrices (decayed) and vectors (not): tokenforge's if it imports (and, for FSDP2's
-    sharded DTensor parameters, says it handles them), else torch's."""
+    sharded DTensor parameters, says it handles them), else torch's. ``optimizer="muon"``:
+    tokenforge.optim.Muon by muon_param_groups' rule, with Moonlight's update scaling
+    (match_rms_adamw) so lr and weight decay carry over from AdamW; without ``kernels`` its
+    Newton-Schulz runs as torch matmuls (the plain-PyTorch side of a comparison)."""
+    if optimizer == "muon":
+        from tokenforge.optim import Muon, muon_param_groups
+
+        groups = muon_param_groups(model)
+        opt = Muon(groups, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                   adamw_betas=(0.9, 0.95), adamw_eps=1e-8, backend=None if kernels else "torch")
+        n = sum(len(g["params"]) for g in groups if g["use_muon"])
+        return opt, (f"tokenforge.optim.Muon ({n} hidden matrices, match_rms_adamw; AdamW for embeddings, "
+                     f"head and norms; Newton-Schulz: {'tokenforge kernels' if kernels else 'torch matmuls'})")
+    if optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -237,20 +276,30 @@ class Variant:
     kernels: bool
     compile: bool
     fp8: bool
+    optimizer: str = "adamw"
 
 
 def variant_of(args) -> Variant:
     name = ("kernels" if args.kernels == "on" else "eager") + ("+compile" if args.compile else "")
     if args.fp8:
         name = "fp8" if args.kernels == "on" and not args.compile else name + "+fp8"
-    return Variant(name, args.kernels == "on", args.compile, args.fp8)
+    if args.optimizer != "adamw":
+        name += f"+{args.optimizer}"
+    return Variant(name, args.kernels == "on", args.compile, args.fp8, args.optimizer)
 
 
-def parse_variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    return Variant(name, kernels=name.startswith(("kernels", "fp8")), compile=name.endswith("compile"),
-                   fp8=name == "fp8")
+def parse_variant(name: str, optimizer: str = "adamw") -> Variant:
+    """``eager``, ``kernels+compile``, ... optionally ending in ``+adamw`` / ``+muon`` (else
+    ``optimizer``, from --optimizer)."""
+    base = name
+    for opt in OPTIMIZERS:
+        if name.endswith(f"+{opt}"):
+            base, optimizer = name[: -len(opt) - 1], opt
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, each optionally "
+                         f"followed by +adamw or +muon")
+    return Variant(name, kernels=base.startswith(("kernels", "fp8")), compile=base.endswith("compile"),
+                   fp8=base == "fp8", optimizer=optimizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +321,8 @@ class RunResult:
     notes: list = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    train_seconds: float = 0.0                        # sum of step times (evaluation not counted)
+    target: Optional[dict] = None                     # --target-loss: where it was reached
 
 
 @torch.no_grad()
@@ -310,7 +361,14 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                              + (" (CPU: emulated, no speedup)" if device.type == "cpu" else ""))
     raw = model
     model = wrap(model, ctx, block_types=(Block,))
-    optimizer, res.optimizer = make_optimizer(raw, args.lr, args.weight_decay, sharded=ctx.mode == "fsdp")
+    optimizer, res.optimizer = make_optimizer(raw, args.lr, args.weight_decay, sharded=ctx.mode == "fsdp",
+                                              optimizer=variant.optimizer, kernels=variant.kernels)
+    qk_clip = None
+    if getattr(args, "qk_clip", None) is not None:
+        from tokenforge.optim import QKClip
+
+        qk_clip = QKClip(raw, threshold=args.qk_clip, optimizer=optimizer)
+        res.notes.append(f"QK-clip at max logit {args.qk_clip:g} (one extra Q K^T per layer per step to find it)")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.max_steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.max_steps, args.min_lr_ratio))
     if variant.compile:
@@ -341,6 +399,7 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
     bar = metrics.Progress(stop, initial=start, mode=mode, every=args.log_every, desc=variant.name)
     metrics.reset_peak_memory(device)
     step_times: list[float] = []
+    target = getattr(args, "target_loss", None)
     t_run = time.perf_counter()
     try:
         for step in range(start + 1, stop + 1):
@@ -362,11 +421,14 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                 clip_grads(raw, args.clip, ctx)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            if qk_clip is not None:
+                qk_clip.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_val = float(all_reduce_mean(loss_sum, ctx))  # .item() syncs the device: honest timing
             metrics.synchronize(device)
             dt = time.perf_counter() - t0
+            res.train_seconds += dt
             if step - start > args.timing_warmup or (stop - start) <= args.timing_warmup:
                 step_times.append(dt)
             tps = tokens_per_step / dt
@@ -376,13 +438,23 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             record = {"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tps,
                       "mfu": step_mfu, "peak_mem": mem, "variant": variant.name,
                       "tokens": step * tokens_per_step}
+            if qk_clip is not None:
+                record["qk_max_logit"], record["qk_clipped_heads"] = qk_clip.last_max_logit, qk_clip.clipped_heads
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss is {loss_val} at step {step} ({variant.name}); lower --lr")
+            reached = False
             if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
                 val = evaluate(raw, val_sampler, args.eval_iters, device, autocast, ctx)
                 record["val_loss"] = val
                 res.val_losses.append((step, val))
                 bar.write(f"step {step}: val loss {val:.4f}")
+                if target is not None and val <= target:
+                    reached = True
+                    hours = res.train_seconds * ctx.world / 3600
+                    res.target = {"loss": target, "val_loss": val, "step": step, "tokens": step * tokens_per_step,
+                                  "train_seconds": res.train_seconds, "gpu_hours": hours,
+                                  "usd": hours * price if price else None}
+                    bar.write(f"step {step}: target val loss {target:g} reached")
             if log is not None and ctx.is_main:
                 log.write(record)
             stats = {"loss": f"{loss_val:.4f}", "tok/s": f"{tps:,.0f}"}
@@ -390,13 +462,15 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                 stats["mfu"] = f"{step_mfu:.1%}"
             stats["mem"] = metrics.fmt_bytes(mem)
             bar.update(step, stats)
-            if ckpt_path and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop):
+            if ckpt_path and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop or reached):
                 checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                 sampler_state=sampler.state_dict(), step=step, ctx=ctx,
                                 extra={"config": cfg.to_dict(), "variant": variant.name, "seed": args.seed})
+            res.steps = step - start
+            if reached:
+                break
     finally:
         bar.close()
-    res.steps = stop - start
     res.seconds = time.perf_counter() - t_run
     # The median step: robust to a stray slow step (a recompile, a checkpoint, a busy neighbour).
     res.tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
@@ -431,6 +505,8 @@ def summary(res: RunResult, args) -> list[str]:
     lines.append(f"  {res.tokens_per_s:,.0f} tokens/s, MFU {mfu}, peak memory {metrics.fmt_bytes(res.peak_mem)}"
                  + (f", ${res.usd_per_mtok:.3f}/M tokens" if res.usd_per_mtok else ""))
     lines.append(f"  optimizer: {res.optimizer}")
+    if getattr(args, "target_loss", None) is not None:
+        lines.append("  " + target_line(res, args.target_loss))
     lines += [f"  kernels: {p}" for p in res.patch]
     lines += [f"  note: {n}" for n in res.notes]
     if args.out:
@@ -438,24 +514,57 @@ def summary(res: RunResult, args) -> list[str]:
     return lines
 
 
-def compare_table(results: list[RunResult], device: torch.device) -> tuple[list[str], list[dict]]:
-    base = next((r for r in results if r.variant == "eager"), results[0])
+def target_line(res: RunResult, target: float) -> str:
+    """One line: where --target-loss was reached (steps, tokens, time, GPU-hours, $), or that it was not."""
+    t = res.target
+    if t is None:
+        best = min((v for _, v in res.val_losses), default=float("nan"))
+        return f"target val loss {target:g}: not reached in {res.steps} steps (best val loss {best:.4f})"
+    usd = f", ${t['usd']:.4f}" if t["usd"] is not None else ""
+    return (f"target val loss {target:g}: reached at step {t['step']} ({t['tokens']:,} tokens, "
+            f"{t['train_seconds']:.1f} s of training, {t['gpu_hours']:.4f} GPU-hours{usd})")
+
+
+def compare_table(results: list[RunResult], device: torch.device, target: Optional[float] = None,
+                  eval_every: int = 0) -> tuple[list[str], list[dict]]:
+    """Rows per variant against the eager one (or the first). With ``target``, also the steps,
+    tokens and GPU-hours (= $, one price for all) to reach it, as ratios to the base variant."""
+    base = next((r for r in results if r.variant in ("eager", "eager+adamw")), results[0])
     rows = []
     for r in results:
         max_diff = max((abs(a[1] - b[1]) for a, b in zip(r.losses, base.losses)), default=0.0)
-        rows.append({"variant": r.variant, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem": r.peak_mem,
-                     "usd_per_mtok": r.usd_per_mtok,
-                     "speedup": r.tokens_per_s / base.tokens_per_s if base.tokens_per_s else None,
-                     "final_loss": r.losses[-1][1] if r.losses else None, "max_loss_diff_vs_eager": max_diff,
-                     "optimizer": r.optimizer, "notes": r.notes})
-    lines = [f"  {'variant':<16} {'tokens/s':>12} {'MFU':>7} {'peak mem':>11} {'$/Mtok':>9} {'speedup':>8} "
-             f"{'loss':>8} {'|dloss|':>8}"]
+        row = {"variant": r.variant, "tokens_per_s": r.tokens_per_s, "mfu": r.mfu, "peak_mem": r.peak_mem,
+               "usd_per_mtok": r.usd_per_mtok,
+               "speedup": r.tokens_per_s / base.tokens_per_s if base.tokens_per_s else None,
+               "final_loss": r.losses[-1][1] if r.losses else None, "max_loss_diff_vs_eager": max_diff,
+               "optimizer": r.optimizer, "notes": r.notes}
+        if target is not None:
+            row["target"] = r.target
+            reach = r.target is not None and base.target is not None
+            row["tokens_to_target_ratio"] = r.target["tokens"] / base.target["tokens"] if reach else None
+            row["cost_to_target_ratio"] = (r.target["gpu_hours"] / base.target["gpu_hours"]
+                                           if reach and base.target["gpu_hours"] else None)
+        rows.append(row)
+    head = (f"  {'variant':<20} {'tokens/s':>12} {'MFU':>7} {'peak mem':>11} {'$/Mtok':>9} {'speedup':>8} "
+            f"{'loss':>8} {'|dloss|':>8}")
+    if target is not None:
+        head += f" {'steps->L':>9} {'tok->L':>8} {'$->L':>8}"
+    lines = [head]
     for row in rows:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         usd = f"{row['usd_per_mtok']:.3f}" if row["usd_per_mtok"] else "-"
         sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
-        lines.append(f"  {row['variant']:<16} {row['tokens_per_s']:>12,.0f} {mfu:>7} {metrics.fmt_bytes(row['peak_mem']):>11} "
-                     f"{usd:>9} {sp:>8} {row['final_loss']:>8.4f} {row['max_loss_diff_vs_eager']:>8.2e}")
+        line = (f"  {row['variant']:<20} {row['tokens_per_s']:>12,.0f} {mfu:>7} {metrics.fmt_bytes(row['peak_mem']):>11} "
+                f"{usd:>9} {sp:>8} {row['final_loss']:>8.4f} {row['max_loss_diff_vs_eager']:>8.2e}")
+        if target is not None:
+            steps = str(row["target"]["step"]) if row["target"] else "not hit"
+            tok = f"{row['tokens_to_target_ratio']:.2f}x" if row["tokens_to_target_ratio"] else "-"
+            cost = f"{row['cost_to_target_ratio']:.2f}x" if row["cost_to_target_ratio"] else "-"
+            line += f" {steps:>9} {tok:>8} {cost:>8}"
+        lines.append(line)
+    if target is not None:
+        lines.append(f"  (->L: to val loss {target:g}, checked every {eval_every} steps; tok->L and $->L are ratios to "
+                     f"{base.variant}; $ counts training steps at one price, evaluations excluded)")
     if device.type == "cpu":
         lines.append("  (CPU: no MFU or $ without a GPU peak/price; peak mem is the process's max RSS, cumulative;")
         lines.append("   the kernels run as their PyTorch references or the Triton interpreter: speed means "
@@ -505,7 +614,7 @@ def _run(args, ctx: DistContext) -> int:
             if args.resume:
                 raise ValueError("--compare runs every variant from scratch; drop --resume")
             names = args.variants.split(",") if args.variants else default_variants(ctx.device)
-            variants = [parse_variant(n.strip()) for n in names]
+            variants = [parse_variant(n.strip(), args.optimizer) for n in names]
             out_dir, args.out = args.out, None  # no checkpoints for the comparison runs
             results = []
             for i, v in enumerate(variants):
@@ -517,17 +626,18 @@ def _run(args, ctx: DistContext) -> int:
                 _release(ctx.device, v)
                 if ctx.is_main and args.json and i + 1 < len(variants):
                     # Each finished variant is on disk at once: a run cut short keeps what it measured.
-                    _write_json(args.json, _compare_payload(args, cfg, ctx, compare_table(results, ctx.device)[1],
-                                                            complete=False))
+                    _write_json(args.json, _compare_payload(
+                        args, cfg, ctx, compare_table(results, ctx.device, args.target_loss)[1], complete=False))
             args.out = out_dir
-            lines, rows = compare_table(results, ctx.device)
+            lines, rows = compare_table(results, ctx.device, args.target_loss, args.eval_every)
             _say(ctx, "", f"compare: {args.preset}, seq {args.seq_len}, {args.max_steps} steps each "
                           f"(first {args.timing_warmup} untimed, median step), same batches, on {metrics.device_name(ctx.device)}",
                  *lines)
             for r in results:
                 for n in r.notes:
                     _say(ctx, f"  {r.variant}: {n}")
-            _say(ctx, f"  optimizer: {results[0].optimizer}" if results else "")
+            for opt_desc in dict.fromkeys(r.optimizer for r in results):
+                _say(ctx, f"  optimizer: {opt_desc}")
             payload = _compare_payload(args, cfg, ctx, rows, complete=True)
         else:
             res = train_run(args, cfg, corpus, variant_of(args), ctx, log=log)
@@ -535,7 +645,9 @@ def _run(args, ctx: DistContext) -> int:
             payload = {"device_name": metrics.device_name(ctx.device), "preset": args.preset,
                        "seq_len": args.seq_len, "losses": res.losses, "val_losses": res.val_losses,
                        "rows": [{"variant": res.variant, "tokens_per_s": res.tokens_per_s, "mfu": res.mfu,
-                                 "peak_mem": res.peak_mem, "usd_per_mtok": res.usd_per_mtok}]}
+                                 "peak_mem": res.peak_mem, "usd_per_mtok": res.usd_per_mtok,
+                                 "optimizer": res.optimizer, "steps": res.steps,
+                                 "train_seconds": res.train_seconds, "target": res.target}]}
     finally:
         if log is not None:
             log.close()
@@ -555,7 +667,8 @@ def _compare_payload(args, cfg, ctx: DistContext, rows: list[dict], complete: bo
     """The --compare JSON; ``complete`` is False while variants are still to run."""
     return {"device_name": metrics.device_name(ctx.device), "preset": args.preset, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world": ctx.world,
-            "steps": args.max_steps, "config": cfg.to_dict(), "rows": rows, "complete": complete}
+            "steps": args.max_steps, "target_loss": args.target_loss, "eval_every": args.eval_every,
+            "config": cfg.to_dict(), "rows": rows, "complete": complete}
 
 
 def _write_json(path: str, payload: dict) -> None:

@@ -4,6 +4,7 @@ from tokenforge.ops.add_rms_norm import add_rms_norm, add_rms_norm_reference
 from tokenforge.ops.attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from tokenforge.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from tokenforge.ops.newton_schulz import newton_schulz, newton_schulz_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
 from tokenforge.ops.rope import rope, rope_reference
 from tokenforge.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
@@ -19,6 +20,8 @@ __all__ = [
     "cross_entropy_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "newton_schulz",
+    "newton_schulz_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope",

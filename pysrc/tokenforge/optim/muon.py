@@ -51,6 +51,7 @@ from tokenforge.optim.adamw import AdamW
 from tokenforge.optim.multi_tensor import CaptureError, LOW_PRECISION, _capturing, is_dtensor, local
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score")
 
 
@@ -151,6 +152,9 @@ class Muon(AdamW):
         use_muon = bool(group.setdefault("use_muon", True))
         for k, v in (self._muon_defaults if use_muon else self._adamw_defaults).items():
             group.setdefault(k, v)
+        if use_muon and isinstance(group["ns_dtype"], torch.dtype):
+            # kept as a name: distributed checkpointing (DCP) flattens param groups and takes no dtypes
+            group["ns_dtype"] = str(group["ns_dtype"]).replace("torch.", "")
         super().add_param_group(group)
 
     def _check_group(self, group: dict) -> None:
@@ -176,7 +180,7 @@ class Muon(AdamW):
             raise ValueError(f"{name}: eps must be > 0, got {group['eps']!r}")
         if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
             raise ValueError(f"{name}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
-        if group["ns_dtype"] not in (torch.bfloat16, torch.float32, torch.float64):
+        if group["ns_dtype"] not in NS_DTYPES:
             raise ValueError(f"{name}: ns_dtype must be torch.bfloat16 (the usual), float32 or float64, got {group['ns_dtype']!r}")
         if group.get("matrix_view") not in (None, "flatten"):
             raise ValueError(f"{name}: matrix_view must be None or 'flatten', got {group['matrix_view']!r}")
@@ -249,7 +253,7 @@ class Muon(AdamW):
     def _ns(self, x: torch.Tensor, group: dict) -> torch.Tensor:
         backend = None if self.backend == "cuda" else self.backend  # no CUDA C++ Newton-Schulz
         return newton_schulz(x, group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"],
-                             dtype=group["ns_dtype"], backend=backend)
+                             dtype=NS_DTYPES[group["ns_dtype"]], backend=backend)
 
     def _orthogonalise(self, params: list, updates: list, group: dict, keys: dict) -> list:
         """O for each param, shaped as its local update: whole-matrix Newton-Schulz, batched by
@@ -262,7 +266,7 @@ class Muon(AdamW):
             rows, cols = _matrix_shape(p, group)
             if is_dtensor(p) and _sharded(p):
                 ex = _ShardExchange(p, u.reshape(u.shape[0], -1) if u.dim() > 2 else u, keys[p], cols,
-                                    group["ns_dtype"])
+                                    NS_DTYPES[group["ns_dtype"]])
                 exchanges.append((i, ex))
                 full = ex.gather()
                 if full is not None:
