@@ -57,8 +57,12 @@ PY="${PYTHON:-python3}"
 export PY
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 unset TOKENFORGE_BACKEND  # never let a forced backend leak into the comparisons
+# One process per step, no torch.distributed: the attention tuner may time candidates on a cache
+# miss (training's default only reads the cache), into a cache of this run's own.
+export TOKENFORGE_AUTOTUNE=on
 TMPD="$(mktemp -d "${TMPDIR:-/tmp}/tf_gpu_check.XXXXXX")"
 export TMPD
+export TOKENFORGE_TUNE_CACHE="$TMPD/attention-tune.json"
 # Peers (liger-kernel, torchao) carried as wheels land here; on the path from the start.
 export PEERS_DIR="$TMPD/peers"
 export PYTHONPATH="$PEERS_DIR${PYTHONPATH:+:$PYTHONPATH}"

@@ -40,6 +40,7 @@ the grids of 2048 documents x 32 heads.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -566,14 +567,25 @@ def all_configs() -> list[tuple[str, dict]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Autotuner: explicit, so the choice is visible (``tuned_configs()``) and cached. On CUDA the first
-# call for a key times every candidate on the real arguments (writing into scratch outputs), keeps
-# the fastest in _TUNED, and later calls reuse it without timing. The interpreter, CPU, CUDA graph
-# capture and TOKENFORGE_AUTOTUNE=0 use the fixed first candidate.
+# Autotuner: configs are chosen ahead of time, never by a timing run inside a training step unless
+# asked. ``TOKENFORGE_AUTOTUNE``:
+#   cache (default)  the on-disk cache (``tokenforge tune attention ...`` writes it; keyed by GPU,
+#                    Triton version, kernel, head dim, dtype, features and shape buckets), else
+#                    the fixed first candidate. No timing, so every rank makes the same choice.
+#   on               as cache, and a miss times every candidate on the real arguments (into scratch
+#                    outputs) and stores the fastest, in memory and on disk. Refused under
+#                    torch.distributed with more than one rank (ranks could pick different kernels):
+#                    there the cache or the fixed config decides.
+#   off              the fixed first candidate only.
+# The interpreter, CPU tensors and CUDA graph capture always use the fixed candidate (or the cache).
+# A candidate that does not fit this GPU (Triton's OutOfResources) is skipped; any other launch
+# error is raised. ``tuned_configs()`` shows what was chosen in this process.
 # ---------------------------------------------------------------------------------------------
 
 _TUNED: dict[tuple, dict] = {}
+_DISK: dict | None = None  # the on-disk cache, loaded on first use
 SEQ_BUCKET_CAP = 16384
+AUTOTUNE_MODES = ("cache", "on", "off")
 
 
 def tuned_configs() -> dict[tuple, dict]:
@@ -585,8 +597,71 @@ def clear_tuned_configs() -> None:
     _TUNED.clear()
 
 
+def autotune_mode() -> str:
+    """``cache``, ``on`` or ``off`` from TOKENFORGE_AUTOTUNE (1/true/yes mean on, 0/false/no off)."""
+    raw = os.environ.get("TOKENFORGE_AUTOTUNE", "cache").strip().lower()
+    mode = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off", "": "cache"}.get(raw, raw)
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"TOKENFORGE_AUTOTUNE={raw!r}: use cache (the default), on or off")
+    return mode
+
+
 def autotune_enabled() -> bool:
-    return os.environ.get("TOKENFORGE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+    """True when a cache miss may time candidates (TOKENFORGE_AUTOTUNE=on)."""
+    return autotune_mode() == "on"
+
+
+def cache_path() -> str:
+    """TOKENFORGE_TUNE_CACHE, else ~/.cache/tokenforge/attention-tune.json."""
+    return os.environ.get("TOKENFORGE_TUNE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tokenforge", "attention-tune.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tag(device: torch.device) -> str:
+    """GPU name and Triton version: a cache entry is valid for that pair only (asked once per device)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}|triton {triton.__version__}"
+
+
+def _disk_key(device: torch.device, key: tuple) -> str:
+    return "|".join([_device_tag(device), *map(str, key)])
+
+
+def _disk() -> dict:
+    global _DISK
+    if _DISK is None:
+        import json
+
+        try:
+            with open(cache_path()) as f:
+                _DISK = json.load(f)
+        except FileNotFoundError:
+            _DISK = {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"the attention tuning cache {cache_path()} is unreadable ({exc}); delete it and "
+                             "rerun `tokenforge tune attention ...`, or set TOKENFORGE_AUTOTUNE=off") from exc
+    return _DISK
+
+
+def _disk_store(device: torch.device, key: tuple, cfg: dict) -> None:
+    """Add one entry and rewrite the file atomically (a temporary file, then a rename)."""
+    import json
+
+    entries = _disk()
+    entries[_disk_key(device, key)] = dict(cfg)
+    path = cache_path()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _distributed_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def arch_family(device: torch.device) -> str:
@@ -598,7 +673,7 @@ def arch_family(device: torch.device) -> str:
 
 def _can_tune(device: torch.device) -> bool:
     return (not INTERPRETED and device.type == "cuda" and autotune_enabled()
-            and not torch.cuda.is_current_stream_capturing())
+            and not torch.cuda.is_current_stream_capturing() and _distributed_world() == 1)
 
 
 def _seq_bucket(n: int) -> int:
@@ -614,21 +689,32 @@ def _select(kernel: str, head_dim: int, device: torch.device, key_extra: tuple, 
     """The config to launch ``kernel`` with; ``launch(cfg)`` runs it into scratch outputs."""
     arch = arch_family(device)
     cands = candidates(kernel, head_dim, arch)
-    if len(cands) == 1 or not _can_tune(device):
+    if len(cands) == 1:
         return cands[0]
     key = (kernel, arch, cands[0]["BLOCK_D"], *key_extra)
     cfg = _TUNED.get(key)
-    if cfg is None:
-        best, best_t = cands[0], float("inf")
-        for c in cands:
-            try:
-                t = _time_config(launch, c)
-            except Exception:  # e.g. out of shared memory on this part: not a candidate here
-                continue
-            if t < best_t:
-                best, best_t = c, t
-        cfg = _TUNED[key] = best
-    return cfg
+    if cfg is not None:
+        return cfg
+    if autotune_mode() != "off":
+        cached = _disk().get(_disk_key(device, key))
+        if cached in cands:  # an entry for a config this version no longer has is ignored
+            _TUNED[key] = dict(cached)
+            return _TUNED[key]
+    if not _can_tune(device):
+        return cands[0]
+    from triton.runtime.errors import OutOfResources
+
+    best, best_t = cands[0], float("inf")
+    for c in cands:
+        try:
+            t = _time_config(launch, c)
+        except OutOfResources:  # does not fit this part (shared memory, registers): not a candidate
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    _TUNED[key] = best
+    _disk_store(device, key, best)
+    return best
 
 
 def _scratch(launch, *outputs):
@@ -644,10 +730,13 @@ def _scratch(launch, *outputs):
     return run
 
 
-def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k) -> tuple:
+def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch: int = 1) -> tuple:
+    """dtype, features, GQA group, sequence buckets and a batch x heads bucket (how many programs
+    share the GPU changes which tile wins)."""
     left, right = window
     return (str(q.dtype).removeprefix("torch."), varlen, left >= 0, right >= 0, right == 0, softcap > 0,
-            q.shape[-2] // k.shape[-2], _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k))
+            q.shape[-2] // k.shape[-2], _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
+            _seq_bucket(batch * q.shape[-2]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,7 +831,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
         )
 
     with launch_device(q):
-        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k)
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch)
         cfg = _select("_attn_fwd", d, q.device, key, _scratch(launch, out, lse))
         launch(cfg)
     return out, lse
@@ -802,7 +891,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
             )
 
         # Candidates are timed into scratch buffers; the winner then writes the real outputs.
-        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k)
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch)
         cfg = _select("_attn_bwd_dkdv", d, q.device, key, _scratch(launch_dkdv, dk, dv))
         launch_dkdv(cfg)
         cfg = _select("_attn_bwd_dq", d, q.device, key, _scratch(launch_dq, dq))

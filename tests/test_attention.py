@@ -102,8 +102,11 @@ def run_and_check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, softma
         low.backward(dout)
         low_errs = {"out": rel_error(low, ref), "dq": _grad_error(ql.grad, q64.grad, floor_q),
                     "dk": _grad_error(kl.grad, k64.grad, floor_k), "dv": rel_error(vl.grad, v64.grad)}
+        # The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): a p of 1 - 1e-7 is
+        # stored as 1 - 2^-8, so two bf16 ulps (2^-7) of slack there, 1e-3 elsewhere.
+        slack = 2.0 ** -7 if kernels.INTERPRETED and q.dtype == torch.bfloat16 else 1e-3
         for name, low_err in low_errs.items():
-            assert errs[name] <= 2 * low_err + 1e-3, f"{name}: {errs[name]:.3e} vs low-precision torch {low_err:.3e}"
+            assert errs[name] <= 2 * low_err + slack, f"{name}: {errs[name]:.3e} vs low-precision torch {low_err:.3e}"
     return errs
 
 
@@ -558,3 +561,51 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch):
     small = q[:, :8]
     ak.attention_forward(small, small, small, cu, cu, 2, 2, 0.125, (-1, 0), 0.0)
     assert len(grids[0][1]) == 2 and grids[0][1][1] == docs * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch backend on CUDA is SDPA (the real baseline), where SDPA computes the same thing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sq,sk,window,group", [(17, 17, (-1, 0), 1), (9, 23, (-1, 0), 2), (23, 23, (5, 0), 2),
+                                                (16, 30, (4, 3), 4), (20, 20, (-1, -1), 1)])
+def test_sdpa_path_matches_the_reference(sq, sk, window, group):
+    """The SDPA route (run here on CPU tensors, float64) against the reference, forward and
+    backward: causal square as SDPA's flag, bottom-right causal and windows as masks, GQA."""
+    from tokenforge.ops.attention import _reference_dense, sdpa_can_run, sdpa_dense
+
+    assert sdpa_can_run(sq, sk, window, 0.0, False)
+    torch.manual_seed(0)
+    q = torch.randn(2, sq, 4, 32, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, sk, 4 // group, 32, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, sk, 4 // group, 32, dtype=torch.float64, requires_grad=True)
+    out = sdpa_dense(q, k, v, 0.2, window)
+    ref = _reference_dense(q, k, v, 0.2, window, 0.0, torch.float64)[0]
+    assert rel_error(out, ref) < 1e-10
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 1e-10
+
+
+def test_sdpa_is_not_used_where_it_would_differ():
+    from tokenforge.ops.attention import sdpa_can_run
+
+    assert not sdpa_can_run(30, 20, (-1, 0), 0.0, False)   # rows with no key: SDPA gives NaN, we give 0
+    assert not sdpa_can_run(16, 16, (-1, 0), 30.0, False)  # softcap
+    assert not sdpa_can_run(16, 16, (-1, 0), 0.0, True)    # lse asked for
+    assert sdpa_can_run(30, 20, (-1, -1), 0.0, False)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+def test_cuda_torch_backend_is_sdpa(monkeypatch):
+    import tokenforge.ops.attention as oa
+
+    calls = []
+    real = oa.sdpa_dense
+    monkeypatch.setattr(oa, "sdpa_dense", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(2, 256, 8, 64, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, q, q, causal=True, backend="torch")
+    assert calls and rel_error(out, attention_reference(q.float(), q.float(), q.float(), causal=True)) < 1e-2

@@ -1,7 +1,8 @@
 """The attention launchers' explicit autotuner (kernels/attention.py: candidates, _select, _TUNED).
 
 On CPU the timer is faked (``_time_config`` replaced) and the tuner is switched on by hand
-(``_can_tune``), so the choice logic and the cache are tested without a GPU; the end-to-end tests run
+(``_can_tune``, TOKENFORGE_AUTOTUNE=on, a cache file under tmp_path), so the choice logic, the
+in-memory and on-disk caches and the refusals are tested without a GPU; the end-to-end tests run
 the interpreter with small candidate tiles and check the results against a float64 reference
 whichever candidate wins and whichever ran last. On CUDA a real autotuned call is checked too.
 """
@@ -23,12 +24,21 @@ def _cfg(bm, bn, bd=32, w=4, st=1):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
 
 
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, tmp_path):
+    """Every test reads and writes its own tuning cache file, never the user's."""
+    monkeypatch.setenv("TOKENFORGE_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(ak, "_DISK", None)
+    return tmp_path / "tune.json"
+
+
 @pytest.fixture
 def tuner(monkeypatch):
     """Tuning on (whatever the device), an empty cache, and a fake timer: candidate c takes
     times[kernel][(BLOCK_M, BLOCK_N)] ms (default 1.0); every timing is recorded in ``calls``.
     With run=True the fake timer also runs the launch (into the scratch outputs)."""
     state = dict(times={}, calls=[], run=False, kernel=None)
+    monkeypatch.setenv("TOKENFORGE_AUTOTUNE", "on")
     monkeypatch.setattr(ak, "_TUNED", {})
     monkeypatch.setattr(ak, "_can_tune", lambda device: ak.autotune_enabled())
     real_select = ak._select
@@ -84,12 +94,86 @@ def test_failing_candidate_is_skipped(tuner, monkeypatch):
 
     def time_or_fail(launch, cfg):
         if cfg["BLOCK_M"] == 64:
-            raise RuntimeError("out of resources")
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(300000, 232448, "shared memory")
         return real(launch, cfg)
 
     monkeypatch.setattr(ak, "_time_config", time_or_fail)
     tuner["times"]["_attn_bwd_dq"] = {(32, 16): 3.0, (16, 16): 2.0}
     assert ak._select("_attn_bwd_dq", 32, torch.device("cpu"), ("k",), _noop) == cands[2]
+
+
+def test_other_launch_errors_are_raised(tuner, monkeypatch):
+    """Only "does not fit this GPU" skips a candidate; a real launch error is never hidden."""
+    monkeypatch.setattr(ak, "arch_family", lambda device: "sm_90")
+    monkeypatch.setattr(ak, "candidates", lambda kernel, d, arch: [_cfg(32, 16), _cfg(64, 64)])
+
+    def broken(launch, cfg):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ak, "_time_config", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        ak._select("_attn_fwd", 32, torch.device("cpu"), ("k",), _noop)
+
+
+def test_choice_is_written_to_disk_and_read_back_without_timing(tuner, monkeypatch, private_cache):
+    import json
+
+    monkeypatch.setattr(ak, "arch_family", lambda device: "sm_90")
+    cands = [_cfg(32, 16), _cfg(64, 64), _cfg(16, 16)]
+    monkeypatch.setattr(ak, "candidates", lambda kernel, d, arch: cands)
+    tuner["times"]["_attn_fwd"] = {(64, 64): 0.5}
+    assert ak._select("_attn_fwd", 32, torch.device("cpu"), ("k",), _noop) == cands[1]
+    saved = json.loads(private_cache.read_text())
+    assert list(saved.values()) == [cands[1]]
+    (entry,) = saved
+    assert "triton " in entry and "_attn_fwd" in entry  # keyed by device, Triton version, kernel, ...
+    # A new process (empty memory caches), default mode (cache): the disk entry, no timing.
+    monkeypatch.setattr(ak, "_TUNED", {})
+    monkeypatch.setattr(ak, "_DISK", None)
+    monkeypatch.delenv("TOKENFORGE_AUTOTUNE")
+    n = len(tuner["calls"])
+    assert ak._select("_attn_fwd", 32, torch.device("cpu"), ("k",), _noop) == cands[1]
+    assert len(tuner["calls"]) == n
+    # off: the fixed config whatever the cache says
+    monkeypatch.setattr(ak, "_TUNED", {})
+    monkeypatch.setenv("TOKENFORGE_AUTOTUNE", "off")
+    assert ak._select("_attn_fwd", 32, torch.device("cpu"), ("k",), _noop) == cands[0]
+
+
+def test_default_mode_never_times_in_a_step(monkeypatch):
+    """The default (cache) with nothing cached: the fixed config, and no timing run."""
+    monkeypatch.delenv("TOKENFORGE_AUTOTUNE", raising=False)
+    monkeypatch.setattr(ak, "_TUNED", {})
+    monkeypatch.setattr(ak, "arch_family", lambda device: "sm_90")
+    monkeypatch.setattr(ak, "_time_config", lambda launch, cfg: pytest.fail("timed inside a step"))
+    assert ak.autotune_mode() == "cache" and not ak._can_tune(torch.device("cpu"))
+    cands = ak.candidates("_attn_fwd", 128, "sm_90", interpreted=False)
+    monkeypatch.setattr(ak, "candidates", lambda kernel, d, arch: cands)
+    assert ak._select("_attn_fwd", 128, torch.device("cpu"), ("k",), _noop) == cands[0]
+
+
+def test_no_timing_under_torch_distributed(monkeypatch):
+    """Ranks that timed on their own could launch different kernels: with more than one rank the
+    cache or the fixed config decides, even with TOKENFORGE_AUTOTUNE=on."""
+    monkeypatch.setenv("TOKENFORGE_AUTOTUNE", "on")
+    monkeypatch.setattr(ak, "INTERPRETED", False)
+    monkeypatch.setattr(ak, "_distributed_world", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not ak._can_tune(torch.device("cuda", 0))
+    monkeypatch.setattr(ak, "_distributed_world", lambda: 1)
+    assert ak._can_tune(torch.device("cuda", 0))
+
+
+def test_bad_mode_and_unreadable_cache_are_clear_errors(monkeypatch, private_cache):
+    monkeypatch.setenv("TOKENFORGE_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="TOKENFORGE_AUTOTUNE='sometimes'"):
+        ak.autotune_mode()
+    monkeypatch.delenv("TOKENFORGE_AUTOTUNE")
+    private_cache.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable.*tokenforge tune attention"):
+        ak._disk()
 
 
 def test_autotune_off_skips_timing(tuner, monkeypatch):
@@ -134,16 +218,17 @@ def test_key_covers_flags_and_buckets():
     q = torch.empty(1, 8, 4, 64, dtype=torch.bfloat16)
     k = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     base = ak._tune_key(q, k, (-1, 0), 0.0, False, 1000, 1000)
-    assert base == ak._tune_key(q, k, (-1, 0), 0.0, False, 1024, 600)[:-1] + (1024,)
+    assert base == ak._tune_key(q, k, (-1, 0), 0.0, False, 1024, 600)[:-2] + (1024,) + base[-1:]
     others = [ak._tune_key(q, k, (-1, -1), 0.0, False, 1000, 1000),
               ak._tune_key(q, k, (128, 0), 0.0, False, 1000, 1000),
               ak._tune_key(q, k, (-1, 0), 30.0, False, 1000, 1000),
               ak._tune_key(q, k, (-1, 0), 0.0, True, 1000, 1000),
               ak._tune_key(q, q, (-1, 0), 0.0, False, 1000, 1000),
               ak._tune_key(q.half(), k.half(), (-1, 0), 0.0, False, 1000, 1000),
-              ak._tune_key(q, k, (-1, 0), 0.0, False, 3000, 1000)]
+              ak._tune_key(q, k, (-1, 0), 0.0, False, 3000, 1000),
+              ak._tune_key(q, k, (-1, 0), 0.0, False, 1000, 1000, batch=64)]  # batch x heads
     assert len({base, *others}) == len(others) + 1
-    assert ak._tune_key(q, k, (-1, 0), 0.0, False, 10**6, 10**6)[-2:] == (ak.SEQ_BUCKET_CAP,) * 2
+    assert ak._tune_key(q, k, (-1, 0), 0.0, False, 10**6, 10**6)[-3:-1] == (ak.SEQ_BUCKET_CAP,) * 2
 
 
 # Small interpreter-friendly candidates with distinct tilings: the winner and the last one timed
@@ -186,7 +271,7 @@ def test_autotuned_results_match_reference(tuner, monkeypatch, winner):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: real timing with triton.testing.do_bench")
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_real_autotune_matches_reference(monkeypatch, causal):
-    monkeypatch.delenv("TOKENFORGE_AUTOTUNE", raising=False)
+    monkeypatch.setenv("TOKENFORGE_AUTOTUNE", "on")
     monkeypatch.setattr(ak, "_TUNED", {})
     timed = []
     real = ak._time_config

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tokenforge import backends
@@ -56,3 +57,30 @@ def test_info_reports_a_forced_backend_that_cannot_run(monkeypatch):
     info = collect_info()
     cpu = [r for r in info["ops"] if r["device"] == "cpu" and r["op"] == "rms_norm"][0]
     assert cpu["backend"] == "error" and "cuda" in cpu["why"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; a GPU tunes for real")
+def test_tune_attention_without_a_gpu_says_so_in_one_line(capsys):
+    assert main(["tune", "attention", "--seqlen", "1024"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0] and err[0].startswith("tokenforge tune:"), err
+
+
+def test_tune_refuses_bad_shapes(capsys):
+    assert main(["tune", "attention", "--heads", "6", "--kv-heads", "4"]) == 2
+    assert "multiple of --kv-heads" in capsys.readouterr().err
+    assert main(["tune", "attention", "--seqlen", "0"]) == 2
+    assert "--seqlen must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_attention_writes_the_cache(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("TOKENFORGE_TUNE_CACHE", str(tmp_path / "tune.json"))
+    from tokenforge.kernels import attention as ak
+
+    monkeypatch.setattr(ak, "_DISK", None)
+    assert main(["tune", "attention", "--seqlen", "2048", "--heads", "8", "--kv-heads", "2"]) == 0
+    entries = json.loads((tmp_path / "tune.json").read_text())
+    assert any("_attn_fwd" in k for k in entries) and any("_attn_bwd_dq" in k for k in entries)

@@ -1,4 +1,5 @@
-"""The ``tokenforge`` command: ``tokenforge info``, ``tokenforge train``, ``tokenforge cost``."""
+"""The ``tokenforge`` command: ``tokenforge info``, ``train``, ``cost`` and ``tune attention`` (kernel configs chosen
+ahead of time, on a GPU, into the on-disk cache that training reads)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_cost = sub.add_parser("cost", help="GPU-hours, days and dollars to train a model; --seed-table",
                             description=cost.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cost.add_arguments(p_cost)
+    p_tune = sub.add_parser("tune", help="choose kernel configs ahead of time (on a GPU) for the on-disk cache")
+    tune_sub = p_tune.add_subparsers(dest="target")
+    p_attn = tune_sub.add_parser("attention", help="time the attention kernels' candidate tiles for one shape")
+    p_attn.add_argument("--batch", type=int, default=1)
+    p_attn.add_argument("--seqlen", type=int, default=4096)
+    p_attn.add_argument("--heads", type=int, default=32)
+    p_attn.add_argument("--kv-heads", type=int, help="default: --heads (no GQA)")
+    p_attn.add_argument("--head-dim", type=int, default=128)
+    p_attn.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p_attn.add_argument("--no-causal", action="store_true", help="full (bidirectional) attention")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -152,7 +163,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         return train.run_cli(args)
     if args.command == "cost":
         return cost.run_cli(args)
+    if args.command == "tune":
+        return _tune(args, p_tune)
     return 2
+
+
+def _tune(args, parser) -> int:
+    """`tokenforge tune attention ...`: one line and exit status 2 for anything the user can fix."""
+    if args.target != "attention":
+        parser.print_help()
+        return 2
+    try:
+        import torch
+
+        from tokenforge.kernels import attention as kernels_attention
+        from tokenforge.ops.attention import tune
+
+        for name in ("batch", "seqlen", "heads", "head_dim"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        kv = args.kv_heads or args.heads
+        if kv < 1 or args.heads % kv:
+            raise ValueError(f"--heads {args.heads} must be a multiple of --kv-heads {kv}")
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+        chosen = tune(args.batch, args.seqlen, args.heads, kv, args.head_dim, dtype, causal=not args.no_causal)
+    except (ValueError, RuntimeError) as exc:
+        print(f"tokenforge tune: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for key, cfg in chosen.items():
+        print(f"  {key[0]:<16} {cfg}")
+    print(f"wrote {kernels_attention.cache_path()}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Path of a call: :func:`attention` / :func:`attention_varlen` validate and pick a
 :class:`AttentionFunction` (autograd; saves q, k, v, out and the fp32 lse, never the scores) ->
 the custom ops ``tokenforge::attention_fwd`` / ``tokenforge::attention_bwd`` (opaque to
 ``torch.compile`` through their fake implementations) -> ``tokenforge.kernels.attention``
-(Triton). The ``torch`` backend is :func:`attention_reference` (materialises the scores),
-differentiated by autograd.
+(Triton). The ``torch`` backend on CUDA tensors is ``F.scaled_dot_product_attention`` (PyTorch's
+own fused attention: the real baseline), wherever SDPA can express the call (no softcap, no lse
+asked for, every query row sees a key; windows as a boolean mask); otherwise, and on the CPU, it is
+:func:`attention_reference` (materialises the scores, the tests' oracle), differentiated by autograd.
 
 Dtypes: the Triton kernels take fp16/bf16 with fp32 accumulation. fp32 (and float64) inputs run on
 the torch reference (``backend='triton'`` refuses them and says so); cast to bf16 for the kernel.
@@ -27,7 +29,7 @@ OP = "attention"
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch reference: the oracle of the tests, the CPU fallback and the eager baseline.
+# The torch reference: the oracle of the tests and the CPU fallback; SDPA, the CUDA baseline.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -73,6 +75,29 @@ def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: fl
     lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(safe)).squeeze(-1)
     lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
     return out.transpose(1, 2).to(q.dtype), lse.to(lse_dtype)
+
+
+def sdpa_can_run(seqlen_q: int, seqlen_k: int, window: tuple[int, int], softcap: float, return_lse: bool) -> bool:
+    """True when F.scaled_dot_product_attention computes exactly this call: no softcap or lse (SDPA
+    has neither) and no query row without a key (SDPA gives NaN there, tokenforge 0). Rows see
+    j in [i + off - left, i + off + right] with off = seqlen_k - seqlen_q; that range is empty for
+    some row only when right >= 0 and off + right < 0."""
+    right = window[1]
+    return softcap <= 0 and not return_lse and seqlen_k > 0 and (right < 0 or seqlen_k - seqlen_q + right >= 0)
+
+
+def sdpa_dense(q, k, v, scale: float, window: tuple[int, int]) -> torch.Tensor:
+    """Attention through F.scaled_dot_product_attention on (b, s, h, d) tensors: causal as SDPA's
+    own flag when the mask is its top-left one (seqlen_q == seqlen_k), any other window as a
+    bottom-right aligned boolean mask. Call only where :func:`sdpa_can_run` says so."""
+    sq, sk = q.shape[1], k.shape[1]
+    causal_square = window == (-1, 0) and sq == sk
+    mask = None if causal_square else _keep_mask(sq, sk, window, q.device)
+    # The builtin behind F.scaled_dot_product_attention, called directly: tokenforge.patch_sdpa
+    # replaces the Python name and must never route this call back here.
+    out = torch._C._nn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=causal_square, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
 
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -297,6 +322,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
+    if name == "torch" and q.is_cuda and q.numel() and sdpa_can_run(q.shape[1], k.shape[1], win, softcap, return_lse):
+        return sdpa_dense(q, k, v, scale, win)
     if name == "torch" or q.numel() == 0:
         out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True))
     else:
@@ -330,3 +357,33 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out, lse = AttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
                                            float(softcap), bool(deterministic), name)
     return (out, lse) if return_lse else out
+
+
+def tune(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtype=torch.bfloat16,
+         causal: bool = True, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+         device: Optional[torch.device] = None) -> dict:
+    """Time every candidate config of the forward and backward kernels for this shape on this GPU
+    and store the winners in the on-disk tuning cache (kernels/attention.py: ``cache_path()``),
+    where training steps find them without timing anything. Returns {key: config} of this call."""
+    import os
+
+    from tokenforge.kernels import attention as kernels_attention
+
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError("tuning needs a CUDA GPU: the tuner times the kernels on the device it tunes for")
+    q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    old = os.environ.get("TOKENFORGE_AUTOTUNE")
+    os.environ["TOKENFORGE_AUTOTUNE"] = "on"
+    try:
+        kernels_attention.clear_tuned_configs()  # time again, even what this process already chose
+        attention(q, k, v, causal=causal, window=window, softcap=softcap, backend="triton").sum().backward()
+        torch.cuda.synchronize(device)
+    finally:
+        if old is None:
+            os.environ.pop("TOKENFORGE_AUTOTUNE", None)
+        else:
+            os.environ["TOKENFORGE_AUTOTUNE"] = old
+    return kernels_attention.tuned_configs()
