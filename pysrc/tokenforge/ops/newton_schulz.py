@@ -117,9 +117,10 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=COEFFICIENTS, ep
     else:
         # ||G||_F in fp32 (float64 for the oracle): one scale per matrix, then one rounding to dtype.
         norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(src.to(norm_dtype), dim=(-2, -1), keepdim=True)
+        wide = src.to(norm_dtype)  # one upcast, read by the norm and the division
+        norm = torch.linalg.vector_norm(wide, dim=(-2, -1), keepdim=True)
         x = torch.empty(src.shape, dtype=dtype, device=g.device)  # contiguous, short side first
-        x.copy_(src.to(norm_dtype) / norm.clamp_min(eps))
+        x.copy_(wide / norm.clamp_min(eps))
         name = backends.choose(OP, x, backend=backend)
         a, b, c = (float(v) for v in coefficients)
         out = newton_schulz_op(x, int(steps), a, b, c, name)
