@@ -54,19 +54,26 @@ def _helper(fn):
 
 
 @_helper
-def stochastic_round_bf16(x, seed, step, key, gidx):
-    """x (fp32) rounded to bf16 stochastically: add 16 random bits below the bf16 mantissa, then
-    truncate. Unbiased for finite x; NaN/inf pass through unchanged. The bits come from Philox
-    (counter-based) keyed by ``seed`` with counter (global element index: 64 bits, step, param key):
-    an element gets the same bits whether its param is one tensor or an FSDP2 shard on any number
-    of ranks, and no bits repeat within 2**64 elements of a param."""
+def philox_word(seed, step, key, gidx):
+    """32 random bits per element from Philox (counter-based) keyed by ``seed`` with counter
+    (global element index: 64 bits, step, param key): an element gets the same bits whether its
+    param is one tensor or an FSDP2 shard on any number of ranks, and no bits repeat within 2**64
+    elements of a param. (bf16 stochastic rounding and the 8-bit states' code rounding both draw
+    from it; no optimizer mode uses both.)"""
     g = gidx.to(tl.uint64, bitcast=True)
     c0 = g.to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
     c2 = c0 * 0 + tl.cast(step, tl.uint32)
     c3 = c0 * 0 + tl.cast(key, tl.uint32)
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    r = r & 0xFFFF
+    return r
+
+
+@_helper
+def stochastic_round_bf16(x, seed, step, key, gidx):
+    """x (fp32) rounded to bf16 stochastically: add 16 random bits (philox_word) below the bf16
+    mantissa, then truncate. Unbiased for finite x; NaN/inf pass through unchanged."""
+    r = philox_word(seed, step, key, gidx) & 0xFFFF
     bits = x.to(tl.uint32, bitcast=True)
     finite = (bits & 0x7F800000) != 0x7F800000
     rounded = tl.where(finite, (bits + r) & 0xFFFF0000, bits)

@@ -542,24 +542,27 @@ def test_8bit_kernel_matches_reference_and_round_trips(device, dtype):
         _set_grads(ps)
         a.step()
     # From identical states (a state_dict round trip), one more step of the kernel and of the
-    # torch reference: the dequantized moments are identical, so the params agree to fp32
-    # rounding; a requantized code may differ by one where x * 127 (or * 255) lands within fp32
-    # rounding of a .5 tie (the two compute sqrt and the division in different orders).
+    # torch reference, with the same Philox draws: the dequantized moments are identical, so the
+    # params agree to fp32 rounding; a sqrt(v) code may differ by one where the rounding
+    # probability lands within fp32 rounding of its draw (log2 / exp2 differ in the last bit), and
+    # then the m / sqrt(v) code of that element follows the other sqrt(v); where the sqrt(v) codes
+    # agree the m codes differ at most by one (a .5 tie).
     qs = _clone(ps)
     b = AdamW(qs, lr=1e-2, state_bits=8, backend="torch", max_grad_norm=10.0)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
-    assert b.state[qs[3]]["exp_avg"].dtype == torch.int8 and b.state[qs[3]]["qscale"].dtype == torch.float32
+    assert b.state[qs[3]]["exp_avg"].dtype == torch.int8 and b.state[qs[3]]["block_max"].dtype == torch.float32
     _set_grads(ps, qs)
     a.step()
     b.step()
     for p, q in zip(ps, qs):
         sa, sb = a.state[p], b.state[q]
         assert rel_error(sa.get("master_param", p), sb.get("master_param", q)) <= FP32_TOL
-        for k in ("exp_avg", "exp_avg_sq"):
-            diff = (sa[k].int() - sb[k].int()).abs()
-            assert diff.max() <= 1 and diff.float().mean() <= 1e-3, k
+        r_diff = (sa["exp_avg_sq"].int() - sb["exp_avg_sq"].int()).abs()
+        assert r_diff.max() <= 1 and r_diff.float().mean() <= 1e-3, "exp_avg_sq"
+        u_diff = (sa["exp_avg"].int() - sb["exp_avg"].int()).abs()
+        assert u_diff[r_diff == 0].max() <= 1 and (u_diff > 0).float().mean() <= 2e-3, "exp_avg"
     # The block maxima over all tensors together (see _compare: a 1-element block's m can cancel).
-    scales = [torch.cat([o.state[t]["qscale"].reshape(-1) for t in ts]) for o, ts in ((a, ps), (b, qs))]
+    scales = [torch.cat([o.state[t]["block_max"].reshape(-1) for t in ts]) for o, ts in ((a, ps), (b, qs))]
     assert rel_error(*scales) <= FP32_TOL
     # A fresh triton optimizer loaded from the state_dict continues bit for bit.
     clone = _clone(ps)
@@ -570,6 +573,126 @@ def test_8bit_kernel_matches_reference_and_round_trips(device, dtype):
     again.step()
     for p, c in zip(ps, clone):
         assert torch.equal(p, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_8bit_keeps_small_moments_alive_in_mixed_blocks(device):
+    """Every quant block mixes gradients of scale 1 and 1e-6 (interleaved at random). Stated bounds
+    after 200 steps against fp32 torch.optim.AdamW on the same gradients, per block and per class:
+    m within 5% (measured <= 2.6%; the old sqrt companding stored 0 for every small element: 100%),
+    no small v stored as 0, mean v ratio within 7% (unbiased stochastic codes: measured <= 3%),
+    per-block mean log v ratio within [-0.35, 0.15] for small elements (log-tail codes, 36% apart in
+    v: measured [-0.21, 0.01]) and +-0.08 for large ones, params within 7% / 35% of fp32's
+    displacement (measured 3.5% / 20%)."""
+    from tokenforge.optim.adamw import dequantize_moments
+
+    torch.manual_seed(0)
+    nb = 16
+    n = 256 * nb
+    scale = torch.where(torch.arange(n) % 2 == 0, 1.0, 1e-6)[torch.randperm(n)].to(device)
+    mean = (torch.randn(n) * 0.3).to(device)
+    p8 = torch.nn.Parameter(torch.zeros(n, device=device))
+    p32 = torch.nn.Parameter(torch.zeros(n, device=device))
+    opt8 = AdamW([p8], lr=1e-3, weight_decay=0.0, state_bits=8, backend="triton")
+    opt32 = torch.optim.AdamW([p32], lr=1e-3, weight_decay=0.0)
+    for _ in range(200):
+        g = scale * (mean + torch.randn(n, device=device))
+        p8.grad, p32.grad = g, g.clone()
+        opt8.step()
+        opt32.step()
+    m8, v8 = dequantize_moments(opt8.state[p8])
+    m32, v32 = opt32.state[p32]["exp_avg"], opt32.state[p32]["exp_avg_sq"]
+    for cls, sel, log_v_band, p_bound in (("large", scale == 1, (-0.08, 0.08), 0.07),
+                                          ("small", scale != 1, (-0.35, 0.15), 0.35)):
+        per_block = lambda x: (x * sel).view(nb, 256)  # noqa: E731
+        m_err = per_block(m8 - m32).norm(dim=1) / per_block(m32).norm(dim=1)
+        assert m_err.max() <= 0.05, (cls, m_err)
+        assert not bool((v8[sel] == 0).any()), f"{cls}: second moments stored as 0"
+        assert abs(float((v8[sel] / v32[sel]).mean()) - 1) <= 0.07, cls
+        log_v = per_block(torch.log(v8 / v32)).sum(1) / sel.view(nb, 256).sum(1)
+        assert log_v_band[0] <= log_v.min() and log_v.max() <= log_v_band[1], (cls, log_v)
+        p_err = per_block((p8 - p32).detach()).norm(dim=1) / per_block(p32.detach()).norm(dim=1)
+        assert p_err.max() <= p_bound, (cls, p_err)
+
+
+def _mixed_scale_regression():
+    """An MLP fitting tanh(x . w) on inputs whose features span 1e-3..10 (so first-layer gradients
+    mix magnitudes inside a quant block)."""
+    g = torch.Generator().manual_seed(0)
+    d, rows = 64, 2048
+    feature_scale = 10.0 ** torch.linspace(-3, 1, d)
+    x = torch.randn(rows, d, generator=g) * feature_scale
+    w = torch.randn(d, 1, generator=g) / feature_scale[:, None] / d ** 0.5
+    return x, torch.tanh(x @ w) + 0.1 * torch.randn(rows, 1, generator=g)
+
+
+def _regression_losses(x, y, make_optimizer, steps=500):
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                              torch.nn.GELU(), torch.nn.Linear(128, 1))
+    opt = make_optimizer(net.parameters())
+    g = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (128,), generator=g)
+        loss = ((net(x[idx]) - y[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            losses.append(float(((net(x) - y) ** 2).mean()))
+    return torch.tensor(losses)
+
+
+@pytest.mark.parametrize("lr, band", [(1e-3, 0.05), (3e-3, 0.10)])
+def test_8bit_loss_curve_stays_in_band_of_fp32_adamw_for_500_steps(lr, band):
+    """Stated band: at every one of 500 steps |log(loss_8bit / loss_fp32)| <= 0.05 at lr 1e-3 and
+    <= 0.10 at lr 3e-3, mean <= 0.02 (measured over 3 seeds: max 0.022 / 0.057, mean <= 0.01; the
+    old companded codes: 0.055 / 0.133). Runs the torch reference of the 8-bit step (the
+    interpreter needs ~150 s for 500 steps); test_8bit_kernel_matches_reference_and_round_trips and
+    the mixed-block test above hold the kernel to it."""
+    x, y = _mixed_scale_regression()
+    ref = _regression_losses(x, y, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01))
+    ours = _regression_losses(x, y, lambda ps: AdamW(ps, lr=lr, weight_decay=0.01, state_bits=8, backend="torch"))
+    assert ref[-1] < 0.25 * ref[0], "the problem did not train: the band would mean nothing"
+    gap = (ours / ref).log().abs()
+    assert gap.max() <= band and gap.mean() <= 0.02, f"max {gap.max():.3f} at step {int(gap.argmax())}, mean {gap.mean():.4f}"
+
+
+def test_8bit_code_rounding_is_unbiased_in_v():
+    """The sqrt(v) codes round up with probability (v - v_lo) / (v_hi - v_lo): over 4096 draws the
+    mean stored v of values between codes (top, knee and log-tail codes) is within 4 sigma of v."""
+    from tokenforge.optim.adamw import dequantize_moments, quantize_moments_
+
+    torch.manual_seed(0)
+    v = torch.tensor([1.0, 0.3, 0.0127, 3.1e-9, 4e-13, 2e-14]).repeat(43)[:256]
+    v[0] = 1.0  # the block maximum: stored exactly
+    draws = 4096
+    total = torch.zeros(256, dtype=torch.float64)
+    lo, hi = torch.full((256,), float("inf")), torch.zeros(256)
+    state = {"exp_avg": torch.zeros(256, dtype=torch.int8), "exp_avg_sq": torch.zeros(256, dtype=torch.uint8),
+             "block_max": torch.zeros(2, 1)}
+    for _ in range(draws):
+        quantize_moments_(state, torch.zeros(256), v, uniform=torch.rand(256))
+        vq = dequantize_moments(state)[1]
+        total += vq.double()
+        lo, hi = torch.minimum(lo, vq), torch.maximum(hi, vq)
+    mean = total / draws
+    # Bernoulli between the two neighbouring codes: sd <= (hi - lo) / 2 / sqrt(draws).
+    sigma = (hi - lo).double() / 2 / draws ** 0.5
+    assert torch.all((mean - v.double()).abs() <= 4 * sigma + 1e-7 * v.double()), (mean / v.double())
+    assert float(mean[0]) == 1.0
+    assert torch.all(hi > 0), "a live v was stored as 0 on every draw"
+
+
+def test_8bit_refuses_the_old_state_format():
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = AdamW([p], state_bits=8, backend="torch")
+    opt.state[p].update(step=torch.tensor(3.0), exp_avg=torch.zeros(300, dtype=torch.int8),
+                        exp_avg_sq=torch.zeros(300, dtype=torch.uint8), qscale=torch.ones(2, 2))
+    p.grad = torch.randn(300)
+    with pytest.raises(ValueError, match="older tokenforge"):
+        opt.step()
 
 
 def test_8bit_bad_options():

@@ -19,9 +19,11 @@ State per param is torch's: ``step`` (float32 0-d, kept on the param's device), 
   random bits are Philox draws keyed by ``seed`` and counted by (the element's index in the *full*
   parameter, step, param index): an FSDP2 shard rounds exactly as the unsharded tensor would, on
   any number of ranks (tests/test_adamw.py checks 2 gloo ranks against one process);
-- ``state_bits=8``: moments as int8/uint8 codes plus fp32 block scales (``qscale`` [2, n_blocks of
-  256]), 2.03 bytes of state per param (kernels/adamw8bit.py). Such a state_dict reloads here, not
-  into torch.optim.AdamW.
+- ``state_bits=8``: ``exp_avg`` int8 codes of m / sqrt(v), ``exp_avg_sq`` uint8 codes of sqrt(v)
+  (a power-law map with a log tail, rounded stochastically with the Philox bits above), and fp32
+  block maxima (``block_max`` [2, n_blocks of 256]): 2.03 bytes of state per param; small moments
+  stay alive beside large ones in a block (kernels/adamw8bit.py says how and what it measured).
+  Such a state_dict reloads here, not into torch.optim.AdamW.
 
 CUDA graphs: a step can be captured and replayed once one step has run outside capture (states and
 pointer tables exist) and ``lr`` is a CUDA tensor updated in place between replays; the step
@@ -37,6 +39,7 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
+from tokenforge.kernels import adamw8bit as q8
 from tokenforge.optim.multi_tensor import (LOW_PRECISION, MultiTensorOptimizer, TableCache, _capturing,
                                            check_capturable, global_offset, local)
 
@@ -101,14 +104,20 @@ def philox_reference(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Te
     return c0
 
 
+def philox_word_reference(seed: int, step: int, key: int, gidx: torch.Tensor) -> torch.Tensor:
+    """kernels/multi_tensor.philox_word for int64 global element indices ``gidx``: the 32 random
+    bits (as int64) the kernels draw for (seed, step, key, element)."""
+    c0, c1 = gidx & _M32, (gidx >> 32) & _M32
+    return philox_reference(int(seed) & 0x7FFFFFFF, c0, c1, torch.full_like(c0, int(step) & _M32),
+                            torch.full_like(c0, int(key) & _M32))
+
+
 def stochastic_round_bf16_reference(x: torch.Tensor, seed: int, step: int, key: int, offset: int = 0) -> torch.Tensor:
     """fp32 x -> bf16, rounded up or down at random with the kernels' Philox bits for (seed, step,
     key, offset + flat index): ``offset`` is the flat index of x's first element in the full
     parameter (an FSDP2 shard's), so a shard rounds exactly as the whole tensor would."""
     gidx = torch.arange(x.numel(), device=x.device, dtype=torch.int64) + int(offset)
-    c0, c1 = gidx & _M32, (gidx >> 32) & _M32
-    r = philox_reference(int(seed) & 0x7FFFFFFF, c0, c1, torch.full_like(c0, int(step) & _M32),
-                         torch.full_like(c0, int(key) & _M32)) & 0xFFFF
+    r = philox_word_reference(seed, step, key, gidx) & 0xFFFF
     bits = x.detach().reshape(-1).contiguous().view(torch.int32).to(torch.int64) & _M32
     finite = (bits & 0x7F800000) != 0x7F800000
     rounded = torch.where(finite, (bits + r) & 0xFFFF0000, bits)
@@ -164,48 +173,74 @@ def adamw_reference(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr,
             param.copy_(p)
 
 
-QBLOCK = 256  # elements per quantization block of the 8-bit states (kernels/adamw8bit.py)
+# ---------------------------------------------------------------------------------------------
+# 8-bit states in torch: the codes of kernels/adamw8bit.py (see its docstring for the maps and why)
+# ---------------------------------------------------------------------------------------------
+
+
+def _r_decode(q: torch.Tensor) -> torch.Tensor:
+    top = q / q8.R_CODES
+    tail = torch.exp2((q - q8.R_KNEE) * q8.R_LOG2_STEP + q8.R_LOG2_X0)
+    return torch.where(q >= q8.R_KNEE, top ** 2 * top ** 2 * top, torch.where(q > 0, tail, torch.zeros_like(q)))
+
+
+def _r_encode(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    lx = torch.log2(x.clamp(min=1e-30))
+    c = torch.where(x >= q8.R_X0, q8.R_CODES * torch.exp2(lx * 0.2), q8.R_KNEE + (lx - q8.R_LOG2_X0) / q8.R_LOG2_STEP)
+    lo = torch.floor(c).clamp(0.0, q8.R_CODES - 1.0)
+    r_lo, r_hi = _r_decode(lo), _r_decode(lo + 1.0)
+    f = (x * x - r_lo * r_lo) / (r_hi * r_hi - r_lo * r_lo)
+    return torch.where(uniform < f, lo + 1.0, lo)
+
+
+def _blocks(x: torch.Tensor, nqb: int) -> torch.Tensor:
+    flat = x.reshape(-1).float()
+    return torch.nn.functional.pad(flat, (0, nqb * q8.QBLOCK - flat.numel())).view(nqb, q8.QBLOCK)
 
 
 def dequantize_moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, v) fp32 from 8-bit states: int8 exp_avg, uint8 exp_avg_sq, qscale fp32 [2, n_qblocks]."""
-    n = state["exp_avg"].numel()
-    nqb = state["qscale"].shape[1]
-    pad = nqb * QBLOCK - n
-    mq = torch.nn.functional.pad(state["exp_avg"].reshape(-1).float(), (0, pad)).view(nqb, QBLOCK) / 127.0
-    vq = torch.nn.functional.pad(state["exp_avg_sq"].reshape(-1).float(), (0, pad)).view(nqb, QBLOCK) / 255.0
-    m = torch.sign(mq) * mq * mq * state["qscale"][0][:, None]
-    v = vq.pow(4) * state["qscale"][1][:, None]
-    shape = state["exp_avg"].shape
-    return m.reshape(-1)[:n].view(shape), v.reshape(-1)[:n].view(shape)
+    """(m, v) fp32 from 8-bit states: int8 exp_avg (u codes), uint8 exp_avg_sq (sqrt(v) codes),
+    block_max fp32 [2, n_qblocks] (max |u|, max sqrt(v))."""
+    shape, n = state["exp_avg"].shape, state["exp_avg"].numel()
+    nqb = state["block_max"].shape[1]
+    r = _r_decode(_blocks(state["exp_avg_sq"], nqb)) * state["block_max"][1][:, None]
+    m = _blocks(state["exp_avg"], nqb) * (1.0 / 127.0) * state["block_max"][0][:, None] * r
+    return m.reshape(-1)[:n].view(shape), (r * r).reshape(-1)[:n].view(shape)
 
 
-def quantize_moments_(state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
-    """Store fp32 (m, v) into the 8-bit states (block-wise absmax / max, companded codes)."""
-    n = m.numel()
-    nqb = state["qscale"].shape[1]
-    pad = nqb * QBLOCK - n
-    mb = torch.nn.functional.pad(m.reshape(-1), (0, pad)).view(nqb, QBLOCK)
-    vb = torch.nn.functional.pad(v.reshape(-1), (0, pad)).view(nqb, QBLOCK)
-    m_absmax, v_max = mb.abs().amax(1), vb.amax(1)
-    m_code = torch.floor(torch.sqrt(mb.abs() / torch.where(m_absmax > 0, m_absmax, 1.0)[:, None]) * 127.0 + 0.5)
-    v_code = torch.floor(torch.sqrt(torch.sqrt(vb / torch.where(v_max > 0, v_max, 1.0)[:, None])) * 255.0 + 0.5)
-    state["exp_avg"].copy_((torch.sign(mb) * m_code).reshape(-1)[:n].view(m.shape).to(torch.int8))
-    state["exp_avg_sq"].copy_(v_code.reshape(-1)[:n].view(v.shape).to(torch.uint8))
-    state["qscale"][0].copy_(m_absmax)
-    state["qscale"][1].copy_(v_max)
+def quantize_moments_(state: dict, m: torch.Tensor, v: torch.Tensor, uniform: Optional[torch.Tensor] = None) -> None:
+    """Store fp32 (m, v) into the 8-bit states. ``uniform``: per-element draws in [0, 1) for the
+    stochastic rounding of the sqrt(v) codes (the kernel's Philox draws, see adamw8_reference);
+    None rounds to nearest in v (a one-off conversion, e.g. from a 32-bit state_dict)."""
+    n, nqb = m.numel(), state["block_max"].shape[1]
+    mb, vb = _blocks(m, nqb), _blocks(v, nqb)
+    rb = vb.sqrt()
+    r_max = rb.amax(1)
+    draws = torch.full_like(rb, 0.5) if uniform is None else _blocks(uniform, nqb)
+    r_code = _r_encode(rb / torch.where(r_max > 0, r_max, 1.0)[:, None], draws)
+    r_q = _r_decode(r_code) * r_max[:, None]
+    u = torch.where(r_q > 0, mb / torch.where(r_q > 0, r_q, 1.0), torch.zeros_like(mb))
+    u_max = u.abs().amax(1)
+    u_code = torch.floor(u.abs() / torch.where(u_max > 0, u_max, 1.0)[:, None] * 127.0 + 0.5) * torch.sign(u)
+    state["exp_avg"].copy_(u_code.reshape(-1)[:n].view(m.shape).to(torch.int8))
+    state["exp_avg_sq"].copy_(r_code.reshape(-1)[:n].view(v.shape).to(torch.uint8))
+    state["block_max"][0].copy_(u_max)
+    state["block_max"][1].copy_(r_max)
 
 
 def adamw8_reference(param, grad, state, *, lr, beta1, beta2, eps, weight_decay, maximize,
-                     grad_scale=None) -> None:
-    """adamw_reference with 8-bit moments: dequantize, fp32 update, requantize."""
+                     grad_scale=None, seed: int = 0, key: int = 0, offset: int = 0) -> None:
+    """adamw_reference with 8-bit moments: dequantize, fp32 update, requantize with the kernel's
+    Philox draws for (seed, step, key, offset + flat index)."""
     m, v = dequantize_moments(state)
     tmp = {"step": state["step"], "exp_avg": m, "exp_avg_sq": v}
     if "master_param" in state:
         tmp["master_param"] = state["master_param"]
     adamw_reference(param, grad, tmp, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     amsgrad=False, maximize=maximize, grad_scale=grad_scale)
-    quantize_moments_(state, m, v)
+    gidx = torch.arange(m.numel(), device=m.device, dtype=torch.int64) + int(offset)
+    bits = philox_word_reference(seed, int(state["step"]), key, gidx)
+    quantize_moments_(state, m, v, uniform=(bits >> 8).float() * (1.0 / 16777216.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +312,20 @@ class AdamW(MultiTensorOptimizer):
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if mode.startswith("q8"):
-            nqb = -(-p.numel() // QBLOCK)
+            nqb = -(-p.numel() // q8.QBLOCK)
+            if "qscale" in state:
+                raise ValueError(f"{self.NAME}: this 8-bit state was written by an older tokenforge (codes of m "
+                                 "and v, 'qscale'); its codes mean something else now. Resume it with the "
+                                 "tokenforge that wrote it, or start the optimizer state afresh")
             want = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
             if any(state.get(k) is None or state[k].dtype != d for k, d in want.items()) \
-                    or state.get("qscale") is None or state["qscale"].shape != (2, nqb):
+                    or state.get("block_max") is None or state["block_max"].shape != (2, nqb):
                 # Fresh, or loaded from a 32-bit optimizer: quantize what is there.
                 m = state.get("exp_avg", torch.zeros_like(p, dtype=torch.float32)).float()
                 v = state.get("exp_avg_sq", torch.zeros_like(p, dtype=torch.float32)).float()
                 state["exp_avg"] = torch.empty_like(p, dtype=torch.int8, memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
-                state["qscale"] = torch.zeros((2, nqb), dtype=torch.float32, device=p.device)
+                state["block_max"] = torch.zeros((2, nqb), dtype=torch.float32, device=p.device)
                 quantize_moments_(state, m, v)
             keys = []
         for k in keys:
@@ -352,7 +391,7 @@ class AdamW(MultiTensorOptimizer):
     # -- what Lion overrides -------------------------------------------------------------------
     def _moment_keys(self, group: dict) -> list:
         if self.state_bits == 8:
-            return ["exp_avg", "exp_avg_sq", "qscale"]  # qscale rides in the max_exp_avg_sq row
+            return ["exp_avg", "exp_avg_sq", "block_max"]  # block_max rides in the max_exp_avg_sq row
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
 
     def _hyper_values(self, group: dict) -> list:
@@ -368,7 +407,8 @@ class AdamW(MultiTensorOptimizer):
         st = {k: local(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
         if mode.startswith("q8"):
             adamw8_reference(p, grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                             weight_decay=group["weight_decay"], maximize=group["maximize"], grad_scale=scale)
+                             weight_decay=group["weight_decay"], maximize=group["maximize"], grad_scale=scale,
+                             seed=self.seed, key=key, offset=offset)
             return
         adamw_reference(p, grad, st, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
@@ -379,7 +419,7 @@ class AdamW(MultiTensorOptimizer):
             from tokenforge.kernels import adamw8bit
 
             adamw8bit.adamw8_step(tables, hyper, scale, p_dtype=kw["p_dtype"], g_dtype=kw["g_dtype"],
-                                  maximize=bool(group["maximize"]), has_master=kw["has_master"])
+                                  maximize=bool(group["maximize"]), has_master=kw["has_master"], seed=self.seed)
             return
         if name == "cuda":
             from tokenforge.cuda import adamw as launcher
