@@ -1,4 +1,4 @@
-"""Pieces every Triton GEMM here shares (fp8_gemm, newton_schulz): the grouped tile order and
+"""Pieces every Triton GEMM here shares (fp8_gemm, newton_schulz, grouped_mm): the grouped tile order,
 the K loop. ``@triton.jit`` helpers are inlined into their callers, so they cost nothing."""
 
 import triton
@@ -20,6 +20,18 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST: the dot in fp32 (the interpreter's bf16/fp16 dot is wrong);
+    IEEE: fp32 operands without tf32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def k_loop(a_ptrs, b_ptrs, K, step_a, step_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """fp32 sum over K of a (BLOCK_M, BLOCK_K) @ b (BLOCK_K, BLOCK_N) tiles; the pointers advance
@@ -31,12 +43,7 @@ def k_loop(a_ptrs, b_ptrs, K, step_a, step_b, BLOCK_M: tl.constexpr, BLOCK_N: tl
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot_acc(a, b, acc, UPCAST, IEEE)
         a_ptrs += step_a
         b_ptrs += step_b
     return acc

@@ -136,3 +136,15 @@ def test_fuzz_fp8_quantize(rows, cols, dtype, scaling, pow2, scale):
     ref_data, ref_s = fp8.quantize_reference(x, torch.float8_e4m3fn, scaling, pow2)
     assert torch.equal(s, ref_s)
     assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
+
+
+@FUZZ
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=6), k=st.integers(1, 70), n=st.integers(1, 70),
+       dtype=DTYPES, scale=SCALES, layout=LAYOUTS)
+def test_fuzz_grouped_mm(counts, k, n, dtype, scale, layout):
+    import test_grouped_mm as t
+
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(DEVICE)
+    a = _make((sum(counts), k), dtype, scale, layout).requires_grad_()
+    b = _make((len(counts), k, n), dtype, 1.0 / k ** 0.5, layout).requires_grad_()
+    t.check_against_reference(a, b, offs, counts)

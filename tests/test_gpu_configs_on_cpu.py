@@ -110,3 +110,21 @@ def test_adamw_at_gpu_block_size(monkeypatch, mode):
 
 def test_interpreter_flag_is_what_the_suite_thinks():
     assert kernels.INTERPRETED
+
+
+@pytest.mark.parametrize("config", ["large", "small"])
+def test_grouped_mm_at_gpu_tiles(monkeypatch, config):
+    """The GPU's forward tiles (128 or 64 rows x 128 x 32) and the dB tiles (128 x 128, rows by 32)
+    on experts that end inside a tile, one empty expert and column / K tails, forward and backward."""
+    import test_grouped_mm as t
+
+    from tokenforge.kernels import grouped_mm as kgm
+
+    fwd = dict(kgm.FORWARD_CONFIGS[config])
+    monkeypatch.setattr(kgm, "INTERPRETER_FORWARD", fwd)
+    monkeypatch.setattr(kgm, "INTERPRETER_WGRAD", dict(kgm.WGRAD_CONFIG))
+    counts = [fwd["BLOCK_M"] + 5, 0, 3, fwd["BLOCK_M"] - 1]
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    a = torch.randn(sum(counts), 70, requires_grad=True)
+    b = torch.randn(len(counts), 70, 150, requires_grad=True)
+    t.check_against_reference(a, b, offs, counts)

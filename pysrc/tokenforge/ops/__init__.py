@@ -5,6 +5,7 @@ from tokenforge.ops.attention import attention, attention_reference, attention_v
 from tokenforge.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tokenforge.ops.newton_schulz import newton_schulz, newton_schulz_reference
+from tokenforge.ops.grouped_mm import grouped_mm, grouped_mm_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
 from tokenforge.ops.rope import rope, rope_reference
 from tokenforge.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
@@ -20,6 +21,8 @@ __all__ = [
     "cross_entropy_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "grouped_mm",
+    "grouped_mm_reference",
     "newton_schulz",
     "newton_schulz_reference",
     "rms_norm",

@@ -1,0 +1,123 @@
+"""Grouped-GEMM (MoE expert matmul) benchmark cases: tokenforge's Triton grouped GEMM vs the
+per-expert loop (``torch_loop``: what an unpatched Mixtral-style model runs) and ``torch._grouped_mm``
+(``torch_grouped``, PyTorch's own, where this torch and GPU run it), forward and forward+backward.
+
+Shapes (bf16): Mixtral-8x7B's expert up-projection at 16k routed rows (8 experts, K 4096, N 14336),
+and a DeepSeek-V3-like expert-parallel shard (32 local experts, K 7168, N 2048, 32k routed rows)
+with a skewed, uneven load (some experts empty). FLOPs: 2 T K N forward, 3x that forward+backward;
+``fraction_of_matmul`` is against one dense bf16 torch.matmul measured in the same run. Tiny on CPU
+(the code runs; its timings are noise). Never asserts a speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import bandwidth as bw
+import harness
+from harness import BackendUnavailable, CaseId, Prepared
+
+OP = "grouped_mm"
+BASELINES = ("torch_grouped", "torch_loop")
+BACKENDS = ("torch_loop", "torch_grouped", "triton")
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+@dataclass(frozen=True)
+class Case(CaseId):
+    name: str
+    counts: tuple  # rows per expert
+    k: int
+    n: int
+    pass_: str = "fwd"
+    headline: bool = False
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def shape(self) -> str:
+        return self.name
+
+    def flops(self) -> float:
+        return (2.0 if self.pass_ == "fwd" else 6.0) * sum(self.counts) * self.k * self.n
+
+
+def _skewed(experts: int, rows: int, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(experts, generator=g) ** 3  # a few hot experts, some near empty
+    weights[torch.randperm(experts, generator=g)[:3]] = 0.0
+    counts = torch.floor(weights / weights.sum() * rows).long()
+    counts[int(weights.argmax())] += rows - int(counts.sum())
+    return tuple(int(c) for c in counts)
+
+
+def cases(device) -> list[Case]:
+    if harness.sizes_mode(device) == "full":
+        base = [Case("mixtral-8e-16k", (2048,) * 8, 4096, 14336, headline=True),
+                Case("dsv3-ep32-32k", _skewed(32, 32768), 7168, 2048)]
+    else:
+        base = [Case("tiny", (5, 0, 17, 9), 24, 40)]
+    return [Case(c.name, c.counts, c.k, c.n, pass_=p, headline=c.headline and p == "fwd")
+            for c in base for p in ("fwd", "fwdbwd")]
+
+
+def _torch_grouped(device):
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        raise BackendUnavailable("this torch has no torch._grouped_mm")
+    if torch.device(device).type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        raise BackendUnavailable("torch._grouped_mm runs bf16 on CUDA sm_90+ only")
+    return fn
+
+
+def prepare(case: Case, backend: str, device) -> Prepared:
+    from tokenforge.ops import grouped_mm, grouped_mm_reference
+
+    device = torch.device(device)
+    if backend == "triton" and harness.triton_needs_interpreter(device):
+        raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(0)
+    offs = torch.cumsum(torch.tensor(case.counts), 0).to(torch.int32).to(device)
+    a = torch.randn(sum(case.counts), case.k, generator=g).to(device, case.dtype)
+    b = (torch.randn(len(case.counts), case.k, case.n, generator=g) / case.k ** 0.5).to(device, case.dtype)
+    if case.pass_ == "fwdbwd":
+        a.requires_grad_()
+        b.requires_grad_()
+    if backend == "torch_grouped":
+        tg = _torch_grouped(device)
+        run = lambda: tg(a, b, offs=offs)  # noqa: E731
+    elif backend == "torch_loop":
+        run = lambda: grouped_mm_reference(a, b, offs)  # noqa: E731
+    else:
+        run = lambda: grouped_mm(a, b, offs, check_offs=False, backend="triton")  # noqa: E731
+    grad = torch.randn(sum(case.counts), case.n, generator=g).to(device, case.dtype)
+
+    def fn():
+        out = run()
+        if case.pass_ == "fwdbwd":
+            a.grad = b.grad = None
+            out.backward(grad)
+        return out
+
+    out = harness.first_call(fn, device)
+    # Correctness: every expert's rows (and dB) against float64 on a sample of experts.
+    errs = {}
+    with torch.no_grad():
+        ref = grouped_mm_reference(a.detach().double(), b.detach().double(), offs)
+    errs["out"] = harness.rel_err(out.detach().double(), ref)
+    if case.pass_ == "fwdbwd":
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        grouped_mm_reference(a64, b64, offs).backward(grad.double())
+        errs["dA"] = harness.rel_err(a.grad.double(), a64.grad)
+        live = [e for e, c in enumerate(case.counts) if c][:4]
+        for e in live:
+            errs[f"dB[{e}]"] = harness.rel_err(b.grad[e].double(), b64.grad[e])
+    return Prepared(case, backend, device, fn, errs, TOL[case.dtype])
+
+
+def make_record(prep: Prepared, stats: dict) -> dict:
+    case = prep.case
+    return harness.make_record(prep, stats, op=OP, dims={"tokens": sum(case.counts), "experts": len(case.counts),
+                                                         "K": case.k, "N": case.n},
+                               flops=case.flops(), matmul_tflops=bw.matmul_tflops(prep.device))

@@ -1,0 +1,219 @@
+"""Grouped GEMM for mixture-of-experts layers in Triton: out[rows of e] = a[rows of e] @ b[e].
+
+Tokens arrive sorted by expert: a (T, K), b (E, K, N), offs (E,) int32 cumulative row ends
+(expert e owns rows [offs[e-1], offs[e]); an expert may own none). Two kernels:
+
+- ``_grouped_mm_kernel`` (forward, and dA = dOut @ b^T with b passed transposed by strides):
+  persistent. A fixed grid of about one program per SM walks the work items (expert, row tile,
+  column tile) in order, each program taking every ``num_programs``-th item. The schedule is built
+  on the device from offs while walking, so there is no host sync and no per-step launch-size
+  change (the launch is CUDA-graph capturable). Row tiles never straddle experts.
+- ``_grouped_mm_wgrad_kernel`` (dB[e] = a[rows of e]^T @ dOut[rows of e]): one program per
+  (expert, K tile, N tile) on a folded one-axis grid, looping over the expert's rows; an expert
+  with no rows writes zeros.
+
+Each tile's base offset is int64 (T x K passes 2^31 at a million tokens of d7168); offsets inside a
+tile are int32 (64-bit per-element offsets spilled on sm_90) unless a stride is so large that one
+tile spans 2^31 elements (WIDE). Accumulation is fp32, one rounding to the output dtype. Loads of
+rows past an expert's end are clamped to its last row (valid memory) and never stored, so the K
+loop needs no row mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenforge.kernels import INTERPRETED, launch_device
+from tokenforge.kernels.matmul_tiles import dot_acc, k_loop
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    A, B, OFFS, OUT, E, N, K,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # The work: sum over experts of row tiles x column tiles, from offs on the device.
+    total = 0
+    prev = 0
+    for i in range(E):
+        cur = tl.load(OFFS + i)
+        total += tl.cdiv(tl.maximum(cur - prev, 0), BLOCK_M) * tiles_n
+        prev = tl.maximum(cur, prev)
+    rk = tl.arange(0, BLOCK_K)
+    # Walk items pid, pid + n_programs, ...; the expert cursor (e, its rows [start, end), the items
+    # before it) only moves forward, a few scalar steps per item.
+    e = 0
+    start = 0
+    end = tl.maximum(tl.load(OFFS), 0)
+    before = 0
+    items_e = tl.cdiv(end, BLOCK_M) * tiles_n
+    for item in range(pid, total, n_programs):
+        while item >= before + items_e:
+            before += items_e
+            e += 1
+            start = end
+            end = tl.maximum(tl.load(OFFS + e), start)
+            items_e = tl.cdiv(end - start, BLOCK_M) * tiles_n
+        local = item - before
+        row0 = start + (local // tiles_n) * BLOCK_M
+        col0 = (local % tiles_n) * BLOCK_N
+        # 64-bit tile bases, 32-bit offsets inside the tile (64-bit only when WIDE: a stride so
+        # large that one tile spans 2^31 elements); rows past the expert's end and columns past
+        # N are clamped to the last valid one (loaded, never stored).
+        rm = tl.minimum(tl.arange(0, BLOCK_M), end - 1 - row0)
+        rn = tl.minimum(tl.arange(0, BLOCK_N), N - 1 - col0)
+        if WIDE:
+            rm = rm.to(tl.int64)
+            rn = rn.to(tl.int64)
+        a_ptrs = (A + tl.cast(row0, tl.int64) * stride_am) + rm[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = (B + tl.cast(e, tl.int64) * stride_be + tl.cast(col0, tl.int64) * stride_bn) \
+            + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+        acc = k_loop(a_ptrs, b_ptrs, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk,
+                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        om = tl.arange(0, BLOCK_M)
+        on = tl.arange(0, BLOCK_N)
+        if WIDE:
+            om = om.to(tl.int64)
+            on = on.to(tl.int64)
+        o_ptrs = (OUT + tl.cast(row0, tl.int64) * stride_om + tl.cast(col0, tl.int64) * stride_on) \
+            + om[:, None] * stride_om + on[None, :] * stride_on
+        live = (om[:, None] < end - row0) & (on[None, :] < N - col0)
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _grouped_mm_wgrad_kernel(
+    A, DOUT, OFFS, DB, N, K,
+    stride_am, stride_ak, stride_dm, stride_dn, stride_be, stride_bk, stride_bn,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_expert = tiles_k * tiles_n
+    e = pid // per_expert
+    k0 = ((pid % per_expert) // tiles_n) * BLOCK_K
+    n0 = (pid % tiles_n) * BLOCK_N
+    end = tl.load(OFFS + e)
+    start = tl.load(OFFS + e - 1, mask=e > 0, other=0)
+    rk = tl.minimum(tl.arange(0, BLOCK_K), K - 1 - k0)
+    rn = tl.minimum(tl.arange(0, BLOCK_N), N - 1 - n0)
+    rm = tl.arange(0, BLOCK_M)
+    if WIDE:
+        rk = rk.to(tl.int64)
+        rn = rn.to(tl.int64)
+        rm = rm.to(tl.int64)
+    a_base = A + tl.cast(k0, tl.int64) * stride_ak
+    d_base = DOUT + tl.cast(n0, tl.int64) * stride_dn
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        live = rm < end - m0
+        a_t = tl.load((a_base + tl.cast(m0, tl.int64) * stride_am) + rm[None, :] * stride_am + rk[:, None] * stride_ak,
+                      mask=live[None, :], other=0.0)
+        d = tl.load((d_base + tl.cast(m0, tl.int64) * stride_dm) + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
+                    mask=live[:, None], other=0.0)
+        acc = dot_acc(a_t, d, acc, UPCAST, IEEE)
+    ok = tl.arange(0, BLOCK_K)
+    on = tl.arange(0, BLOCK_N)
+    if WIDE:
+        ok = ok.to(tl.int64)
+        on = on.to(tl.int64)
+    db_ptrs = (DB + tl.cast(e, tl.int64) * stride_be + tl.cast(k0, tl.int64) * stride_bk
+               + tl.cast(n0, tl.int64) * stride_bn) + ok[:, None] * stride_bk + on[None, :] * stride_bn
+    tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=(ok[:, None] < K - k0) & (on[None, :] < N - n0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations (the compile gate compiles every one) and launchers
+# ---------------------------------------------------------------------------------------------
+
+# GPU: 128 x 128 tiles, K by 32, 8 warps (two warpgroups of wgmma m64n128 on sm_90), 4 stages
+# ((128 + 128) x 32 x 2 B x 4 = 64 KB of shared memory); a 64-row variant when experts average
+# fewer than 128 rows (decode-sized batches, many experts) so tiles are not mostly padding. K by 64
+# spilled: 120 B on sm_80 (128 rows), 412 B on sm_90 under triton 3.6 (64 rows); see the gate.
+FORWARD_CONFIGS = {
+    "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    "small": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
+}
+# dB tiles 128 x 128, reducing over rows 32 at a time (64 spilled 48 B on sm_80).
+WGRAD_CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=4)
+INTERPRETER_FORWARD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+INTERPRETER_WGRAD = dict(BLOCK_K=32, BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
+INTERPRETER_PROGRAMS = 3  # a persistent grid smaller than the work, so the walk is exercised
+
+
+def supports(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    if a.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton grouped GEMM runs {', '.join(str(d) for d in SUPPORTED_DTYPES)}, got {a.dtype}"
+    return None
+
+
+def _flags(x: torch.Tensor, spans) -> dict:
+    """UPCAST: fp32 dots in the interpreter (its bf16/fp16 dot is wrong); IEEE: fp32 without tf32;
+    WIDE: some tile spans 2^31 elements ((block, stride) pairs of every tile dimension)."""
+    wide = sum((block - 1) * abs(stride) for block, stride in spans) >= 2**31 - 1
+    return dict(UPCAST=INTERPRETED and x.dtype != torch.float32, IEEE=x.dtype == torch.float32, WIDE=wide)
+
+
+def forward_config(tokens: int, experts: int) -> dict:
+    if INTERPRETED:
+        return dict(INTERPRETER_FORWARD)
+    return dict(FORWARD_CONFIGS["small" if tokens < 128 * max(experts, 1) else "large"])
+
+
+def _programs(device: torch.device, work_bound: int) -> int:
+    if INTERPRETED:
+        return max(1, min(INTERPRETER_PROGRAMS, work_bound))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(sms, work_bound))
+
+
+def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (T, N) = a (T, K) @ b[e] per expert's rows; any strides; offs int32 (E,) on a's device."""
+    tokens, k = a.shape
+    experts, _, n = b.shape
+    cfg = forward_config(tokens, experts)
+    # Upper bound on work items without reading offs: every expert adds at most one partial tile.
+    bound = (triton.cdiv(tokens, cfg["BLOCK_M"]) + experts) * triton.cdiv(n, cfg["BLOCK_N"])
+    grid = (_programs(a.device, bound),)
+    with launch_device(a.device):
+        _grouped_mm_kernel[grid](
+            a, b, offs, out, experts, n, k,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+            **_flags(a, [(cfg["BLOCK_M"], a.stride(0)), (cfg["BLOCK_K"], a.stride(1)), (cfg["BLOCK_K"], b.stride(1)),
+                         (cfg["BLOCK_N"], b.stride(2)), (cfg["BLOCK_M"], out.stride(0)), (cfg["BLOCK_N"], out.stride(1))]),
+            **cfg)
+    return out
+
+
+def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """db (E, K, N) = a[rows of e]^T @ dout[rows of e] for every expert (zeros for an empty one)."""
+    _, k = a.shape
+    experts, _, n = db.shape
+    cfg = dict(INTERPRETER_WGRAD) if INTERPRETED else dict(WGRAD_CONFIG)
+    grid = (experts * triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    with launch_device(a.device):
+        _grouped_mm_wgrad_kernel[grid](
+            a, dout, offs, db, n, k,
+            a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), db.stride(0), db.stride(1), db.stride(2),
+            **_flags(a, [(cfg["BLOCK_M"], a.stride(0)), (cfg["BLOCK_K"], a.stride(1)), (cfg["BLOCK_M"], dout.stride(0)),
+                         (cfg["BLOCK_N"], dout.stride(1)), (cfg["BLOCK_K"], db.stride(1)), (cfg["BLOCK_N"], db.stride(2))]),
+            **cfg)
+    return db
+
+
+def all_configs() -> list[tuple[str, dict]]:
+    """(kernel name, constexprs + num_warps/num_stages) for the compile gate, bf16."""
+    out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False)) for cfg in FORWARD_CONFIGS.values()]
+    out.append(("_grouped_mm_wgrad_kernel", dict(WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False)))
+    return out

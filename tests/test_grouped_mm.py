@@ -1,0 +1,230 @@
+"""Grouped matmul (tokenforge.ops.grouped_mm, kernels/grouped_mm.py): forward, dA and dB against the
+float64 loop over experts for awkward expert loads (empty experts, one expert taking every token,
+one-row experts, T not a multiple of any tile), every dtype the kernel takes, strided inputs, the
+persistent walk with fewer programs than work items, int64 row offsets, bad input, and the
+sm_90 / sm_80 compile gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from device_params import DEVICES
+
+from tokenforge.ops import grouped_mm, grouped_mm_reference
+from tokenforge.testing import TOLERANCE, rel_error
+
+
+def _offs(counts, device):
+    return torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(device)
+
+
+# (tokens per expert, K, N): CPU sizes cut every interpreter tile (16 x 32 x 32) with tails;
+# GPU sizes are MoE-shaped (DeepSeek-V3-like expert width, 64 experts).
+CPU_CASES = {
+    "awkward": ([0, 21, 1, 33, 0, 7], 40, 37),
+    "one-expert-takes-all": ([0, 0, 53, 0], 24, 50),
+    "all-empty-but-last": ([0, 0, 0, 5], 8, 8),
+    "single-expert": ([19], 33, 17),
+}
+GPU_CASES = {
+    "moe-64": ([int(c) for c in torch.randint(0, 600, (64,), generator=torch.Generator().manual_seed(0))], 2048, 1408),
+    "skewed": ([8192] + [0] * 14 + [3], 7168, 2048),
+}
+
+
+def _cases(device):
+    return CPU_CASES if device == "cpu" else GPU_CASES
+
+
+def check_against_reference(a, b, offs, counts, tol=None):
+    """grouped_mm on the Triton backend against the float64 loop: out and dA norm-wise and per row,
+    dB per expert (one expert's wrong gradient must fail), an empty expert's dB exactly zero.
+    a, b require grad; ``tol`` defaults to the input dtype's (tests/test_fuzz.py and
+    tests/test_gpu_configs_on_cpu.py call this too)."""
+    out = grouped_mm(a, b, offs, backend="triton")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    a64 = a.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    ref = grouped_mm_reference(a64, b64, offs)
+    ref.backward(grad.double())
+    tol = TOLERANCE[a.dtype] if tol is None else tol
+    assert out.dtype == a.dtype and out.shape == ref.shape
+    assert rel_error(out, ref) <= tol, "out"
+    if sum(counts):
+        assert rel_error(a.grad, a64.grad) <= tol, "dA"
+    for e, count in enumerate(counts):
+        if count == 0:
+            assert torch.count_nonzero(b.grad[e]) == 0, f"dB[{e}] of an empty expert"
+        else:
+            assert rel_error(b.grad[e], b64.grad[e]) <= tol, f"dB[{e}]"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_float64_loop_forward_and_backward(device, dtype):
+    for name, (counts, k, n) in _cases(device).items():
+        torch.manual_seed(hash(name) % 1000)
+        offs = _offs(counts, device)
+        t = sum(counts)
+        a = torch.randn(t, k, device=device, dtype=dtype, requires_grad=True)
+        b = (torch.randn(len(counts), k, n, device=device) / k ** 0.5).to(dtype).requires_grad_()
+        check_against_reference(a, b, offs, counts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    """a as a column slice of a wider tensor and b stored (E, N, K) and viewed transposed (the
+    layout nn.Linear-style expert weights have): strides are honoured, no copy needed."""
+    counts, k, n = [5, 0, 30, 12], 24, 40
+    offs = _offs(counts, device)
+    wide = torch.randn(sum(counts), 2 * k, device=device)
+    a = wide[:, 3:3 + k].detach().requires_grad_()
+    b_nk = torch.randn(len(counts), n, k, device=device, requires_grad=True)
+    b = b_nk.transpose(1, 2)
+    assert not a.is_contiguous() and not b.is_contiguous()
+    out = grouped_mm(a, b, offs, backend="triton")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    a64, b64 = a.detach().double().requires_grad_(), b_nk.detach().double().requires_grad_()
+    ref = grouped_mm_reference(a64, b64.transpose(1, 2), offs)
+    ref.backward(grad.double())
+    assert rel_error(out, ref) <= 1e-5
+    assert rel_error(a.grad, a64.grad) <= 1e-5
+    assert rel_error(b_nk.grad, b64.grad) <= 1e-5
+
+
+def test_persistent_walk_covers_every_tile_with_few_programs(monkeypatch):
+    """Three programs (the interpreter's persistent grid) walk 4 experts x 3 row tiles x 2 column
+    tiles, and one program alone walks them all: every row is written exactly once."""
+    from tokenforge.kernels import grouped_mm as kgm
+
+    if not kgm.INTERPRETED:
+        pytest.skip("interpreter-only: the program count is the interpreter's")
+    counts, k, n = [40, 3, 0, 48], 16, 64
+    offs = _offs(counts, "cpu")
+    a = torch.randn(sum(counts), k)
+    b = torch.randn(len(counts), k, n)
+    ref = grouped_mm_reference(a.double(), b.double(), offs)
+    for programs in (1, 3):
+        monkeypatch.setattr(kgm, "INTERPRETER_PROGRAMS", programs)
+        out = torch.full((sum(counts), n), float("nan"))
+        kgm.grouped_mm_forward(a, b, offs, out)
+        assert rel_error(out, ref) <= 1e-5, programs
+
+
+def test_row_offsets_are_64_bit():
+    """Row index x row stride past 2^31 with both fitting int32 (Triton types them i32): a strided
+    view of 3 rows with row stride 2^30 + 64, so the third row starts past element 2^31, read and
+    written through the interpreter (int32 offsets would wrap and read the wrong memory)."""
+    from tokenforge.kernels import grouped_mm as kgm
+
+    if not kgm.INTERPRETED:
+        pytest.skip("interpreter-only")
+    k, n = 16, 8
+    stride = 2**30 + 64
+    storage = torch.empty(2 * stride + k, dtype=torch.bfloat16)  # 4 GiB of address space, 3 rows touched
+    a = torch.as_strided(storage, (3, k), (stride, 1))
+    for r in range(3):
+        a[r] = float(r + 1)
+    b = torch.ones(2, k, n, dtype=torch.bfloat16)
+    out_storage = torch.empty(2 * stride + n, dtype=torch.bfloat16)
+    out = torch.as_strided(out_storage, (3, n), (stride, 1))
+    kgm.grouped_mm_forward(a, b, _offs([1, 2], "cpu"), out)
+    for r in range(3):
+        assert torch.equal(out[r], torch.full((n,), 16.0 * (r + 1), dtype=torch.bfloat16)), r
+    db = torch.empty(2, k, n, dtype=torch.bfloat16)
+    kgm.grouped_mm_wgrad(a, out, _offs([1, 2], "cpu"), db)
+    assert torch.equal(db[1], torch.full((k, n), 2 * 32.0 + 3 * 48.0, dtype=torch.bfloat16))
+
+
+def test_empty_shapes():
+    offs = _offs([0, 0], "cpu")
+    a = torch.randn(0, 8, requires_grad=True)
+    b = torch.randn(2, 8, 4, requires_grad=True)
+    out = grouped_mm(a, b, offs)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert torch.count_nonzero(b.grad) == 0
+
+
+@pytest.mark.parametrize("case, exc, words", [
+    ("offs-not-monotone", ValueError, ["offs", "non-decreasing"]),
+    ("offs-last-not-T", ValueError, ["offs[-1]", "rows"]),
+    ("offs-int64", TypeError, ["offs", "int32"]),
+    ("offs-wrong-length", ValueError, ["offs", "one entry per expert"]),
+    ("k-mismatch", ValueError, ["K"]),
+    ("dtype-mismatch", TypeError, ["dtype"]),
+    ("int-inputs", TypeError, ["dtype"]),
+    ("a-3d", ValueError, ["a", "2-D"]),
+    ("b-2d", ValueError, ["b", "3-D"]),
+])
+def test_bad_input_gets_a_clear_error(case, exc, words):
+    a, b, offs = torch.randn(10, 8), torch.randn(3, 8, 4), _offs([3, 3, 4], "cpu")
+    if case == "offs-not-monotone":
+        offs = torch.tensor([5, 3, 10], dtype=torch.int32)
+    elif case == "offs-last-not-T":
+        offs = torch.tensor([3, 6, 9], dtype=torch.int32)
+    elif case == "offs-int64":
+        offs = offs.long()
+    elif case == "offs-wrong-length":
+        offs = offs[:2]
+    elif case == "k-mismatch":
+        b = torch.randn(3, 9, 4)
+    elif case == "dtype-mismatch":
+        b = b.double()
+    elif case == "int-inputs":
+        a, b = a.int(), b.int()
+    elif case == "a-3d":
+        a = a[None]
+    elif case == "b-2d":
+        b = b[0]
+    with pytest.raises(exc) as info:
+        grouped_mm(a, b, offs)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_check_offs_false_skips_the_host_check():
+    """With check_offs=False an invalid offs is not read on the host: no error, no fault."""
+    a, b = torch.randn(10, 8), torch.randn(3, 8, 4)
+    out = grouped_mm(a, b, torch.tensor([3, 6, 9], dtype=torch.int32), check_offs=False, backend="torch")
+    assert out.shape == (10, 4) and torch.count_nonzero(out[9]) == 0
+
+
+def test_custom_op_is_registered_and_traceable():
+    """torch.compile sees tokenforge::grouped_mm (fake tensors give the output shape)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = torch.empty(12, 8, dtype=torch.bfloat16), torch.empty(3, 8, 5, dtype=torch.bfloat16)
+        offs = torch.empty(3, dtype=torch.int32)
+        assert torch.ops.tokenforge.grouped_mm(a, b, offs, "triton").shape == (12, 5)
+        assert torch.ops.tokenforge.grouped_mm_wgrad(a, torch.empty(12, 5, dtype=torch.bfloat16), offs,
+                                                     "triton").shape == (3, 8, 5)
+
+
+@pytest.mark.compile_gate
+def test_kernels_compile_for_hopper_and_ampere():
+    """Every GPU config of both kernels compiles for sm_90 with wgmma and for sm_80, no spills."""
+    from compile_gate import TARGETS, compile_kernel, ptxas_report, spill_bytes, uses_wgmma
+
+    from tokenforge.kernels import grouped_mm as kgm
+
+    types = {
+        "_grouped_mm_kernel": dict(A="*bf16", B="*bf16", OFFS="*i32", OUT="*bf16", E="i32", N="i32", K="i32",
+                                   stride_am="i32", stride_be="i32", stride_bk="i32", stride_om="i32"),
+        "_grouped_mm_wgrad_kernel": dict(A="*bf16", DOUT="*bf16", OFFS="*i32", DB="*bf16", N="i32", K="i32",
+                                         stride_am="i32", stride_dm="i32", stride_be="i32", stride_bk="i32"),
+    }
+    unit = {"_grouped_mm_kernel": dict(stride_ak=1, stride_bn=1, stride_on=1),
+            "_grouped_mm_wgrad_kernel": dict(stride_ak=1, stride_dn=1, stride_bn=1)}
+    for name, cfg in kgm.all_configs():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        for arch, target in TARGETS.items():
+            compiled = compile_kernel(getattr(kgm, name), types[name], dict(cfg, **unit[name]), warps, target,
+                                      num_stages=stages, unaligned_args=("E", "N", "K"))
+            if arch == "sm_90":
+                assert uses_wgmma(compiled), f"{name} {cfg}: no wgmma on sm_90"
+            report = ptxas_report(compiled.asm["ptx"], arch)
+            assert spill_bytes(report) == 0, f"{name} {cfg} spills on {arch}:\n{report}"
