@@ -357,8 +357,13 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = TransformerConfig.preset(args.preset)
         seq = args.seq_len or cfg.max_seq_len
-        params = float(cfg.num_params(include_embedding=False))
+        # An MoE preset is priced by what one token uses (its top-k experts), not its total size.
+        params = float(cfg.num_params(include_embedding=False, active=True))
         fpt = float(cfg.flops_per_token(seq))
+        if cfg.n_experts and not args.json:
+            print(f"preset    {args.preset}: mixture of experts, {human(cfg.num_params())} params in total, "
+                  f"{human(cfg.num_params(active=True))} active per token ({cfg.n_experts_per_token} of "
+                  f"{cfg.n_experts} experts + {cfg.n_shared_experts} shared)")
     else:
         params = args.active_params or args.params
         if params is None:

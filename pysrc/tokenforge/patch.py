@@ -214,6 +214,7 @@ def _fused_add_rms_norm(delta, residual, norm):
 
 def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
     from tokenforge.models.transformer import Attention, Block, FeedForward
+    from tokenforge.nn.moe import MoE
     from tokenforge.nn.rms_norm import RMSNorm
 
     if opts["rms_norm"]:
@@ -241,6 +242,14 @@ def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
         for m in ffns:
             undo.set_attr(m, "swiglu_fn", _swiglu)
         report.patched.append(f"swiglu: {len(ffns)} FeedForward.swiglu_fn -> tokenforge.ops.swiglu")
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if moes and opts["moe"]:
+        for m in moes:
+            undo.set_attr(m, "backend", None)
+            if m.shared_experts is not None:
+                undo.set_attr(m.shared_experts, "backend", None)
+        report.patched.append(f"moe: {len(moes)} MoE layers: loop over experts -> tokenforge.ops.grouped_mm "
+                              "(+ swiglu_packed)")
     if opts["cross_entropy"]:
         undo.set_attr(model, "loss_fn", _fused_linear_cross_entropy)
         report.patched.append("cross_entropy: Transformer.loss_fn -> tokenforge.ops.linear_cross_entropy (no logits)")
@@ -424,14 +433,14 @@ def _family(model: nn.Module) -> str:
 
 
 def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          cross_entropy: bool = True, fp8: bool = False, optimizer=None) -> PatchReport:
+          cross_entropy: bool = True, moe: bool = True, fp8: bool = False, optimizer=None) -> PatchReport:
     """Swap tokenforge's kernels into ``model`` in place (same parameters and state_dict keys) and
     return a report of what was patched and what was skipped, and why."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tokenforge.patch expects an nn.Module, got {type(model).__name__}")
     if getattr(model, _UNDO_ATTR, None) is not None:
         raise RuntimeError("tokenforge.patch: this model is already patched; call tokenforge.unpatch(model) first")
-    opts = dict(attention=attention, rms_norm=rms_norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy)
+    opts = dict(attention=attention, rms_norm=rms_norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy, moe=moe)
     family = _family(model)
     report = PatchReport(model=type(model).__name__, family=family)
     undo = _Undo()

@@ -37,7 +37,7 @@ import torch
 from tokenforge import checkpoint, metrics
 from tokenforge.data import BatchSampler, load_corpus
 from tokenforge.distributed import DistContext, all_reduce_mean, setup, teardown, unwrap, wrap
-from tokenforge.models.transformer import PRESETS, Block, Transformer, TransformerConfig
+from tokenforge.models.transformer import CONFIG_ONLY_PRESETS, PRESETS, Block, Transformer, TransformerConfig
 
 VARIANTS = ("eager", "compile", "kernels", "kernels+compile", "fp8")
 OPTIMIZERS = ("adamw", "muon")
@@ -147,6 +147,9 @@ def build_config(args) -> TransformerConfig:
             overrides = json.load(f)
         preset = overrides.pop("preset", preset)
     preset = preset or ("125m" if on_gpu else "tiny")
+    if preset in CONFIG_ONLY_PRESETS:
+        raise ValueError(f"the {preset} preset is config-only (published sizes for num_params and tokenforge cost); "
+                         "train moe-tiny (CPU) or moe-2b (GPU) instead")
     if args.seq_len is None:
         base = TransformerConfig.preset(preset, **overrides)
         args.seq_len = min(2048, base.max_seq_len) if on_gpu else min(128, base.max_seq_len)
@@ -440,6 +443,12 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                       "tokens": step * tokens_per_step}
             if qk_clip is not None:
                 record["qk_max_logit"], record["qk_clipped_heads"] = qk_clip.last_max_logit, qk_clip.clipped_heads
+            load = raw.expert_load() if hasattr(raw, "expert_load") else None
+            if load is not None:  # MoE: tokens per expert of the last micro-batch, per MoE layer
+                per_layer = load.float()
+                imbalance = float((per_layer.max(1).values / per_layer.mean(1).clamp_min(1e-9)).max())
+                record["expert_load"] = per_layer.tolist()
+                record["expert_load_max_over_mean"] = imbalance
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss is {loss_val} at step {step} ({variant.name}); lower --lr")
             reached = False
@@ -461,6 +470,8 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             if step_mfu is not None:
                 stats["mfu"] = f"{step_mfu:.1%}"
             stats["mem"] = metrics.fmt_bytes(mem)
+            if load is not None:
+                stats["experts max/mean"] = f"{imbalance:.2f}"
             bar.update(step, stats)
             if ckpt_path and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop or reached):
                 checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -487,7 +498,9 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
 
 def header(args, cfg, corpus, ctx: DistContext) -> list[str]:
     n = cfg.num_params()
-    return [f"tokenforge train: {args.preset} preset ({n / 1e6:.2f}M params, {cfg.n_layers} layers, dim {cfg.dim}), "
+    active = f", {cfg.num_params(active=True) / 1e6:.2f}M active ({cfg.n_experts} experts, top-{cfg.n_experts_per_token})" \
+        if cfg.n_experts else ""
+    return [f"tokenforge train: {args.preset} preset ({n / 1e6:.2f}M params{active}, {cfg.n_layers} layers, dim {cfg.dim}), "
             f"seq {args.seq_len}, batch {args.batch_size} x accum {args.grad_accum} x {ctx.world} rank(s)",
             f"  data: {corpus.source}; {corpus.tokenizer} tokenizer; {len(corpus.train):,} train / "
             f"{len(corpus.val):,} val tokens",

@@ -2,13 +2,16 @@
 
     token embedding
     n_layers x [ x = x + Attention(RMSNorm(x))        GQA, RoPE, causal
-                 x = x + FeedForward(RMSNorm(x)) ]    SwiGLU
+                 x = x + FeedForward(RMSNorm(x)) ]    SwiGLU, or a mixture of SwiGLU experts
+                                                      (tokenforge.nn.MoE) after n_dense_layers
     RMSNorm -> output head (optionally tied to the embedding)
 
 Speed lives in the kernels, not here. The few places where tokenforge swaps in a kernel are plain
 attributes that hold a function (``Attention.rope_fn``, ``Attention.attention_fn``,
 ``FeedForward.swiglu_fn``, ``Transformer.loss_fn``) or standard modules (``torch.nn.RMSNorm``), so
-``tokenforge.patch`` can replace them without touching parameters or state_dict keys.
+``tokenforge.patch`` can replace them without touching parameters or state_dict keys. MoE layers
+run the plain loop over experts (``MoE.backend = "torch"``, what an unpatched Mixtral-style model
+does); ``tokenforge.patch`` switches them to the grouped GEMM kernels.
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ class TransformerConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Mixture of experts (n_experts = 0: every layer dense). Layers n_dense_layers.. are MoE: top-k
+    # of n_experts SwiGLU experts of width moe_hidden_dim (None: ffn_dim), plus n_shared_experts
+    # always-on experts of that width; routing options as tokenforge.nn.MoE's.
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    n_shared_experts: int = 0
+    moe_hidden_dim: Optional[int] = None
+    n_dense_layers: int = 0
+    moe_score: str = "softmax"
+    moe_n_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_routed_scaling: float = 1.0
+    moe_aux_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self):
         kv = self.kv_heads
@@ -48,6 +65,22 @@ class TransformerConfig:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {kv}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.n_experts:
+            if not 1 <= self.n_experts_per_token <= self.n_experts:
+                raise ValueError(f"n_experts_per_token {self.n_experts_per_token} must be in [1, n_experts={self.n_experts}]")
+            if not 0 <= self.n_dense_layers <= self.n_layers:
+                raise ValueError(f"n_dense_layers {self.n_dense_layers} must be in [0, n_layers={self.n_layers}]")
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_hidden_dim or self.ffn_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and i >= self.n_dense_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers if self.n_experts else 0
 
     @property
     def kv_heads(self) -> int:
@@ -77,19 +110,27 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count from the shapes alone (no model needed, so 8b costs nothing)."""
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+        """Parameter count from the shapes alone (no model needed, so 8b or kimi-k2 costs nothing).
+        ``active``: the parameters one token uses (an MoE layer's top-k experts, not all of them)."""
         d, kv_dim, f = self.dim, self.kv_heads * self.head_dim, self.ffn_dim
-        per_layer = 2 * d + d * d + 2 * d * kv_dim + d * d + 3 * d * f  # norms, q, k+v, o, mlp
+        attn = 2 * d + d * d + 2 * d * kv_dim + d * d  # norms, q, k+v, o
+        total = (self.n_layers - self.n_moe_layers) * (attn + 3 * d * f)
+        if self.n_moe_layers:
+            experts = self.n_experts_per_token if active else self.n_experts
+            moe = d * self.n_experts + 3 * d * self.expert_dim * (experts + self.n_shared_experts)  # router, experts
+            total += self.n_moe_layers * (attn + moe)
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        total = self.n_layers * per_layer + d + head
+        total += d + head
         return total + (self.vocab_size * d if include_embedding else 0)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward): 6 N + 12 L d T, with N the parameters that
-        take part in matmuls (all but the embedding lookup; a tied head counts once) and the
-        12 L d T term the attention scores and values (PaLM's MFU convention, no causal discount)."""
-        n_matmul = self.num_params(include_embedding=False) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
+        """Training FLOPs per token (forward + backward): 6 N + 12 L d T, with N the *active*
+        parameters that take part in matmuls (all but the embedding lookup; a tied head counts
+        once; an MoE layer's top-k and shared experts and its router) and the 12 L d T term the
+        attention scores and values (PaLM's MFU convention, no causal discount)."""
+        n_matmul = self.num_params(include_embedding=False, active=True) \
+            + (self.vocab_size * self.dim if self.tie_embeddings else 0)
         return 6 * n_matmul + 12 * self.n_layers * self.dim * seq_len
 
 
@@ -107,7 +148,28 @@ PRESETS: dict[str, TransformerConfig] = {
                             rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
     "8b": TransformerConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                             rope_theta=500000.0, max_seq_len=8192),
+    # Mixture of experts. moe-tiny: CPU (8 experts, top-2, one shared, a dense first layer).
+    "moe-tiny": TransformerConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                                  max_seq_len=128, n_experts=8, n_experts_per_token=2, n_shared_experts=1,
+                                  moe_hidden_dim=64, n_dense_layers=1),
+    # A trainable GPU MoE: 2.09B total, 0.76B active (16 layers of 1b's width, 16 experts of 1024, top-2 + 1 shared).
+    "moe-2b": TransformerConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                                rope_theta=500000.0, max_seq_len=4096, tie_embeddings=True, n_experts=16,
+                                n_experts_per_token=2, n_shared_experts=1, moe_hidden_dim=1024, n_dense_layers=1,
+                                moe_bias_update_rate=1e-3),
+    # Config-only (num_params, flops_per_token, tokenforge cost): the published shapes with GQA in
+    # place of multi-head latent attention, sized so total / active match within a few percent:
+    # DeepSeek-V3 671B / 37B (here ~672B / ~38B), Kimi K2 1.04T / 32B (here ~1.03T / ~34B).
+    "deepseek-v3": TransformerConfig(vocab_size=129280, dim=7168, n_layers=61, n_heads=128, hidden_dim=18432,
+                                     max_seq_len=4096, n_experts=256, n_experts_per_token=8, n_shared_experts=1,
+                                     moe_hidden_dim=2048, n_dense_layers=3, moe_score="sigmoid", moe_n_groups=8,
+                                     moe_topk_groups=4, moe_routed_scaling=2.5, moe_bias_update_rate=1e-3),
+    "kimi-k2": TransformerConfig(vocab_size=163840, dim=7168, n_layers=61, n_heads=64, n_kv_heads=8, hidden_dim=18432,
+                                 max_seq_len=4096, n_experts=384, n_experts_per_token=8, n_shared_experts=1,
+                                 moe_hidden_dim=2048, n_dense_layers=1, moe_score="sigmoid", moe_routed_scaling=2.827,
+                                 moe_bias_update_rate=1e-3),
 }
+CONFIG_ONLY_PRESETS = ("deepseek-v3", "kimi-k2")  # priced and counted, never built by tokenforge train
 
 
 def rope_tables(cfg: TransformerConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,13 +233,23 @@ def add_then_norm(delta: torch.Tensor, residual: torch.Tensor, norm: nn.Module) 
     return norm(h), h
 
 
+def moe_feed_forward(cfg: TransformerConfig) -> nn.Module:
+    """The MoE layer of a config, running the plain loop over experts until tokenforge.patch."""
+    from tokenforge.nn.moe import MoE
+
+    return MoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.n_experts_per_token,
+               num_shared_experts=cfg.n_shared_experts, score=cfg.moe_score, normalize=True,
+               n_groups=cfg.moe_n_groups, topk_groups=cfg.moe_topk_groups, routed_scaling=cfg.moe_routed_scaling,
+               aux_loss_coef=cfg.moe_aux_loss_coef, bias_update_rate=cfg.moe_bias_update_rate, backend="torch")
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, index: int = 0):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = moe_feed_forward(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
         self.add_norm_fn = add_then_norm       # (delta, residual, norm) -> (normed, residual + delta)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -190,7 +262,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -203,8 +275,10 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat.
         for name, p in self.named_parameters():
-            if name.endswith(("wo.weight", "w2.weight")):
+            if name.endswith(("wo.weight", "w2.weight", "w_down", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+            elif name.endswith("w_gate_up"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -215,6 +289,16 @@ class Transformer(nn.Module):
         super()._apply(fn, recurse)
         self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
         return self
+
+    def moe_aux_loss(self) -> Optional[torch.Tensor]:
+        """The sum of the MoE layers' auxiliary losses of the last forward (None without any)."""
+        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        return sum(losses) if losses else None
+
+    def expert_load(self) -> Optional[torch.Tensor]:
+        """(MoE layers, experts) tokens per expert of the last forward (None for a dense model)."""
+        counts = [m.last_expert_counts for m in self.modules() if getattr(m, "last_expert_counts", None) is not None]
+        return torch.stack(counts) if counts else None
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameters of this model (a tied head counted once)."""
@@ -238,4 +322,6 @@ class Transformer(nn.Module):
         h = self.norm(x)
         if targets is None:
             return self.output(h)
-        return self.loss_fn(h, self.output.weight, targets)
+        loss = self.loss_fn(h, self.output.weight, targets)
+        aux = self.moe_aux_loss() if self.cfg.moe_aux_loss_coef > 0 else None
+        return loss if aux is None else loss + aux
