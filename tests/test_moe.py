@@ -121,6 +121,21 @@ def test_layer_matches_per_expert_float64_loop(backend, shared):
                 assert rel_error(p.grad[ex], p64.grad[ex]) <= 1e-5, (name, ex)
 
 
+def test_autocast_runs_the_experts_in_bf16():
+    """Under autocast the expert GEMMs run in the autocast dtype (as nn.Linear would), fp32 masters
+    get fp32 gradients; the result stays within bf16 rounding of the fp32 layer."""
+    torch.manual_seed(0)
+    layer = MoE(32, 24, num_experts=4, top_k=2, backend="torch")
+    x = torch.randn(20, 32)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_error(y, ref) <= 2e-2
+    y.float().sum().backward()
+    assert layer.w_gate_up.grad.dtype == torch.float32 and layer.w_gate_up.grad.abs().sum() > 0
+
+
 def test_float64_layer_is_the_loop():
     torch.manual_seed(1)
     layer = MoE(16, 12, num_experts=4, top_k=2, score="sigmoid", n_groups=2, topk_groups=1, routed_scaling=2.0,

@@ -78,8 +78,15 @@ class MoE(torch.nn.Module):
         weights, experts, scores = moe_route(self.router(h), self.top_k, bias=self.expert_bias if use_bias else None,
                                              **self.route_kw)
         xs, offs, order, counts = moe_permute(h, experts, self.num_experts)
-        gate_up = grouped_mm(xs, self.w_gate_up, offs, check_offs=False, backend=self.backend)
-        ys = grouped_mm(swiglu_packed(gate_up, backend=self.backend), self.w_down, offs, check_offs=False,
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        # Custom ops are invisible to autocast: cast as nn.Linear would be under it (the expert
+        # GEMMs in bf16, fp32 masters keep their gradients through the cast).
+        device_type = xs.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            xs, w_gate_up, w_down = xs.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        gate_up = grouped_mm(xs, w_gate_up, offs, check_offs=False, backend=self.backend)
+        ys = grouped_mm(swiglu_packed(gate_up, backend=self.backend), w_down, offs, check_offs=False,
                         backend=self.backend)
         y = moe_unpermute(ys, order, weights)
         if self.shared_experts is not None:
