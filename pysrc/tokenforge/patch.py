@@ -371,6 +371,61 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
         undo.set_attr(model, "forward", types.MethodType(_hf_causal_lm_forward, model))
         report.patched.append(f"cross_entropy: {type(model).__name__}.forward loss -> tokenforge.ops.linear_cross_entropy "
                               "(no logits when labels are given)")
+    _patch_hf_experts(model, undo, report, opts)
+
+
+def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """A Hugging Face ``*Experts`` module (transformers 5: ``gate_up_proj`` (E, 2I, D) = [gate | up],
+    ``down_proj`` (E, D, I), SiLU) as two grouped GEMMs instead of a Python loop over experts.
+    An index equal to num_experts (a slot for a non-local expert) contributes nothing, as there."""
+    from tokenforge.ops import grouped_mm, moe_permute, moe_unpermute
+    from tokenforge.ops.swiglu import swiglu_packed
+
+    n = self.gate_up_proj.shape[0]
+    local = top_k_index < n
+    xs, offs, order, _ = moe_permute(hidden_states, top_k_index.clamp(max=n - 1), n)
+    gate_up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs, check_offs=False)
+    ys = grouped_mm(swiglu_packed(gate_up), self.down_proj.transpose(1, 2), offs, check_offs=False)
+    return moe_unpermute(ys, order, top_k_weights * local).to(hidden_states.dtype)
+
+
+def _is_silu(act) -> bool:
+    """True when ``act`` computes SiLU (nn.SiLU, transformers' SiLUActivation, ...): checked on values."""
+    if not callable(act):
+        return False
+    probe = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0])
+    try:
+        return bool(torch.allclose(act(probe), torch.nn.functional.silu(probe), atol=1e-6))
+    except Exception:  # an activation that cannot take a CPU tensor is not one we can vouch for
+        return False
+
+
+def _patch_hf_experts(model, undo, report, opts) -> None:
+    """Every transformers ``*Experts`` module with the 3-D expert layout and SiLU gets the grouped
+    forward; other expert modules are reported by class name with the reason."""
+    if not opts.get("moe", True):
+        return
+    patched, left = {}, {}
+    for m in model.modules():
+        cls = type(m)
+        if not (cls.__name__.endswith("Experts") and cls.__module__.startswith("transformers.")):
+            continue
+        gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+        act = getattr(m, "act_fn", None)
+        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+                and gu.shape[1] == 2 * down.shape[2] and gu.shape[2] == down.shape[1]):
+            left[cls.__name__] = "not the (experts, 2 x inter, hidden) gate_up_proj / down_proj layout"
+        elif not _is_silu(act) or getattr(m, "has_bias", False) or getattr(m, "gate_up_proj_bias", None) is not None:
+            left[cls.__name__] = "its activation is not SiLU (or it has biases): the grouped path is SwiGLU only"
+        elif gu.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            left[cls.__name__] = f"expert weights in {gu.dtype}"
+        else:
+            undo.set_attr(m, "forward", types.MethodType(_grouped_experts_forward, m))
+            patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
+    for name, count in patched.items():
+        report.patched.append(f"moe: {count} {name}: loop over experts -> tokenforge.ops.grouped_mm (+ swiglu_packed)")
+    for name, why in left.items():
+        report.skipped.append(f"moe: {name} left alone: {why}")
 
 
 def _patch_generic(model, undo, report, opts) -> None:
@@ -384,6 +439,7 @@ def _patch_generic(model, undo, report, opts) -> None:
         _use_sdpa_routing(undo)
         report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the calls "
                               "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
+    _patch_hf_experts(model, undo, report, opts)
 
 
 def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
