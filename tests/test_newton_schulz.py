@@ -180,8 +180,12 @@ def test_singular_values_in_documented_band(kind, shape, dtype, backend):
     assert big.any()
     assert along[big].min() >= BAND["low"] - slack, (kind, along[big].min())
     assert along[big].max() <= BAND["high"] + slack, (kind, along[big].max())
-    # every direction, small ones included, stays in [0, high]: nothing blows up or flips sign
-    assert along.max() <= BAND["high"] + slack and along.min() >= -(slack or 1e-5)
+    # every direction of the input, small ones included, stays in [0, high]: nothing blows up or
+    # flips sign. A null direction (rank-deficient input) in bf16 only holds amplified rounding
+    # noise, of either sign (see BAND's docs): bounded in size, not in sign (measured -0.07 once).
+    null = rel < 1e-6 if dtype == torch.bfloat16 else torch.zeros_like(rel, dtype=torch.bool)
+    assert along.max() <= BAND["high"] + slack and along[~null].min() >= -(slack or 1e-5)
+    assert not null.any() or along[null].abs().max() <= BAND["high"] + slack
     all_sv = torch.linalg.svdvals(out.double())
     assert all_sv.max() <= BAND["high"] + slack
     if kind == "rank_deficient" and dtype == torch.float32:
