@@ -470,8 +470,9 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
         extras_require={
-            # transformers: the Hugging Face patching tests (tokenforge.patch.TRANSFORMERS_TESTED).
-            "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<6"],
+            # transformers: the Hugging Face patching tests (tokenforge.patch.TRANSFORMERS_TESTED);
+            # accelerate: transformers.Trainer needs it (the Trainer client tests).
+            "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<6", "accelerate>=1.0"],
             "hf": ["transformers>=4.50,<6"],
             "bench": ["pytest-benchmark>=4", "matplotlib"],
         },

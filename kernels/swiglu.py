@@ -1,12 +1,16 @@
-"""SwiGLU in Triton, forward and backward, elementwise over (rows, n) tiles.
+"""Gated MLP activations in Triton, forward and backward, elementwise over (rows, n) tiles:
+``y = act(gate) * up`` with act one of (the ACTIVATION constexpr):
 
-    s  = sigmoid(gate)                  (fp32)
-    y  = gate * s * up                  (stored in the inputs' dtype)
+    "silu"       SwiGLU (LLaMA):  act(g) = g * s,  s = sigmoid(g)
+    "gelu_tanh"  GeGLU (Gemma):   act(g) = g/2 * (1 + tanh(c * (g + 0.044715 g^3))),  c = sqrt(2/pi)
+    "gelu"       GeGLU, exact:    act(g) = g/2 * (1 + erf(g / sqrt(2)))
 
-Backward, recomputing s from gate (nothing but gate and up is saved):
+math in fp32, y stored in the inputs' dtype. Backward, recomputing act and act' from gate (nothing
+but gate and up is saved): dup = dy * act(g), dgate = dy * up * act'(g), with
 
-    dup   = dy * gate * s
-    dgate = dy * up * s * (1 + gate * (1 - s))
+    silu'(g)      = s * (1 + g * (1 - s))
+    gelu_tanh'(g) = (1 + t) / 2 + g/2 * (1 - t^2) * c * (1 + 3 * 0.044715 g^2),  t the tanh above
+    gelu'(g)      = (1 + erf(g / sqrt(2))) / 2 + g * exp(-g^2 / 2) / sqrt(2 pi)
 
 gate and up are separate (rows, n) pointers with their own row strides and unit column stride, so
 the same kernels serve two separate tensors and the two halves of a packed (rows, 2n) gate/up
@@ -22,6 +26,8 @@ import triton.language as tl
 
 from tokenforge.kernels import launch_device
 
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
 # Elements per program: 1024 with 4 warps is 8 per thread, i.e. one 16-byte load per operand for
 # bf16 (two for fp32); narrow rows are packed BLOCK_M to a program so it still moves 1024.
 TILE = 1024
@@ -29,26 +35,48 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _activation_and_slope(g, ACTIVATION: tl.constexpr, WANT_SLOPE: tl.constexpr):
+    """act(g) and, when WANT_SLOPE, act'(g), in fp32 (the slope is 0.0 otherwise)."""
+    if ACTIVATION == "silu":
+        # exp(-g) overflows to inf for very negative g: s becomes 0 and silu 0, its limit.
+        s = 1.0 / (1.0 + tl.exp(-g))
+        act = g * s
+        slope = s * (1.0 + g * (1.0 - s)) if WANT_SLOPE else 0.0
+    elif ACTIVATION == "gelu_tanh":
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        # tanh(z) = 1 - 2 / (1 + exp(2z)): exp overflows to inf for large z (t -> 1) and underflows
+        # to 0 for very negative z (t -> -1), both the limits; no tanh in every Triton's tl.math.
+        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
+        act = 0.5 * g * (1.0 + t)
+        slope = (0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+                 if WANT_SLOPE else 0.0)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        slope = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327 if WANT_SLOPE else 0.0
+    return act, slope
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     G, U, Y,
     rows, n, stride_g, stride_u, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (row < rows)[:, None] & (col < n)[None, :]
     g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    # exp(-g) overflows to inf for very negative g: s becomes 0 and silu 0, its limit.
-    s = 1.0 / (1.0 + tl.exp(-g))
-    tl.store(Y + row[:, None] * stride_y + col[None, :], (g * s * u).to(Y.dtype.element_ty), mask=mask)
+    act, _ = _activation_and_slope(g, ACTIVATION, False)
+    tl.store(Y + row[:, None] * stride_y + col[None, :], (act * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
     DY, G, U, DG, DU,
     rows, n, stride_dy, stride_g, stride_u, stride_dg, stride_du,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,13 +84,9 @@ def _swiglu_bwd_kernel(
     dy = tl.load(DY + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))
-    silu = g * s
-    du = dy * silu
-    # d silu / d g = s + g * s * (1 - s) = s * (1 + g * (1 - s))
-    dg = dy * u * s * (1.0 + g * (1.0 - s))
-    tl.store(DG + row[:, None] * stride_dg + col[None, :], dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + row[:, None] * stride_du + col[None, :], du.to(DU.dtype.element_ty), mask=mask)
+    act, slope = _activation_and_slope(g, ACTIVATION, True)
+    tl.store(DG + row[:, None] * stride_dg + col[None, :], (dy * u * slope).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row[:, None] * stride_du + col[None, :], (dy * act).to(DU.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +106,8 @@ def all_configs() -> list[tuple[str, dict]]:
     block_n = 16
     while block_n <= TILE:
         for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
-            out.append((name, tile_config(block_n)))
+            for activation in ACTIVATIONS:
+                out.append((name, dict(tile_config(block_n), ACTIVATION=activation)))
         block_n *= 2
     return out
 
@@ -110,21 +135,22 @@ def supports(gate: torch.Tensor, up: torch.Tensor) -> str | None:
 
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up for gate, up (rows, n) with unit column stride; into ``out`` (rows, n) or a
-    new contiguous tensor in gate's dtype."""
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None,
+                   activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up (act one of ACTIVATIONS) for gate, up (rows, n) with unit column stride; into
+    ``out`` (rows, n) or a new contiguous tensor in gate's dtype."""
     rows, n = gate.shape
     y = torch.empty((rows, n), dtype=gate.dtype, device=gate.device) if out is None else out
     cfg = tile_config(n)
     with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
-            gate, up, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), **cfg,
+            gate, up, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), **cfg, ACTIVATION=activation,
         )
     return y
 
 
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    dgate: torch.Tensor, dup: torch.Tensor) -> None:
+                    dgate: torch.Tensor, dup: torch.Tensor, activation: str = "silu") -> None:
     """Write dgate and dup (rows, n views with unit column stride, e.g. the two halves of one
     packed gradient) for dy, gate, up (rows, n)."""
     rows, n = gate.shape
@@ -133,4 +159,5 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         _swiglu_bwd_kernel[_grid(rows, n, cfg)](
             dy, gate, up, dgate, dup, rows, n,
             dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), **cfg,
+            ACTIVATION=activation,
         )

@@ -14,21 +14,44 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-5
 
 
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3"]
+
+
 def _config(family):
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    t = transformers
     if family == "llama":
-        return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+        return t.LlamaConfig(**common), t.LlamaForCausalLM
     if family == "mistral":
-        return transformers.MistralConfig(**common, sliding_window=None), transformers.MistralForCausalLM
-    return transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+        return t.MistralConfig(**common, sliding_window=None), t.MistralForCausalLM
+    if family == "qwen2":
+        return t.Qwen2Config(**common), t.Qwen2ForCausalLM
+    if family == "qwen3":  # q/k norms on the head dim
+        return t.Qwen3Config(**common, head_dim=16), t.Qwen3ForCausalLM
+    if family == "phi3":  # packed gate_up_proj, partial rotary (half the head dim rotated)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        return t.Phi3Config(**common, rope_parameters=rope, pad_token_id=0), t.Phi3ForCausalLM
+    if family == "olmo2":  # (weight * x_hat).to(dtype), q/k norms over all heads, post-norms
+        return t.Olmo2Config(**common, pad_token_id=0), t.Olmo2ForCausalLM
+    if family == "gemma":  # (1 + weight) norms, GeGLU (tanh)
+        return t.GemmaConfig(**common, head_dim=16, hidden_act="gelu_pytorch_tanh"), t.GemmaForCausalLM
+    if family == "gemma2":  # + final logit softcap (fused into the loss), attention softcap (eager)
+        return (t.Gemma2Config(**common, head_dim=16, final_logit_softcapping=3.0, sliding_window=8),
+                t.Gemma2ForCausalLM)
+    return t.Gemma3TextConfig(**common, head_dim=16, final_logit_softcapping=3.0, sliding_window=8), t.Gemma3ForCausalLM
 
 
 def _build(family):
     cfg, cls = _config(family)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     torch.manual_seed(0)
-    return cls(cfg).float()
+    model = cls(cfg).float()
+    with torch.no_grad():  # norms away from their init (Gemma's are zeros), so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
 
 
 def _loss_and_grads(model, ids, labels):
@@ -38,7 +61,7 @@ def _loss_and_grads(model, ids, labels):
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_hf_patched_matches_unpatched(family):
     model = _build(family)
     ids = torch.randint(0, 256, (2, 19))
@@ -52,6 +75,9 @@ def test_hf_patched_matches_unpatched(family):
     patched = " ".join(report.patched)
     for what in ("rms_norm", "swiglu", "rope", "cross_entropy"):
         assert what in patched, str(report)
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    assert all(isinstance(m, HFRMSNorm) for m in model.modules() if type(m).__name__.endswith("RMSNorm")), str(report)
+    assert f"rms_norm: {norms} " in patched  # q/k norms included
     assert list(model.state_dict()) == keys
     loss, grads = _loss_and_grads(model, ids, labels)
     assert rel_error(loss, ref_loss) <= TOL
@@ -110,3 +136,49 @@ def test_hf_bf16_attention_is_routed_to_the_kernel():
     assert not sdpa_patch.is_installed()
     # bf16 activations through two layers: the loss agrees to bf16 precision.
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
+
+
+def test_trainer_safe_outputs():
+    """What Trainer and generate() read from the model comes back patched as unpatched: logits in
+    eval mode, tuples with return_dict=False, the cache with use_cache, Trainer's num_items_in_batch
+    and shift_labels; skip_logits (Liger's keyword) chooses explicitly."""
+    model = _build("llama")
+    ids = torch.randint(0, 256, (2, 11))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels, use_cache=True)
+    model.train()
+    ref_train = model(input_ids=ids, labels=labels).loss.detach()
+    ref_sum = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss.detach()
+    shifted = torch.randint(0, 256, (2, 11))
+    ref_shift = model(input_ids=ids, labels=labels, shift_labels=shifted).loss.detach()
+
+    tokenforge.patch(model)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels, use_cache=True)
+        assert rel_error(out.loss, ref.loss) <= TOL and rel_error(out.logits, ref.logits) <= TOL
+        assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 11
+        fused = model(input_ids=ids, labels=labels, skip_logits=True)
+        assert fused.logits is None and rel_error(fused.loss, ref.loss) <= TOL
+        with pytest.raises(ValueError, match="skip_logits=True needs labels"):
+            model(input_ids=ids, skip_logits=True)
+    model.train()
+    out = model(input_ids=ids, labels=labels, use_cache=True)
+    assert out.logits is None and rel_error(out.loss, ref_train) <= TOL
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 11
+    as_tuple = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and rel_error(as_tuple[0], ref_train) <= TOL
+    asked = model(input_ids=ids, labels=labels, skip_logits=False)
+    assert asked.logits.shape == (2, 11, 256) and rel_error(asked.loss, ref_train) <= TOL
+    # Trainer's gradient-accumulation normalisation: a sum over tokens divided by its count.
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7))
+    assert rel_error(out.loss, ref_sum) <= TOL
+    out = model(input_ids=ids, labels=labels, shift_labels=shifted)
+    assert rel_error(out.loss, ref_shift) <= TOL
+    # Positional arguments bind as the original forward's do.
+    out = model(ids, None, None, None, None, labels)
+    assert rel_error(out.loss, ref_train) <= TOL
+    tokenforge.unpatch(model)

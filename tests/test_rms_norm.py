@@ -321,3 +321,39 @@ def test_module_matches_torch(shape, affine, eps):
 def test_module_refuses_wrong_trailing_shape():
     with pytest.raises(ValueError, match="does not end with normalized_shape"):
         tokenforge.nn.RMSNorm(16)(torch.randn(3, 15))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=str)
+def test_offset_is_gemmas_norm(device, x_dtype, w_dtype):
+    """offset=1: (x_hat * (1 + w)) in fp32, then x's dtype; forward and both grads against float64,
+    rows of very different scales (the per-row bound), dweight in the weight's dtype."""
+    for backend in kernel_backends(device):
+        x = (torch.randn(37, 300, device=device) * torch.logspace(-3, 3, 37, device=device)[:, None]).to(x_dtype)
+        w = (torch.randn(300, device=device) * 0.1).to(w_dtype)
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = rms_norm(xr, wr, 1e-6, offset=1.0, backend=backend)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w64)
+        ref.backward(dy.double())
+        tol = _tolerance(x, w)
+        assert y.dtype == x_dtype and wr.grad.dtype == w_dtype
+        assert rel_error(y, ref) <= tol
+        assert rel_error(xr.grad, x64.grad) <= tol
+        assert rel_error(wr.grad, w64.grad) <= tol
+        assert torch.equal(rms_norm_reference(x.double(), w.double(), 1e-6, 1.0), ref.detach())
+
+
+def test_offset_module_and_refusals():
+    m = tokenforge.nn.RMSNorm(16, offset=1.0)
+    assert torch.equal(m.weight.detach(), torch.zeros(16))  # identity scale: 1 + 0
+    x = torch.randn(3, 16)
+    assert rel_error(m(x), rms_norm_reference(x, None, 1e-6)) <= 1e-6
+    assert "offset=1.0" in repr(m)
+    with pytest.raises(ValueError, match="offset needs a weight"):
+        rms_norm(x, None, offset=1.0)
+    with pytest.raises(ValueError, match="offset must be a float"):
+        rms_norm(x, torch.ones(16), offset="1")

@@ -9,7 +9,7 @@ from device_params import DEVICES, HAS_CUDA, kernel_backends
 
 from tokenforge import backends, kernels
 from tokenforge.nn.swiglu import SwiGLU
-from tokenforge.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
+from tokenforge.ops.swiglu import geglu, gated_reference, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
 from tokenforge.testing import TOLERANCE, PoisonEmpty, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -98,6 +98,52 @@ def test_saturated_sigmoid(device, dtype):
     g = g.to(dtype)
     check_swiglu(g, torch.randn(7, 300, device=device, dtype=dtype), "triton",
                  dy=torch.randn(7, 300, device=device, dtype=dtype))
+
+
+def check_geglu(gate, up, approximate, dy=None):
+    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+    y = geglu(gate, up, approximate, backend="triton")
+    assert y.shape == gate.shape and y.dtype == gate.dtype
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    g, u = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    ref = torch.nn.functional.gelu(g, approximate=approximate) * u
+    ref.backward(dy.double())
+    tol = TOLERANCE[gate.dtype]
+    for name, out, expect in (("y", y, ref), ("dgate", gate.grad, g.grad), ("dup", up.grad, u.grad)):
+        err = rel_error(out, expect)
+        assert err <= tol, f"geglu {approximate} {name}: {err:.2e} > {tol:.0e} ({tuple(gate.shape)}, {gate.dtype})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 17), (129, 1000), (3, 5, 33)], ids=str)
+def test_geglu_grid(device, approximate, dtype, shape):
+    """GeGLU (Gemma's MLP) on the same kernels: forward and both gradients against float64 F.gelu."""
+    check_geglu(torch.randn(shape, device=device, dtype=dtype) * 3, torch.randn(shape, device=device, dtype=dtype),
+                approximate)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_geglu_saturated_and_one_wrong_row(device, approximate):
+    """|gate| up to 1e4 (tanh's exp overflows: the limits, not NaN); a row with a different scale."""
+    g = torch.randn(7, 300, device=device) * torch.logspace(-4, 4, 300, device=device)
+    g[3] *= 1e-3  # one row far smaller than the rest: the per-row bound judges it on its own scale
+    check_geglu(g, torch.randn(7, 300, device=device), approximate)
+
+
+def test_geglu_packed_torch_reference_and_refusals():
+    gu = torch.randn(4, 2 * 24, dtype=torch.float64)
+    gate, up = gu.chunk(2, -1)
+    assert torch.equal(swiglu_packed_reference(gu, "gelu_tanh"), gated_reference(gate, up, "gelu_tanh"))
+    assert torch.allclose(geglu(gate, up, backend="torch"), torch.nn.functional.gelu(gate, approximate="tanh") * up)
+    with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none'"):
+        geglu(gate, up, "erf")
+    with pytest.raises(ValueError, match="geglu: gate has shape"):
+        geglu(gate, up[:, :3])
 
 
 def test_packed_backward_makes_no_copies():
@@ -332,7 +378,7 @@ def _all_configs():
 @pytest.mark.compile_gate
 @pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _all_configs(),
-                         ids=[f"{n}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _all_configs()])
+                         ids=[f"{n}-{c['ACTIVATION']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _all_configs()])
 def test_configs_compile_without_spills(arch, name, config):
     from compile_gate import ptxas_report, spill_bytes
 
@@ -352,7 +398,7 @@ def test_dtypes_compile(arch, dtype):
 
     for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
         for aligned in (True, False):
-            compiled = _compile(name, swiglu_kernels.tile_config(14336), dtype, arch, aligned)
+            compiled = _compile(name, dict(swiglu_kernels.tile_config(14336), ACTIVATION="silu"), dtype, arch, aligned)
             assert len(compiled.asm["cubin"]) > 0
             if aligned and dtype == "bfloat16":
                 assert re.search(r"ld\.global(\.\w+)*\.v4", compiled.asm["ptx"]), "expected 128-bit loads"
@@ -363,5 +409,5 @@ def test_every_width_maps_to_a_gated_config():
 
     gated = {(n, tuple(sorted(c.items()))) for n, c in _all_configs()}
     for n in [1, 2, 15, 16, 17, 100, 1000, 1024, 1025, 4096, 14336, 100003]:
-        cfg = tuple(sorted(swiglu_kernels.tile_config(n).items()))
+        cfg = tuple(sorted(dict(swiglu_kernels.tile_config(n), ACTIVATION="gelu_tanh").items()))
         assert ("_swiglu_fwd_kernel", cfg) in gated and ("_swiglu_bwd_kernel", cfg) in gated, n

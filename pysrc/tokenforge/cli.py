@@ -1,5 +1,6 @@
-"""The ``tokenforge`` command: ``tokenforge info``, ``train``, ``cost`` and ``tune attention`` (kernel configs chosen
-ahead of time, on a GPU, into the on-disk cache that training reads)."""
+"""The ``tokenforge`` command: ``tokenforge info``, ``train``, ``cost``, ``run`` (an unmodified training script
+with the kernels installed before its imports; :mod:`tokenforge.run`) and ``tune attention`` (kernel configs
+chosen ahead of time, on a GPU, into the on-disk cache that training reads)."""
 
 from __future__ import annotations
 
@@ -124,8 +125,16 @@ def _print_info(info: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        # Its own parser: everything after the script belongs to the script, options included.
+        from tokenforge import run
+
+        return run.main(argv[1:])
     parser = argparse.ArgumentParser(prog="tokenforge", description=__doc__)
     sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run an unmodified training script with tokenforge's kernels installed "
+                   "(tokenforge run [--kernels ...] [--report FILE.json] script.py [args...])", add_help=False)
     p_info = sub.add_parser("info", help="versions, GPU, extension status and the backend each op uses")
     p_info.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     from tokenforge import cost, train

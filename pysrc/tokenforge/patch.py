@@ -4,9 +4,17 @@ Three families of model are recognised:
 
 - ``tokenforge.models.Transformer``: its swap points (``nn.RMSNorm`` modules, ``Attention.rope_fn``
   / ``attention_fn``, ``FeedForward.swiglu_fn``, ``Transformer.loss_fn``) are replaced.
-- Hugging Face Llama, Mistral and Qwen2 causal LMs: RMSNorm modules, the MLP's SwiGLU, rotary
-  embeddings (the modeling module's ``apply_rotary_pos_emb``), and the causal-LM loss through the
-  fused linear cross-entropy (the logits are never materialised when labels are given).
+- Hugging Face causal LMs of the families in ``_HF_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi3,
+  OLMo2, Gemma, Gemma2, Gemma3 text): RMSNorm modules (q/k norms included; each family's own
+  semantics: Llama's ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's
+  ``(1 + weight)``), the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU),
+  rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary included), and,
+  while training, the causal-LM loss through the fused linear cross-entropy (logits never
+  materialised; Gemma2/3's final logit softcap inside it). In eval mode, or whenever the fused loss
+  would not compute what the model's own loss does, the original forward runs: logits come back
+  for ``Trainer.evaluate(compute_metrics=...)``, and ``return_dict=False`` and ``use_cache`` behave
+  as unpatched. ``model(..., skip_logits=False)`` asks for logits while training (the original
+  forward), ``skip_logits=True`` for the fused loss in eval mode.
 - Anything else (the generic patch): ``torch.nn.RMSNorm`` modules, ``F.scaled_dot_product_attention``
   calls, and with ``fp8=True`` eligible ``nn.Linear`` layers. The report says the architecture was
   not recognised.
@@ -23,7 +31,9 @@ them). SDPA calls the kernel does not support pass through to PyTorch unchanged.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -33,12 +43,39 @@ from torch import nn
 
 # transformers versions whose model classes this file was written against and is tested with.
 TRANSFORMERS_TESTED = ">=4.50,<6"
+
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """What differs between the Hugging Face causal-LM families patch() knows."""
+
+    module: str             # transformers.models.<module>.modeling_<module>
+    norm: str = "llama"     # HFRMSNorm semantics: "llama", "fp32_product" (OLMo2) or "offset" (Gemma)
+    mlp: str = "split"      # "split": gate_proj/up_proj/down_proj/act_fn; "packed": Phi3's gate_up_proj
+
+
 _HF_FAMILIES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": HFFamily("llama"),
+    "MistralForCausalLM": HFFamily("mistral"),
+    "Qwen2ForCausalLM": HFFamily("qwen2"),
+    "Qwen3ForCausalLM": HFFamily("qwen3"),
+    "Phi3ForCausalLM": HFFamily("phi3", mlp="packed"),
+    "Olmo2ForCausalLM": HFFamily("olmo2", norm="fp32_product"),
+    "GemmaForCausalLM": HFFamily("gemma", norm="offset"),
+    "Gemma2ForCausalLM": HFFamily("gemma2", norm="offset"),
+    "Gemma3ForCausalLM": HFFamily("gemma3", norm="offset"),
 }
 _UNDO_ATTR = "_tokenforge_undo"
+
+# How many times each patched-in kernel path ran (eager calls; traced calls under torch.compile are
+# not counted) since the process started: `tokenforge run`'s report, tests, debugging.
+calls: dict[str, int] = {}
+
+
+def count_call(op: str) -> None:
+    if not torch.compiler.is_compiling():
+        calls[op] = calls.get(op, 0) + 1
 
 
 @dataclass
@@ -116,20 +153,24 @@ def _patch_global(undo: _Undo, module_name: str, attr: str, value: Callable) -> 
 def _rope_bshd(q, k, cos, sin):
     from tokenforge.ops.rope import rope
 
+    count_call("rope")
     return rope(q, k, cos, sin, layout="bshd")
 
 
 def _hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
     """Hugging Face's apply_rotary_pos_emb signature; q, k (batch, heads, seq, dim) when
-    unsqueeze_dim is 1 (the models' default), (batch, seq, heads, dim) when it is 2."""
+    unsqueeze_dim is 1 (the models' default), (batch, seq, heads, dim) when it is 2. cos/sin
+    narrower than the head dim (Phi3's partial rotary) rotate the leading dims only, as there."""
     from tokenforge.ops.rope import rope
 
+    count_call("rope")
     return rope(q, k, cos, sin, layout="bhsd" if unsqueeze_dim == 1 else "bshd")
 
 
 def _swiglu(gate, up):
     from tokenforge.ops.swiglu import swiglu
 
+    count_call("swiglu")
     return swiglu(gate, up)
 
 
@@ -147,6 +188,7 @@ def _fused_linear_cross_entropy(h, weight, targets, ignore_index: int = -100):
     from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
 
     h, weight = _matching_dtypes(h, weight)
+    count_call("linear_cross_entropy")
     return linear_cross_entropy(h.flatten(0, -2), weight, targets.flatten(), ignore_index=ignore_index)
 
 
@@ -183,6 +225,7 @@ def _use_sdpa_routing(undo: _Undo) -> None:
 def _causal_attention_bshd(q, k, v):
     from tokenforge.ops.attention import attention
 
+    count_call("attention")
     return attention(q, k, v, causal=True)
 
 
@@ -191,7 +234,8 @@ def _causal_attention_bshd(q, k, v):
 # ---------------------------------------------------------------------------------------------
 
 
-def _replace_rms_norms(model: nn.Module, undo: _Undo, report: PatchReport, classes: tuple, make: Callable) -> None:
+def _replace_rms_norms(model: nn.Module, undo: _Undo, report: PatchReport, classes: tuple, make: Callable,
+                       target: str = "tokenforge.nn.RMSNorm") -> None:
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -199,7 +243,7 @@ def _replace_rms_norms(model: nn.Module, undo: _Undo, report: PatchReport, class
                 undo.set_attr(parent, name, make(child))
                 count += 1
     if count:
-        report.patched.append(f"rms_norm: {count} {'/'.join(c.__name__ for c in classes)} module(s) -> tokenforge.nn.RMSNorm")
+        report.patched.append(f"rms_norm: {count} {'/'.join(c.__name__ for c in classes)} module(s) -> {target}")
     else:
         report.skipped.append(f"rms_norm: no {'/'.join(c.__name__ for c in classes)} module found")
 
@@ -209,6 +253,7 @@ def _fused_add_rms_norm(delta, residual, norm):
     from tokenforge.ops.add_rms_norm import add_rms_norm
 
     eps = norm.eps if norm.eps is not None else torch.finfo(residual.dtype).eps
+    count_call("add_rms_norm")
     return add_rms_norm(delta, residual, norm.weight, eps, backend=getattr(norm, "backend", None))
 
 
@@ -256,103 +301,230 @@ def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
 
 
 class HFRMSNorm(nn.Module):
-    """Hugging Face's LlamaRMSNorm semantics (``weight * normed.to(input_dtype)``, so an fp32 weight
-    gives an fp32 output) on tokenforge's kernel; shares the original module's weight."""
+    """A Hugging Face RMSNorm module on tokenforge's kernel, sharing the original's weight. The
+    families differ only in where the weight multiplies and in which dtype:
 
-    def __init__(self, original: nn.Module):
+    - "llama" (Llama, Mistral, Qwen2/3, Phi3): ``weight * x_hat.to(input_dtype)``, so an fp32
+      weight gives an fp32 output;
+    - "fp32_product" (OLMo2): ``(weight * x_hat).to(input_dtype)``;
+    - "offset" (Gemma, Gemma2, Gemma3): ``(x_hat * (1 + weight.float())).to(input_dtype)``."""
+
+    def __init__(self, original: nn.Module, semantics: str = "llama"):
         super().__init__()
         self.weight = original.weight
-        self.variance_epsilon = original.variance_epsilon
+        eps = getattr(original, "variance_epsilon", getattr(original, "eps", None))
+        self.variance_epsilon = self.eps = eps
+        self.semantics = semantics
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         from tokenforge.ops.rms_norm import rms_norm
 
+        count_call("rms_norm")
+        if self.semantics == "offset":
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon, offset=1.0)
         out = rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        if self.semantics == "fp32_product":
+            return out
         out_dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon} (tokenforge)"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, {self.semantics} (tokenforge)"
+
+
+def _activation_name(act) -> Optional[str]:
+    """"silu", "gelu_tanh" or "gelu" when ``act`` computes that function (nn.SiLU, transformers'
+    SiLUActivation, GELUTanh, PytorchGELUTanh, ...): checked on values, never by name; else None."""
+    if not callable(act):
+        return None
+    from tokenforge.ops.swiglu import ACTIVATIONS
+
+    probe = torch.tensor([-4.0, -2.0, -0.5, 0.0, 0.7, 2.0, 4.0], dtype=torch.float64)
+    try:
+        got = act(probe)
+    except Exception:  # an activation that cannot take a CPU tensor is not one we can vouch for
+        return None
+    for name, fn in ACTIVATIONS.items():
+        if isinstance(got, torch.Tensor) and got.shape == probe.shape and torch.allclose(got.double(), fn(probe), atol=1e-7):
+            return name
+    return None
+
+
+def _is_silu(act) -> bool:
+    return _activation_name(act) == "silu"
+
+
+def _gated(gate, up, activation: str):
+    """act(gate) * up on the kernel: SwiGLU or GeGLU."""
+    from tokenforge.ops.swiglu import geglu
+
+    if activation == "silu":
+        return _swiglu(gate, up)
+    count_call("geglu")
+    return geglu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def _hf_mlp_forward(self, x):
-    # LlamaMLP.forward with the gate activation and product fused: down(silu(gate(x)) * up(x)).
-    return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+    # LlamaMLP.forward with the gate activation and product fused: down(act(gate(x)) * up(x)).
+    return self.down_proj(_gated(self.gate_proj(x), self.up_proj(x), self._tokenforge_activation))
 
 
-def _hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                          labels=None, logits_to_keep=0, **kwargs):
-    """CausalLM forward that, given labels, computes the shifted next-token loss from the final
-    hidden states with the fused linear cross-entropy (logits are not returned then)."""
+def _hf_packed_mlp_forward(self, x):
+    # Phi3MLP.forward: gate_up_proj (.., 2I) = [gate | up], down(up * silu(gate)) on the packed kernel.
+    from tokenforge.ops.swiglu import swiglu_packed
+
+    count_call("swiglu")
+    return self.down_proj(swiglu_packed(self.gate_up_proj(x)))
+
+
+def _with_signature_of(original: Callable, replacement: Callable) -> Callable:
+    """``replacement`` as seen by inspect.signature: the original's parameters. Trainer drops the
+    dataset columns that model.forward's signature does not name (input_ids among them for a bare
+    ``(*args, **kwargs)``)."""
+    def forward(self, *args, **kwargs):
+        return replacement(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, original)
+    forward.__doc__ = replacement.__doc__
+    return forward
+
+
+def _fused_loss_unusable(model, arguments: dict, skip_logits: Optional[bool]) -> Optional[str]:
+    """None when the fused linear cross-entropy computes exactly the loss the original forward
+    would; else why the original forward runs instead. ``skip_logits`` (Liger's keyword) asks:
+    True for the fused loss even in eval mode, False for logits even while training."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if arguments.get("labels") is None:
+        if skip_logits:
+            raise ValueError("skip_logits=True needs labels: without them there is no loss to fuse the logits into")
+        return "no labels"
+    if skip_logits is False:
+        return "skip_logits=False (logits are returned)"
+    if not model.training and not skip_logits:
+        return "eval mode (logits are returned)"
+    if arguments.get("logits_to_keep", 0) not in (0, None):
+        return "logits_to_keep"
+    if getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return "a custom loss_function"
+    return None
+
+
+def _field_names(output_cls) -> set:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(output_cls)}
+
+
+def _hf_causal_lm_forward(self, *args, **kwargs):
+    """CausalLM forward that, while training with labels, computes the shifted next-token loss from
+    the final hidden states with the fused linear cross-entropy (no logits are returned then);
+    otherwise (eval, no labels, logits_to_keep, a custom loss, ``skip_logits=False``) the original
+    forward runs. ``skip_logits=True`` takes the fused loss in eval mode too."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    if labels is None:
-        return self._tokenforge_original_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                                 position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                                 logits_to_keep=logits_to_keep, **kwargs)
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, **kwargs)
+    original, signature = self._tokenforge_original_forward, self._tokenforge_forward_signature
+    skip_logits = kwargs.pop("skip_logits", None)
+    try:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+    except TypeError:
+        return original(*args, **kwargs)  # let the original raise its own error
+    for name, p in signature.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+            arguments.update(arguments.pop(name))
+    if _fused_loss_unusable(self, arguments, skip_logits) is not None:
+        return original(*args, **kwargs)
+    labels = arguments.pop("labels")
+    arguments.pop("logits_to_keep", None)
+    return_dict = arguments.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    num_items_in_batch = arguments.pop("num_items_in_batch", None)
+    ignore_index = arguments.pop("ignore_index", -100)
+    shift_labels = arguments.pop("shift_labels", None)
+    outputs = self.model(**arguments, return_dict=True)
     hidden = outputs.last_hidden_state
-    # Hugging Face's ForCausalLMLoss: position t predicts labels[t + 1]; the last position has none.
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(hidden.device)
+    if shift_labels is None:
+        # Hugging Face's ForCausalLMLoss: position t predicts labels[t + 1]; the last has none.
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     h, weight = _matching_dtypes(hidden, self.lm_head.weight)
     bias = getattr(self.lm_head, "bias", None)
     from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
 
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = linear_cross_entropy(h.flatten(0, -2), weight, shifted.flatten(),
+    softcap = getattr(self.config, "final_logit_softcapping", None) or 0.0
+    count_call("linear_cross_entropy")
+    loss = linear_cross_entropy(h.flatten(0, -2), weight, shift_labels.to(hidden.device).flatten(),
                                 bias=bias.to(weight.dtype) if bias is not None else None,
-                                ignore_index=ignore_index, reduction=reduction)
+                                ignore_index=ignore_index, reduction=reduction, softcap=float(softcap))
     if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                  attentions=outputs.attentions)
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    # Everything the base model returned (the cache under its name in this version, hidden states,
+    # attentions) goes through; logits are None, and to_tuple() drops them as HF's own does.
+    fields = _field_names(CausalLMOutputWithPast)
+    extra = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in fields}
+    out = CausalLMOutputWithPast(loss=loss, logits=None, **extra)
+    return out if return_dict else out.to_tuple()
 
 
-def _check_hf_shape(model, family: str) -> None:
+def _check_hf_shape(model, spec: HFFamily) -> None:
     """Fail loudly (naming the version) when the classes no longer look like what we patch."""
     import transformers
 
     problems = []
+    mlp_attrs = ("gate_proj", "up_proj", "down_proj", "act_fn") if spec.mlp == "split" else \
+        ("gate_up_proj", "down_proj", "activation_fn")
     if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model, "lm_head"):
         problems.append("model.model.layers / model.lm_head")
     else:
         for layer in model.model.layers[:1]:
             mlp = getattr(layer, "mlp", None)
-            if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-                problems.append("layer.mlp.{gate,up,down}_proj/act_fn")
-            norm = getattr(layer, "input_layernorm", None)
-            if norm is None or not hasattr(norm, "variance_epsilon") or not hasattr(norm, "weight"):
-                problems.append("layer.input_layernorm.weight/variance_epsilon")
-    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+            if mlp is None or not all(hasattr(mlp, n) for n in mlp_attrs):
+                problems.append(f"layer.mlp.{{{','.join(mlp_attrs)}}}")
+            norm = getattr(layer, "post_attention_layernorm", None)
+            if norm is None or not hasattr(norm, "weight") or not (hasattr(norm, "variance_epsilon") or hasattr(norm, "eps")):
+                problems.append("layer.post_attention_layernorm.weight/variance_epsilon")
+    module = importlib.import_module(f"transformers.models.{spec.module}.modeling_{spec.module}")
     if not callable(getattr(module, "apply_rotary_pos_emb", None)):
-        problems.append(f"modeling_{family}.apply_rotary_pos_emb")
+        problems.append(f"modeling_{spec.module}.apply_rotary_pos_emb")
     if problems:
         raise RuntimeError(
-            f"tokenforge.patch: transformers {transformers.__version__} changed the {family} model classes "
+            f"tokenforge.patch: transformers {transformers.__version__} changed the {spec.module} model classes "
             f"({', '.join(problems)} not found); tokenforge is tested with transformers{TRANSFORMERS_TESTED}. "
             "Install a tested version or use tokenforge.patch(model, ...) options that avoid these parts."
         )
 
 
+def _patch_hf_mlps(model, spec: HFFamily, undo, report) -> None:
+    mlps = [layer.mlp for layer in model.model.layers]
+    act_attr = "act_fn" if spec.mlp == "split" else "activation_fn"
+    activation = _activation_name(getattr(mlps[0], act_attr))
+    if activation is None or (spec.mlp == "packed" and activation != "silu"):
+        report.skipped.append(f"swiglu: {type(mlps[0]).__name__}.{act_attr} is {type(getattr(mlps[0], act_attr)).__name__}, "
+                              "not SiLU or GELU (tanh or exact); its MLP left alone")
+        return
+    for mlp in mlps:
+        if spec.mlp == "packed":
+            undo.set_attr(mlp, "forward", types.MethodType(_hf_packed_mlp_forward, mlp))
+        else:
+            undo.set_attr(mlp, "_tokenforge_activation", activation)
+            undo.set_attr(mlp, "forward", types.MethodType(_hf_mlp_forward, mlp))
+    op = {"silu": "swiglu", "gelu_tanh": "geglu (tanh)", "gelu": "geglu"}[activation]
+    kernel = "tokenforge.ops.swiglu_packed" if spec.mlp == "packed" else f"tokenforge.ops.{op.split()[0]}"
+    report.patched.append(f"swiglu: {len(mlps)} {type(mlps[0]).__name__}.forward -> {kernel} ({op})")
+
+
 def _patch_hf(model, family: str, undo, report, opts) -> None:
-    _check_hf_shape(model, family)
-    module_name = f"transformers.models.{family}.modeling_{family}"
+    spec = next(_HF_FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in _HF_FAMILIES)
+    _check_hf_shape(model, spec)
+    module_name = f"transformers.models.{spec.module}.modeling_{spec.module}"
     modeling = importlib.import_module(module_name)
     norm_cls = getattr(modeling, f"{type(model).__name__[: -len('ForCausalLM')]}RMSNorm")
     if opts["rms_norm"]:
-        _replace_rms_norms(model, undo, report, (norm_cls,), HFRMSNorm)
+        _replace_rms_norms(model, undo, report, (norm_cls,), lambda m: HFRMSNorm(m, spec.norm),
+                           f"tokenforge.ops.rms_norm ({spec.norm} semantics)")
     if opts["swiglu"]:
-        act = getattr(model.config, "hidden_act", None)
-        if act not in ("silu", "swish"):
-            report.skipped.append(f"swiglu: hidden_act is {act!r}, not silu")
-        else:
-            mlps = [layer.mlp for layer in model.model.layers]
-            for mlp in mlps:
-                undo.set_attr(mlp, "forward", types.MethodType(_hf_mlp_forward, mlp))
-            report.patched.append(f"swiglu: {len(mlps)} {type(mlps[0]).__name__}.forward -> tokenforge.ops.swiglu")
+        _patch_hf_mlps(model, spec, undo, report)
     if opts["rope"]:
         _patch_global(undo, module_name, "apply_rotary_pos_emb", _hf_apply_rotary_pos_emb)
         report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
@@ -368,9 +540,12 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
                                   "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
     if opts["cross_entropy"]:
         undo.set_attr(model, "_tokenforge_original_forward", model.forward)
-        undo.set_attr(model, "forward", types.MethodType(_hf_causal_lm_forward, model))
+        undo.set_attr(model, "_tokenforge_forward_signature", inspect.signature(model.forward))
+        undo.set_attr(model, "forward", types.MethodType(_with_signature_of(type(model).forward, _hf_causal_lm_forward), model))
+        softcap = getattr(model.config, "final_logit_softcapping", None)
         report.patched.append(f"cross_entropy: {type(model).__name__}.forward loss -> tokenforge.ops.linear_cross_entropy "
-                              "(no logits when labels are given)")
+                              "while training with labels (no logits then; eval mode returns logits)"
+                              + (f", final logit softcap {softcap} fused" if softcap else ""))
     _patch_hf_experts(model, undo, report, opts)
 
 
@@ -386,18 +561,8 @@ def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     xs, offs, order, _ = moe_permute(hidden_states, top_k_index.clamp(max=n - 1), n)
     gate_up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs, check_offs=False)
     ys = grouped_mm(swiglu_packed(gate_up), self.down_proj.transpose(1, 2), offs, check_offs=False)
+    count_call("grouped_mm")
     return moe_unpermute(ys, order, top_k_weights * local).to(hidden_states.dtype)
-
-
-def _is_silu(act) -> bool:
-    """True when ``act`` computes SiLU (nn.SiLU, transformers' SiLUActivation, ...): checked on values."""
-    if not callable(act):
-        return False
-    probe = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0])
-    try:
-        return bool(torch.allclose(act(probe), torch.nn.functional.silu(probe), atol=1e-6))
-    except Exception:  # an activation that cannot take a CPU tensor is not one we can vouch for
-        return False
 
 
 def _patch_hf_experts(model, undo, report, opts) -> None:
@@ -484,7 +649,7 @@ def _family(model: nn.Module) -> str:
         return "tokenforge"
     for cls in type(model).__mro__:
         if cls.__name__ in _HF_FAMILIES and cls.__module__.startswith("transformers."):
-            return _HF_FAMILIES[cls.__name__]
+            return _HF_FAMILIES[cls.__name__].module
     return "generic"
 
 
@@ -494,6 +659,10 @@ def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, ro
     return a report of what was patched and what was skipped, and why."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tokenforge.patch expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, "_tokenforge_auto_patched", False):
+        # Patched by `tokenforge run` when it was built: the script's own call, with its options, wins.
+        unpatch(model)
+        object.__delattr__(model, "_tokenforge_auto_patched")
     if getattr(model, _UNDO_ATTR, None) is not None:
         raise RuntimeError("tokenforge.patch: this model is already patched; call tokenforge.unpatch(model) first")
     opts = dict(attention=attention, rms_norm=rms_norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy, moe=moe)

@@ -13,7 +13,8 @@ from tokenforge.ops.rms_norm import rms_norm
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the trailing ``normalized_shape`` dims, same signature as torch.nn.RMSNorm, except
-    that the default eps is 1e-6 (LLaMA's); ``eps=None`` means torch.finfo(x.dtype).eps like torch."""
+    that the default eps is 1e-6 (LLaMA's); ``eps=None`` means torch.finfo(x.dtype).eps like torch.
+    ``offset=1.0`` is Gemma's norm: scale by ``1 + weight`` (in fp32), weights initialised to zero."""
 
     def __init__(
         self,
@@ -23,6 +24,7 @@ class RMSNorm(torch.nn.Module):
         device=None,
         dtype=None,
         *,
+        offset: float = 0.0,
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
@@ -33,6 +35,7 @@ class RMSNorm(torch.nn.Module):
             raise ValueError(f"RMSNorm: normalized_shape must be positive sizes, got {normalized_shape}")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
+        self.offset = float(offset)
         self.backend = backend
         if elementwise_affine:
             self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
@@ -42,7 +45,8 @@ class RMSNorm(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
-            torch.nn.init.ones_(self.weight)
+            # The identity scale: weight 1, or 0 under an offset of 1 (offset + weight = 1).
+            torch.nn.init.constant_(self.weight, 1.0 - self.offset)
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm, *, backend: Optional[str] = None) -> "RMSNorm":
@@ -60,12 +64,13 @@ class RMSNorm(torch.nn.Module):
             )
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if k == 1:
-            return rms_norm(x, self.weight, eps, backend=self.backend)
+            return rms_norm(x, self.weight, eps, offset=self.offset, backend=self.backend)
         # Several normalised dims: flatten them into one row of length prod(normalized_shape).
         n = math.prod(self.normalized_shape)
         weight = self.weight.reshape(n) if self.weight is not None else None
-        y = rms_norm(x.reshape(*x.shape[:-k], n), weight, eps, backend=self.backend)
+        y = rms_norm(x.reshape(*x.shape[:-k], n), weight, eps, offset=self.offset, backend=self.backend)
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        offset = f", offset={self.offset}" if self.offset else ""
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}"

@@ -9,7 +9,7 @@ from tokenforge.ops.newton_schulz import newton_schulz, newton_schulz_reference
 from tokenforge.ops.grouped_mm import grouped_mm, grouped_mm_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
 from tokenforge.ops.rope import rope, rope_reference
-from tokenforge.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
+from tokenforge.ops.swiglu import geglu, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
 
 __all__ = [
     "add_rms_norm",
@@ -34,6 +34,7 @@ __all__ = [
     "rms_norm_reference",
     "rope",
     "rope_reference",
+    "geglu",
     "swiglu",
     "swiglu_packed",
     "swiglu_packed_reference",

@@ -9,6 +9,8 @@ differentiated by autograd.
 
 Semantics follow ``torch.nn.functional.rms_norm``: y has x's dtype, the statistics are computed in
 fp32 (or in float64 for float64 inputs on the torch backend), dweight has weight's dtype.
+``offset`` scales by ``(offset + weight)`` instead of ``weight``, the sum taken in fp32 (Gemma's
+RMSNorm: ``offset=1.0`` with zero-initialised weights, ``(x_hat * (1 + w.float())).to(x.dtype)``).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ OP = "rms_norm"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
+                       offset: float = 0.0) -> torch.Tensor:
     """Plain PyTorch RMSNorm over the last dim: the oracle of the tests, the CPU fallback and the
     eager baseline of the benchmarks. Low-precision inputs are upcast to fp32; float64 stays float64."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute)
     y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.to(compute)
+        y = y * (weight.to(compute) + offset)
     return y.to(x.dtype)
 
 
@@ -156,13 +159,23 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), (dw if w is not None else None), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *, backend: Optional[str] = None) -> torch.Tensor:
-    """RMSNorm of x (..., n) over its last dim times weight (n,) or None; fp32/fp16/bf16 (float64 on
-    the torch backend); returns x's shape and dtype. ``backend`` forces triton, cuda or torch."""
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *, offset: float = 0.0,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """RMSNorm of x (..., n) over its last dim times weight (n,) or None (times ``offset + weight``
+    when offset is given: Gemma's ``offset=1.0``); fp32/fp16/bf16 (float64 on the torch backend);
+    returns x's shape and dtype. ``backend`` forces triton, cuda or torch."""
     _check_inputs(x, weight, eps)
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or offset != offset:
+        raise ValueError(f"rms_norm: offset must be a float (1.0 for Gemma's (1 + weight)), got {offset!r}")
+    if offset and weight is None:
+        raise ValueError("rms_norm: offset needs a weight (it scales by offset + weight); pass weight or offset=0")
     if x.numel() == 0:
-        return rms_norm_reference(x, weight, eps)
+        return rms_norm_reference(x, weight, eps, offset)
     name = backends.choose(OP, x, weight, backend=backend)
     if name == "torch":
-        return rms_norm_reference(x, weight, eps)
+        return rms_norm_reference(x, weight, eps, offset)
+    if offset:
+        # The kernels take any weight dtype and multiply in fp32: an fp32 (offset + weight) is
+        # exactly Gemma's, and autograd carries dweight back through the sum to weight's dtype.
+        weight = weight.float() + offset
     return RMSNormFunction.apply(x, weight, eps, name)

@@ -1,10 +1,12 @@
-"""SwiGLU: ``silu(gate) * up``, elementwise, the gated activation of a LLaMA MLP.
+"""SwiGLU: ``silu(gate) * up``, elementwise, the gated activation of a LLaMA MLP; and GeGLU,
+``gelu(gate) * up`` (Gemma's, tanh-approximated GELU by default), on the same kernels.
 
-Path of a call: :func:`swiglu` / :func:`swiglu_packed` validate and pick a backend ->
+Path of a call: :func:`swiglu` / :func:`swiglu_packed` / :func:`geglu` validate and pick a backend ->
 :class:`SwiGLUFunction` / :class:`SwiGLUPackedFunction` (autograd; save only the inputs, the
-backward recomputes sigmoid(gate)) -> the custom ops ``tokenforge::swiglu_fwd`` / ``_bwd`` and
-``tokenforge::swiglu_packed_fwd`` / ``_bwd`` -> ``tokenforge.kernels.swiglu`` (Triton). The
-``torch`` backend is :func:`swiglu_reference`, differentiated by autograd.
+backward recomputes the activation from gate) -> the custom ops ``tokenforge::swiglu_fwd`` / ``_bwd``
+and ``tokenforge::swiglu_packed_fwd`` / ``_bwd`` (their ``activation`` argument picks silu,
+gelu_tanh or gelu) -> ``tokenforge.kernels.swiglu`` (Triton). The ``torch`` backend is
+:func:`gated_reference`, differentiated by autograd.
 
 The packed form takes the output of one fused gate/up projection, ``gate_up`` (..., 2*hidden):
 the first half of the last dim is gate, the second half up (``torch.cat([gate, up], -1)``, i.e.
@@ -28,17 +30,31 @@ OP = "swiglu"
 OP_PACKED = "swiglu_packed"
 
 
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch ``silu(gate) * up``: the oracle of the tests, the CPU fallback and the eager
-    baseline of the benchmarks. Low-precision inputs are computed in fp32; float64 stays float64."""
+# The kernels' ACTIVATION names and what each computes in PyTorch.
+ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+}
+
+
+def gated_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Plain PyTorch ``act(gate) * up`` (act from ACTIVATIONS): the oracle of the tests, the CPU
+    fallback and the eager baseline of the benchmarks. Low-precision inputs are computed in fp32;
+    float64 stays float64."""
     compute = torch.float64 if gate.dtype == torch.float64 else torch.float32
-    return (torch.nn.functional.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
+    return (ACTIVATIONS[activation](gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
-def swiglu_packed_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """:func:`swiglu_reference` of the two halves of gate_up (..., 2*hidden): gate first, then up."""
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch ``silu(gate) * up`` (:func:`gated_reference` with silu)."""
+    return gated_reference(gate, up, "silu")
+
+
+def swiglu_packed_reference(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """:func:`gated_reference` of the two halves of gate_up (..., 2*hidden): gate first, then up."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return swiglu_reference(gate, up)
+    return gated_reference(gate, up, activation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,18 +72,18 @@ def _check_float(name: str, what: str, t) -> None:
         )
 
 
-def _check_inputs(gate, up) -> None:
-    _check_float("swiglu", "gate", gate)
-    _check_float("swiglu", "up", up)
+def _check_inputs(gate, up, name: str = "swiglu") -> None:
+    _check_float(name, "gate", gate)
+    _check_float(name, "up", up)
     if gate.shape != up.shape:
         raise ValueError(
-            f"swiglu: gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}; they must match "
+            f"{name}: gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}; they must match "
             "(for one packed (..., 2*hidden) projection output use tokenforge.ops.swiglu_packed)"
         )
     if gate.dtype != up.dtype:
-        raise TypeError(f"swiglu: gate is {gate.dtype} but up is {up.dtype}; cast one, e.g. up.to(gate.dtype)")
+        raise TypeError(f"{name}: gate is {gate.dtype} but up is {up.dtype}; cast one, e.g. up.to(gate.dtype)")
     if gate.device != up.device:
-        raise ValueError(f"swiglu: gate is on {gate.device} but up is on {up.device}; move both to the same device")
+        raise ValueError(f"{name}: gate is on {gate.device} but up is on {up.device}; move both to the same device")
 
 
 def _check_packed(gate_up) -> None:
@@ -111,90 +127,91 @@ LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.swiglu")
 
 
 @torch.library.custom_op("tokenforge::swiglu_fwd", mutates_args=())
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
-    return LAUNCHERS[backend].swiglu_forward(gate, up)
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str, activation: str = "silu") -> torch.Tensor:
+    return LAUNCHERS[backend].swiglu_forward(gate, up, activation=activation)
 
 
 @swiglu_fwd.register_fake
-def _(gate, up, backend):
+def _(gate, up, backend, activation="silu"):
     return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("tokenforge::swiglu_bwd", mutates_args=())
-def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str,
+               activation: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(up, memory_format=torch.contiguous_format)
-    LAUNCHERS[backend].swiglu_backward(dy, gate, up, dgate, dup)
+    LAUNCHERS[backend].swiglu_backward(dy, gate, up, dgate, dup, activation=activation)
     return dgate, dup
 
 
 @swiglu_bwd.register_fake
-def _(dy, gate, up, backend):
+def _(dy, gate, up, backend, activation="silu"):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 @torch.library.custom_op("tokenforge::swiglu_packed_fwd", mutates_args=())
-def swiglu_packed_fwd(gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+def swiglu_packed_fwd(gate_up: torch.Tensor, backend: str, activation: str = "silu") -> torch.Tensor:
     hidden = gate_up.shape[1] // 2
-    return LAUNCHERS[backend].swiglu_forward(gate_up[:, :hidden], gate_up[:, hidden:])
+    return LAUNCHERS[backend].swiglu_forward(gate_up[:, :hidden], gate_up[:, hidden:], activation=activation)
 
 
 @swiglu_packed_fwd.register_fake
-def _(gate_up, backend):
+def _(gate_up, backend, activation="silu"):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
 @torch.library.custom_op("tokenforge::swiglu_packed_bwd", mutates_args=())
-def swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+def swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor, backend: str, activation: str = "silu") -> torch.Tensor:
     hidden = gate_up.shape[1] // 2
     dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     LAUNCHERS[backend].swiglu_backward(dy, gate_up[:, :hidden], gate_up[:, hidden:],
-                                        dgate_up[:, :hidden], dgate_up[:, hidden:])
+                                        dgate_up[:, :hidden], dgate_up[:, hidden:], activation=activation)
     return dgate_up
 
 
 @swiglu_packed_bwd.register_fake
-def _(dy, gate_up, backend):
+def _(dy, gate_up, backend, activation="silu"):
     return gate_up.new_empty(gate_up.shape)
 
 
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """Autograd for the kernel backends: saves gate and up only; sigmoid(gate) is recomputed."""
+    """Autograd for the kernel backends: saves gate and up only; the activation is recomputed."""
 
     @staticmethod
-    def forward(ctx, gate, up, backend):
+    def forward(ctx, gate, up, backend, activation="silu"):
         g2, u2 = rows_view(gate), rows_view(up)
-        y = torch.ops.tokenforge.swiglu_fwd(g2, u2, backend)
+        y = torch.ops.tokenforge.swiglu_fwd(g2, u2, backend, activation)
         ctx.save_for_backward(g2, u2)
-        ctx.backend = backend
+        ctx.backend, ctx.activation = backend, activation
         ctx.shape = gate.shape
         return y.view(gate.shape)
 
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        dg, du = torch.ops.tokenforge.swiglu_bwd(rows_view(dy.to(g2.dtype)), g2, u2, ctx.backend)
-        return dg.view(ctx.shape), du.view(ctx.shape), None
+        dg, du = torch.ops.tokenforge.swiglu_bwd(rows_view(dy.to(g2.dtype)), g2, u2, ctx.backend, ctx.activation)
+        return dg.view(ctx.shape), du.view(ctx.shape), None, None
 
 
 class SwiGLUPackedFunction(torch.autograd.Function):
     """Autograd of the packed form: saves gate_up only; its gradient is one packed tensor."""
 
     @staticmethod
-    def forward(ctx, gate_up, backend):
+    def forward(ctx, gate_up, backend, activation="silu"):
         gu2 = rows_view(gate_up)
-        y = torch.ops.tokenforge.swiglu_packed_fwd(gu2, backend)
+        y = torch.ops.tokenforge.swiglu_packed_fwd(gu2, backend, activation)
         ctx.save_for_backward(gu2)
-        ctx.backend = backend
+        ctx.backend, ctx.activation = backend, activation
         ctx.shape = gate_up.shape
         return y.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, dy):
         (gu2,) = ctx.saved_tensors
-        dgu = torch.ops.tokenforge.swiglu_packed_bwd(rows_view(dy.to(gu2.dtype)), gu2, ctx.backend)
-        return dgu.view(ctx.shape), None
+        dgu = torch.ops.tokenforge.swiglu_packed_bwd(rows_view(dy.to(gu2.dtype)), gu2, ctx.backend, ctx.activation)
+        return dgu.view(ctx.shape), None, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -220,3 +237,22 @@ def swiglu_packed(gate_up: torch.Tensor, *, backend: Optional[str] = None) -> to
     if name == "torch":
         return swiglu_packed_reference(gate_up)
     return SwiGLUPackedFunction.apply(gate_up, name)
+
+
+GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu"}
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
+          backend: Optional[str] = None) -> torch.Tensor:
+    """``gelu(gate, approximate) * up`` (GeGLU; Gemma's MLP uses approximate='tanh', Hugging Face's
+    ``gelu_pytorch_tanh``), same shapes, dtypes and backends as :func:`swiglu`."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"geglu: approximate must be 'tanh' or 'none' (as torch.nn.functional.gelu), got {approximate!r}")
+    activation = GELU_APPROXIMATIONS[approximate]
+    _check_inputs(gate, up, "geglu")
+    if gate.numel() == 0:
+        return gated_reference(gate, up, activation)
+    name = backends.choose(OP, gate, up, backend=backend)
+    if name == "torch":
+        return gated_reference(gate, up, activation)
+    return SwiGLUFunction.apply(gate, up, name, activation)

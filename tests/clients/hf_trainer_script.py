@@ -1,0 +1,67 @@
+"""A small, unmodified Hugging Face Trainer script (no tokenforge in it): a tiny Llama built from a
+config, three training steps, then evaluate() with an accuracy compute_metrics. It prints one JSON
+line of metrics (and writes it to --out): tests/test_run.py runs it plain and under
+`tokenforge run` and compares the two."""
+
+import argparse
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    def __init__(self, n, seq_len, vocab, seed):
+        g = torch.Generator().manual_seed(seed)
+        # A learnable pattern (each token is the previous plus one) with a little noise.
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.ids = (start + torch.arange(seq_len)) % vocab
+        noise = torch.rand(n, seq_len, generator=g) < 0.1
+        self.ids[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def compute_metrics(eval_pred):
+    logits, labels = eval_pred
+    predictions = logits.argmax(-1)[:, :-1]
+    targets = labels[:, 1:]
+    return {"accuracy": float((predictions == targets).mean()), "n_predictions": int(logits.size)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=4,
+        per_device_eval_batch_size=4, learning_rate=3e-3, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=TokenBlocks(32, 24, 128, 1),
+                      eval_dataset=TokenBlocks(8, 24, 128, 2), compute_metrics=compute_metrics)
+    train = trainer.train()
+    metrics = trainer.evaluate()
+    result = {"train_loss": train.training_loss, "eval_loss": metrics["eval_loss"],
+              "eval_accuracy": metrics["eval_accuracy"], "eval_n_predictions": metrics["eval_n_predictions"],
+              "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                                else trainer.optimizer).__module__}
+    print(json.dumps(result))
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""`tokenforge run script.py`: unmodified client scripts (tests/clients/) give the plain run's numbers
+with tokenforge's kernels put in before their imports, and the report says what was patched,
+routed and left alone."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenforge import run as tf_run
+
+CLIENTS = os.path.join(os.path.dirname(__file__), "clients")
+HF_SCRIPT = os.path.join(CLIENTS, "hf_trainer_script.py")
+NANOGPT_SCRIPT = os.path.join(CLIENTS, "nanogpt_script.py")
+
+transformers = pytest.importorskip("transformers")
+
+
+def _env():
+    env = dict(os.environ)
+    # CPU tensors take the Triton kernels only under the interpreter (as the tests do).
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def _run(cmd, tmp_path, timeout=900):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=timeout)
+    return out
+
+
+def _script_result(prefix, script, tmp_path, *extra):
+    """Run ``script`` (with ``prefix`` before it: nothing, or a tokenforge run command) and return
+    (its JSON result, the completed process)."""
+    out_json = tmp_path / f"result{len(list(tmp_path.iterdir()))}.json"
+    args = [str(script), "--out", str(out_json), *extra]
+    proc = _run([*prefix, *args], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out_json.read_text()), proc
+
+
+def test_hf_trainer_script_same_metrics_under_tokenforge_run(tmp_path):
+    plain, _ = _script_result([sys.executable], HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "plain"))
+    report_path = tmp_path / "report.json"
+    routed, proc = _script_result([sys.executable, "-m", "tokenforge.run", "--optimizer", "--report", str(report_path)],
+                                  HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "routed"))
+    # fp32 end to end: the fused loss, norm, SwiGLU and AdamW agree with PyTorch's to rounding.
+    assert routed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    assert routed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-4)
+    # evaluate() got every logit (the fused loss did not swallow them) and the same predictions.
+    assert routed["eval_n_predictions"] == plain["eval_n_predictions"] == 8 * 24 * 128
+    assert routed["eval_accuracy"] == pytest.approx(plain["eval_accuracy"], abs=1.5 / (8 * 23))
+    assert plain["optimizer"].startswith("torch") and routed["optimizer"].startswith("tokenforge")
+
+    report = json.loads(report_path.read_text())
+    assert report["exit_status"] == 0 and report["optimizer"] is True
+    [model] = report["models"]
+    assert model["model"] == "LlamaForCausalLM" and model["family"] == "llama"
+    joined = " ".join(model["patched"])
+    for part in ("rms_norm", "rope", "swiglu", "linear_cross_entropy"):
+        assert part in joined, (part, model["patched"])
+    calls = report["calls"]
+    for op in ("linear_cross_entropy", "rms_norm", "swiglu", "rope"):
+        assert calls.get(op, 0) > 0, (op, calls)
+    assert report["optimizers"] == {"tokenforge.optim.AdamW": 1}
+    # The same report on stderr, for a person.
+    assert "patched LlamaForCausalLM" in proc.stderr and "calls  linear_cross_entropy" in proc.stderr
+
+
+def test_nanogpt_script_same_losses_and_sdpa_routed(tmp_path):
+    plain, _ = _script_result([sys.executable], NANOGPT_SCRIPT, tmp_path)
+    report_path = tmp_path / "report.json"
+    cli = shutil.which("tokenforge", path=os.path.dirname(sys.executable))
+    prefix = [cli, "run"] if cli else [sys.executable, "-m", "tokenforge", "run"]
+    routed, _ = _script_result([*prefix, "--optimizer", "--report", str(report_path)], NANOGPT_SCRIPT, tmp_path)
+    assert len(routed["losses"]) == len(plain["losses"]) == 3
+    # bf16 autocast: attention in the kernel vs PyTorch's rounds differently; the first loss sees
+    # only the forward, the later ones one and two optimizer steps.
+    for a, b in zip(routed["losses"], plain["losses"]):
+        assert a == pytest.approx(b, rel=2e-2)
+    assert routed["optimizer"].startswith("tokenforge")
+    report = json.loads(report_path.read_text())
+    assert report["models"] == []  # a model of its own: nothing to patch, its SDPA calls are routed
+    assert report["calls"]["attention (sdpa routed)"] > 0
+    assert report["calls"]["attention (sdpa passed through to PyTorch)"] == 0
+    assert report["optimizers"] == {"tokenforge.optim.AdamW": 1}
+
+
+def test_kernels_none_runs_plain_and_counts_nothing(tmp_path):
+    report_path = tmp_path / "report.json"
+    result, proc = _script_result([sys.executable, "-m", "tokenforge.run", "--kernels", "none", "--quiet",
+                                   "--report", str(report_path)], NANOGPT_SCRIPT, tmp_path, "--steps", "1")
+    report = json.loads(report_path.read_text())
+    assert report["kernels"] == [] and report["calls"] == {} and report["optimizers"] == {}
+    assert result["optimizer"].startswith("torch")
+    assert "tokenforge run:" not in proc.stderr  # --quiet
+
+
+def test_bad_usage_is_one_line_and_exit_2(tmp_path):
+    for args, needle in ((["--kernels", "attn,bogus", NANOGPT_SCRIPT], "unknown part"),
+                         ([str(tmp_path / "missing.py")], "no such script"),
+                         (["--report", str(tmp_path / "no" / "dir" / "r.json"), NANOGPT_SCRIPT], "does not exist")):
+        proc = _run([sys.executable, "-m", "tokenforge.run", *args], tmp_path, timeout=300)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_failing_script_keeps_its_exit_status_and_writes_the_report(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint('working')\nsys.exit(3)\n")
+    report_path = tmp_path / "r.json"
+    proc = _run([sys.executable, "-m", "tokenforge.run", "--report", str(report_path), str(script)], tmp_path, 300)
+    assert proc.returncode == 3 and "working" in proc.stdout
+    assert json.loads(report_path.read_text())["exit_status"] == 3
+    script.write_text("raise RuntimeError('the script broke')\n")
+    proc = _run([sys.executable, "-m", "tokenforge.run", "--report", str(report_path), str(script)], tmp_path, 300)
+    assert proc.returncode == 1 and "the script broke" in proc.stderr
+    assert json.loads(report_path.read_text())["exit_status"] == 1
+
+
+def test_script_sees_its_own_argv_and_main(tmp_path):
+    script = tmp_path / "echo.py"
+    script.write_text("import json, sys\nif __name__ == '__main__':\n"
+                      "    print(json.dumps(sys.argv))\n")
+    proc = _run([sys.executable, "-m", "tokenforge.run", "--quiet", str(script), "--lr", "3", "x"], tmp_path, 300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip()) == [str(script), "--lr", "3", "x"]
+
+
+def _tiny_llama_config(**kw):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, **kw)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def test_session_patches_every_way_a_model_is_built_and_uninstall_restores():
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, LlamaModel
+    from transformers.modeling_utils import PreTrainedModel
+
+    post_init, from_config = PreTrainedModel.__dict__["post_init"], PreTrainedModel.__dict__["_from_config"]
+    torch_adamw = torch.optim.AdamW
+    session = tf_run.Session(tf_run.parse_kernels("all"), optimizer=True)
+    session.install()
+    try:
+        direct = LlamaForCausalLM(_tiny_llama_config())
+        built = AutoModelForCausalLM.from_config(_tiny_llama_config())
+        bare = LlamaModel(_tiny_llama_config())  # no causal-LM head: not a family patch knows
+        for m in (direct, built):
+            assert getattr(m, "_tokenforge_undo", None) is not None
+        assert getattr(bare, "_tokenforge_undo", None) is None
+        opt = torch.optim.AdamW(direct.parameters(), lr=1e-3)
+        assert isinstance(opt, torch.optim.AdamW) and type(opt).__module__.startswith("tokenforge")
+        kept = torch.optim.AdamW(direct.parameters(), lr=1e-3, differentiable=True)  # the fused one refuses it
+        assert type(kept) is torch_adamw
+        report = session.report()
+        assert [m["model"] for m in report["models"]] == ["LlamaForCausalLM", "LlamaForCausalLM"]
+        assert "LlamaModel" in report["left_alone"]
+        assert "differentiable" in report["left_alone"]["optimizer"]
+        assert report["optimizers"] == {"tokenforge.optim.AdamW": 1, "torch.optim.AdamW": 1}
+    finally:
+        session.uninstall()
+    assert PreTrainedModel.__dict__["post_init"] is post_init
+    assert PreTrainedModel.__dict__["_from_config"] is from_config
+    assert torch.optim.AdamW is torch_adamw
+    after = LlamaForCausalLM(_tiny_llama_config())
+    assert getattr(after, "_tokenforge_undo", None) is None
+
+
+def test_script_patch_call_replaces_the_automatic_one():
+    """A script that calls tokenforge.patch itself gets its own options, not an error."""
+    import tokenforge
+    from transformers import LlamaForCausalLM
+
+    session = tf_run.Session(tf_run.parse_kernels("all"), optimizer=False)
+    session.install()
+    try:
+        model = LlamaForCausalLM(_tiny_llama_config())
+        report = tokenforge.patch(model, attention=False, cross_entropy=False)
+        assert not any("linear_cross_entropy" in p for p in report.patched)
+        tokenforge.unpatch(model)
+        assert getattr(model, "_tokenforge_undo", None) is None
+    finally:
+        session.uninstall()
