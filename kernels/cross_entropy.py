@@ -12,6 +12,19 @@ Per row (one token) with target t, label smoothing eps, z-loss weight z and V cl
 so no host sync), times an optional per-row factor (the upstream gradient of reduction 'none' in
 the fused linear cross-entropy). All arithmetic is fp32 whatever the logits' dtype.
 
+Class weights w (torch's ``weight=``), with W = sum_j w_j: the cross-entropy part becomes
+
+    ce   = (1 - eps) * w[t] * (lse - x[t]) + eps / V * (W * lse - sum_j w_j x_j)
+    dx_j = softmax(x)_j * ((1 - eps) w[t] + eps W / V) * ce_scale + softmax(x)_j * 2 z lse * z_scale
+           - ((1 - eps) w[t] [j == t] + eps / V * w_j) * ce_scale
+
+where 'mean' divides the cross-entropy part by the sum of w[t] over non-ignored tokens (torch's
+rule) and the z-loss part by their number (it is not a class loss); unweighted, both are the count
+and the formulas above reduce to the ones before. With ``SPLIT_Z`` the per-row z-loss term goes to
+its own output (for ``return_z_loss`` and for the two denominators) and LOSS holds the rest. With
+``HAS_ACC`` a per-row 1.0 / 0.0 says whether the first argmax of the logits (as given, before the
+softcap, which only adds ties) is the target.
+
 Pass 1 reads the row once (max, sum of exponentials, sum of x); pass 2 reads it again (mostly from
 L2) and writes the gradient, so the backward never touches the logits: autograd only rescales the
 saved gradient by grad_output (:func:`scale_rows_`). The gradient may be written over the logits
@@ -56,10 +69,11 @@ def _sech2(y):
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    LOGITS, TARGET, LOSS, DLOGITS, N_VALID, ROW_SCALE,
+    LOGITS, TARGET, LOSS, DLOGITS, N_VALID, ROW_SCALE, CLASS_WEIGHT, W_VALID, Z_ROWS, ACC_ROWS,
     V, stride_l, stride_d, ignore_index, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLIT_Z: tl.constexpr, HAS_ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     l_row = LOGITS + row * stride_l
@@ -68,6 +82,10 @@ def _cross_entropy_fwd_kernel(
 
     if target == ignore_index:
         tl.store(LOSS + row, 0.0)
+        if SPLIT_Z:
+            tl.store(Z_ROWS + row, 0.0)
+        if HAS_ACC:
+            tl.store(ACC_ROWS + row, 0.0)
         if COMPUTE_GRAD:
             for start in range(0, V, BLOCK_V):
                 col = start + tl.arange(0, BLOCK_V)
@@ -76,37 +94,76 @@ def _cross_entropy_fwd_kernel(
         in_range = (target >= 0) & (target < V)
         safe_target = tl.where(in_range, target, 0)
 
-        # Pass 1: online logsumexp and the sum of x (for label smoothing).
+        # Pass 1: online logsumexp, the sum of x (label smoothing), with class weights their sum and
+        # the weighted sum of x, and the first argmax of the raw logits (token accuracy).
         m = -float("inf")
         d = 0.0
         s = 0.0
+        sw = 0.0
+        swx = 0.0
+        best = -float("inf")
+        best_col = V
         for start in range(0, V, BLOCK_V):
             col = start + tl.arange(0, BLOCK_V)
             mask = col < V
             x = tl.load(l_row + col, mask=mask, other=-float("inf")).to(tl.float32)
+            if HAS_ACC:
+                blk_best = tl.max(x, axis=0)
+                blk_col = tl.min(tl.where(mask & (x == blk_best), col, V), axis=0)
+                best_col = tl.where(blk_best > best, blk_col, best_col)  # strict: earlier ties win
+                best = tl.maximum(best, blk_best)
             if HAS_SOFTCAP:
                 x = tl.where(mask, softcap * tanh(x / softcap), -float("inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            s += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            xz = tl.where(mask, x, 0.0)
+            s += tl.sum(xz, axis=0)
+            if HAS_WEIGHT:
+                w = tl.load(CLASS_WEIGHT + col, mask=mask, other=0.0)
+                sw += tl.sum(w, axis=0)
+                swx += tl.sum(w * xz, axis=0)
             m = m_new
         lse = m + tl.log(d)
 
         x_t = tl.load(l_row + safe_target).to(tl.float32)
         if HAS_SOFTCAP:
             x_t = softcap * tanh(x_t / softcap)
-        loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * s + z_loss * lse * lse
-        loss = tl.where(in_range, loss, float("nan"))
-        tl.store(LOSS + row, loss)
+        w_t = 1.0
+        if HAS_WEIGHT:
+            w_t = tl.load(CLASS_WEIGHT + safe_target)
+            ce = (1.0 - label_smoothing) * w_t * (lse - x_t) + label_smoothing / V * (sw * lse - swx)
+        else:
+            ce = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * s
+        zl = z_loss * lse * lse
+        nan = float("nan")
+        if SPLIT_Z:
+            tl.store(LOSS + row, tl.where(in_range, ce, nan))
+            tl.store(Z_ROWS + row, tl.where(in_range, zl, nan))
+        else:
+            tl.store(LOSS + row, tl.where(in_range, ce + zl, nan))
+        if HAS_ACC:
+            tl.store(ACC_ROWS + row, tl.where(in_range, tl.where(best_col == target, 1.0, 0.0), nan))
 
         if COMPUTE_GRAD:
-            scale = tl.where(in_range, 1.0, float("nan"))
-            if MEAN:
-                scale = scale / tl.load(N_VALID)
+            scale = tl.where(in_range, 1.0, nan)
             if HAS_ROW_SCALE:
                 scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
-            p_scale = 1.0 + 2.0 * z_loss * lse
-            smooth = label_smoothing / V
+            ce_scale = scale
+            z_scale = scale
+            if MEAN:
+                z_scale = scale / tl.load(N_VALID)
+                if HAS_WEIGHT:
+                    ce_scale = scale / tl.load(W_VALID)
+                else:
+                    ce_scale = z_scale
+            # d/dx_j = p_j * p_coef - [j == t] * t_coef - smooth * w_j (w_j = 1 unweighted)
+            if HAS_WEIGHT:
+                p_coef = ((1.0 - label_smoothing) * w_t + label_smoothing * sw / V) * ce_scale \
+                    + 2.0 * z_loss * lse * z_scale
+            else:
+                p_coef = ce_scale + 2.0 * z_loss * lse * z_scale
+            t_coef = (1.0 - label_smoothing) * w_t * ce_scale
+            smooth = label_smoothing / V * ce_scale
             # Pass 2: the gradient (reads x again before the same program overwrites it).
             for start in range(0, V, BLOCK_V):
                 col = start + tl.arange(0, BLOCK_V)
@@ -115,11 +172,14 @@ def _cross_entropy_fwd_kernel(
                 if HAS_SOFTCAP:
                     y = x / softcap
                     x = softcap * tanh(y)
-                g = tl.exp(x - lse) * p_scale - smooth
-                g = tl.where(col == safe_target, g - (1.0 - label_smoothing), g)
+                if HAS_WEIGHT:
+                    g = tl.exp(x - lse) * p_coef - smooth * tl.load(CLASS_WEIGHT + col, mask=mask, other=0.0)
+                else:
+                    g = tl.exp(x - lse) * p_coef - smooth
+                g = tl.where(col == safe_target, g - t_coef, g)
                 if HAS_SOFTCAP:
                     g = g * _sech2(y)
-                tl.store(d_row + col, (g * scale).to(DLOGITS.dtype.element_ty), mask=mask)
+                tl.store(d_row + col, g.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,30 +241,47 @@ def cross_entropy_forward(
     row_scale: Optional[torch.Tensor] = None,
     dlogits: Optional[torch.Tensor] = None,
     compute_grad: bool = True,
+    class_weight: Optional[torch.Tensor] = None,
+    weight_valid: Optional[torch.Tensor] = None,
+    z_rows: Optional[torch.Tensor] = None,
+    acc_rows: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(loss, dlogits) for logits (rows, V) with unit column stride and int64 target (rows,).
 
     loss: fp32 (rows,), unreduced (0 for ignored rows). dlogits: the gradient of
     ``sum(loss) / n_valid`` (``n_valid``: fp32 device scalar; None means no division) times
     ``row_scale`` (fp32 (rows,) or None), in logits' dtype, written into ``dlogits`` when given
-    (which may be ``logits`` itself), else into a new tensor; None when not ``compute_grad``."""
+    (which may be ``logits`` itself), else into a new tensor; None when not ``compute_grad``.
+
+    ``class_weight``: fp32 contiguous (V,) class weights; with ``n_valid``, ``weight_valid`` (fp32
+    device scalar, the sum of w[t] over non-ignored rows) divides the cross-entropy part and
+    ``n_valid`` the z-loss part. ``z_rows`` (fp32 (rows,)): when given, the z-loss term is written
+    there and left out of loss. ``acc_rows`` (fp32 (rows,)): 1.0 where the argmax is the target."""
     rows, V = logits.shape
     loss = torch.empty((rows,), dtype=torch.float32, device=logits.device)
     if compute_grad and dlogits is None:
         dlogits = torch.empty((rows, V), dtype=logits.dtype, device=logits.device)
     if rows == 0:
         return loss, dlogits if compute_grad else None
+    if class_weight is not None and n_valid is not None and weight_valid is None:
+        raise ValueError("cross_entropy_forward: class weights with a mean need weight_valid")
     d = dlogits if compute_grad else logits  # never written when COMPUTE_GRAD is False
-    nv = n_valid if n_valid is not None else loss  # never read when MEAN is False
+    # Pointers the constexpr flags leave unread get any tensor of the right device.
+    nv = n_valid if n_valid is not None else loss
     rs = row_scale if row_scale is not None else loss
+    cw = class_weight if class_weight is not None else loss
+    wv = weight_valid if weight_valid is not None else loss
+    zr = z_rows if z_rows is not None else loss
+    ar = acc_rows if acc_rows is not None else loss
     cfg = fwd_config(V)
     with launch_device(logits.device):
         _cross_entropy_fwd_kernel[(rows,)](
-            logits, target, loss, d, nv, rs,
+            logits, target, loss, d, nv, rs, cw, wv, zr, ar,
             V, logits.stride(0), d.stride(0), int(ignore_index),
             float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
             HAS_SOFTCAP=bool(softcap), MEAN=n_valid is not None, HAS_ROW_SCALE=row_scale is not None,
-            COMPUTE_GRAD=compute_grad, **cfg,
+            COMPUTE_GRAD=compute_grad, HAS_WEIGHT=class_weight is not None, SPLIT_Z=z_rows is not None,
+            HAS_ACC=acc_rows is not None, **cfg,
         )
     return loss, dlogits if compute_grad else None
 

@@ -290,13 +290,54 @@ def test_fp32_runs_on_the_reference_and_triton_refuses_it():
     assert torch.equal(attention(q64, k64, v64), attention_reference(q64, k64, v64))
 
 
-@pytest.mark.parametrize("head_dim", [16, 36, 264])
-def test_unsupported_head_dim_is_a_clear_error(head_dim):
-    q, k, v = make_qkv(1, 4, 4, 1, 1, head_dim, torch.float16, "cpu")
-    with pytest.raises(backends.BackendUnavailableError, match=f"head_dim {head_dim}.*backend='torch'"):
+@pytest.mark.parametrize("head_dim", [1, 12, 36, 100, 250])
+def test_any_head_dim_up_to_256_runs_padded(head_dim):
+    """flash_attn takes any head dim <= 256: one the kernel has no tile for is zero-padded to the next
+    it has (zero columns add nothing to q.k, give zero output columns) and sliced back; the scale
+    stays 1/sqrt(true d). Forward and every gradient against float64."""
+    from tokenforge.ops.attention import kernel_head_dim
+
+    assert kernel_head_dim(head_dim) % 8 == 0 and kernel_head_dim(head_dim) >= max(32, head_dim)
+    q, k, v = make_qkv(1, 13, 13, 4, 2, head_dim, torch.bfloat16, "cpu")
+    run_and_check(q, k, v, causal=True)
+    q, k, v = make_qkv(1, 9, 9, 2, 2, head_dim, torch.float16, "cpu")
+    run_and_check(q, k, v, window=(3, 2), softmax_scale=0.3)
+
+
+def test_head_dim_past_256_is_a_clear_error():
+    q, k, v = make_qkv(1, 4, 4, 1, 1, 264, torch.float16, "cpu")
+    with pytest.raises(backends.BackendUnavailableError, match="head_dim 264.*backend='torch'"):
         attention(q, k, v, backend="triton")
     # The reference runs any head dim (auto on CPU falls back to it).
     assert attention(q.float(), k.float(), v.float()).shape == q.shape
+
+
+def test_flash_attn_keywords():
+    """Code written for flash_attn_func / flash_attn_varlen_func runs: its positional order
+    (dropout_p, softmax_scale, causal), window_size, return_attn_probs; what we do not do is refused
+    with what to do."""
+    q, k, v = make_qkv(2, 11, 11, 4, 2, 32, torch.bfloat16, "cpu")
+    ours = attention(q, k, v, causal=True, window=(4, 0), softmax_scale=0.2, return_lse=True)
+    ported = attention(q, k, v, 0.0, 0.2, True, window_size=(4, 0), return_attn_probs=True)
+    assert len(ported) == 3 and ported[2] is None
+    assert torch.equal(ported[0], ours[0]) and torch.equal(ported[1], ours[1])
+    assert torch.equal(attention(q, k, v, 0.0, None, True), attention(q, k, v, causal=True))
+    for kwargs, match in ((dict(dropout_p=0.1), "dropout_p=0.1 is not supported.*dropout_p=0.0"),
+                          (dict(dropout_p=1.5), r"dropout_p must be a float in \[0, 1\)"),
+                          (dict(alibi_slopes=torch.ones(4)), "alibi_slopes is not supported"),
+                          (dict(window=(2, 0), window_size=(3, 0)), "disagree")):
+        with pytest.raises(ValueError, match=match):
+            attention(q, k, v, **kwargs)
+    # varlen, positionally as flash_attn_varlen_func.
+    from tokenforge.ops import attention_varlen
+
+    cu = torch.tensor([0, 5, 11], dtype=torch.int32)
+    qv, kv, vv = (t.reshape(22, *t.shape[2:])[:11] for t in (q, k, v))
+    a = attention_varlen(qv, kv, vv, cu, cu, 6, 6, 0.0, None, True, (2, 0))
+    b = attention_varlen(qv, kv, vv, cu, cu, 6, 6, causal=True, window=(2, 0))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention_varlen(qv, kv, vv, cu, cu, 6, 6, 0.5)
 
 
 def _qkv(b=1, sq=4, sk=4, hq=2, hkv=2, d=32, dtype=torch.float16):

@@ -168,6 +168,116 @@ def test_magnitudes(device, scale):
 
 
 # ---------------------------------------------------------------------------------------------
+# Class weights, return_z_loss, token accuracy (what Liger-Kernel's tests ask of a cross-entropy)
+# ---------------------------------------------------------------------------------------------
+
+
+def weighted_oracle(logits, target, weight, reduction, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+                    ignore_index=-100):
+    """(loss, z-loss, accuracy) in float64 from F.cross_entropy(weight=...) itself (torch's 'mean'
+    over the weights of the targets); z-loss averaged over non-ignored tokens; accuracy of the
+    logits' first argmax."""
+    V = logits.shape[-1]
+    x = logits.double().reshape(-1, V)
+    t = target.reshape(-1)
+    valid = t != ignore_index
+    xs = softcap * torch.tanh(x / softcap) if softcap else x
+    w = weight.double() if weight is not None else None
+    ce = F.cross_entropy(xs, t, weight=w, ignore_index=ignore_index, reduction=reduction if reduction != "none"
+                         else "none", label_smoothing=label_smoothing)
+    z_rows = z_loss * torch.logsumexp(xs, -1) ** 2 * valid
+    acc_rows = ((logits.reshape(-1, V).argmax(-1) == t) & valid).double()
+    n = valid.sum().clamp(min=1)
+    if reduction == "none":
+        return (ce + z_rows).reshape(target.shape), z_rows.reshape(target.shape), acc_rows.reshape(target.shape)
+    z = z_rows.sum() if reduction == "sum" else z_rows.sum() / n
+    return ce + z, z, acc_rows.sum() / n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0)],
+                         ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("V", [7, 1000, 5000])
+def test_class_weights_z_loss_and_accuracy(device, dtype, opts, reduction, V):
+    tokens = 19
+    logits = (torch.randn(tokens, V, device=device) * 3).to(dtype)
+    target = make_target((tokens,), V, device)
+    # A few targets the argmax hits, so accuracy is neither 0 nor 1.
+    hit = torch.arange(tokens, device=device) % 3 == 0
+    target = torch.where(hit & (target != -100), logits.float().argmax(-1), target)
+    weight = torch.rand(V, device=device) * 2 + 0.1
+    for backend in ("triton", "torch"):
+        x = logits.detach().requires_grad_()
+        out = cross_entropy(x, target, weight, reduction=reduction, return_z_loss=True, return_token_accuracy=True,
+                            backend=backend, **opts)
+        xd = logits.detach().double().requires_grad_()
+        ref_loss, ref_z, ref_acc = weighted_oracle(xd, target, weight, reduction, **opts)
+        g = torch.randn_like(ref_loss)
+        out.loss.backward(g.to(out.loss.dtype))
+        ref_loss.backward(g)
+        where = f"{backend} {dtype} V={V} {reduction} {opts}"
+        tol = TOLERANCE[dtype] * (2 if dtype == torch.bfloat16 and kernels.INTERPRETED else 1)
+        assert rel_error(out.loss, ref_loss) <= 1e-5, where
+        assert rel_error(x.grad, xd.grad) <= tol, where
+        assert rel_error(out.z_loss, ref_z.detach()) <= 1e-5 or not opts.get("z_loss"), where
+        assert torch.allclose(out.token_accuracy.double(), ref_acc, rtol=0, atol=1e-7), where  # fp32 fraction
+        assert not out.z_loss.requires_grad and not out.token_accuracy.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_weights_one_wrong_row_fails_and_edge_cases(device):
+    """Per-row bound: one class weight off changes one row's loss and gradient, and the per-row
+    check sees it. All-ignored weighted 'mean' is 0 (not torch's nan); zero-weight classes give
+    zero loss and gradient rows."""
+    V = 300
+    logits = torch.randn(40, V, device=device)
+    target = make_target((40,), V, device, ignore_frac=0.0)
+    weight = torch.rand(V, device=device) + 0.5
+    out = cross_entropy(logits, target, weight, reduction="none", backend="triton")
+    wrong = weight.clone()
+    wrong[target[17]] *= 1.01  # one class's weight off by 1%: that row (and any with that target)
+    ref = weighted_oracle(logits, target, wrong, "none")[0]
+    assert rel_error(out, ref) > 1e-5
+    assert rel_error(out, weighted_oracle(logits, target, weight, "none")[0]) <= 1e-5
+    # Every target ignored: 0, and zero gradients.
+    x = logits.detach().requires_grad_()
+    out = cross_entropy(x, torch.full((40,), -100, device=device), weight, backend="triton")
+    out.backward()
+    assert out.item() == 0.0 and not x.grad.any()
+    # Weight 0 on a row's target (no smoothing): that row contributes nothing.
+    w0 = weight.clone()
+    w0[target[3]] = 0.0
+    x = logits.detach().requires_grad_()
+    out = cross_entropy(x, target, w0, reduction="none", backend="triton")
+    out.sum().backward()
+    rows = target == target[3]
+    assert (out[rows] == 0).all() and not x.grad[rows].any()
+
+
+def test_module_and_refusals_for_the_new_options():
+    V = 30
+    x = torch.randn(12, V)
+    t = make_target((12,), V, "cpu")
+    w = torch.rand(V) + 0.5
+    ours = tf_nn.CrossEntropyLoss(weight=w, label_smoothing=0.05, return_z_loss=True, z_loss=1e-3, backend="triton")
+    loss, z, acc = ours(x, t)
+    assert acc is None and rel_error(loss, weighted_oracle(x, t, w, "mean", 0.05, 1e-3)[0]) < 1e-5
+    assert "weight" in dict(ours.named_buffers()) and "return_z_loss=True" in repr(ours)
+    theirs = torch.nn.CrossEntropyLoss(weight=w)
+    assert rel_error(tf_nn.CrossEntropyLoss(weight=w)(x, t), theirs(x, t)) < 1e-5
+    for bad, exc, match in ((torch.rand(V + 1), ValueError, r"shape \(30,\)"),
+                            (torch.ones(V, dtype=torch.long), TypeError, "floating point"),
+                            (torch.rand(V, requires_grad=True), ValueError, "detach"),
+                            ([1.0] * V, TypeError, "torch.Tensor")):
+        with pytest.raises(exc, match=match):
+            cross_entropy(x, t, bad)
+    with pytest.raises(TypeError, match="return_z_loss must be True or False"):
+        cross_entropy(x, t, return_z_loss=1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers with NaN-poisoned allocations; out-of-range targets
 # ---------------------------------------------------------------------------------------------
 
@@ -331,11 +441,19 @@ def test_torch_compile_fullgraph(reduction):
     torch._dynamo.reset()
     backend = "triton" if kernels.INTERPRETED else None
 
-    def f(x, t):
-        return cross_entropy(x * 2.0, t, reduction=reduction, z_loss=1e-3, backend=backend).sum()
+    def f(x, t, w=None):
+        out = cross_entropy(x * 2.0, t, w, reduction=reduction, z_loss=1e-3, backend=backend,
+                            return_z_loss=w is not None, return_token_accuracy=w is not None)
+        return out.sum() if w is None else out.loss.sum() + 0.0 * (out.z_loss.sum() + out.token_accuracy.sum())
 
     x = torch.randn(6, 40, requires_grad=True)
     t = make_target((6,), 40, "cpu")
+    w = torch.rand(40) + 0.5
+    explanation = torch._dynamo.explain(f)(x, t, w)  # class weights and the extra outputs trace too
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, t, w)
+    assert rel_error(out, f(x, t, w)) < 1e-6
+    torch._dynamo.reset()
     explanation = torch._dynamo.explain(f)(x, t)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     eager = f(x, t)
@@ -386,7 +504,7 @@ def _ce_arg_types(dtype: str) -> dict:
 
     t = "*" + TRITON_DTYPE[dtype]
     return dict(LOGITS=t, DLOGITS=t, D=t, TARGET="*i64", LOSS="*fp32", N_VALID="*fp32", ROW_SCALE="*fp32",
-                G="*fp32", V="i32", stride_l="i32", stride_d="i32", stride_g="i32", ignore_index="i32",
+                CLASS_WEIGHT="*fp32", W_VALID="*fp32", Z_ROWS="*fp32", ACC_ROWS="*fp32", G="*fp32", V="i32", stride_l="i32", stride_d="i32", stride_g="i32", ignore_index="i32",
                 label_smoothing="fp32", z_loss="fp32", softcap="fp32")
 
 
@@ -398,7 +516,9 @@ def _compile_ce(name, config, dtype, arch, aligned=True, **flags):
     config = dict(config)
     num_warps = config.pop("num_warps")
     if name == "_cross_entropy_fwd_kernel":
-        config.update(dict(HAS_SOFTCAP=True, MEAN=True, HAS_ROW_SCALE=True, COMPUTE_GRAD=True), **flags)
+        # Default: every feature on (the most registers); callers turn some off.
+        config.update(dict(HAS_SOFTCAP=True, MEAN=True, HAS_ROW_SCALE=True, COMPUTE_GRAD=True, HAS_WEIGHT=True,
+                           SPLIT_Z=True, HAS_ACC=True), **flags)
     return compile_kernel(getattr(ce_kernels, name), _ce_arg_types(dtype), config, num_warps, TARGETS[arch],
                           aligned=aligned, unaligned_args=("V", "ignore_index", "stride_g"))
 
@@ -431,9 +551,12 @@ def test_variants_compile(arch, dtype):
     from tokenforge.kernels import cross_entropy as ce_kernels
 
     cfg = ce_kernels.fwd_config(128256)
-    for flags in (dict(HAS_SOFTCAP=False, MEAN=False, HAS_ROW_SCALE=False, COMPUTE_GRAD=False),
-                  dict(HAS_SOFTCAP=False, MEAN=True, HAS_ROW_SCALE=False, COMPUTE_GRAD=True),
-                  dict(HAS_SOFTCAP=True, MEAN=False, HAS_ROW_SCALE=True, COMPUTE_GRAD=True)):
+    off = dict(HAS_WEIGHT=False, SPLIT_Z=False, HAS_ACC=False)
+    for flags in (dict(HAS_SOFTCAP=False, MEAN=False, HAS_ROW_SCALE=False, COMPUTE_GRAD=False, **off),
+                  dict(HAS_SOFTCAP=False, MEAN=True, HAS_ROW_SCALE=False, COMPUTE_GRAD=True, **off),
+                  dict(HAS_SOFTCAP=True, MEAN=False, HAS_ROW_SCALE=True, COMPUTE_GRAD=True, **off),
+                  dict(HAS_SOFTCAP=False, MEAN=True, HAS_ROW_SCALE=False, COMPUTE_GRAD=True, HAS_WEIGHT=True,
+                       SPLIT_Z=False, HAS_ACC=True)):
         for aligned in (True, False):
             assert len(_compile_ce("_cross_entropy_fwd_kernel", cfg, dtype, arch, aligned, **flags).asm["cubin"]) > 0
 

@@ -187,21 +187,78 @@ def test_default_chunk_size():
 
 
 @pytest.mark.parametrize("backend", CE_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-2, softcap=4.0)], ids=str)
+def test_class_weights_z_loss_and_accuracy(backend, reduction, opts):
+    """class_weight (torch's cross-entropy weight), return_z_loss and return_token_accuracy through
+    the chunk loop (chunks of 4 over 17 tokens) against float64 F.cross_entropy(weight=...): loss,
+    every gradient, the z-loss and the accuracy."""
+    from test_cross_entropy import weighted_oracle
+
+    h, w, b, t = make_inputs(17, 24, 300, torch.float32, "cpu")
+    cw = torch.rand(300) * 2 + 0.1
+    leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+    out = linear_cross_entropy(*leaves[:2], t, leaves[2], class_weight=cw, reduction=reduction, return_z_loss=True,
+                               return_token_accuracy=True, chunk_size=4, backend=backend, **opts)
+    refs = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    logits = F.linear(refs[0], refs[1], refs[2])
+    ref_loss, ref_z, ref_acc = weighted_oracle(logits, t, cw, reduction, **opts)
+    g = torch.randn_like(ref_loss)
+    out.loss.backward(g.float())
+    ref_loss.backward(g)
+    assert rel_error(out.loss, ref_loss) <= 1e-5
+    for ours, theirs in zip(leaves, refs):
+        assert rel_error(ours.grad, theirs.grad) <= 1e-5
+    if opts:
+        assert rel_error(out.z_loss, ref_z.detach()) <= 1e-5
+    predicted = torch.addmm(b, h, w.t()).argmax(-1)  # the fp32 logits the loop computes
+    acc_rows = ((predicted == t) & (t != -100)).double()
+    expected = acc_rows if reduction == "none" else acc_rows.sum() / (t != -100).sum().clamp(min=1)
+    assert torch.allclose(out.token_accuracy.double(), expected, rtol=0, atol=1e-7)
+    # The module: class_weight as a buffer, same numbers.
+    module = tf_nn.LinearCrossEntropyLoss(reduction=reduction, chunk_size=4, class_weight=cw, backend=backend,
+                                          **opts)
+    assert "class_weight" in dict(module.named_buffers()) and "weighted" in repr(module)
+    assert rel_error(module(h, w, t, b), ref_loss.detach()) <= 1e-5
+    with pytest.raises(ValueError, match=r"class_weight must have one entry per class, shape \(300,\)"):
+        linear_cross_entropy(h, w, t, b, class_weight=torch.rand(24))
+
+
+@pytest.mark.parametrize("backend", CE_BACKENDS)
 @pytest.mark.parametrize("mean", [True, False])
-def test_chunk_loop_writes_every_output(backend, mean):
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "weights-z-accuracy"])
+def test_chunk_loop_writes_every_output(backend, mean, extras):
     """The chunk loop under NaN-poisoned allocations (loss, grad_hidden, the logits buffer, the last
-    short chunk): every element written, every gradient right."""
+    short chunk, the z-loss and accuracy rows): every element written, every gradient right."""
     h, w, b, t = make_inputs(23, 32, 70, torch.bfloat16, "cpu")
     row_scale = torch.randn(23)
+    z = 1e-2 if extras else 0.0
+    cw = torch.rand(70) + 0.5 if extras else None
     with PoisonEmpty():
-        loss, n_valid, gh, gw, gb = chunked_forward(h, w, t, b, row_scale, -100, 0.0, 0.0, 0.0, mean, 5, True, True,
-                                                    backend)
+        loss, n_valid, w_valid, z_rows, acc_rows, gh, gw, gb = chunked_forward(
+            h, w, t, b, row_scale, -100, 0.1, z, 0.0, mean, 5, True, True, backend, cw, extras, extras)
     refs = [x.double().requires_grad_() for x in (h, w, b)]
-    ref = oracle(*refs[:2], t, refs[2], reduction="none")
-    (ref * row_scale.double()).sum().div(n_valid.double() if mean else 1.0).backward()
-    assert rel_error(loss, ref) <= TOLERANCE[torch.bfloat16]
+    logits = torch.nn.functional.linear(refs[0], refs[1], refs[2])
+    ce = torch.nn.functional.cross_entropy(logits, t, weight=cw.double() if extras else None, reduction="none",
+                                           label_smoothing=0.1)
+    zr = z * torch.logsumexp(logits, -1) ** 2 * (t != -100)
+    if mean:
+        ce = ce / (w_valid.double() if extras else n_valid.double())
+        zr = zr / n_valid.double()
+    ((ce + zr) * row_scale.double()).sum().backward()
+    tol = TOLERANCE[torch.bfloat16]
+    if extras:
+        scale = (w_valid if mean else 1.0), (n_valid if mean else 1.0)
+        assert rel_error(loss / scale[0], ce) <= tol and rel_error(z_rows / scale[1], zr) <= tol
+        # argmax of the bf16 logits the loop computes (torch.addmm, as it does), not of float64 ones.
+        predicted = torch.addmm(b, h, w.t()).argmax(-1)
+        assert torch.equal(acc_rows, ((predicted == t) & (t != -100)).float())
+        assert float(w_valid) == pytest.approx(float((cw[t.clamp(min=0)] * (t != -100)).sum()))
+    else:
+        assert rel_error(loss, ce.detach() * (n_valid.double() if mean else 1.0)) <= tol
+        assert w_valid is None and z_rows is None and acc_rows is None
     for ours, theirs in zip((gh, gw, gb), refs):
-        assert rel_error(ours, theirs.grad) <= TOLERANCE[torch.bfloat16]
+        assert rel_error(ours, theirs.grad) <= tol
 
 
 # ---------------------------------------------------------------------------------------------

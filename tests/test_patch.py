@@ -173,6 +173,22 @@ def test_generic_patch_on_a_hand_written_model():
     assert type(model.norm) is torch.nn.RMSNorm
 
 
+def test_unknown_rmsnorm_classes_are_named_in_the_report():
+    class T5LikeRMSNorm(torch.nn.Module):  # a norm class of its own: not replaced, and said so by name
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    model = torch.nn.Sequential(T5LikeRMSNorm(), torch.nn.Linear(8, 8), T5LikeRMSNorm())
+    report = tokenforge.patch(model)
+    assert any(s.startswith("rms_norm: 2 T5LikeRMSNorm module(s) left alone") for s in report.skipped), report
+    assert type(model[0]) is T5LikeRMSNorm
+    tokenforge.unpatch(model)
+
+
 def test_patched_model_compiles_fullgraph():
     model = _tiny_model()
     idx, targets = _batch(model.cfg)

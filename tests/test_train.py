@@ -205,6 +205,30 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, capsys
     assert "is at step 3" in capsys.readouterr().err
 
 
+def test_extending_max_steps_on_resume_follows_one_lr_rule(tmp_path, capsys):
+    """Resuming a 20-step run (default warmup 2) with --max-steps 40 (default warmup 4): the warmup
+    stays 2 and every step from the first resumed one takes the 40-step cosine's LR for its step;
+    nothing of the old schedule leaks into step 21. The same --max-steps resumes bit-exactly
+    (test_resume_is_bit_exact)."""
+    out = str(tmp_path / "run")
+    base = SMALL + ["--kernels", "off", "--eval-every", "0", "--out", out, "--min-lr-ratio", "0.1",
+                    "--seq-len", "16", "--batch-size", "2"]
+    assert train.main(base + ["--max-steps", "20"]) == 0
+    assert train.main(base + ["--max-steps", "40", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "warmup 2 kept, cosine now ends at step 40 (was 20)" in text
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    old, rule = train.lr_lambda(2, 20, 0.1), train.lr_lambda(2, 40, 0.1)
+    for r in rows:
+        schedule = old if r["step"] <= 20 else rule
+        assert r["lr"] == pytest.approx(3e-3 * schedule(r["step"] - 1), rel=1e-12), r["step"]
+    # A second extension keeps the rule (the checkpoint records the schedule it ran).
+    assert train.main(base + ["--max-steps", "42", "--resume"]) == 0
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert rows[40]["lr"] == pytest.approx(3e-3 * train.lr_lambda(2, 42, 0.1)(40), rel=1e-12)
+
+
 def test_corrupt_checkpoint_is_named_with_what_to_do(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--eval-iters", "1",
@@ -315,3 +339,16 @@ def test_kernels_muon_matches_torch_muon(tmp_path):
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     for (s1, a), (s2, b) in zip(off, on):
         assert s1 == s2 and abs(a - b) < 1e-3 * abs(a)
+
+
+def test_progress_line_shows_the_tables_median(tmp_path, capsys):
+    """The last progress line's tokens/s is the summary's (the median over the timed steps), not
+    one step's."""
+    args = SMALL + ["--kernels", "off", "--max-steps", "6", "--eval-every", "0", "--progress", "plain",
+                    "--log-every", "1", "--timing-warmup", "2", "--json", str(tmp_path / "s.json")]
+    assert train.main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ") and "tok/s" in ln]
+    assert "tok/s (untimed)" in lines[0] and "tok/s (median)" in lines[-1]
+    shown = float(lines[-1].split("tok/s (median) ")[1].split()[0].rstrip(",").replace(",", ""))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert shown == round(summary["rows"][0]["tokens_per_s"])

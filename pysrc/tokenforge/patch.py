@@ -237,15 +237,29 @@ def _causal_attention_bshd(q, k, v):
 def _replace_rms_norms(model: nn.Module, undo: _Undo, report: PatchReport, classes: tuple, make: Callable,
                        target: str = "tokenforge.nn.RMSNorm") -> None:
     count = 0
+    unknown: dict[str, int] = {}  # other classes named like an RMSNorm: left alone, and said so
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in classes:
                 undo.set_attr(parent, name, make(child))
                 count += 1
+            elif "rmsnorm" in type(child).__name__.lower() and not isinstance(child, (HFRMSNorm, *_tokenforge_norm_classes())):
+                unknown[type(child).__name__] = unknown.get(type(child).__name__, 0) + 1
     if count:
         report.patched.append(f"rms_norm: {count} {'/'.join(c.__name__ for c in classes)} module(s) -> {target}")
     else:
         report.skipped.append(f"rms_norm: no {'/'.join(c.__name__ for c in classes)} module found")
+    for cls_name, n in sorted(unknown.items()):
+        report.skipped.append(f"rms_norm: {n} {cls_name} module(s) left alone: a class tokenforge does not know "
+                              "(its exact semantics unverified; replace it with tokenforge.nn.RMSNorm if it is "
+                              "weight * x / rms(x))")
+
+
+def _tokenforge_norm_classes() -> tuple:
+    from tokenforge.nn.add_rms_norm import AddRMSNorm
+    from tokenforge.nn.rms_norm import RMSNorm
+
+    return (RMSNorm, AddRMSNorm)
 
 
 def _fused_add_rms_norm(delta, residual, norm):

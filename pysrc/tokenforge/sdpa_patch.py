@@ -8,7 +8,7 @@ A call is routed when the kernel computes exactly what SDPA would: 4-D (batch, h
 fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask; dropout_p == 0;
 is_causal only with seqlen_q == seqlen_k (SDPA aligns its causal mask to the top left, flash_attn
 and tokenforge to the bottom right: they agree only on square masks); heads_q == heads_kv, or
-heads_q % heads_kv == 0 with enable_gqa=True; a head dim the kernel supports. Every other call goes
+heads_q % heads_kv == 0 with enable_gqa=True; a head dim the kernel has tiles for (no padding). Every other call goes
 to the original function untouched (same arguments, same errors). SDPA's layout is read through
 transposed views, no copies. Code that bound the function before patching
 (``from torch.nn.functional import scaled_dot_product_attention``) keeps the original.
@@ -54,6 +54,11 @@ def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         return "empty"
     if scale is not None and not isinstance(scale, (int, float)):
         return "scale"
+    from tokenforge.ops.attention import kernel_head_dim
+
+    if kernel_head_dim(query.shape[-1]) != query.shape[-1]:
+        # tokenforge.ops.attention would zero-pad it (a copy, more FLOPs); SDPA runs it as it is.
+        return "a head dim the kernel would pad"
     return backends.why_not("attention", "triton", query, key, value)
 
 

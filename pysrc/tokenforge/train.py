@@ -226,6 +226,31 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
+def resume_schedule(scheduler, optimizer, saved: Optional[dict], warmup: int, args) -> Optional[str]:
+    """The LR schedule of a resumed run, one rule: the checkpoint's warmup length is kept (a resumed
+    run never re-enters warmup because a larger --max-steps has a longer default one) and the
+    cosine runs from the end of that warmup to this command's --max-steps and --min-lr-ratio; every
+    step from the first resumed one on takes this schedule's LR for its step number. With the same
+    --max-steps that is exactly the uninterrupted run's schedule. (LambdaLR restores the LR the
+    checkpoint's last step computed from the old schedule; it is recomputed here.) Returns a note
+    when the schedule changed."""
+    saved = saved or {}
+    if args.warmup_steps is None and "warmup" in saved:
+        warmup = int(saved["warmup"])
+    schedule = lr_lambda(warmup, args.max_steps, args.min_lr_ratio)
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    scheduler.tokenforge_warmup = warmup
+    step = scheduler.last_epoch  # steps taken: the next one uses schedule(step)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    old_total = saved.get("max_steps")
+    if old_total is not None and old_total != args.max_steps:
+        return (f"LR schedule: warmup {warmup} kept, cosine now ends at step {args.max_steps} (was {old_total}); "
+                f"step {step + 1} runs at lr {scheduler._last_lr[0]:.3g}")
+    return None
+
+
 def clip_grads(model: torch.nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     if ctx.mode != "fsdp":  # FSDP2 grads are DTensors: torch's clip knows how to reduce them
@@ -374,6 +399,7 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
         res.notes.append(f"QK-clip at max logit {args.qk_clip:g} (one extra Q K^T per layer per step to find it)")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.max_steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.max_steps, args.min_lr_ratio))
+    scheduler.tokenforge_warmup = warmup
     if variant.compile:
         model = torch.compile(model)
     sampler = BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed, rank=ctx.rank, world=ctx.world)
@@ -391,6 +417,10 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                              f"{args.max_steps} leaves nothing to run; pass --max-steps > {start} to continue")
         sampler.load_state_dict(payload["sampler"])
         res.notes.append(f"resumed from {ckpt_path} at step {start}")
+        note = resume_schedule(scheduler, optimizer, payload.get("extra", {}).get("schedule"), warmup, args)
+        if note:
+            res.notes.append(note)
+        warmup = scheduler.tokenforge_warmup
 
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
@@ -466,9 +496,14 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                     bar.write(f"step {step}: target val loss {target:g} reached")
             if log is not None and ctx.is_main:
                 log.write(record)
-            stats = {"loss": f"{loss_val:.4f}", "tok/s": f"{tps:,.0f}"}
-            if step_mfu is not None:
-                stats["mfu"] = f"{step_mfu:.1%}"
+            # The progress line shows what the summary table will: the median over the timed steps
+            # so far (this step's own figure only while every step is still in the timing warmup).
+            shown_tps = tokens_per_step / statistics.median(step_times) if step_times else tps
+            shown_mfu = metrics.mfu(shown_tps, fpt, peak, ctx.world)
+            stats = {"loss": f"{loss_val:.4f}",
+                     ("tok/s (median)" if step_times else "tok/s (untimed)"): f"{shown_tps:,.0f}"}
+            if shown_mfu is not None:
+                stats["mfu"] = f"{shown_mfu:.1%}"
             stats["mem"] = metrics.fmt_bytes(mem)
             if load is not None:
                 stats["experts max/mean"] = f"{imbalance:.2f}"
@@ -476,7 +511,9 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             if ckpt_path and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop or reached):
                 checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                 sampler_state=sampler.state_dict(), step=step, ctx=ctx,
-                                extra={"config": cfg.to_dict(), "variant": variant.name, "seed": args.seed})
+                                extra={"config": cfg.to_dict(), "variant": variant.name, "seed": args.seed,
+                                       "schedule": {"warmup": warmup, "max_steps": args.max_steps,
+                                                    "min_lr_ratio": args.min_lr_ratio}})
             res.steps = step - start
             if reached:
                 break

@@ -214,13 +214,59 @@ def _check_cu_seqlens(name, cu, label, total: int, batch: int, device, max_seqle
     return cu.to(torch.int32)
 
 
+def kernel_head_dim(d: int) -> int:
+    """The head dim the kernel runs a head dim ``d`` at: d itself when it is a multiple of 8 in the
+    kernels' range, else d zero-padded up to one (flash_attn takes any d <= 256; zero columns add
+    nothing to q.k and give zero output columns, sliced off). d past the range stays d (refused)."""
+    from tokenforge.kernels import attention as kernels
+
+    if d > kernels.MAX_HEAD_DIM:
+        return d
+    return max(kernels.MIN_HEAD_DIM, -(-d // 8) * 8)
+
+
 def _triton_supports(q, k, v) -> Optional[str]:
     reason = backends.triton_unsupported_reason(q.device)
     if reason is not None:
         return reason
     from tokenforge.kernels import attention as kernels
 
+    d = kernel_head_dim(q.shape[-1])
+    if d != q.shape[-1]:  # judged at the padded size the call will run at
+        q, k, v = (torch.empty(t.shape[:-1] + (d,), dtype=t.dtype, device="meta") for t in (q, k, v))
     return kernels.supports(q, k, v)
+
+
+def _pad_head_dim(q, k, v):
+    """q, k, v zero-padded to :func:`kernel_head_dim` (differentiable; a copy), and the true d."""
+    d = q.shape[-1]
+    dp = kernel_head_dim(d)
+    if dp == d:
+        return q, k, v, d
+    pad = lambda t: torch.nn.functional.pad(t, (0, dp - d))  # noqa: E731
+    return pad(q), pad(k), pad(v), d
+
+
+def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slopes, return_attn_probs):
+    """flash_attn's keywords, for code ported from it: window_size is window; what this attention
+    does not do is refused with what to do instead. Returns the window."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0:
+        raise ValueError(f"{name}: dropout_p={dropout_p} is not supported: the kernel has no attention dropout "
+                         "(LLaMA-style pretraining uses none); pass dropout_p=0.0, or use "
+                         "torch.nn.functional.scaled_dot_product_attention for attention dropout")
+    if alibi_slopes is not None:
+        raise ValueError(f"{name}: alibi_slopes is not supported (ALiBi biases are not implemented; "
+                         "LLaMA-style models use rotary embeddings): pass alibi_slopes=None")
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"{name}: return_attn_probs must be True or False, got {return_attn_probs!r}")
+    if window_size is not None:
+        if window is not None and tuple(window) != tuple(window_size):
+            raise ValueError(f"{name}: window={window!r} and window_size={window_size!r} disagree; pass one "
+                             "(window_size is flash_attn's name for window)")
+        return window_size
+    return window if window is not None else (-1, -1)
 
 
 backends.register_op(
@@ -306,13 +352,36 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              softmax_scale: Optional[float] = None, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              return_lse: bool = False, deterministic: bool = False, backend: Optional[str] = None):
+def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name):
+    """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
+    qp, kp, vp, d = _pad_head_dim(q, k, v)
+    out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
+                                       name)
+    return (out[..., :d] if out.shape[-1] != d else out), lse
+
+
+def _returns(out, lse, return_lse: bool, return_attn_probs: bool):
+    if return_attn_probs:  # flash_attn's (out, softmax_lse, S_dmask): no dropout, so no mask
+        return out, lse, None
+    return (out, lse) if return_lse else out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+              softmax_scale: Optional[float] = None, causal: bool = False,
+              window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, alibi_slopes=None,
+              deterministic: bool = False, return_attn_probs: bool = False, *,
+              window: Optional[tuple[int, int]] = None, return_lse: bool = False, backend: Optional[str] = None):
     """Attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d), hq % hkv == 0; bf16/fp16 on the kernel
-    (head_dim a multiple of 8 in 32..256). Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with
-    return_lse. causal is bottom-right aligned; window=(left, right), -1 unbounded; softcap > 0 caps
-    scores at softcap * tanh(s / softcap). ``backend`` forces triton or torch."""
+    (any head_dim up to 256: one that is not a multiple of 8 in 32..256 is zero-padded to one).
+    Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with return_lse. causal is bottom-right
+    aligned; window (or flash_attn's window_size) = (left, right), -1 unbounded; softcap > 0 caps
+    scores at softcap * tanh(s / softcap). ``backend`` forces triton or torch.
+
+    The positional order and keywords are flash_attn_func's, so ported code runs unchanged:
+    dropout_p must be 0 and alibi_slopes None (refused otherwise, with what to do), and
+    return_attn_probs=True returns (out, lse, None) (flash_attn's third value is its dropout mask)."""
+    window = _check_flash_attn_keywords("attention", dropout_p, window, window_size, alibi_slopes,
+                                        return_attn_probs)
     _check_common("attention", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale, window,
                   softcap)
     if q.shape[0] != k.shape[0]:
@@ -322,24 +391,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
-    if name == "torch" and q.is_cuda and q.numel() and sdpa_can_run(q.shape[1], k.shape[1], win, softcap, return_lse):
+    want_lse = return_lse or return_attn_probs
+    if name == "torch" and q.is_cuda and q.numel() and sdpa_can_run(q.shape[1], k.shape[1], win, softcap, want_lse):
         return sdpa_dense(q, k, v, scale, win)
     if name == "torch" or q.numel() == 0:
         out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True))
     else:
-        out, lse = AttentionFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
-                                           bool(deterministic), name)
-    return (out, lse) if return_lse else out
+        out, lse = _run_kernel(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
+                               bool(deterministic), name)
+    return _returns(out, lse, return_lse, return_attn_probs)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-                     softmax_scale: Optional[float] = None, window: tuple[int, int] = (-1, -1),
-                     softcap: float = 0.0, return_lse: bool = False, deterministic: bool = False,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                     softmax_scale: Optional[float] = None, causal: bool = False,
+                     window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, alibi_slopes=None,
+                     deterministic: bool = False, return_attn_probs: bool = False, *,
+                     window: Optional[tuple[int, int]] = None, return_lse: bool = False,
                      backend: Optional[str] = None):
     """Attention within each packed document: q (total_q, hq, d), k/v (total_k, hkv, d), document b is
     rows cu_seqlens[b]:cu_seqlens[b+1] (int32, batch + 1 entries); max_seqlen_* bound the document
-    lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q)."""
+    lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q).
+    Arguments in flash_attn_varlen_func's order, with :func:`attention`'s rules for them."""
+    window = _check_flash_attn_keywords("attention_varlen", dropout_p, window, window_size, alibi_slopes,
+                                        return_attn_probs)
     _check_common("attention_varlen", q, k, v, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale,
                   window, softcap)
     batch = (cu_seqlens_q.shape[0] - 1) if isinstance(cu_seqlens_q, torch.Tensor) and cu_seqlens_q.dim() == 1 else 0
@@ -354,9 +429,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
                                               softcap=float(softcap), return_lse=True)
     else:
-        out, lse = AttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
-                                           float(softcap), bool(deterministic), name)
-    return (out, lse) if return_lse else out
+        out, lse = _run_kernel(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
+                               float(softcap), bool(deterministic), name)
+    return _returns(out, lse, return_lse, return_attn_probs)
 
 
 def tune(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtype=torch.bfloat16,

@@ -10,7 +10,14 @@ Semantics follow ``torch.nn.functional.cross_entropy(logits, target, ignore_inde
 reduction=..., label_smoothing=...)`` with the class dim last, plus:
 
 - ``z_loss``: adds ``z_loss * logsumexp(x)**2`` per non-ignored token (PaLM);
-- ``softcap > 0``: x = ``softcap * tanh(logits / softcap)`` first (Gemma 2), gradient included.
+- ``softcap > 0``: x = ``softcap * tanh(logits / softcap)`` first (Gemma 2), gradient included;
+- ``weight`` (V,): torch's class weights; 'mean' divides the cross-entropy part by the sum of
+  weight[target] over non-ignored tokens (torch's rule) and the z-loss part by their count;
+- ``return_z_loss`` / ``return_token_accuracy``: a :class:`CrossEntropyOutput` (loss, z_loss,
+  token_accuracy) instead of the loss, the extras reduced like the loss ('mean': over non-ignored
+  tokens; 'none': per token) and without gradient (for logging; the loss carries the z-loss's
+  gradient). Token accuracy: the first argmax of the logits as given (before the softcap) equals
+  the target; ignored tokens count as neither.
 
 Differences from torch, on purpose:
 
@@ -23,7 +30,7 @@ Differences from torch, on purpose:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -40,6 +47,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class CrossEntropyOutput(NamedTuple):
+    """What ``return_z_loss`` / ``return_token_accuracy`` give: the loss (with gradient), and the
+    requested extras (no gradient; None when not requested)."""
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor]
+    token_accuracy: Optional[torch.Tensor]
+
+
 def cross_entropy_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -48,24 +64,55 @@ def cross_entropy_reference(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float = 0.0,
-) -> torch.Tensor:
+    weight: Optional[torch.Tensor] = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+):
     """Plain PyTorch cross-entropy (class dim last): the oracle of the tests, the CPU fallback and the
     eager baseline of the benchmarks. fp32 math (float64 for float64 logits); fp32 loss."""
     V = logits.shape[-1]
-    x = logits.reshape(-1, V).to(_compute_dtype(logits.dtype))
+    raw = logits.reshape(-1, V)
+    x = raw.to(_compute_dtype(logits.dtype))
     t = target.reshape(-1)
     _check_targets_in_range(t, V, ignore_index)
     if softcap:
         x = softcap * torch.tanh(x / softcap)
     valid = t != ignore_index
-    loss = F.cross_entropy(x, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-    if z_loss:
-        loss = loss + z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid
+    w = weight.to(x.dtype) if weight is not None else None
+    ce = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    z_rows = z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid
+    n_valid = valid.sum().clamp(min=1).to(x.dtype)
     if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
+        loss = (ce + z_rows).reshape(target.shape)
+    elif reduction == "sum":
+        loss = ce.sum() + z_rows.sum()
+    else:
+        w_valid = (w[torch.where(valid, t, 0)] * valid).sum() if w is not None else n_valid
+        w_valid = torch.where(valid.any(), w_valid, torch.ones_like(w_valid))
+        loss = ce.sum() / w_valid + z_rows.sum() / n_valid
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    acc_rows = ((raw.argmax(dim=-1) == t) & valid).to(x.dtype) if return_token_accuracy else None
+    return with_extras(loss, z_rows if return_z_loss else None, acc_rows, n_valid, reduction, target.shape)
+
+
+def with_extras(loss, z_rows, acc_rows, n_valid, reduction, shape) -> CrossEntropyOutput:
+    """The :class:`CrossEntropyOutput` of per-row z-loss terms and 1.0/0.0 accuracy flags (None:
+    not asked for): 'none' keeps them per token (in ``shape``); otherwise the z-loss is summed
+    ('sum') or averaged over non-ignored tokens ('mean'), and accuracy is always that fraction."""
+    def per_token(rows):
+        return rows.detach().to(loss.dtype).reshape(shape)
+
+    z_out = acc_out = None
+    if z_rows is not None:
+        z_out = per_token(z_rows)
+        if reduction != "none":
+            z_out = z_out.sum() if reduction == "sum" else z_out.sum() / n_valid.to(loss.dtype)
+    if acc_rows is not None:
+        acc_out = per_token(acc_rows)
+        if reduction != "none":
+            acc_out = acc_out.sum() / n_valid.to(loss.dtype)
+    return CrossEntropyOutput(loss, z_out, acc_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +159,30 @@ def check_target(name, target, batch_shape, device) -> None:
         raise ValueError(f"{name}: target is on {target.device} but the input is on {device}; move both to one device")
 
 
+def check_class_weight(name, what, weight, V, device) -> None:
+    """Class weights: None or a floating (V,) tensor on the input's device, without gradient."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: {what} must be a torch.Tensor of one weight per class or None, "
+                        f"got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: {what} must be floating point, got {weight.dtype}; use {what}.float()")
+    if tuple(weight.shape) != (V,):
+        raise ValueError(f"{name}: {what} must have one entry per class, shape ({V},), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"{name}: {what} is on {weight.device} but the input is on {device}; move both to one device")
+    if weight.requires_grad:
+        raise ValueError(f"{name}: {what} requires grad, but class weights are constants here (no gradient is "
+                         f"computed for them); pass {what}.detach()")
+
+
+def check_flags(name, **flags) -> None:
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {flag} must be True or False, got {value!r}")
+
+
 def _check_inputs(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"cross_entropy: logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -150,29 +221,60 @@ def n_valid_of(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (target != ignore_index).sum().clamp_(min=1).to(torch.float32)
 
 
+def weight_valid_of(class_weight: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Sum of class_weight[target] over non-ignored targets (fp32 device scalar; 1 when every target
+    is ignored, so that 'mean' gives 0, not nan): the weighted 'mean''s denominator, torch's rule."""
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).clamp_(0, class_weight.shape[0] - 1)  # out of range: NaN rows anyway
+    total = (class_weight.float()[t] * valid).sum()
+    return torch.where(valid.any(), total, torch.ones_like(total))
+
+
+def class_weight_for_kernel(class_weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return class_weight.detach().to(torch.float32).contiguous() if class_weight is not None else None
+
+
 @torch.library.custom_op("tokenforge::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: float, mean: bool, compute_grad: bool, validate: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row fp32 loss, dlogits or an empty tensor, n_valid fp32 scalar)."""
+    class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_accuracy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row fp32 loss, dlogits or an empty tensor, n_valid fp32 scalar, weight_valid fp32 scalar
+    (with class weights; else empty), per-row z-loss terms (``split_z``: then left out of the loss;
+    else empty), per-row 1.0/0.0 accuracy (``want_accuracy``; else empty))."""
     from tokenforge.kernels import cross_entropy as kernels_ce
 
     if validate:
         _check_targets_in_range(target, logits.shape[1], ignore_index)
+    rows = logits.shape[0]
     n_valid = n_valid_of(target, ignore_index)
+    w = class_weight_for_kernel(class_weight)
+    w_valid = weight_valid_of(w, target, ignore_index) if w is not None else None
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    z_rows = torch.empty((rows,), **f32) if split_z else None
+    acc_rows = torch.empty((rows,), **f32) if want_accuracy else None
     loss, dlogits = kernels_ce.cross_entropy_forward(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, n_valid=n_valid if mean else None, compute_grad=compute_grad,
+        softcap=softcap, n_valid=n_valid if mean else None, compute_grad=compute_grad, class_weight=w,
+        weight_valid=w_valid if mean else None, z_rows=z_rows, acc_rows=acc_rows,
     )
-    return loss, dlogits if dlogits is not None else logits.new_empty((0,)), n_valid
+    empty = lambda: torch.empty((0,), **f32)  # noqa: E731  custom ops return no None, no tensor twice
+    return (loss, dlogits if dlogits is not None else logits.new_empty((0,)), n_valid,
+            w_valid if w_valid is not None else empty(), z_rows if z_rows is not None else empty(),
+            acc_rows if acc_rows is not None else empty())
 
 
 @cross_entropy_fwd.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad, validate, backend):
+def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad, validate, backend,
+      class_weight=None, split_z=False, want_accuracy=False):
     rows = logits.shape[0]
     dlogits = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
-    return logits.new_empty((rows,), dtype=torch.float32), dlogits, logits.new_empty((), dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
+    return (logits.new_empty((rows,), **f32), dlogits, logits.new_empty((), **f32),
+            logits.new_empty(() if class_weight is not None else (0,), **f32),
+            logits.new_empty((rows,) if split_z else (0,), **f32),
+            logits.new_empty((rows,) if want_accuracy else (0,), **f32))
 
 
 @torch.library.custom_op("tokenforge::cross_entropy_scale_", mutates_args=("dlogits",))
@@ -190,12 +292,33 @@ def _(dlogits, grad_output, backend):
 
 
 
-def reduce_loss(loss: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor, n_valid: torch.Tensor, reduction: str, z_rows: Optional[torch.Tensor] = None,
+                w_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reduce per-row losses. With ``z_rows`` (split out by the kernel) the z-loss terms are added
+    back, and 'mean' divides the class part by ``w_valid`` (the class weights' sum, when given) and
+    the z-loss part by ``n_valid``."""
+    if z_rows is None:
+        if reduction == "sum":
+            return loss.sum()
+        if reduction == "mean":
+            return loss.sum() / n_valid
+        return loss
     if reduction == "sum":
-        return loss.sum()
+        return loss.sum() + z_rows.sum()
     if reduction == "mean":
-        return loss.sum() / n_valid
-    return loss
+        return loss.sum() / (w_valid if w_valid is not None else n_valid) + z_rows.sum() / n_valid
+    return loss + z_rows
+
+
+def function_outputs(ctx, loss, z_rows, acc_rows, n_valid, reduction, shape, return_z_loss, return_accuracy):
+    """(loss, z-loss, accuracy) as an autograd Function returns them: the extras reduced (or the
+    empty placeholders the custom op gave when they were not asked for), marked non-differentiable."""
+    extras = with_extras(loss, z_rows if return_z_loss else None, acc_rows if return_accuracy else None,
+                         n_valid, reduction, shape)
+    z_out = extras.z_loss if return_z_loss else z_rows
+    acc_out = extras.token_accuracy if return_accuracy else acc_rows
+    ctx.mark_non_differentiable(z_out, acc_out)
+    return loss, z_out, acc_out
 
 
 def _is_one(grad_output: torch.Tensor) -> bool:
@@ -212,23 +335,30 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Autograd for the Triton backend: the forward computes dlogits; only they are saved (no
     logits), and backward rescales them in place by grad_output (no logits-sized allocation in
     backward). A second backward through the same graph (retain_graph=True) is refused by
-    autograd's version counter ("modified by an inplace operation"): the gradient was consumed."""
+    autograd's version counter ("modified by an inplace operation"): the gradient was consumed.
+    Returns (loss, z_loss rows, accuracy rows); the last two are empty unless asked for and carry
+    no gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, validate, backend):
+    def forward(ctx, logits, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                return_z_loss, return_accuracy, validate, backend):
         x2 = rows_view(logits)
         compute_grad = bool(ctx.needs_input_grad[0])
-        loss, dlogits, n_valid = torch.ops.tokenforge.cross_entropy_fwd(
+        split_z = class_weight is not None or return_z_loss
+        loss, dlogits, n_valid, w_valid, z_rows, acc_rows = torch.ops.tokenforge.cross_entropy_fwd(
             x2, target.reshape(-1).contiguous(), ignore_index, float(label_smoothing), float(z_loss), float(softcap),
-            reduction == "mean", compute_grad, validate, backend)
+            reduction == "mean", compute_grad, validate, backend, class_weight, split_z, return_accuracy)
         ctx.save_for_backward(dlogits)
         ctx.logits_shape = logits.shape
         ctx.backend = backend
-        out = reduce_loss(loss, n_valid, reduction)
-        return out.reshape(target.shape) if reduction == "none" else out
+        out = reduce_loss(loss, n_valid, reduction, z_rows if split_z else None,
+                          w_valid if class_weight is not None else None)
+        out = out.reshape(target.shape) if reduction == "none" else out
+        return function_outputs(ctx, out, z_rows, acc_rows, n_valid, reduction, target.shape, return_z_loss,
+                                return_accuracy)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_z, _grad_accuracy):
         (dlogits,) = ctx.saved_tensors
         if _is_one(grad_output):
             # loss.backward() of a 'mean'/'sum' loss: nothing to scale; skipping saves a read and
@@ -237,31 +367,43 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(dlogits)
         else:
             torch.ops.tokenforge.cross_entropy_scale_(dlogits, grad_output.reshape(-1), ctx.backend)
-        return dlogits.view(ctx.logits_shape), None, None, None, None, None, None, None, None
+        return (dlogits.view(ctx.logits_shape),) + (None,) * 11
 
 
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
     validate: Optional[bool] = None,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+):
     """Cross-entropy of logits (..., V) fp32/fp16/bf16 (float64 on the torch backend) against int64
-    target (...); fp32 loss, scalar or target's shape for reduction='none'. ``validate`` raises on
+    target (...); fp32 loss, scalar or target's shape for reduction='none'. ``weight``: torch's
+    class weights (V,). With ``return_z_loss`` / ``return_token_accuracy`` a
+    :class:`CrossEntropyOutput` (loss, z_loss, token_accuracy). ``validate`` raises on
     out-of-range targets (a device sync; default: only on CPU). ``backend`` forces triton or torch."""
     _check_inputs(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    check_class_weight("cross_entropy", "weight", weight, logits.shape[-1], logits.device)
+    check_flags("cross_entropy", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy)
+    options = (ignore_index, reduction, label_smoothing, z_loss, softcap, weight, return_z_loss, return_token_accuracy)
     if logits.numel() == 0:
-        return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        return cross_entropy_reference(logits, target, *options)
     name = backends.choose(OP, logits, backend=backend)
     if name == "torch":
-        return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        return cross_entropy_reference(logits, target, *options)
     if validate is None:
         validate = logits.device.type == "cpu"
-    return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, float(label_smoothing),
-                                      float(z_loss), float(softcap), bool(validate), name)
+    loss, z_out, acc_out = CrossEntropyFunction.apply(
+        logits, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), float(softcap),
+        return_z_loss, return_token_accuracy, bool(validate), name)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    return CrossEntropyOutput(loss, z_out if return_z_loss else None, acc_out if return_token_accuracy else None)

@@ -29,8 +29,9 @@ The cross-entropy step runs the Triton kernel (``backend='triton'``) or the same
 are about the size of ``hidden`` (chunk * V ~ N * H, rounded to a power of two; Liger-Kernel's
 rule): 16384 tokens, H 4096, V 128256 -> chunks of 512 tokens.
 
-Semantics (ignore_index, reduction, label_smoothing, z_loss, softcap, fp32 loss, all-ignored 'mean'
-= 0, out-of-range targets) are those of :func:`tokenforge.ops.cross_entropy`.
+Semantics (ignore_index, reduction, label_smoothing, z_loss, softcap, class weights (here
+``class_weight``: ``weight`` is the lm_head's), ``return_z_loss`` / ``return_token_accuracy``, fp32
+loss, all-ignored 'mean' = 0, out-of-range targets) are those of :func:`tokenforge.ops.cross_entropy`.
 """
 
 from __future__ import annotations
@@ -43,12 +44,19 @@ import torch
 from tokenforge import backends
 from tokenforge.ops.cross_entropy import _triton_supports as _ce_triton_supports
 from tokenforge.ops.cross_entropy import (
+    CrossEntropyOutput,
     _check_targets_in_range,
     _is_one,
+    check_class_weight,
+    check_flags,
     check_options,
     check_target,
+    class_weight_for_kernel,
     cross_entropy_reference,
+    function_outputs,
     n_valid_of,
+    reduce_loss,
+    weight_valid_of,
 )
 
 OP = "linear_cross_entropy"
@@ -64,11 +72,15 @@ def linear_cross_entropy_reference(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float = 0.0,
-) -> torch.Tensor:
+    class_weight: Optional[torch.Tensor] = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+):
     """Unfused: the full logits ``hidden @ weight.T + bias`` then :func:`cross_entropy_reference`
     (the oracle of the tests and the eager baseline of the benchmarks)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                   class_weight, return_z_loss, return_token_accuracy)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,10 +147,13 @@ backends.register_op(OP, cuda_preference=("triton",),
 
 
 def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softcap, n_valid, row_scale,
-                    compute_grad):
-    """The cross-entropy kernel's contract in torch: per-row loss, gradient written over logits."""
+                    compute_grad, class_weight=None, weight_valid=None, z_rows=None, acc_rows=None):
+    """The cross-entropy kernel's contract (tokenforge.kernels.cross_entropy.cross_entropy_forward)
+    in torch: per-row loss (z-loss term in ``z_rows`` when given), gradient written over logits."""
     V = logits.shape[1]
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    if acc_rows is not None:
+        acc_rows.copy_(logits.argmax(dim=1) == target)
     if softcap:
         c = torch.tanh(x / softcap)
         x = softcap * c
@@ -146,33 +161,59 @@ def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softc
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
     x_t = x.gather(1, t[:, None])[:, 0]
-    loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * x.sum(1) + z_loss * lse * lse
-    loss = torch.where(valid, loss, 0.0)
+    eps = label_smoothing
+    if class_weight is not None:
+        w = class_weight.to(x.dtype)
+        w_t = w[t]
+        ce = (1.0 - eps) * w_t * (lse - x_t) + eps / V * (w.sum() * lse - x @ w)
+    else:
+        w, w_t = None, torch.ones_like(lse)
+        ce = lse - (1.0 - eps) * x_t - eps / V * x.sum(1)
+    zl = z_loss * lse * lse
+    if z_rows is not None:
+        z_rows.copy_(torch.where(valid, zl, 0.0))
+    else:
+        ce = ce + zl
+    loss = torch.where(valid, ce, 0.0)
+    if acc_rows is not None:
+        acc_rows.mul_(valid)
     if compute_grad:
-        g = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
-        g.scatter_add_(1, t[:, None], torch.full_like(x_t, label_smoothing - 1.0)[:, None])
-        if softcap:
-            g = g * (1.0 - c * c)
-        scale = valid.to(g.dtype)
-        if n_valid is not None:
-            scale = scale / n_valid
+        scale = valid.to(x.dtype)
         if row_scale is not None:
             scale = scale * row_scale
-        logits.copy_(g * scale[:, None])
+        ce_scale = z_scale = scale
+        if n_valid is not None:
+            z_scale = scale / n_valid
+            ce_scale = scale / weight_valid if w is not None else z_scale
+        p_coef = ((1.0 - eps) * w_t + eps * (w.sum() if w is not None else V) / V) * ce_scale \
+            + 2.0 * z_loss * lse * z_scale
+        g = torch.exp(x - lse[:, None]) * p_coef[:, None]
+        g -= eps / V * ce_scale[:, None] * (w if w is not None else 1.0)
+        g.scatter_add_(1, t[:, None], (-(1.0 - eps) * w_t * ce_scale)[:, None])
+        if softcap:
+            g = g * (1.0 - c * c)
+        logits.copy_(g)
     return loss
 
 
 def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
-                    mean, chunk_size, need_grad_hidden, need_grad_weight, backend):
-    """(loss (N,), n_valid, grad_hidden, grad_weight, grad_bias) for hidden (N, H) contiguous: the
-    gradients of sum(loss * row_scale) / (n_valid if mean else 1); grad_weight and grad_bias (with
-    a bias) fp32 when ``need_grad_weight``, grad_hidden when ``need_grad_hidden``, else None.
-    Allocates one (chunk, V) buffer, never (N, V)."""
+                    mean, chunk_size, need_grad_hidden, need_grad_weight, backend, class_weight=None,
+                    split_z=False, want_accuracy=False):
+    """(loss (N,), n_valid, weight_valid, z_rows, acc_rows, grad_hidden, grad_weight, grad_bias)
+    for hidden (N, H) contiguous: the gradients of sum(loss * row_scale) / (n_valid if mean else 1)
+    (with class weights and a mean: the class part over weight_valid, the z-loss part over
+    n_valid); grad_weight and grad_bias (with a bias) fp32 when ``need_grad_weight``, grad_hidden
+    when ``need_grad_hidden``, else None; weight_valid (with class weights), z_rows (``split_z``:
+    then left out of loss) and acc_rows (``want_accuracy``) None when not asked for. Allocates one
+    (chunk, V) buffer, never (N, V)."""
     N, _ = hidden.shape
     V = weight.shape[0]
     n_valid = n_valid_of(target, ignore_index)
+    w_valid = weight_valid_of(class_weight, target, ignore_index) if class_weight is not None else None
     acc = accumulate_dtype(hidden.dtype)
     loss = torch.empty((N,), dtype=acc, device=hidden.device)
+    z_rows = torch.empty((N,), dtype=acc, device=hidden.device) if split_z else None
+    acc_rows = torch.empty((N,), dtype=acc, device=hidden.device) if want_accuracy else None
     compute_grad = need_grad_hidden or need_grad_weight
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     grad_weight = grad_bias = None
@@ -194,14 +235,17 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
         else:
             torch.mm(h, weight.t(), out=logits)
         rs = row_scale[start:end] if row_scale is not None else None
+        zr = z_rows[start:end] if z_rows is not None else None
+        ar = acc_rows[start:end] if acc_rows is not None else None
+        nv, wv = (n_valid, w_valid) if mean else (None, None)
         if backend == "triton":
             loss[start:end], _ = kernels_ce.cross_entropy_forward(
                 logits, target[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
-                z_loss=z_loss, softcap=softcap, n_valid=n_valid if mean else None, row_scale=rs,
-                dlogits=logits, compute_grad=compute_grad)
+                z_loss=z_loss, softcap=softcap, n_valid=nv, row_scale=rs, dlogits=logits, compute_grad=compute_grad,
+                class_weight=class_weight, weight_valid=wv, z_rows=zr, acc_rows=ar)
         else:
             loss[start:end] = _ce_chunk_torch(logits, target[start:end], ignore_index, label_smoothing, z_loss,
-                                              softcap, n_valid if mean else None, rs, compute_grad)
+                                              softcap, nv, rs, compute_grad, class_weight, wv, zr, ar)
         # From here on ``logits`` holds dlogits.
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
@@ -209,7 +253,7 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
             accumulate_mm_(grad_weight, logits.t(), h)
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=acc)
-    return loss, n_valid, grad_hidden, grad_weight, grad_bias
+    return loss, n_valid, w_valid, z_rows, acc_rows, grad_hidden, grad_weight, grad_bias
 
 
 _ADDMM_OUT_DTYPE = {}  # device type -> whether torch.addmm(..., out_dtype=) runs there
@@ -233,41 +277,49 @@ def linear_cross_entropy_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: Optional[torch.Tensor],
     row_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
     mean: bool, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool, validate: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss fp32 (N,), n_valid fp32 (), grad_hidden, grad_weight fp32, grad_bias fp32); a gradient
-    that is not computed comes back as an empty tensor."""
+    class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_accuracy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(loss fp32 (N,), n_valid fp32 (), weight_valid fp32 (), z_rows (N,), acc_rows (N,),
+    grad_hidden, grad_weight fp32, grad_bias fp32); what is not computed comes back as an empty
+    tensor."""
     if validate:
         _check_targets_in_range(target, weight.shape[0], ignore_index)
-    loss, n_valid, gh, gw, gb = chunked_forward(hidden, weight, target, bias, row_scale, ignore_index,
-                                                label_smoothing, z_loss, softcap, mean, chunk_size, need_grad_hidden,
-                                                need_grad_weight, backend)
+    outs = chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
+                           mean, chunk_size, need_grad_hidden, need_grad_weight, backend,
+                           class_weight_for_kernel(class_weight), split_z, want_accuracy)
     acc = accumulate_dtype(hidden.dtype)
-    # Custom ops cannot return None, nor one tensor twice: a fresh empty tensor per missing gradient.
-    return (loss, n_valid, gh if gh is not None else hidden.new_empty((0,)),
-            gw if gw is not None else hidden.new_empty((0,), dtype=acc),
-            gb if gb is not None else hidden.new_empty((0,), dtype=acc))
+    # Custom ops cannot return None, nor one tensor twice: a fresh empty tensor per missing output,
+    # of the dtype the output has when present (the device scalars are fp32).
+    dtypes = (acc, torch.float32, torch.float32, acc, acc, hidden.dtype, acc, acc)
+    return tuple(o if o is not None else hidden.new_empty((0,), dtype=dt) for o, dt in zip(outs, dtypes))
 
 
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, mean, chunk_size,
-      need_grad_hidden, need_grad_weight, validate, backend):
+      need_grad_hidden, need_grad_weight, validate, backend, class_weight=None, split_z=False, want_accuracy=False):
     N = hidden.shape[0]
     f32 = accumulate_dtype(hidden.dtype)
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
     gw = hidden.new_empty(weight.shape, dtype=f32) if need_grad_weight else hidden.new_empty((0,), dtype=f32)
     gb = hidden.new_empty((weight.shape[0],), dtype=f32) if need_grad_weight and bias is not None \
         else hidden.new_empty((0,), dtype=f32)
-    return hidden.new_empty((N,), dtype=f32), hidden.new_empty((), dtype=torch.float32), gh, gw, gb
+    wv = hidden.new_empty(() if class_weight is not None else (0,), dtype=torch.float32)
+    zr = hidden.new_empty((N,) if split_z else (0,), dtype=f32)
+    ar = hidden.new_empty((N,) if want_accuracy else (0,), dtype=f32)
+    return hidden.new_empty((N,), dtype=f32), hidden.new_empty((), dtype=torch.float32), wv, zr, ar, gh, gw, gb
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """'mean'/'sum': gradients computed in the forward, saved, scaled by grad_output in backward.
     'none': the forward saves its inputs; backward reruns the chunk loop with per-token scales.
-    Only the gradients autograd asks for are computed (a frozen lm_head costs no grad_weight)."""
+    Only the gradients autograd asks for are computed (a frozen lm_head costs no grad_weight).
+    Returns (loss, z_loss, token accuracy); the last two are empty unless asked for and carry no
+    gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                chunk_size, validate, backend):
+    def forward(ctx, hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, return_z_loss, return_accuracy, chunk_size, validate, backend):
         H = hidden.shape[-1]
         h2 = hidden.reshape(-1, H).contiguous()
         t = target.reshape(-1).contiguous()
@@ -280,30 +332,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.need_weight = bool(ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]))
         w = weight.contiguous()
         eager_grads = reduction != "none"
-        loss, n_valid, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
+        split_z = class_weight is not None or return_z_loss
+        loss, n_valid, w_valid, z_rows, acc_rows, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
             h2, w, t, bias, None, ignore_index, float(label_smoothing), float(z_loss), float(softcap),
             reduction == "mean", chunk_size, eager_grads and ctx.need_hidden, eager_grads and ctx.need_weight,
-            validate, backend)
+            validate, backend, class_weight, split_z, return_accuracy)
+        out = reduce_loss(loss, n_valid, reduction, z_rows if split_z else None,
+                          w_valid if class_weight is not None else None)
         if reduction == "none":
-            ctx.save_for_backward(h2, w, t, bias)
-            return loss.reshape(target.shape)
-        # Held until backward in the weight's dtype: the fp32 accumulator (4 V H bytes) lives only
-        # inside the forward's chunk loop; rounding it once here is what backward did before.
-        if ctx.need_weight:
-            gw = gw.to(ctx.weight_dtype)
-            gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
-        ctx.save_for_backward(gh, gw, gb)
-        return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+            out = out.reshape(target.shape)
+            ctx.save_for_backward(h2, w, t, bias, class_weight)
+        else:
+            # Held until backward in the weight's dtype: the fp32 accumulator (4 V H bytes) lives
+            # only inside the forward's chunk loop; rounding it once here is what backward did before.
+            if ctx.need_weight:
+                gw = gw.to(ctx.weight_dtype)
+                gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
+            ctx.save_for_backward(gh, gw, gb)
+        return function_outputs(ctx, out, z_rows, acc_rows, n_valid, reduction, target.shape, return_z_loss,
+                                return_accuracy)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_z, _grad_accuracy):
         ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.opts
         if ctx.reduction == "none":
-            h2, w, t, bias = ctx.saved_tensors
+            h2, w, t, bias, class_weight = ctx.saved_tensors
             row_scale = grad_output.reshape(-1).to(accumulate_dtype(h2.dtype)).contiguous()
-            _, _, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
+            *_, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
                 h2, w, t, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, False, chunk_size,
-                ctx.need_hidden, ctx.need_weight, False, backend)
+                ctx.need_hidden, ctx.need_weight, False, backend, class_weight)
         else:
             gh, gw, gb = ctx.saved_tensors
             if not _is_one(grad_output):  # loss.backward() skips these multiplications
@@ -314,7 +371,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
         grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
         grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 11
 
 
 def linear_cross_entropy(
@@ -328,25 +385,36 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float = 0.0,
+    class_weight: Optional[torch.Tensor] = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
     chunk_size: Optional[int] = None,
     validate: Optional[bool] = None,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+):
     """cross_entropy(hidden (..., H) @ weight (V, H).T + bias (V,), int64 target (...)) without the
     (tokens, V) logits; hidden/weight/bias share one dtype (fp32/fp16/bf16; float64 on torch); fp32
-    loss. ``chunk_size`` tokens per chunk (None: logits chunk ~ hidden's size). ``backend`` forces
+    loss. ``class_weight`` (V,): torch's cross-entropy ``weight``. With ``return_z_loss`` /
+    ``return_token_accuracy`` a :class:`~tokenforge.ops.cross_entropy.CrossEntropyOutput`.
+    ``chunk_size`` tokens per chunk (None: logits chunk ~ hidden's size). ``backend`` forces
     triton or torch; ``validate`` as in :func:`tokenforge.ops.cross_entropy`."""
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                   chunk_size)
+    check_class_weight(OP, "class_weight", class_weight, weight.shape[0], hidden.device)
+    check_flags(OP, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy)
     N = hidden.numel() // hidden.shape[-1]
     if N == 0:
         return linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction,
-                                              label_smoothing, z_loss, softcap)
+                                              label_smoothing, z_loss, softcap, class_weight, return_z_loss,
+                                              return_token_accuracy)
     name = backends.choose(OP, hidden, backend=backend)
     if chunk_size is None:
         chunk_size = default_chunk_size(N, hidden.shape[-1], weight.shape[0])
     if validate is None:
         validate = hidden.device.type == "cpu"
-    return LinearCrossEntropyFunction.apply(hidden, weight, target, bias, ignore_index, reduction,
-                                            float(label_smoothing), float(z_loss), float(softcap),
-                                            int(min(chunk_size, N)), bool(validate), name)
+    loss, z_out, acc_out = LinearCrossEntropyFunction.apply(
+        hidden, weight, target, bias, class_weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
+        float(softcap), return_z_loss, return_token_accuracy, int(min(chunk_size, N)), bool(validate), name)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    return CrossEntropyOutput(loss, z_out if return_z_loss else None, acc_out if return_token_accuracy else None)
