@@ -6,6 +6,8 @@ shared experts, the two balancing mechanisms, bad input."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,3 +274,21 @@ def test_train_refuses_config_only_presets_and_runs_moe_tiny(tmp_path, capsys):
     steps = [r for r in records if "expert_load" in r]
     assert steps and len(steps[-1]["expert_load"]) == 1 and len(steps[-1]["expert_load"][0]) == 8
     assert steps[-1]["expert_load_max_over_mean"] >= 1.0
+
+
+@pytest.mark.parametrize("backend,nproc", [("torch", 2), ("torch", 4), ("triton", 2)])
+def test_expert_parallel_matches_one_process(tmp_path, backend, nproc):
+    """Experts sharded over 2 / 4 gloo ranks (tokens exchanged with all-to-all) compute what one
+    process computes with every expert on all ranks' tokens: outputs, input and router gradients,
+    each rank's slice of the expert gradients; the selection bias stays equal on every rank."""
+    from torchrun import run_worker
+
+    out = tmp_path / "ep.json"
+    run_worker("moe_ep_worker.py", backend, str(out), nproc=nproc, timeout=240)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == nproc
+    tol = 1e-12 if backend == "torch" else 1e-5
+    for rank, errors in enumerate(per_rank):
+        assert errors["local_shape"][0] == 8 // nproc and errors["bias_equal"], (rank, errors)
+        for name in ("out", "dx", "router", "shared", "w_gate_up", "w_down"):
+            assert errors[name] <= tol, (rank, name, errors)

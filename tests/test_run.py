@@ -188,3 +188,23 @@ def test_script_patch_call_replaces_the_automatic_one():
         assert getattr(model, "_tokenforge_undo", None) is None
     finally:
         session.uninstall()
+
+
+def test_torchrun_every_rank_patched_and_reported(tmp_path):
+    """torchrun ... -m tokenforge.run script.py: each of 2 gloo ranks installs tokenforge before the
+    script, patches its DDP-wrapped model, writes its own report; the losses are the plain run's."""
+    from torchrun import torchrun
+
+    script = os.path.join(CLIENTS, "hf_ddp_script.py")
+    torchrun([script, "--out", str(tmp_path / "plain.json")], timeout=180)
+    report = tmp_path / "r.json"
+    torchrun(["-m", "tokenforge.run", "--optimizer", "--report", str(report), script,
+              "--out", str(tmp_path / "routed.json")], timeout=180)
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    routed = json.loads((tmp_path / "routed.json").read_text())
+    assert routed["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+    assert plain["optimizer"].startswith("torch") and routed["optimizer"].startswith("tokenforge")
+    for path in (report, tmp_path / "r.rank1.json"):
+        rank_report = json.loads(path.read_text())
+        assert [m["model"] for m in rank_report["models"]] == ["LlamaForCausalLM"]
+        assert rank_report["calls"]["linear_cross_entropy"] == 2 and rank_report["exit_status"] == 0

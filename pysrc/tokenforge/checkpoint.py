@@ -35,19 +35,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_state(model, optimizer, ctx: DistContext) -> tuple[dict, dict]:
+def _full_state(model, optimizer, ctx: DistContext, expert_names: list) -> tuple[dict, dict]:
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(unwrap(model), optimizer, options=opts)
-    return unwrap(model).state_dict(), optimizer.state_dict()
+    model_sd, optim_sd = unwrap(model).state_dict(), optimizer.state_dict()
+    if expert_names:  # expert-parallel shards: the checkpoint holds every expert
+        from tokenforge.distributed import gather_expert_state
+
+        gather_expert_state(unwrap(model), optimizer, model_sd, optim_sd, expert_names)
+    return model_sd, optim_sd
 
 
 def save(path: str, *, model, optimizer, scheduler, sampler_state: dict, step: int, ctx: DistContext,
-         extra: Optional[dict] = None) -> None:
-    """Collective under FSDP (every rank must call it); rank 0 writes ``path``."""
-    model_sd, optim_sd = _full_state(model, optimizer, ctx)
+         extra: Optional[dict] = None, expert_names: list = ()) -> None:
+    """Collective under FSDP and expert parallelism (every rank must call it); rank 0 writes ``path``.
+    ``expert_names``: parameters sharded over the ranks by expert parallelism (gathered whole)."""
+    model_sd, optim_sd = _full_state(model, optimizer, ctx, list(expert_names))
     rngs = all_gather_object(rng_state(), ctx)
     if ctx.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -81,7 +87,7 @@ def _corrupt(path: str, why: str) -> ValueError:
                       f"{os.path.basename(path)}.sha256 to start the run over")
 
 
-def load(path: str, *, model, optimizer, scheduler, ctx: DistContext) -> dict[str, Any]:
+def load(path: str, *, model, optimizer, scheduler, ctx: DistContext, expert_names: list = ()) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns the payload
     (``step``, ``sampler``, ``extra``) for the caller to restore the rest."""
     if not os.path.exists(path):
@@ -104,6 +110,10 @@ def load(path: str, *, model, optimizer, scheduler, ctx: DistContext) -> dict[st
         set_state_dict(unwrap(model), optimizer, model_state_dict=payload["model"],
                        optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
+        if expert_names:
+            from tokenforge.distributed import slice_expert_state
+
+            slice_expert_state(unwrap(model), optimizer, payload["model"], payload["optimizer"], list(expert_names))
         unwrap(model).load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])

@@ -36,7 +36,7 @@ import torch
 
 from tokenforge import checkpoint, metrics
 from tokenforge.data import BatchSampler, load_corpus
-from tokenforge.distributed import DistContext, all_reduce_mean, setup, teardown, unwrap, wrap
+from tokenforge.distributed import DistContext, all_reduce_mean, setup, shard_experts, teardown, unwrap, wrap
 from tokenforge.models.transformer import CONFIG_ONLY_PRESETS, PRESETS, Block, Transformer, TransformerConfig
 
 VARIANTS = ("eager", "compile", "kernels", "kernels+compile", "fp8")
@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("tensorwise", "rowwise", "rowwise_with_gw_hp"), help="FP8 scaling recipe (with --fp8)")
     k.add_argument("--device", default="auto", help="auto, cpu or cuda")
     k.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="under torchrun: DDP or FSDP2")
+    k.add_argument("--ep", type=int, default=1, help="expert parallelism: MoE experts sharded over this many ranks "
+                   "(with --dist ddp; the number of ranks), tokens exchanged with all-to-all")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl go here")
     r.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (exactly)")
@@ -104,7 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_args(args) -> None:
     """Refuse values that would run nothing, run wrong, or die deep inside (one line, what to do)."""
     positive = {"--max-steps": args.max_steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
-                "--eval-iters": args.eval_iters, "--log-every": args.log_every}
+                "--eval-iters": args.eval_iters, "--log-every": args.log_every, "--ep": args.ep}
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -132,6 +134,9 @@ def check_args(args) -> None:
         if args.eval_every == 0:
             raise ValueError("--target-loss compares the evaluated val loss: pass --eval-every N > 0 "
                              "(how often to check; smaller is finer but costs evaluation time)")
+    if args.ep > 1 and args.dist != "ddp":
+        raise ValueError(f"--ep {args.ep} needs --dist ddp under torchrun with {args.ep} ranks: "
+                         f"torchrun --nproc_per_node {args.ep} -m tokenforge.train --dist ddp --ep {args.ep} ...")
     if args.compare and args.timing_warmup >= args.max_steps:
         raise ValueError(f"--timing-warmup {args.timing_warmup} leaves no timed step of --max-steps {args.max_steps}; "
                          "raise --max-steps or lower --timing-warmup")
@@ -251,8 +256,13 @@ def resume_schedule(scheduler, optimizer, saved: Optional[dict], warmup: int, ar
     return None
 
 
-def clip_grads(model: torch.nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
+def clip_grads(model: torch.nn.Module, max_norm: float, ctx: DistContext, expert_names: list = ()) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
+    if expert_names:
+        from tokenforge.distributed import clip_sharded_grads_
+
+        named = dict(model.named_parameters())
+        return clip_sharded_grads_(params, {id(named[n]) for n in expert_names}, max_norm)
     if ctx.mode != "fsdp":  # FSDP2 grads are DTensors: torch's clip knows how to reduce them
         try:
             from tokenforge.optim import clip_grad_norm_
@@ -388,7 +398,11 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             res.notes.append(f"fp8: {n} Linear layers -> tokenforge.fp8.Float8Linear"
                              + (" (CPU: emulated, no speedup)" if device.type == "cpu" else ""))
     raw = model
-    model = wrap(model, ctx, block_types=(Block,))
+    expert_names = shard_experts(raw, ctx, args.ep) if getattr(args, "ep", 1) > 1 else []
+    if expert_names:
+        res.notes.append(f"expert parallel over {ctx.world} ranks: {cfg.n_experts // ctx.world} of "
+                         f"{cfg.n_experts} experts per rank per MoE layer, tokens exchanged with all-to-all")
+    model = wrap(model, ctx, block_types=(Block,), ignore=tuple(expert_names))
     optimizer, res.optimizer = make_optimizer(raw, args.lr, args.weight_decay, sharded=ctx.mode == "fsdp",
                                               optimizer=variant.optimizer, kernels=variant.kernels)
     qk_clip = None
@@ -410,7 +424,8 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
     if args.resume:
         if not ckpt_path:
             raise ValueError("--resume needs --out DIR (the checkpoint is DIR/checkpoint.pt)")
-        payload = checkpoint.load(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, ctx=ctx)
+        payload = checkpoint.load(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
+                                  expert_names=expert_names)
         start = payload["step"]
         if start >= args.max_steps:
             raise ValueError(f"--resume: the checkpoint in {args.out} is at step {start}, so --max-steps "
@@ -450,8 +465,7 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
                         loss = model(x, y) / args.grad_accum
                     loss.backward()
                 loss_sum += loss.detach().float()
-            if args.clip > 0:
-                clip_grads(raw, args.clip, ctx)
+            grad_norm = clip_grads(raw, args.clip, ctx, expert_names) if args.clip > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             if qk_clip is not None:
@@ -469,6 +483,8 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             mem = metrics.peak_memory(device)
             res.losses.append((step, loss_val))
             record = {"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tps,
+                      # read after the loss's sync: no second stall inside the step
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "mfu": step_mfu, "peak_mem": mem, "variant": variant.name,
                       "tokens": step * tokens_per_step}
             if qk_clip is not None:
@@ -510,7 +526,7 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             bar.update(step, stats)
             if ckpt_path and ((args.ckpt_every and step % args.ckpt_every == 0) or step == stop or reached):
                 checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                sampler_state=sampler.state_dict(), step=step, ctx=ctx,
+                                sampler_state=sampler.state_dict(), step=step, ctx=ctx, expert_names=expert_names,
                                 extra={"config": cfg.to_dict(), "variant": variant.name, "seed": args.seed,
                                        "schedule": {"warmup": warmup, "max_steps": args.max_steps,
                                                     "min_lr_ratio": args.min_lr_ratio}})

@@ -14,6 +14,13 @@ Switch-style auxiliary loss in ``self.aux_loss`` (add it to the training loss); 
 > 0 is DeepSeek-V3's auxiliary-loss-free balancing: after each training forward the selection
 bias (buffer ``expert_bias``) moves by rate * sign(mean load - load) per expert. The last
 forward's tokens per expert are in ``self.last_expert_counts`` (a device tensor: reading it syncs).
+
+Expert parallelism: ``layer.shard_experts(group)`` keeps only this rank's E/P experts (rank r of
+the group's P: experts r*E/P ..), and the forward exchanges token rows with the other ranks around
+the expert GEMMs (:mod:`tokenforge.ops.moe_expert_parallel`); the router, shared experts and
+selection bias stay whole on every rank (the bias moves by the group's summed load, so it stays the
+same everywhere). Expert weights then get the gradient of the sum of the group's losses; under data
+parallelism over the same ranks divide it by P to average as DDP does (``tokenforge train --ep``).
 """
 
 from __future__ import annotations
@@ -60,7 +67,26 @@ class MoE(torch.nn.Module):
             self.shared_experts = SwiGLU(dim, width, backend=backend, **kw)
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_expert_counts: Optional[torch.Tensor] = None
+        self.ep_group = None
+        self.local_experts = num_experts
         self.reset_parameters()
+
+    def shard_experts(self, group) -> "MoE":
+        """Keep this rank's slice of the experts (see the module docstring); returns self."""
+        from tokenforge.ops.moe_expert_parallel import ep_world
+
+        if self.ep_group is not None:
+            raise RuntimeError("MoE.shard_experts: the experts are sharded already")
+        rank, world = ep_world(group)
+        if self.num_experts % world:
+            raise ValueError(f"MoE.shard_experts: {self.num_experts} experts do not split over {world} ranks; "
+                             "use an expert count divisible by the expert-parallel group size")
+        n = self.num_experts // world
+        lo = rank * n
+        self.w_gate_up = torch.nn.Parameter(self.w_gate_up.detach()[lo:lo + n].clone())
+        self.w_down = torch.nn.Parameter(self.w_down.detach()[lo:lo + n].clone())
+        self.ep_group, self.local_experts = group, n
+        return self
 
     def reset_parameters(self) -> None:
         # nn.Linear's default per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -85,9 +111,19 @@ class MoE(torch.nn.Module):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             xs, w_gate_up, w_down = xs.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        plan = None
+        if self.ep_group is not None:
+            from tokenforge.ops.moe_expert_parallel import ep_dispatch
+
+            xs, plan = ep_dispatch(xs, counts, self.ep_group)
+            offs = plan.offs
         gate_up = grouped_mm(xs, w_gate_up, offs, check_offs=False, backend=self.backend)
         ys = grouped_mm(swiglu_packed(gate_up, backend=self.backend), w_down, offs, check_offs=False,
                         backend=self.backend)
+        if plan is not None:
+            from tokenforge.ops.moe_expert_parallel import ep_combine
+
+            ys = ep_combine(ys, plan)
         y = moe_unpermute(ys, order, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
@@ -96,10 +132,15 @@ class MoE(torch.nn.Module):
         if self.training and use_bias:
             with torch.no_grad():
                 load = counts.to(torch.float32)
+                if self.ep_group is not None:  # the group's load: the bias stays equal on every rank
+                    import torch.distributed as dist
+
+                    dist.all_reduce(load, group=self.ep_group)
                 self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         return y.view(shape)
 
     def extra_repr(self) -> str:
         shared = f", shared_experts={self.shared_experts.hidden_dim}" if self.shared_experts is not None else ""
+        ep = f", local_experts={self.local_experts} (expert parallel)" if self.ep_group is not None else ""
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}{shared}")
+                f"top_k={self.top_k}{shared}{ep}")

@@ -85,11 +85,16 @@ def moe_permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int
     return x.index_select(0, order // k), offs, order, counts
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i (on the device, no sync)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def moe_unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(T, D): out[t] = sum_j weights[t, j] * y of slot (t, j), y_sorted in moe_permute's order;
     the sum in fp32 (float64 for float64), returned in y_sorted's dtype."""
     tokens, k = weights.shape
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    inverse = inverse_permutation(order)
     compute = torch.float64 if y_sorted.dtype == torch.float64 else torch.float32
     slots = y_sorted.index_select(0, inverse).view(tokens, k, -1).to(compute)
     return (slots * weights.to(compute)[..., None]).sum(1).to(y_sorted.dtype)
