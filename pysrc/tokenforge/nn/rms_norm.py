@@ -14,7 +14,9 @@ from tokenforge.ops.rms_norm import rms_norm
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the trailing ``normalized_shape`` dims, same signature as torch.nn.RMSNorm, except
     that the default eps is 1e-6 (LLaMA's); ``eps=None`` means torch.finfo(x.dtype).eps like torch.
-    ``offset=1.0`` is Gemma's norm: scale by ``1 + weight`` (in fp32), weights initialised to zero."""
+    ``offset=1.0`` is Gemma's norm: scale by ``1 + weight`` (in fp32), weights initialised to zero.
+    ``casting_mode`` ("gemma", the default, "llama", "none"): where the rounding happens, as in
+    :func:`tokenforge.ops.rms_norm`."""
 
     def __init__(
         self,
@@ -25,6 +27,7 @@ class RMSNorm(torch.nn.Module):
         dtype=None,
         *,
         offset: float = 0.0,
+        casting_mode: str = "gemma",
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
@@ -36,6 +39,11 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.offset = float(offset)
+        from tokenforge.ops.rms_norm import CASTING_MODES
+
+        if casting_mode not in CASTING_MODES:
+            raise ValueError(f"RMSNorm: casting_mode must be one of {', '.join(CASTING_MODES)}, got {casting_mode!r}")
+        self.casting_mode = casting_mode
         self.backend = backend
         if elementwise_affine:
             self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
@@ -64,13 +72,16 @@ class RMSNorm(torch.nn.Module):
             )
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if k == 1:
-            return rms_norm(x, self.weight, eps, offset=self.offset, backend=self.backend)
+            return rms_norm(x, self.weight, eps, offset=self.offset, casting_mode=self.casting_mode,
+                            backend=self.backend)
         # Several normalised dims: flatten them into one row of length prod(normalized_shape).
         n = math.prod(self.normalized_shape)
         weight = self.weight.reshape(n) if self.weight is not None else None
-        y = rms_norm(x.reshape(*x.shape[:-k], n), weight, eps, offset=self.offset, backend=self.backend)
+        y = rms_norm(x.reshape(*x.shape[:-k], n), weight, eps, offset=self.offset, casting_mode=self.casting_mode,
+                     backend=self.backend)
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
         offset = f", offset={self.offset}" if self.offset else ""
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}"
+        cast = f", casting_mode={self.casting_mode!r}" if self.casting_mode != "gemma" else ""
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}{cast}"

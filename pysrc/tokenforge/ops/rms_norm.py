@@ -11,6 +11,13 @@ Semantics follow ``torch.nn.functional.rms_norm``: y has x's dtype, the statisti
 fp32 (or in float64 for float64 inputs on the torch backend), dweight has weight's dtype.
 ``offset`` scales by ``(offset + weight)`` instead of ``weight``, the sum taken in fp32 (Gemma's
 RMSNorm: ``offset=1.0`` with zero-initialised weights, ``(x_hat * (1 + w.float())).to(x.dtype)``).
+
+``casting_mode`` picks where the rounding to low precision happens, for exact parity with a model's
+own norm (Liger-Kernel's names): ``"gemma"`` (the default; all fp32, y rounded once to x's dtype:
+the fused kernel); ``"llama"`` (x_hat rounded to x's dtype, then times the weight in the promoted
+dtype of x and weight, so an fp32 weight gives an fp32 y: HF Llama's; the kernel normalises, the
+weight multiply is one more elementwise pass); ``"none"`` (every step in x's dtype; the torch
+reference, for comparing against models that never upcast).
 """
 
 from __future__ import annotations
@@ -159,16 +166,38 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), (dw if w is not None else None), None, None
 
 
+CASTING_MODES = ("gemma", "llama", "none")
+
+
+def rms_norm_cast_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+                            casting_mode: str) -> torch.Tensor:
+    """The "llama" and "none" casting modes written out in torch (see the module docstring)."""
+    if casting_mode == "none":
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return y * (weight.to(x.dtype) + offset) if weight is not None else y
+    x_hat = rms_norm_reference(x, None, eps)
+    return (weight + offset) * x_hat if weight is not None else x_hat
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *, offset: float = 0.0,
-             backend: Optional[str] = None) -> torch.Tensor:
+             casting_mode: str = "gemma", backend: Optional[str] = None) -> torch.Tensor:
     """RMSNorm of x (..., n) over its last dim times weight (n,) or None (times ``offset + weight``
     when offset is given: Gemma's ``offset=1.0``); fp32/fp16/bf16 (float64 on the torch backend);
-    returns x's shape and dtype. ``backend`` forces triton, cuda or torch."""
+    returns x's shape and dtype (``casting_mode="llama"``: the promoted dtype of x and weight).
+    ``backend`` forces triton, cuda or torch."""
     _check_inputs(x, weight, eps)
     if not isinstance(offset, (int, float)) or isinstance(offset, bool) or offset != offset:
         raise ValueError(f"rms_norm: offset must be a float (1.0 for Gemma's (1 + weight)), got {offset!r}")
     if offset and weight is None:
         raise ValueError("rms_norm: offset needs a weight (it scales by offset + weight); pass weight or offset=0")
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"rms_norm: casting_mode must be one of {', '.join(CASTING_MODES)}, got {casting_mode!r}")
+    if casting_mode == "none":
+        return rms_norm_cast_reference(x, weight, eps, offset, "none")
+    if casting_mode == "llama":
+        # The kernel normalises (x_hat in x's dtype, as Llama rounds it); the weight multiplies after.
+        x_hat = rms_norm(x, None, eps, backend=backend)
+        return (weight + offset) * x_hat if weight is not None else x_hat
     if x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset)
     name = backends.choose(OP, x, weight, backend=backend)
