@@ -4,7 +4,8 @@ Tokens arrive sorted by expert: a (T, K), b (E, K, N), offs (E,) int32 cumulativ
 (expert e owns rows [offs[e-1], offs[e]); an expert may own none). Two kernels:
 
 - ``_grouped_mm_kernel`` (forward, and dA = dOut @ b^T with b passed transposed by strides):
-  persistent. A fixed grid of about one program per SM walks the work items (expert, row tile,
+  persistent; on sm_90 the forward's tiles come in by TMA (tensor descriptors) when the layouts
+  allow (unit-stride rows, 16-byte alignment), else by pointer loads. A fixed grid of about one program per SM walks the work items (expert, row tile,
   column tile) in order, each program taking every ``num_programs``-th item. The schedule is built
   on the device from offs while walking, so there is no host sync and no per-step launch-size
   change (the launch is CUDA-graph capturable). Row tiles never straddle experts.
@@ -36,8 +37,12 @@ def _grouped_mm_kernel(
     A, B, OFFS, OUT, E, N, K,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
 ):
+    # TMA: A and B are tensor descriptors (a (T, K) in [BLOCK_M, BLOCK_K] boxes, b (E, K, N) in
+    # [1, BLOCK_K, BLOCK_N] boxes), loaded by the copy engine (cp.async.bulk.tensor on sm_90): the
+    # box is zero-filled past K, N and T, and a 3-D box never reads another expert's weights; rows
+    # of A past the expert's end are the next expert's tokens, computed and never stored.
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -66,19 +71,26 @@ def _grouped_mm_kernel(
         local = item - before
         row0 = start + (local // tiles_n) * BLOCK_M
         col0 = (local % tiles_n) * BLOCK_N
-        # 64-bit tile bases, 32-bit offsets inside the tile (64-bit only when WIDE: a stride so
-        # large that one tile spans 2^31 elements); rows past the expert's end and columns past
-        # N are clamped to the last valid one (loaded, never stored).
-        rm = tl.minimum(tl.arange(0, BLOCK_M), end - 1 - row0)
-        rn = tl.minimum(tl.arange(0, BLOCK_N), N - 1 - col0)
-        if WIDE:
-            rm = rm.to(tl.int64)
-            rn = rn.to(tl.int64)
-        a_ptrs = (A + tl.cast(row0, tl.int64) * stride_am) + rm[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptrs = (B + tl.cast(e, tl.int64) * stride_be + tl.cast(col0, tl.int64) * stride_bn) \
-            + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-        acc = k_loop(a_ptrs, b_ptrs, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk,
-                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        if TMA:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kt in range(0, tl.cdiv(K, BLOCK_K)):
+                a = A.load([row0, kt * BLOCK_K])
+                b = B.load([e, kt * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
+                acc = dot_acc(a, b, acc, UPCAST, IEEE)
+        else:
+            # 64-bit tile bases, 32-bit offsets inside the tile (64-bit only when WIDE: a stride
+            # so large that one tile spans 2^31 elements); rows past the expert's end and columns
+            # past N are clamped to the last valid one (loaded, never stored).
+            rm = tl.minimum(tl.arange(0, BLOCK_M), end - 1 - row0)
+            rn = tl.minimum(tl.arange(0, BLOCK_N), N - 1 - col0)
+            if WIDE:
+                rm = rm.to(tl.int64)
+                rn = rn.to(tl.int64)
+            a_ptrs = (A + tl.cast(row0, tl.int64) * stride_am) + rm[:, None] * stride_am + rk[None, :] * stride_ak
+            b_ptrs = (B + tl.cast(e, tl.int64) * stride_be + tl.cast(col0, tl.int64) * stride_bn) \
+                + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+            acc = k_loop(a_ptrs, b_ptrs, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         om = tl.arange(0, BLOCK_M)
         on = tl.arange(0, BLOCK_N)
         if WIDE:
@@ -178,6 +190,17 @@ def _programs(device: torch.device, work_bound: int) -> int:
     return max(1, min(sms, work_bound))
 
 
+def tma_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Tensor descriptors for a and b: an sm_90+ GPU (or the interpreter, which runs them too),
+    unit-stride rows, 16-byte aligned bases and row strides (TMA's rules). Otherwise, e.g. for the
+    dA GEMM's transposed b, the pointer loads."""
+    if not INTERPRETED and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (9, 0)):
+        return False
+    size = a.element_size()
+    return (a.stride(1) == 1 and b.stride(2) == 1 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 for s in (a.stride(0), b.stride(0), b.stride(1))))
+
+
 def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (T, N) = a (T, K) @ b[e] per expert's rows; any strides; offs int32 (E,) on a's device."""
     tokens, k = a.shape
@@ -186,13 +209,20 @@ def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out
     # Upper bound on work items without reading offs: every expert adds at most one partial tile.
     bound = (triton.cdiv(tokens, cfg["BLOCK_M"]) + experts) * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (_programs(a.device, bound),)
+    tma = tma_usable(a, b)
+    a_arg, b_arg = a, b
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_arg = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+        b_arg = TensorDescriptor.from_tensor(b, [1, cfg["BLOCK_K"], cfg["BLOCK_N"]])
     with launch_device(a.device):
         _grouped_mm_kernel[grid](
-            a, b, offs, out, experts, n, k,
+            a_arg, b_arg, offs, out, experts, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             **_flags(a, [(cfg["BLOCK_M"], a.stride(0)), (cfg["BLOCK_K"], a.stride(1)), (cfg["BLOCK_K"], b.stride(1)),
                          (cfg["BLOCK_N"], b.stride(2)), (cfg["BLOCK_M"], out.stride(0)), (cfg["BLOCK_N"], out.stride(1))]),
-            **cfg)
+            TMA=tma, **cfg)
     return out
 
 
@@ -214,6 +244,7 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db
 
 def all_configs() -> list[tuple[str, dict]]:
     """(kernel name, constexprs + num_warps/num_stages) for the compile gate, bf16."""
-    out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False)) for cfg in FORWARD_CONFIGS.values()]
+    out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma))
+           for cfg in FORWARD_CONFIGS.values() for tma in (False, True)]
     out.append(("_grouped_mm_wgrad_kernel", dict(WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False)))
     return out

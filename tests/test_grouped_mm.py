@@ -72,6 +72,34 @@ def test_matches_float64_loop_forward_and_backward(device, dtype):
         check_against_reference(a, b, offs, counts)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the poisoned expert's own rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_descriptor_path(dtype):
+    """Layouts TMA takes (unit-stride rows, 16-byte row strides) run the forward from tensor
+    descriptors (the interpreter runs them; on a GPU, sm_90+): K and N with tails past the
+    interpreter's 32-wide boxes (zero-filled), T past the last box, awkward experts; a 3-D weight
+    box never reads the next expert's rows (an inf there stays out of this expert's outputs)."""
+    from tokenforge.kernels import INTERPRETED
+    from tokenforge.kernels import grouped_mm as kgm
+
+    if not INTERPRETED:
+        pytest.skip("CPU tensors run the descriptors only in the interpreter")
+    counts, k, n = [0, 21, 1, 33, 0, 7], 40, 48
+    offs = _offs(counts, "cpu")
+    a = torch.randn(sum(counts), k, dtype=dtype, requires_grad=True)
+    b = (torch.randn(len(counts), k, n) / k ** 0.5).to(dtype).requires_grad_()
+    assert kgm.tma_usable(a.detach(), b.detach())
+    check_against_reference(a, b, offs, counts)
+    poisoned = b.detach().clone()
+    poisoned[2] = float("inf")  # expert 2 (one row); expert 1's boxes end at its own K
+    out = grouped_mm(a.detach(), poisoned, offs, backend="triton")
+    rows = torch.arange(out.shape[0])
+    mine = (rows < 21)  # expert 1's rows
+    assert torch.isfinite(out[mine]).all()
+    assert rel_error(out[mine], grouped_mm_reference(a.detach().double(), b.detach().double(), offs)[mine]) \
+        <= TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs(device):
     """a as a column slice of a wider tensor and b stored (E, N, K) and viewed transposed (the
@@ -213,6 +241,10 @@ def test_kernels_compile_for_hopper_and_ampere():
     types = {
         "_grouped_mm_kernel": dict(A="*bf16", B="*bf16", OFFS="*i32", OUT="*bf16", E="i32", N="i32", K="i32",
                                    stride_am="i32", stride_be="i32", stride_bk="i32", stride_om="i32"),
+        "tma": lambda c: dict(A=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
+                              B=f"tensordesc<bf16[1, {c['BLOCK_K']}, {c['BLOCK_N']}]>", OFFS="*i32", OUT="*bf16",
+                              E="i32", N="i32", K="i32", stride_am="i32", stride_be="i32", stride_bk="i32",
+                              stride_om="i32"),
         "_grouped_mm_wgrad_kernel": dict(A="*bf16", DOUT="*bf16", OFFS="*i32", DB="*bf16", N="i32", K="i32",
                                          stride_am="i32", stride_dm="i32", stride_be="i32", stride_bk="i32"),
     }
@@ -221,10 +253,17 @@ def test_kernels_compile_for_hopper_and_ampere():
     for name, cfg in kgm.all_configs():
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        tma = cfg.get("TMA", False)
         for arch, target in TARGETS.items():
-            compiled = compile_kernel(getattr(kgm, name), types[name], dict(cfg, **unit[name]), warps, target,
+            if tma and arch != "sm_90":
+                continue  # tensor descriptors are the sm_90 path; sm_80 takes the pointer loads
+            arg_types = types["tma"](cfg) if tma else types[name]
+            compiled = compile_kernel(getattr(kgm, name), arg_types, dict(cfg, **unit[name]), warps, target,
                                       num_stages=stages, unaligned_args=("E", "N", "K"))
             if arch == "sm_90":
                 assert uses_wgmma(compiled), f"{name} {cfg}: no wgmma on sm_90"
+                ptx = compiled.asm["ptx"]
+                if tma:  # the tiles come in by the copy engine, not by thread loads
+                    assert "cp.async.bulk.tensor" in ptx, f"{name} {cfg}: no TMA load on sm_90"
             report = ptxas_report(compiled.asm["ptx"], arch)
             assert spill_bytes(report) == 0, f"{name} {cfg} spills on {arch}:\n{report}"
