@@ -4,8 +4,8 @@ Tokens arrive sorted by expert: a (T, K), b (E, K, N), offs (E,) int32 cumulativ
 (expert e owns rows [offs[e-1], offs[e]); an expert may own none). Two kernels:
 
 - ``_grouped_mm_kernel`` (forward, and dA = dOut @ b^T with b passed transposed by strides):
-  persistent; on sm_90 the forward's tiles come in by TMA (tensor descriptors) when the layouts
-  allow (unit-stride rows, 16-byte alignment), else by pointer loads. A fixed grid of about one program per SM walks the work items (expert, row tile,
+  persistent; on sm_90 the tiles come in by TMA (tensor descriptors, b read in either major order,
+  so dA too) when the layouts allow (a unit stride, 16-byte alignment), else by pointer loads. A fixed grid of about one program per SM walks the work items (expert, row tile,
   column tile) in order, each program taking every ``num_programs``-th item. The schedule is built
   on the device from offs while walking, so there is no host sync and no per-step launch-size
   change (the launch is CUDA-graph capturable). Row tiles never straddle experts.
@@ -37,12 +37,15 @@ def _grouped_mm_kernel(
     A, B, OFFS, OUT, E, N, K,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, TRANS_B: tl.constexpr,
 ):
     # TMA: A and B are tensor descriptors (a (T, K) in [BLOCK_M, BLOCK_K] boxes, b (E, K, N) in
     # [1, BLOCK_K, BLOCK_N] boxes), loaded by the copy engine (cp.async.bulk.tensor on sm_90): the
     # box is zero-filled past K, N and T, and a 3-D box never reads another expert's weights; rows
     # of A past the expert's end are the next expert's tokens, computed and never stored.
+    # TRANS_B: b is the transpose of the tensor behind B's descriptor ((E, N, K) stored, as for
+    # dA = dOut @ b^T, or nn.Linear-style expert weights): [1, BLOCK_N, BLOCK_K] boxes, transposed
+    # on chip (wgmma reads either major order from shared memory).
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -75,7 +78,10 @@ def _grouped_mm_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for kt in range(0, tl.cdiv(K, BLOCK_K)):
                 a = A.load([row0, kt * BLOCK_K])
-                b = B.load([e, kt * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
+                if TRANS_B:
+                    b = tl.trans(B.load([e, col0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    b = B.load([e, kt * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
                 acc = dot_acc(a, b, acc, UPCAST, IEEE)
         else:
             # 64-bit tile bases, 32-bit offsets inside the tile (64-bit only when WIDE: a stride
@@ -190,15 +196,21 @@ def _programs(device: torch.device, work_bound: int) -> int:
     return max(1, min(sms, work_bound))
 
 
-def tma_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Tensor descriptors for a and b: an sm_90+ GPU (or the interpreter, which runs them too),
-    unit-stride rows, 16-byte aligned bases and row strides (TMA's rules). Otherwise, e.g. for the
-    dA GEMM's transposed b, the pointer loads."""
+def tma_layout(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """How tensor descriptors can read a and b: "plain" (b's rows unit-stride), "trans_b" (b is a
+    transposed view, its K unit-stride: dA's b^T, (E, N, K)-stored weights), or None (pointer
+    loads). Needs an sm_90+ GPU (or the interpreter, which runs descriptors too), a unit-stride
+    K in a, 16-byte aligned bases and strides (TMA's rules)."""
     if not INTERPRETED and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (9, 0)):
-        return False
+        return None
     size = a.element_size()
-    return (a.stride(1) == 1 and b.stride(2) == 1 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
-            and all((s * size) % 16 == 0 for s in (a.stride(0), b.stride(0), b.stride(1))))
+    if a.stride(1) != 1 or a.data_ptr() % 16 or b.data_ptr() % 16 or (a.stride(0) * size) % 16:
+        return None
+    if b.stride(2) == 1 and (b.stride(0) * size) % 16 == 0 and (b.stride(1) * size) % 16 == 0:
+        return "plain"
+    if b.stride(1) == 1 and (b.stride(0) * size) % 16 == 0 and (b.stride(2) * size) % 16 == 0:
+        return "trans_b"
+    return None
 
 
 def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -209,20 +221,23 @@ def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out
     # Upper bound on work items without reading offs: every expert adds at most one partial tile.
     bound = (triton.cdiv(tokens, cfg["BLOCK_M"]) + experts) * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (_programs(a.device, bound),)
-    tma = tma_usable(a, b)
+    layout = tma_layout(a, b)
     a_arg, b_arg = a, b
-    if tma:
+    if layout is not None:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_arg = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-        b_arg = TensorDescriptor.from_tensor(b, [1, cfg["BLOCK_K"], cfg["BLOCK_N"]])
+        if layout == "plain":
+            b_arg = TensorDescriptor.from_tensor(b, [1, cfg["BLOCK_K"], cfg["BLOCK_N"]])
+        else:  # the (E, N, K) tensor behind the view
+            b_arg = TensorDescriptor.from_tensor(b.transpose(1, 2), [1, cfg["BLOCK_N"], cfg["BLOCK_K"]])
     with launch_device(a.device):
         _grouped_mm_kernel[grid](
             a_arg, b_arg, offs, out, experts, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             **_flags(a, [(cfg["BLOCK_M"], a.stride(0)), (cfg["BLOCK_K"], a.stride(1)), (cfg["BLOCK_K"], b.stride(1)),
                          (cfg["BLOCK_N"], b.stride(2)), (cfg["BLOCK_M"], out.stride(0)), (cfg["BLOCK_N"], out.stride(1))]),
-            TMA=tma, **cfg)
+            TMA=layout is not None, TRANS_B=layout == "trans_b", **cfg)
     return out
 
 
@@ -244,7 +259,7 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db
 
 def all_configs() -> list[tuple[str, dict]]:
     """(kernel name, constexprs + num_warps/num_stages) for the compile gate, bf16."""
-    out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma))
-           for cfg in FORWARD_CONFIGS.values() for tma in (False, True)]
+    out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=trans))
+           for cfg in FORWARD_CONFIGS.values() for tma, trans in ((False, False), (True, False), (True, True))]
     out.append(("_grouped_mm_wgrad_kernel", dict(WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False)))
     return out

@@ -88,8 +88,14 @@ def test_tma_descriptor_path(dtype):
     offs = _offs(counts, "cpu")
     a = torch.randn(sum(counts), k, dtype=dtype, requires_grad=True)
     b = (torch.randn(len(counts), k, n) / k ** 0.5).to(dtype).requires_grad_()
-    assert kgm.tma_usable(a.detach(), b.detach())
-    check_against_reference(a, b, offs, counts)
+    assert kgm.tma_layout(a.detach(), b.detach()) == "plain"
+    assert kgm.tma_layout(a.detach(), b.detach().transpose(1, 2)) == "trans_b"  # dA's b^T
+    check_against_reference(a, b, offs, counts)  # dA through the transposed descriptor
+    # nn.Linear-style expert weights stored (E, N, K): the forward reads them transposed.
+    b_nk = (torch.randn(len(counts), n, k) / k ** 0.5).to(dtype)
+    b_t = b_nk.transpose(1, 2).requires_grad_()
+    assert kgm.tma_layout(a.detach(), b_t.detach()) == "trans_b"
+    check_against_reference(a.detach().requires_grad_(), b_t, offs, counts)
     poisoned = b.detach().clone()
     poisoned[2] = float("inf")  # expert 2 (one row); expert 1's boxes end at its own K
     out = grouped_mm(a.detach(), poisoned, offs, backend="triton")
@@ -242,7 +248,8 @@ def test_kernels_compile_for_hopper_and_ampere():
         "_grouped_mm_kernel": dict(A="*bf16", B="*bf16", OFFS="*i32", OUT="*bf16", E="i32", N="i32", K="i32",
                                    stride_am="i32", stride_be="i32", stride_bk="i32", stride_om="i32"),
         "tma": lambda c: dict(A=f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
-                              B=f"tensordesc<bf16[1, {c['BLOCK_K']}, {c['BLOCK_N']}]>", OFFS="*i32", OUT="*bf16",
+                              B=(f"tensordesc<bf16[1, {c['BLOCK_N']}, {c['BLOCK_K']}]>" if c["TRANS_B"] else
+                                 f"tensordesc<bf16[1, {c['BLOCK_K']}, {c['BLOCK_N']}]>"), OFFS="*i32", OUT="*bf16",
                               E="i32", N="i32", K="i32", stride_am="i32", stride_be="i32", stride_bk="i32",
                               stride_om="i32"),
         "_grouped_mm_wgrad_kernel": dict(A="*bf16", DOUT="*bf16", OFFS="*i32", DB="*bf16", N="i32", K="i32",
