@@ -142,6 +142,64 @@ def _q_range(n_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.
     return lo, hi
 
 
+@triton.jit
+def _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[a, b) within [lo, hi): key blocks (starts lo + i * BLOCK_N) every row m_start ..
+    m_start + BLOCK_M - 1 sees whole (inside seqlen_k, the causal / right-window bound of the
+    first row and the left-window bound of the last), so no mask is needed there; a and b stay
+    on lo's block grid (or equal hi)."""
+    a = lo
+    if HAS_LEFT:  # key j >= i + off - WIN_LEFT for the last row i of the block
+        first = m_start + BLOCK_M - 1 + off - WIN_LEFT
+        a = tl.maximum(a, ((tl.maximum(first, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    a = tl.minimum(a, hi)
+    limit = seqlen_k
+    if HAS_RIGHT:  # key j <= i + off + WIN_RIGHT for the first row i of the block
+        limit = tl.minimum(limit, m_start + off + WIN_RIGHT + 1)
+    count = tl.maximum(limit - a, 0) // BLOCK_N
+    b = tl.minimum(a + count * BLOCK_N, hi)
+    return a, b
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok, seqlen_k, off,
+               qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """One key block of the online softmax. MASK: the block straddles a causal/window edge or the
+    seqlen_k tail (key bounds checked, masked scores at -inf); else no mask math at all."""
+    offs_n = n_start + offs_n0
+    kv_rows = tl.cast(offs_n, tl.int64)
+    if MASK:
+        n_ok = offs_n < seqlen_k
+        kt = tl.load(k_base + kv_rows[None, :] * stride_ks + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    else:
+        kt = tl.load(k_base + kv_rows[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+    qk = _dot(q, kt, UPCAST)
+    if MASK:
+        s, _t = _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+                        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+    elif HAS_SOFTCAP:
+        s = tanh_fast(qk * (qk_scale / softcap)) * (softcap * 1.4426950408889634)
+    else:
+        s = qk * (qk_scale * 1.4426950408889634)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so that
+    # exp2(-inf - -inf) never makes a NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASK:
+        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -208,26 +266,22 @@ def _attn_fwd(
 
     lo, hi = _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
                        HAS_LEFT, HAS_RIGHT)
-    for n_start in range(lo, hi, BLOCK_N):
-        offs_n = n_start + offs_n0
-        n_ok = offs_n < seqlen_k
-        kv_rows = tl.cast(offs_n, tl.int64)
-        kt = tl.load(k_base + kv_rows[None, :] * stride_ks + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = _dot(q, kt, UPCAST)
-        s, _t = _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
-                        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
+    # Only the blocks on the causal diagonal, the window's edges and the seqlen_k tail need the
+    # mask; the ones in [a, b) are seen whole by every row of this query block and skip it.
+    a, b = _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
+                           HAS_LEFT, HAS_RIGHT)
+    for n_start in range(lo, a, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
+                                   seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
+                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True)
+    for n_start in range(a, b, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
+                                   seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
+                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False)
+    for n_start in range(b, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
+                                   seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
+                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -214,6 +214,17 @@ def test_non_contiguous_inputs(device):
     run_and_check(q, k, v)
 
 
+@pytest.mark.parametrize("sq,sk,causal,window", [(97, 97, True, (-1, -1)), (40, 97, True, (-1, -1)),
+                                                 (97, 97, False, (20, 0)), (97, 61, False, (9, 7)),
+                                                 (97, 97, False, (-1, -1)), (33, 97, True, (30, -1))])
+def test_interior_key_blocks_skip_the_mask(sq, sk, causal, window):
+    """Many key blocks per query block (the interpreter's 32 x 16 tiles): the forward runs the
+    blocks every row sees whole without mask math, and the diagonal / window edges / tail with it;
+    the split must not let a masked key in or keep a visible one out."""
+    q, k, v = make_qkv(1, sq, sk, 2, 1, 32, torch.bfloat16, "cpu")
+    run_and_check(q, k, v, causal=causal, window=window)
+
+
 def test_fully_masked_rows_are_zero_and_gradients_finite():
     """Causal with seqlen_q > seqlen_k: the first sq - sk queries see no key (flash_attn gives them
     0 and lse = +inf); nothing may turn into NaN, forward or backward."""
