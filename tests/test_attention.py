@@ -220,7 +220,8 @@ def test_non_contiguous_inputs(device):
 def test_interior_key_blocks_skip_the_mask(sq, sk, causal, window):
     """Many key blocks per query block (the interpreter's 32 x 16 tiles): the forward runs the
     blocks every row sees whole without mask math, and the diagonal / window edges / tail with it;
-    the split must not let a masked key in or keep a visible one out."""
+    the split must not let a masked key in or keep a visible one out (forward and every gradient
+    against float64)."""
     q, k, v = make_qkv(1, sq, sk, 2, 1, 32, torch.bfloat16, "cpu")
     run_and_check(q, k, v, causal=causal, window=window)
 
