@@ -164,13 +164,18 @@ def _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M
 
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok, seqlen_k, off,
-               qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs, HAS_LEFT: tl.constexpr,
-               HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
+               qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs, kv_b, kv_h, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+               TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key block of the online softmax. MASK: the block straddles a causal/window edge or the
-    seqlen_k tail (key bounds checked, masked scores at -inf); else no mask math at all."""
+    seqlen_k tail (key bounds checked, masked scores at -inf); else no mask math at all. TMA:
+    k_base / v_base are tensor descriptors of the (batch, seq, kv heads, dim) K and V, read in
+    [1, BLOCK_N, 1, BLOCK_D] boxes at (kv_b, n_start, kv_h, 0), zero-filled past seqlen_k and dim."""
     offs_n = n_start + offs_n0
     kv_rows = tl.cast(offs_n, tl.int64)
-    if MASK:
+    if TMA:
+        kt = tl.trans(k_base.load([kv_b, n_start, kv_h, 0]).reshape(BLOCK_N, BLOCK_D))
+    elif MASK:
         n_ok = offs_n < seqlen_k
         kt = tl.load(k_base + kv_rows[None, :] * stride_ks + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
@@ -191,7 +196,9 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASK:
+    if TMA:
+        v = v_base.load([kv_b, n_start, kv_h, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif MASK:
         v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     else:
@@ -233,11 +240,14 @@ def _attn_fwd(
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
+    HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
 ):
+    # TMA (dense only): K and V are tensor descriptors, their blocks loaded by the copy engine
+    # (cp.async.bulk.tensor on sm_90) instead of by every thread.
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
+    kv_h = h // GROUP  # 32-bit: a TMA coordinate
     if HEAD_I64:  # h * stride_h passes 2^31 at 128 heads x 128k x d128 (see _head_i64)
         h = tl.cast(h, tl.int64)
     hk = h // GROUP
@@ -257,8 +267,12 @@ def _attn_fwd(
 
     q_ptrs = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
-    v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
+    if TMA:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
+        v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -267,21 +281,21 @@ def _attn_fwd(
     lo, hi = _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
                        HAS_LEFT, HAS_RIGHT)
     # Only the blocks on the causal diagonal, the window's edges and the seqlen_k tail need the
-    # mask; the ones in [a, b) are seen whole by every row of this query block and skip it.
-    a, b = _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
-                           HAS_LEFT, HAS_RIGHT)
-    for n_start in range(lo, a, BLOCK_N):
+    # mask; the ones in [whole_lo, whole_hi) are seen whole by every row of this query block and skip it.
+    whole_lo, whole_hi = _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
+                                         HAS_LEFT, HAS_RIGHT)
+    for n_start in range(lo, whole_lo, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
-                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True)
-    for n_start in range(a, b, BLOCK_N):
+                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D)
+    for n_start in range(whole_lo, whole_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
-                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False)
-    for n_start in range(b, hi, BLOCK_N):
+                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False, TMA, BLOCK_N, BLOCK_D)
+    for n_start in range(whole_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
-                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True)
+                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -844,6 +858,22 @@ def _head_i64(*tensors) -> bool:
     return False
 
 
+# The d256 forward with descriptors crashes triton 3.6's ptxas for sm_90a (SIGSEGV, seen in the
+# compile gate); d256 keeps the pointer loads.
+TMA_MAX_BLOCK_D = 128
+
+
+def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Dense K and V the forward can read through tensor descriptors: an sm_90+ GPU (or the
+    interpreter), unit-stride head dim, 16-byte aligned bases and strides (TMA's rules; SDPA's
+    transposed (b, h, s, d) views qualify)."""
+    if not INTERPRETED and (k.device.type != "cuda" or torch.cuda.get_device_capability(k.device) < (9, 0)):
+        return False
+    size = k.element_size()
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride()[:-1])
+               for t in (k, v))
+
+
 def _window_args(window: tuple[int, int]) -> dict:
     left, right = window
     return dict(WIN_LEFT=max(left, 0), WIN_RIGHT=max(right, 0), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
@@ -872,16 +902,25 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = heads // kv_heads
 
+    tma_layout = not varlen and tma_usable(k, v)
+
     def launch(cfg, out=out, lse=lse):
         n_blocks = triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"])
         grid, fold = _grid(n_blocks, batch * heads)
+        k_arg, v_arg = k, v
+        tma = tma_layout and cfg["BLOCK_D"] <= TMA_MAX_BLOCK_D
+        if tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            box = [1, cfg["BLOCK_N"], 1, cfg["BLOCK_D"]]
+            k_arg, v_arg = TensorDescriptor.from_tensor(k, box), TensorDescriptor.from_tensor(v, box)
         _attn_fwd[grid](
-            q, k, v, out, lse, cu_q, cu_k,
+            q, k_arg, v_arg, out, lse, cu_q, cu_k,
             *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(out, varlen),
             *_lse_strides(lse, varlen),
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
             GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
-            UPCAST=INTERPRETED, **_window_args(window), **cfg,
+            UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg,
         )
 
     with launch_device(q):

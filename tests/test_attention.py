@@ -217,13 +217,40 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.parametrize("sq,sk,causal,window", [(97, 97, True, (-1, -1)), (40, 97, True, (-1, -1)),
                                                  (97, 97, False, (20, 0)), (97, 61, False, (9, 7)),
                                                  (97, 97, False, (-1, -1)), (33, 97, True, (30, -1))])
-def test_interior_key_blocks_skip_the_mask(sq, sk, causal, window):
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_interior_key_blocks_skip_the_mask(monkeypatch, sq, sk, causal, window, tma):
     """Many key blocks per query block (the interpreter's 32 x 16 tiles): the forward runs the
     blocks every row sees whole without mask math, and the diagonal / window edges / tail with it;
     the split must not let a masked key in or keep a visible one out (forward and every gradient
     against float64)."""
+    from tokenforge.kernels import attention as ak
+
+    if not tma:
+        monkeypatch.setattr(ak, "tma_usable", lambda k, v: False)
     q, k, v = make_qkv(1, sq, sk, 2, 1, 32, torch.bfloat16, "cpu")
     run_and_check(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_forward_reads_k_v_by_tma_or_pointers(monkeypatch, tma):
+    """Dense K/V with TMA-legal strides go through tensor descriptors (the interpreter runs them;
+    on a GPU, sm_90+); the pointer loads stay for varlen, sm_80 and other strides. Both paths,
+    causal and windowed, with a seqlen_k tail and a head dim below the block (zero-filled), and
+    SDPA's transposed (b, h, s, d) views."""
+    from tokenforge.kernels import attention as ak
+
+    if not kernels.INTERPRETED:
+        pytest.skip("CPU tensors run the descriptors only in the interpreter")
+    assert ak.TMA_MAX_BLOCK_D == 128  # the gate compiles the descriptor path up to this block
+    q, k, v = make_qkv(2, 45, 53, 4, 2, 40, torch.bfloat16, "cpu")
+    assert ak.tma_usable(k, v)
+    if not tma:
+        monkeypatch.setattr(ak, "tma_usable", lambda k, v: False)
+    run_and_check(q, k, v, causal=True)
+    run_and_check(q, k, v, window=(9, 3))
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # (b, h, s, d) storage
+    assert ak.tma_usable(kt, vt) == tma
+    run_and_check(qt, kt, vt, causal=True)
 
 
 def test_fully_masked_rows_are_zero_and_gradients_finite():
@@ -451,7 +478,7 @@ def _attention_arg_types(dtype: str) -> dict:
 
 
 def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
-                      softcap=False, head_i64=False, fold=False):
+                      softcap=False, head_i64=False, fold=False, tma=False):
     import inspect
 
     from compile_gate import TARGETS, compile_kernel
@@ -463,9 +490,14 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
     config = dict(config)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
     flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
-                 HEAD_I64=head_i64, FOLD=fold)
+                 HEAD_I64=head_i64, FOLD=fold, TMA=tma)
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
+    if tma:  # K and V as the launcher's tensor descriptors
+        from compile_gate import TRITON_DTYPE
+
+        box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_N']}, 1, {config['BLOCK_D']}]>"
+        types.update(K=box, V=box)
     for p in params:  # strides, sizes and window bounds: 32-bit ints
         if p not in types and p not in constexprs:
             types[p] = "i32"
@@ -497,6 +529,27 @@ def test_configs_compile_without_spills(arch, name, config):
     assert spill_bytes(report) == 0, f"{name} {config} spills on {arch}:\n{report}"
     if arch == "sm_90" and name != "_attn_bwd_preprocess" and config["BLOCK_D"] in (64, 128):
         assert uses_wgmma(compiled), f"{name} {config} does not use wgmma on sm_90"
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name,config", [(n, c) for n, c in GATE_CONFIGS if n == "_attn_fwd" and c["BLOCK_D"] <= 128],
+                         ids=[f"d{c['BLOCK_D']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}"
+                              for n, c in GATE_CONFIGS if n == "_attn_fwd" and c["BLOCK_D"] <= 128])
+def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
+    """Every forward config the launcher gives descriptors (head dim blocks up to
+    TMA_MAX_BLOCK_D = 128), on sm_90: TMA loads (cp.async.bulk.tensor) feeding wgmma, no spills;
+    causal and the all-features dense variant."""
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    if "sm_90" not in GATE_ARCHS:
+        pytest.skip("tensor descriptors are the sm_90 path")
+    for kw in (dict(), dict(group=4, left=True, right=True, softcap=True)):
+        compiled = compile_attention(name, config, "sm_90", tma=True, **kw)
+        ptx = compiled.asm["ptx"]
+        assert "cp.async.bulk.tensor" in ptx, (config, kw)
+        assert spill_bytes(ptxas_report(ptx, "sm_90")) == 0, (config, kw)
+        if config["BLOCK_D"] in (64, 128):
+            assert uses_wgmma(compiled), (config, kw)
 
 
 @pytest.mark.compile_gate
