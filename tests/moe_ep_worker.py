@@ -78,6 +78,7 @@ def main():
     if rank == 0:
         with open(OUT, "w") as f:
             json.dump(gathered, f)
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo can hang)
     dist.destroy_process_group()
 
 

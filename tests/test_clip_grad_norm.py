@@ -51,10 +51,12 @@ def test_matches_torch(device, backend, norm_type, max_norm):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_grads(device, dtype):
-    """Against float64, in units of the dtype's rounding u (measured over 60 seeds: norm 0.96u,
-    ours 1.9u, torch 2.5u). Both round the norm to the grads' dtype (<= u); ours takes the
-    coefficient from it in fp32 and rounds the product once (<= 2u in all); torch also rounds the
-    coefficient to the dtype (<= 3u). Comparing the two to each other would add their errors."""
+    """Against float64, in units of the dtype's rounding u (measured over 60 seeds: our norm 0.96u,
+    ours 1.9u, torch 2.5u; torch's norm reached 1.16u in CI). Ours accumulates in fp32 and rounds
+    the norm once (<= u); torch rounds each tensor's norm to the dtype before combining them and
+    rounds again (<= 2u). Ours takes the coefficient from its norm in fp32 and rounds the product
+    once (<= 2u in all); torch also rounds the coefficient to the dtype (<= 3u). Comparing the two
+    to each other would add their errors."""
     ours, ref = _params_with_grads(device, dtype)
     grads64 = [p.grad.double() for p in ours]
     norm64 = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads64]))
@@ -63,7 +65,7 @@ def test_low_precision_grads(device, dtype):
     n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
     assert n_ours.dtype == n_ref.dtype == dtype
     u = 2.0 ** -(11 if dtype == torch.float16 else 8)
-    assert rel_error(n_ours, norm64) <= 1.1 * u and rel_error(n_ref, norm64) <= 1.1 * u
+    assert rel_error(n_ours, norm64) <= 1.1 * u and rel_error(n_ref, norm64) <= 2.2 * u
     for a, b, g in zip(ours, ref, grads64):
         assert rel_error(a.grad, g * coef64) <= 2.2 * u
         assert rel_error(b.grad, g * coef64) <= 3.2 * u

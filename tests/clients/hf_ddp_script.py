@@ -36,6 +36,7 @@ def main():
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "optimizer": type(optimizer).__module__}, f)
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo can hang)
     dist.destroy_process_group()
 
 
