@@ -36,7 +36,10 @@ def main():
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "optimizer": type(optimizer).__module__}, f)
-    dist.barrier()  # no rank tears the group down while another still uses it (gloo can hang)
+    # Free DDP (its reducer holds the process group) while the group is alive, then tear it down
+    # together: a DDP object left to interpreter exit can deadlock gloo's worker thread on the GIL.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 
