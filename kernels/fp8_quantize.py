@@ -22,6 +22,8 @@ Kernels:
   (one read of x), else two sweeps over column chunks (the second mostly from L2).
 - ``_quantize_cols_kernel``: one scale per column; a program owns ``COL_BLOCK_N`` columns and
   sweeps the rows twice (amax, then cast), reading rows coalesced.
+- ``_quantize_blocks_kernel``: one scale per (block_rows, block_cols) block, e.g. (1, 128) for
+  activations and (128, 128) for weights (DeepSeek-V3's recipe); one read of x.
 - tensorwise: ``_amax_partial_kernel`` (persistent grid, one fp32 partial max per program) then
   ``_quantize_tensor_kernel``, which reduces the few partials itself, so there is no host sync and
   no atomics (deterministic).
@@ -116,10 +118,10 @@ def _encode_fp8(y, OUT_TY: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr
 
 
 @triton.jit
-def _abs_max_rows(x):
-    """Per-row max |x| of a 2-D tile, nan when the row holds a nan (tl.max may skip nan)."""
-    amax = tl.max(tl.abs(x), axis=1)
-    has_nan = tl.max((x != x).to(tl.int32), axis=1)
+def _abs_max(x, AXIS: tl.constexpr):
+    """max |x| along AXIS, nan where the reduced slice holds a nan (tl.max may skip nan)."""
+    amax = tl.max(tl.abs(x), axis=AXIS)
+    has_nan = tl.max((x != x).to(tl.int32), axis=AXIS)
     return tl.where(has_nan > 0, float("nan"), amax)
 
 
@@ -150,7 +152,7 @@ def _quantize_rows_kernel(
     if ONE_PASS:
         mask = row_ok[:, None] & (col < C)[None, :]
         x = tl.load(x_rows + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        scale, inv = _scale_from_amax(_abs_max_rows(x), FP8_MAX, POW2)
+        scale, inv = _scale_from_amax(_abs_max(x, 1), FP8_MAX, POW2)
         y = _saturate(x * inv[:, None], FP8_MAX)
         tl.store(d_rows + col[None, :], _encode_fp8(y, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
     else:
@@ -159,7 +161,7 @@ def _quantize_rows_kernel(
             c = start + col
             mask = row_ok[:, None] & (c < C)[None, :]
             x = tl.load(x_rows + c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-            part = _abs_max_rows(x)
+            part = _abs_max(x, 1)
             amax = _nan_max(amax, part)
         scale, inv = _scale_from_amax(amax, FP8_MAX, POW2)
         for start in range(0, C, BLOCK_N):
@@ -186,10 +188,7 @@ def _quantize_cols_kernel(
         row = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
         mask = (row < R)[:, None] & col_ok[None, :]
         x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        part = tl.max(tl.abs(x), axis=0)
-        has_nan = tl.max((x != x).to(tl.int32), axis=0)
-        part = tl.where(has_nan > 0, float("nan"), part)
-        amax = _nan_max(amax, part)
+        amax = _nan_max(amax, _abs_max(x, 0))
     scale, inv = _scale_from_amax(amax, FP8_MAX, POW2)
     for start in range(0, R, BLOCK_M):
         row = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
@@ -215,11 +214,9 @@ def _amax_partial_kernel(
         col = tl.cast(tile % tiles_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (row < R)[:, None] & (col < C)[None, :]
         x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        part = _abs_max_rows(x)
+        part = _abs_max(x, 1)
         amax = _nan_max(amax, part)
-    has_nan = tl.max((amax != amax).to(tl.int32), axis=0)
-    total = tl.where(has_nan > 0, float("nan"), tl.max(amax, axis=0))
-    tl.store(PARTIAL + pid, total)
+    tl.store(PARTIAL + pid, _abs_max(amax, 0))
 
 
 @triton.jit
@@ -231,9 +228,7 @@ def _quantize_tensor_kernel(
 ):
     # Every program reduces the (few) partials itself: no second launch, no host sync.
     p = tl.arange(0, BLOCK_P)
-    partial = tl.load(PARTIAL + p, mask=p < num_partials, other=0.0)
-    has_nan = tl.max((partial != partial).to(tl.int32), axis=0)
-    amax = tl.where(has_nan > 0, float("nan"), tl.max(partial, axis=0))
+    amax = _abs_max(tl.load(PARTIAL + p, mask=p < num_partials, other=0.0), 0)
     scale, inv = _scale_from_amax(tl.full([1], 0.0, tl.float32) + amax, FP8_MAX, POW2)
 
     pid = tl.program_id(0)
@@ -247,6 +242,59 @@ def _quantize_tensor_kernel(
              mask=mask)
     if pid == 0:
         tl.store(SCALE + tl.arange(0, 1), scale)
+
+
+@triton.jit
+def _quantize_blocks_kernel(
+    X, DATA, SCALE,
+    R, C, stride_xr, stride_xc, scale_cols,
+    FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+    SOFT_CAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+):
+    # One scale per BLOCK_R x BLOCK_C block; SCALE is (cdiv(R, BLOCK_R), scale_cols) row-major.
+    # 1-D blocks: a program owns a TILE_R x TILE_C tile, TILE_R rows of one (1, BLOCK_C) block each
+    # or TILE_C columns of one (BLOCK_R, 1) block each, read once. 2-D blocks: a program owns one
+    # block and sweeps it in TILE_R-row slices twice (amax, then cast; the second sweep mostly
+    # from L1/L2): a whole 128x128 fp32 block in registers spills. The grid is 1-D (no axis-1
+    # limit) and the offsets are 64-bit.
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(C, TILE_C)
+    tile_r = pid // tiles_c
+    tile_c = pid % tiles_c
+    col = tile_c.to(tl.int64) * TILE_C + tl.arange(0, TILE_C)
+    col_ok = col < C
+    if BLOCK_R == 1 or BLOCK_C == 1:
+        row = tile_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
+        mask = (row < R)[:, None] & col_ok[None, :]
+        x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        if BLOCK_R == 1:
+            scale, inv = _scale_from_amax(_abs_max(x, 1), FP8_MAX, POW2)
+            y = _saturate(x * inv[:, None], FP8_MAX)
+            tl.store(SCALE + row * scale_cols + tile_c, scale, mask=row < R)
+        else:
+            scale, inv = _scale_from_amax(_abs_max(x, 0), FP8_MAX, POW2)
+            y = _saturate(x * inv[None, :], FP8_MAX)
+            tl.store(SCALE + tile_r.to(tl.int64) * scale_cols + col, scale, mask=col_ok)
+        tl.store(DATA + row[:, None] * C + col[None, :], _encode_fp8(y, DATA.dtype.element_ty, MBITS, BIAS, SOFT_CAST),
+                 mask=mask)
+    else:
+        first_row = tile_r.to(tl.int64) * BLOCK_R
+        amax = tl.zeros([TILE_C], dtype=tl.float32)
+        for r in range(0, BLOCK_R, TILE_R):
+            row = first_row + r + tl.arange(0, TILE_R)
+            mask = (row < R)[:, None] & col_ok[None, :]
+            x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0)
+            amax = _nan_max(amax, _abs_max(x.to(tl.float32), 0))
+        scale, inv = _scale_from_amax(tl.full([1], 0.0, tl.float32) + _abs_max(amax, 0), FP8_MAX, POW2)
+        tl.store(SCALE + tile_r.to(tl.int64) * scale_cols + tile_c + tl.arange(0, 1), scale)
+        for r in range(0, BLOCK_R, TILE_R):
+            row = first_row + r + tl.arange(0, TILE_R)
+            mask = (row < R)[:, None] & col_ok[None, :]
+            x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0)
+            y = _saturate(x.to(tl.float32) * inv[:, None], FP8_MAX)
+            tl.store(DATA + row[:, None] * C + col[None, :],
+                     _encode_fp8(y, DATA.dtype.element_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +327,34 @@ def tensor_cast_config(num_partials: int) -> dict:
     return dict(tile_config(), BLOCK_P=max(16, triton.next_power_of_2(num_partials)))
 
 
+# Block sides the blockwise kernel takes ((1, 128): one scale per row and 128 columns; (128, 1):
+# per column and 128 rows); a 2-D block holds at most MAX_BLOCK_ELEMS elements (one program's tile, in registers).
+BLOCK_SIDES = (1, 32, 64, 128, 256)
+MAX_BLOCK_ELEMS = 128 * 128
+
+
+def blocks_config(block_rows: int, block_cols: int) -> dict:
+    """Tile and warps of the blockwise kernel for (block_rows, block_cols) blocks: 1-D blocks are
+    stacked to about 8K elements per program; a 2-D block is one program, swept in slices of
+    about 4K elements."""
+    if block_rows == 1 or block_cols == 1:
+        tile_r = block_rows if block_rows > 1 else max(1, min(64, 8192 // block_cols))
+        tile_c = block_cols if block_cols > 1 else max(1, min(64, 8192 // block_rows))
+    else:
+        tile_r, tile_c = max(1, min(block_rows, 4096 // block_cols)), block_cols
+    # 32 elements a thread for 1-D tiles, 16 for 2-D slices (loaded twice: triton 3.6 spilled
+    # 32 a thread there).
+    per_thread = 32 if block_rows == 1 or block_cols == 1 else 16
+    num_warps = max(1, min(8, tile_r * tile_c // (32 * per_thread)))
+    return dict(BLOCK_R=block_rows, BLOCK_C=block_cols, TILE_R=tile_r, TILE_C=tile_c, num_warps=num_warps)
+
+
+def block_shapes() -> list[tuple[int, int]]:
+    """Every (block_rows, block_cols) :func:`tokenforge.fp8.quantize` accepts for blockwise scaling."""
+    return [(r, c) for r in BLOCK_SIDES for c in BLOCK_SIDES
+            if (r, c) != (1, 1) and (r == 1 or c == 1 or r * c <= MAX_BLOCK_ELEMS)]
+
+
 def all_configs() -> list[tuple[str, dict]]:
     """Every (kernel name, constexpr + num_warps config) the launchers can pick (format and
     POW2/SOFT_CAST flags aside: the gate sweeps those)."""
@@ -294,6 +370,7 @@ def all_configs() -> list[tuple[str, dict]]:
     while p <= MAX_PARTIALS:
         out.append(("_quantize_tensor_kernel", tensor_cast_config(p)))
         p *= 2
+    out += [("_quantize_blocks_kernel", blocks_config(r, c)) for r, c in block_shapes()]
     return out
 
 
@@ -385,5 +462,28 @@ def quantize_tensor(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool)
             x, out, scale, partial, programs, R, C, x.stride(0), x.stride(1),
             **_format_constexprs(fp8_dtype, power_of_two, soft),
             **tensor_cast_config(programs),
+        )
+    return data, scale
+
+
+def quantize_blocks(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool, block_rows: int,
+                    block_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (R, C) contiguous, scale (cdiv(R, block_rows), cdiv(C, block_cols)) fp32): one scale
+    per block; blocks at the right and bottom edges cover what is left of the tensor."""
+    R, C = x.shape
+    data = torch.empty((R, C), dtype=fp8_dtype, device=x.device)
+    scale = torch.empty((triton.cdiv(R, block_rows), triton.cdiv(C, block_cols)), dtype=torch.float32,
+                        device=x.device)
+    if R == 0 or C == 0:
+        return data, scale.fill_(1.0)
+    soft = needs_soft_cast(x.device)
+    out = data.view(torch.uint8) if soft else data
+    cfg = blocks_config(block_rows, block_cols)
+    rows_per_program = cfg["TILE_R"] if block_rows == 1 or block_cols == 1 else block_rows
+    tiles = triton.cdiv(R, rows_per_program) * triton.cdiv(C, cfg["TILE_C"])
+    with launch_device(x):
+        _quantize_blocks_kernel[(tiles,)](
+            x, out, scale, R, C, x.stride(0), x.stride(1), scale.shape[1],
+            **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
         )
     return data, scale

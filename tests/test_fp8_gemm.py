@@ -63,6 +63,77 @@ def test_mixed_formats_layouts_and_scale_shapes(device):
         assert rel_error(out, reference(a, b, one, sb)) <= TOL[torch.bfloat16]
 
 
+def make_blockwise(M, K, N, device, a_block, b_block, mags=None):
+    """a = x (M, K) quantized with a_block ((1, 128) or (128, 128)); b = W.t() for a weight W (N, K)
+    quantized with b_block along K ((128, 128) or (1, 128), i.e. (128, 1) blocks of b)."""
+    x = torch.randn(M, K, device=device, dtype=torch.float64)
+    if mags is not None:
+        x = x * mags
+    w = torch.randn(N, K, device=device) * 3
+    a, sa = fp8.quantize(x.float(), scaling="blockwise", block=a_block, backend="torch")
+    wq, sw = fp8.quantize(w, scaling="blockwise", block=b_block, backend="torch")
+    return a, wq.t(), sa, sw.t()
+
+
+def block_reference(a, b, sa, sb):
+    from tokenforge.fp8.quantize import expand_block_scale
+
+    (M, K), N = a.shape, b.shape[1]
+    return (a.double() * expand_block_scale(sa.double(), M, K)) @ (b.double() * expand_block_scale(sb.double(), K, N))
+
+
+A_BLOCKS = [(1, 128), (128, 128)]
+B_BLOCKS = [(128, 128), (1, 128)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("a_block", A_BLOCKS)
+@pytest.mark.parametrize("b_block", B_BLOCKS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_blockwise_scaled_mm_per_row_and_column(device, a_block, b_block, out_dtype):
+    """Blockwise scales (DeepSeek-V3: activations (1, 128), weights (128, 128)) against the float64
+    product of the dequantized operands, K not a multiple of 128 (a short last K block) and M, N
+    with partial 128 blocks. Bounded per output row and per output column as well as in norm, so
+    one wrong scale block (a row, a column, a K block) fails."""
+    shapes = [(48, 208, 80), (144, 400, 160)] if device == "cpu" else [(4096, 4096, 4096), (272, 8192, 1040)]
+    for M, K, N in shapes:
+        a, b, sa, sb = make_blockwise(M, K, N, device, a_block, b_block)
+        ref = block_reference(a, b, sa, sb)
+        for backend in gemm_backends(device):
+            out = fp8.scaled_mm(a, b, sa, sb, out_dtype=out_dtype, backend=backend)
+            assert out.dtype == out_dtype and out.shape == (M, N)
+            err = (out.double() - ref).abs()
+            assert rel_error(out, ref) <= TOL[out_dtype]
+            row_err = (err.norm(dim=1) / ref.norm(dim=1)).max().item()
+            col_err = (err.norm(dim=0) / ref.norm(dim=0)).max().item()
+            # A row of bf16 outputs may all round the same way: one ulp (2^-7) bounds it.
+            row_tol = 2.0 ** -7 if out_dtype == torch.bfloat16 else TOL[out_dtype]
+            assert max(row_err, col_err) <= row_tol, f"{backend} {a_block} {b_block} {M}x{K}x{N}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blockwise_scaled_mm_catches_a_scale_mix_up(device):
+    """Rows of a at magnitudes 1e-3 .. 1e3 in blocks of 128 along K: the blockwise product holds
+    every row; the same data with one K block's scale swapped for its neighbour's, or with the
+    scale grid read transposed, fails the per-row bound."""
+    M, K, N = (64, 384, 48) if device == "cpu" else (1024, 4096, 1024)
+    mags = torch.logspace(-3, 3, M * (K // 128), dtype=torch.float64)[torch.randperm(M * (K // 128))]
+    mags = mags.view(M, K // 128).repeat_interleave(128, 1).to(device)
+    a, b, sa, sb = make_blockwise(M, K, N, device, (1, 128), (128, 128), mags)
+    ref = block_reference(a, b, sa, sb)
+
+    def worst_row(out):
+        return ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+
+    for backend in gemm_backends(device):
+        assert worst_row(fp8.scaled_mm(a, b, sa, sb, out_dtype=torch.float32, backend=backend)) <= 1e-5
+        swapped = sa.clone()
+        swapped[:, [0, 1]] = sa[:, [1, 0]]
+        assert worst_row(fp8.scaled_mm(a, b, swapped, sb, out_dtype=torch.float32, backend=backend)) > 1e-2
+    mixed = sb.t().contiguous().t()  # same values, column-major: must read the same
+    assert worst_row(fp8.scaled_mm(a, b, sa, mixed, out_dtype=torch.float32, backend="triton")) <= 1e-5
+
+
 def test_bad_inputs():
     a = torch.randn(32, 32).to(torch.float8_e4m3fn)
     s = torch.ones(())
@@ -76,6 +147,10 @@ def test_bad_inputs():
         fp8.scaled_mm(a, a, torch.ones(32), s)
     with pytest.raises(ValueError, match="scale_b has shape"):
         fp8.scaled_mm(a, a, s, torch.ones(32, 1))
+    with pytest.raises(ValueError, match=r"scale_a has shape \(32, 2\).*blockwise \(1, 128\)"):
+        fp8.scaled_mm(a, a, torch.ones(32, 2), s)
+    with pytest.raises(ValueError, match=r"blockwise \(128, 128\)"):
+        fp8.scaled_mm(a, a, s, torch.ones(2, 2))
     with pytest.raises(TypeError, match="scale_a must be float32"):
         fp8.scaled_mm(a, a, s.double(), s)
     with pytest.raises(ValueError, match="bias must be a tensor of shape"):
@@ -89,7 +164,7 @@ def test_dispatch_is_registered_and_explained():
     a = torch.empty(16, 16, dtype=torch.float8_e4m3fn)
     name, why = backends.explain("fp8_scaled_mm", a, a)
     assert name in ("triton", "torch") and why
-    assert fp8.torch_path(a, torch.ones(()), torch.ones(()), torch.bfloat16) == "emulation"
+    assert fp8.torch_path(a, a, torch.ones(()), torch.ones(()), torch.bfloat16) == "emulation"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
@@ -138,16 +213,19 @@ def test_gemm_compiles_with_fp8_wgmma_on_sm90(b_type):
 
     from tokenforge.kernels import fp8_gemm
 
+    # all_configs pairs each tile config with the scale modes it is launched for: tensorwise /
+    # rowwise (epilogue) and the blockwise pairings (scales in the K loop: a (1, 128) or
+    # (128, 128), b (128, 1) or (128, 128)).
     for _name, cfg in fp8_gemm.all_configs():
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         types = dict(A="*fp8e4nv", B=b_type, SA="*fp32", SB="*fp32", BIAS="*bf16", OUT="*bf16")
-        types.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bk", "stride_bn", "stride_om",
-                                         "stride_sa", "stride_sb")})
+        types.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bn", "stride_om",
+                                         "stride_sam", "stride_sak", "stride_sbk", "stride_sbn")})
         consts = dict(cfg, HAS_BIAS=True, UPCAST=False, stride_ak=1, stride_bk=1, stride_on=1)
-        del types["stride_bk"]
         compiled = compile_kernel(fp8_gemm._fp8_gemm_kernel, types, consts, warps, TARGETS["sm_90"],
-                                  num_stages=stages, unaligned_args=("M", "N", "stride_sa", "stride_sb"))
+                                  num_stages=stages,
+                                  unaligned_args=("M", "N", "stride_sam", "stride_sak", "stride_sbk", "stride_sbn"))
         ptx = compiled.asm["ptx"]
         assert uses_wgmma(compiled) and "e4m3" in [l for l in ptx.splitlines() if "wgmma.mma_async" in l][0]
         report = ptxas_report(ptx, "sm_90")

@@ -127,6 +127,113 @@ def test_non_contiguous_and_nd_inputs(device):
         assert_bits_equal(d, quantize_reference(x3, scaling="rowwise")[0])
 
 
+# Block shapes exercised everywhere; every shape the kernel takes is in the sweep below. Blockwise
+# runs in the Triton kernel (the CUDA extension refuses it: test_blockwise_refused_by_cuda).
+BLOCKS = [(1, 128), (128, 128), (128, 1), (32, 64), (1, 32), (256, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_blockwise_matches_reference_bit_exactly(device, dtype, power_of_two):
+    """Awkward sizes (edge blocks cut short on both sides), magnitudes that vary along both axes."""
+    shapes = [(1, 1), (130, 300), (257, 129)] if device == "cpu" else [(4096, 4096), (8191, 1000)]
+    for x_dtype in (torch.float32, torch.bfloat16):
+        for shape in shapes:
+            mags = torch.logspace(-5, 5, shape[1])[torch.randperm(shape[1])]
+            x = (torch.randn(shape) * mags * torch.logspace(-2, 2, shape[0])[:, None]).to(x_dtype).to(device)
+            for block in BLOCKS:
+                ref_data, ref_scale = quantize_reference(x, dtype, "blockwise", power_of_two, block)
+                expected = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+                assert tuple(ref_scale.shape) == expected
+                for backend in ["triton"]:
+                    data, scale = fp8.quantize(x, dtype, "blockwise", power_of_two, block=block, backend=backend)
+                    assert data.dtype == dtype and data.shape == x.shape, block
+                    assert_bits_equal(data, ref_data)
+                    assert_scales_equal(scale, ref_scale)
+
+
+def test_blockwise_every_block_shape_the_kernel_takes():
+    from tokenforge.kernels.fp8_quantize import block_shapes
+
+    x = torch.randn(300, 260) * torch.logspace(-3, 3, 260)
+    for backend in ["triton"]:
+        for block in block_shapes():
+            data, scale = fp8.quantize(x, scaling="blockwise", block=block, backend=backend)
+            ref_data, ref_scale = quantize_reference(x, scaling="blockwise", block=block)
+            assert_bits_equal(data, ref_data)
+            assert_scales_equal(scale, ref_scale)
+
+
+def _block_view(t, block):
+    """(R, C) -> (blocks_r, blocks_c, br * bc) with the edge blocks zero-padded."""
+    (R, C), (br, bc) = t.shape, block
+    nr, nc = -(-R // br), -(-C // bc)
+    t = torch.nn.functional.pad(t, (0, nc * bc - C, 0, nr * br - R))
+    return t.view(nr, br, nc, bc).permute(0, 2, 1, 3).reshape(nr, nc, br * bc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (128, 1)])
+def test_blockwise_sqnr_per_block_on_mixed_magnitudes(device, block):
+    """Every block at its own magnitude, 1e-4 .. 1e4 across the blocks (shuffled): every block
+    keeps e4m3's SQNR against float64 (each block against itself), while the next coarser scaling
+    (rowwise for (1, 128), colwise for (128, 1), tensorwise for (128, 128)) flushes the small
+    blocks and fails that floor, so a block-scale mix-up (wrong block, transposed grid, a row's
+    scale for all its blocks) cannot pass."""
+    R, C = (384, 512) if device == "cpu" else (4096, 4096)
+    nr, nc = -(-R // block[0]), -(-C // block[1])
+    mags = torch.logspace(-4, 4, nr * nc, dtype=torch.float64)[torch.randperm(nr * nc)].view(nr, nc)
+    mags = mags.repeat_interleave(block[0], 0)[:R].repeat_interleave(block[1], 1)[:, :C]
+    x = (torch.randn(R, C, dtype=torch.float64) * mags).to(device)
+    exact = _block_view(x.cpu(), block)
+    x = x.float()
+
+    def worst_block_db(y):
+        err = _block_view(y.double().cpu(), block) - exact
+        return (-20 * torch.log10(err.norm(dim=-1) / exact.norm(dim=-1))).min().item()
+
+    for backend in ["triton", "torch"]:
+        data, scale = fp8.quantize(x, scaling="blockwise", block=block, backend=backend)
+        assert worst_block_db(fp8.dequantize(data, scale)) >= 25, backend
+    coarse = {(1, 128): "rowwise", (128, 1): "colwise", (128, 128): "tensorwise"}[block]
+    data, scale = fp8.quantize(x, scaling=coarse, backend="torch")
+    assert worst_block_db(fp8.dequantize(data, scale)) < 25
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blockwise_special_values_and_nd(device):
+    """amax 0 -> scale 1 and zero data for that block only; a nan in a block -> that block's scale
+    nan, an inf -> inf; the neighbours keep finite scales. (1, n) blocks take N-D inputs."""
+    x = torch.randn(256, 384, device=device)
+    x[:128, :128] = 0.0
+    x[3, 200] = float("nan")
+    x[200, 300] = float("inf")
+    for backend in ["triton"] + ["torch"]:
+        data, scale = fp8.quantize(x, scaling="blockwise", block=(128, 128), backend=backend)
+        assert scale.shape == (2, 3)
+        assert scale[0, 0].item() == 1.0 and (data[:128, :128].float() == 0).all()
+        assert torch.isnan(scale[0, 1]) and torch.isinf(scale[1, 2])
+        assert torch.isfinite(scale[torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1])]).all()
+        d1, s1 = fp8.quantize(x, scaling="blockwise", block=(1, 128), backend=backend)
+        assert s1[0, 0].item() == 1.0 and torch.isnan(s1[3, 1]) and torch.isinf(s1[200, 2])
+        assert torch.isfinite(s1[3, 0]) and torch.isfinite(s1[3, 2])
+    x3 = torch.randn(2, 5, 200, device=device)
+    for backend in ["triton"] + ["torch"]:
+        d, s = fp8.quantize(x3, scaling="blockwise", block=(1, 64), backend=backend)
+        assert d.shape == x3.shape and s.shape == (2, 5, 4)
+        rd, rs = quantize_reference(x3.reshape(10, 200), scaling="blockwise", block=(1, 64))
+        assert_bits_equal(d.reshape(10, 200), rd)
+        assert_scales_equal(s.reshape(10, 4), rs)
+        assert rel_error(fp8.dequantize(d, s), x3.double()) < ROUNDTRIP[torch.float8_e4m3fn]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+def test_blockwise_refused_by_cuda():
+    with pytest.raises(Exception, match="blockwise scaling runs in the Triton kernel"):
+        fp8.quantize(torch.randn(128, 128, device="cuda"), scaling="blockwise", backend="cuda")
+
+
 def test_bad_inputs():
     x = torch.randn(4, 16)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -134,7 +241,17 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="float8_e4m3fn or torch.float8_e5m2"):
         fp8.quantize(x, torch.float16)
     with pytest.raises(ValueError, match="scaling must be one of"):
-        fp8.quantize(x, scaling="blockwise")
+        fp8.quantize(x, scaling="blocks")
+    with pytest.raises(ValueError, match="block .* is not supported"):
+        fp8.quantize(x, scaling="blockwise", block=(1, 100))
+    with pytest.raises(ValueError, match="block .* is not supported"):
+        fp8.quantize(x, scaling="blockwise", block=(256, 256))
+    with pytest.raises(TypeError, match="block must be a"):
+        fp8.quantize(x, scaling="blockwise", block=128)
+    with pytest.raises(ValueError, match="spans rows, so x must be 2-D"):
+        fp8.quantize(torch.randn(2, 3, 128), scaling="blockwise", block=(128, 128))
+    with pytest.raises(ValueError, match="for scaling='blockwise' only"):
+        fp8.quantize(x, scaling="rowwise", block=(1, 128))
     with pytest.raises(ValueError, match="colwise scaling needs a 2-D"):
         fp8.quantize(torch.randn(2, 3, 4), scaling="colwise")
     with pytest.raises(TypeError, match="must be float8"):
@@ -153,7 +270,7 @@ def test_quantize_no_host_sync():
 
 def _gate_types(soft):
     types = dict(X="*bf16", DATA="*u8" if soft else "*fp8e4nv", SCALE="*fp32", PARTIAL="*fp32")
-    types.update({n: "i32" for n in ("R", "C", "stride_xr", "stride_xc", "num_partials")})
+    types.update({n: "i32" for n in ("R", "C", "stride_xr", "stride_xc", "num_partials", "scale_cols")})
     return types
 
 
@@ -165,14 +282,21 @@ def test_quantize_kernels_compile_without_spills(arch):
     from tokenforge.kernels import fp8_quantize as kq
 
     soft = arch == "sm_80"  # sm_80 has no fp8 convert: the launcher uses the software encoder
-    headline = {("_quantize_rows_kernel", kq.rows_config(4096)["BLOCK_N"]), ("_quantize_tensor_kernel", 16)}
+    headline = {("_quantize_rows_kernel", kq.rows_config(4096)["BLOCK_N"]), ("_quantize_tensor_kernel", 16),
+                ("_quantize_blocks_kernel", (1, 128)), ("_quantize_blocks_kernel", (128, 128))}
+
+    def size(name, cfg):
+        if name == "_quantize_blocks_kernel":
+            return cfg["BLOCK_R"], cfg["BLOCK_C"]
+        return cfg.get("BLOCK_P", cfg.get("BLOCK_N"))
+
     for name, cfg in kq.all_configs():
         cfg = dict(cfg)
         warps = cfg.pop("num_warps")
         # Every config once (e4m3); the format/power-of-two variants at the headline configs only
         # (they change a few scalar instructions, not the register footprint).
         variants = [(torch.float8_e4m3fn, False)]
-        if (name, cfg.get("BLOCK_P", cfg["BLOCK_N"])) in headline:
+        if (name, size(name, cfg)) in headline:
             variants += [(torch.float8_e4m3fn, True), (torch.float8_e5m2, False), (torch.float8_e5m2, True)]
         for dtype, pow2 in variants:
             consts = dict(cfg)
@@ -182,7 +306,7 @@ def test_quantize_kernels_compile_without_spills(arch):
             if not soft and dtype == torch.float8_e5m2:
                 types["DATA"] = "*fp8e5"
             compiled = compile_kernel(getattr(kq, name), types, consts, warps, TARGETS[arch],
-                                      unaligned_args=("R", "C", "stride_xc", "num_partials"))
+                                      unaligned_args=("R", "C", "stride_xc", "num_partials", "scale_cols"))
             report = ptxas_report(compiled.asm["ptx"], arch)
             assert spill_bytes(report) == 0, f"{name} {cfg} spills on {arch}:\n{report}"
             if not soft and name != "_amax_partial_kernel":

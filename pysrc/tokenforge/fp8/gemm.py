@@ -1,8 +1,14 @@
 """FP8 GEMM: ``scaled_mm(a, b, scale_a, scale_b) = (a @ b) * scale_a * scale_b (+ bias)``.
 
-a (M, K), b (K, N) in float8_e4m3fn / float8_e5m2; scale_a () or (M, 1), scale_b () or (1, N),
-fp32 (the ``torch._scaled_mm`` convention; what :func:`tokenforge.fp8.quantize` returns);
-M, K, N multiples of 16 (the FP8 tensor cores' granularity, and _scaled_mm's rule).
+a (M, K), b (K, N) in float8_e4m3fn / float8_e5m2; fp32 scales (the ``torch._scaled_mm``
+convention; what :func:`tokenforge.fp8.quantize` returns), with kb = cdiv(K, 128):
+
+    scale_a  ()  tensorwise | (M, 1) rowwise | (M, kb) blockwise (1, 128) | (cdiv(M, 128), kb) (128, 128)
+    scale_b  ()  tensorwise | (1, N) colwise | (kb, N) blockwise (128, 1) | (kb, cdiv(N, 128)) (128, 128)
+
+so a weight W (N, K) quantized with ``block=(128, 128)`` is b = W.t() with scale_b = scale.t(),
+and activations quantized with ``block=(1, 128)`` are a as they are. Any scale_a pairs with any
+scale_b. M, K, N multiples of 16 (the FP8 tensor cores' granularity, and _scaled_mm's rule).
 
 Backends: ``triton`` (tokenforge.kernels.fp8_gemm: FP8 wgmma on sm_90, mma on sm_89; also under
 TRITON_INTERPRET=1 on CPU) and ``torch``, which is ``torch._scaled_mm`` on sm_89+ GPUs where it
@@ -21,7 +27,7 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
-from tokenforge.fp8.quantize import FP8_DTYPES
+from tokenforge.fp8.quantize import FP8_DTYPES, expand_block_scale
 
 OP = "fp8_scaled_mm"
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -30,7 +36,8 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def scaled_mm_reference(a, b, scale_a, scale_b, bias=None, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Dequantize-then-matmul in fp32 (float64 for a float64 check): the emulation and the oracle."""
     compute = torch.float32
-    out = (a.to(compute) * scale_a) @ (b.to(compute) * scale_b)
+    (M, K), N = a.shape, b.shape[1]
+    out = (a.to(compute) * expand_block_scale(scale_a, M, K)) @ (b.to(compute) * expand_block_scale(scale_b, K, N))
     if bias is not None:
         out = out + bias.to(compute)
     return out.to(out_dtype)
@@ -41,21 +48,26 @@ def _has_fp8_tensor_cores(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
-def torch_path(a: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype) -> str:
-    """'_scaled_mm' when the torch backend can call torch._scaled_mm on these inputs, else 'emulation'."""
+def torch_path(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+               out_dtype: torch.dtype) -> str:
+    """'_scaled_mm' when the torch backend can call torch._scaled_mm on these inputs (tensorwise,
+    or rowwise a with colwise b and bf16 out), else 'emulation' (also every blockwise scale:
+    torch._scaled_mm's blockwise modes differ across torch versions and GPUs)."""
     if a.device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return "emulation"
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     if not _has_fp8_tensor_cores(index):
         return "emulation"
-    rowwise = scale_a.numel() != 1 or scale_b.numel() != 1
-    if rowwise and (out_dtype != torch.bfloat16 or scale_a.numel() == 1 or scale_b.numel() == 1):
-        return "emulation"  # _scaled_mm's rowwise mode: both scales rowwise, bf16 out
-    return "_scaled_mm"
+    if scale_a.numel() == 1 and scale_b.numel() == 1:
+        return "_scaled_mm"
+    rowwise = tuple(scale_a.shape) == (a.shape[0], 1) and tuple(scale_b.shape) == (1, b.shape[1])
+    if rowwise and out_dtype == torch.bfloat16:
+        return "_scaled_mm"  # _scaled_mm's rowwise mode: both scales rowwise, bf16 out
+    return "emulation"
 
 
 def _torch_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
-    if torch_path(a, scale_a, scale_b, out_dtype) == "emulation":
+    if torch_path(a, b, scale_a, scale_b, out_dtype) == "emulation":
         return scaled_mm_reference(a, b, scale_a, scale_b, bias, out_dtype)
     a = a if a.stride(1) == 1 else a.contiguous()
     b = b if b.stride(0) == 1 else b.t().contiguous().t()  # _scaled_mm wants b column-major
@@ -85,12 +97,16 @@ def _check_inputs(a, b, scale_a, scale_b, bias, out_dtype) -> None:
     if bad:
         raise ValueError(f"fp8.scaled_mm: M, K and N must be multiples of 16 (FP8 tensor cores), got {', '.join(bad)}; "
                          "pad the operands or keep this matmul in bf16")
-    for name, s, rows_shape in (("scale_a", scale_a, (M, 1)), ("scale_b", scale_b, (1, N))):
+    kb, mb, nb = -(-K // 128), -(-M // 128), -(-N // 128)
+    allowed = {"scale_a": (scale_a, {(M, 1): "rowwise", (M, kb): "blockwise (1, 128)", (mb, kb): "blockwise (128, 128)"}),
+               "scale_b": (scale_b, {(1, N): "colwise", (kb, N): "blockwise (128, 1)", (kb, nb): "blockwise (128, 128)"})}
+    for name, (s, shapes) in allowed.items():
         if s.dtype != torch.float32:
             raise TypeError(f"fp8.scaled_mm: {name} must be float32, got {s.dtype}")
-        if tuple(s.shape) not in ((), (1,), (1, 1), rows_shape):
+        if tuple(s.shape) not in ((), (1,), (1, 1)) and tuple(s.shape) not in shapes:
+            expected = ", ".join(f"{shape} ({what})" for shape, what in shapes.items())
             raise ValueError(f"fp8.scaled_mm: {name} has shape {tuple(s.shape)}; expected () or (1, 1) "
-                             f"(tensorwise) or {rows_shape}")
+                             f"(tensorwise), {expected}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"fp8.scaled_mm: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
     if bias is not None:
@@ -140,8 +156,9 @@ def _(a, b, scale_a, scale_b, bias, out_dtype, backend):
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
               out_dtype: torch.dtype = torch.bfloat16, bias: Optional[torch.Tensor] = None,
               backend: Optional[str] = None) -> torch.Tensor:
-    """(a @ b) * scale_a * scale_b + bias in out_dtype: a (M, K), b (K, N) fp8, scale_a () or (M, 1),
-    scale_b () or (1, N) fp32, bias (N,); M, K, N multiples of 16. ``backend``: triton or torch."""
+    """(a @ b) * scale_a * scale_b + bias in out_dtype: a (M, K), b (K, N) fp8, fp32 scales as in
+    the module docstring (tensorwise, rowwise/colwise, blockwise), bias (N,); M, K, N multiples
+    of 16. ``backend``: triton or torch."""
     _check_inputs(a, b, scale_a, scale_b, bias, out_dtype)
     if scale_a.numel() == 1:
         scale_a = scale_a.reshape(())
