@@ -49,7 +49,8 @@ def _run(benchmark, bench_recorder, request, op, pass_, shape, backend, prepare,
 def test_scaled_mm(benchmark, bench_recorder, request, shape, backend):
     benchmark.group = f"fp8 scaled_mm {shape}"
     _run(benchmark, bench_recorder, request, "fp8_scaled_mm", "fwd", shape, backend,
-         lambda: fc.prepare_gemm(shape, backend, DEVICE), "tflops", ("bf16_matmul", "torch_scaled_mm"), fc.GEMM_TOL)
+         lambda: fc.prepare_gemm(shape, backend, DEVICE), "tflops", ("bf16_matmul", "torch_scaled_mm", "triton_tensorwise"),
+         fc.GEMM_TOL)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
@@ -62,7 +63,19 @@ def test_quantize(benchmark, bench_recorder, request, shape, scaling, backend):
          lambda: fc.prepare_quantize(shape, scaling, backend, DEVICE), "gbps", ("torch",), fc.QUANT_TOL)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # the CUDA quantizer has no blockwise kernel
+@pytest.mark.parametrize("block", fc.QUANT_BLOCKS, ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("shape", fc.QUANT_SHAPES_GPU if DEVICE.type == "cuda" else fc.QUANT_SHAPES_CPU,
+                         ids=lambda s: "x".join(map(str, s)))
+def test_quantize_blockwise(benchmark, bench_recorder, request, shape, block, backend):
+    name = "x".join(map(str, block))
+    benchmark.group = f"fp8 quantize blockwise {name} {shape}"
+    _run(benchmark, bench_recorder, request, f"fp8_quantize_blockwise_{name}", "fwd", shape, backend,
+         lambda: fc.prepare_quantize(shape, "blockwise", backend, DEVICE, block), "gbps", ("torch",), fc.QUANT_TOL)
+
+
 @pytest.mark.parametrize("backend", ["bf16_linear", "fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp",
+                                     "fp8:blockwise",
                                      "torchao:tensorwise", "torchao:rowwise"])
 @pytest.mark.parametrize("shape", fc.LINEAR_GPU if DEVICE.type == "cuda" else fc.LINEAR_CPU,
                          ids=lambda s: "x".join(map(str, s)))

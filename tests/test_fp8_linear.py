@@ -12,7 +12,7 @@ from device_params import DEVICES
 from torch import nn
 
 from tokenforge import fp8
-from tokenforge.fp8 import Float8Linear, convert_to_float8, revert_float8
+from tokenforge.fp8 import CastConfig, Float8Linear, Float8LinearConfig, convert_to_float8, revert_float8
 from tokenforge.testing import rel_error
 
 
@@ -169,6 +169,10 @@ def test_custom_ops_pass_opcheck():
     for scaling in ("tensorwise", "rowwise", "colwise"):
         torch.library.opcheck(torch.ops.tokenforge.fp8_quantize, (x, torch.float8_e4m3fn, scaling, False, backend),
                               test_utils=("test_faketensor",))
+    for block in ((1, 128), (128, 128), (128, 1)):
+        torch.library.opcheck(torch.ops.tokenforge.fp8_quantize,
+                              (x, torch.float8_e4m3fn, "blockwise", True, backend, *block),
+                              test_utils=("test_faketensor",))
     a, sa = fp8.quantize(x, scaling="rowwise", backend="torch")
     b, sb = fp8.quantize(torch.randn(16, 48), scaling="rowwise", backend="torch")
     torch.library.opcheck(torch.ops.tokenforge.fp8_scaled_mm,
@@ -177,17 +181,18 @@ def test_custom_ops_pass_opcheck():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rowwise_holds_per_row_on_rows_of_very_different_magnitudes(device):
-    """Rows spanning 1e-3 .. 1e3: rowwise scaling keeps every row of y near fp8's ~29 dB (each row
-    measured against itself: no row is near zero here); tensorwise scaling on the same data flushes
-    the small rows and fails that floor, so a rowwise/tensorwise scale mix-up cannot pass."""
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
+def test_fine_scales_hold_per_row_on_rows_of_very_different_magnitudes(device, recipe):
+    """Rows spanning 1e-3 .. 1e3: rowwise and blockwise scaling keep every row of y near fp8's
+    ~29 dB (each row measured against itself: no row is near zero here); tensorwise scaling on the
+    same data flushes the small rows and fails that floor, so a scale mix-up cannot pass."""
     K, N, M = (64, 48, 40) if device == "cpu" else (1024, 1024, 4096)
     lin = nn.Linear(K, N, bias=False, device=device)
     mags = torch.logspace(-3, 3, M, device=device)[torch.randperm(M, device=device)]
     x = torch.randn(M, K, device=device) * mags[:, None]
     yr = x.double() @ lin.weight.detach().double().t()
     with torch.no_grad():
-        y_row = Float8Linear.from_linear(lin, "rowwise")(x)
+        y_row = Float8Linear.from_linear(lin, recipe)(x)
         y_tensor = Float8Linear.from_linear(lin, "tensorwise")(x)
     def worst_row_db(y):
         err = ((y.double() - yr).norm(dim=1) / yr.norm(dim=1)).max().item()
@@ -195,3 +200,102 @@ def test_rowwise_holds_per_row_on_rows_of_very_different_magnitudes(device):
 
     assert worst_row_db(y_row) >= 20
     assert worst_row_db(y_tensor) < 20, "a tensorwise scale on mixed-magnitude rows must fail the per-row floor"
+
+
+def test_config_presets_defaults_and_errors():
+    blockwise = Float8LinearConfig.from_recipe_name("blockwise")
+    assert blockwise.cast_config_input_for_grad_weight == blockwise.cast_config_input  # for_grad defaults to main
+    assert blockwise.casts() == (("blockwise", torch.float8_e4m3fn),) * 6
+    tensorwise = Float8LinearConfig()
+    assert [dt for _, dt in tensorwise.casts()] == [torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e5m2,
+                                                   torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e5m2]
+    hp = Float8LinearConfig.from_recipe_name("rowwise_with_gw_hp").casts()
+    assert hp[3][0] == hp[5][0] == "disabled" and hp[4][0] == "axiswise"
+    for name in fp8.RECIPES:
+        assert Float8LinearConfig.from_recipe_name(name).recipe_name() == name
+        assert Float8Linear(32, 32, recipe=name).recipe == name
+    custom = Float8LinearConfig(cast_config_input=CastConfig(scaling_granularity="axiswise"))
+    assert custom.recipe_name() == "custom"
+    with pytest.raises(ValueError, match="disable both"):
+        Float8LinearConfig(cast_config_input=CastConfig(scaling_type="disabled"))
+    with pytest.raises(ValueError, match="scaling_granularity one of"):
+        CastConfig(scaling_granularity="per_channel")
+    with pytest.raises(ValueError, match="target_dtype must be"):
+        CastConfig(target_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="must be a CastConfig"):
+        Float8LinearConfig(cast_config_weight="tensorwise")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        Float8LinearConfig.from_recipe_name("delayed")
+    with pytest.raises(TypeError, match="config must be a Float8LinearConfig"):
+        Float8Linear(32, 32, config="rowwise")
+
+
+MIXED = Float8LinearConfig(  # every granularity, both formats, one GEMM (dX) in high precision
+    cast_config_input=CastConfig(scaling_granularity="blockwise"),
+    cast_config_input_for_grad_weight=CastConfig(scaling_granularity="axiswise"),
+    cast_config_weight=CastConfig(scaling_granularity="axiswise", target_dtype=torch.float8_e5m2),
+    cast_config_weight_for_grad_input=CastConfig(scaling_type="disabled"),
+    cast_config_grad_output=CastConfig(scaling_type="disabled"),
+    cast_config_grad_output_for_grad_weight=CastConfig(scaling_granularity="tensorwise",
+                                                       target_dtype=torch.float8_e4m3fn),
+    round_scales_to_power_of_2=True,
+)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [MIXED, Float8LinearConfig.from_recipe_name("blockwise")], ids=["mixed", "blockwise"])
+def test_custom_configs_every_gradient(device, config):
+    """A config mixing granularities, formats, power-of-two scales and a high-precision GEMM, and
+    the blockwise preset on K, N with partial 128-blocks: y, dX, dW, db vs float64, the emulation
+    (emulate=True) within the same floors; the high-precision dX is exact to the compute dtype."""
+    K, N, shape = (272, 208, (3, 50)) if device == "cpu" else (4096, 4096, (8, 1024))
+    lin = nn.Linear(K, N, device=device)
+    xr = torch.randn(*shape, K, device=device, dtype=torch.float64, requires_grad=True)
+    wr = lin.weight.detach().double().requires_grad_()
+    br = lin.bias.detach().double().requires_grad_()
+    yr = nn.functional.linear(xr, wr, br)
+    dy = torch.randn_like(yr)
+    yr.backward(dy)
+    for emulate in (False, True):
+        cfg = Float8LinearConfig(**{**config.__dict__, "emulate": emulate})
+        lin.weight.grad = lin.bias.grad = None
+        x = xr.detach().float().requires_grad_()
+        y = Float8Linear.from_linear(lin, config=cfg, backend="triton" if not emulate else None)(x)
+        y.backward(dy.float())
+        assert sqnr_db(y, yr) >= 20 and sqnr_db(lin.weight.grad, wr.grad) >= 17
+        assert sqnr_db(lin.bias.grad, br.grad) >= 40
+        assert sqnr_db(x.grad, xr.grad) >= (17 if config is not MIXED else 60)
+
+
+def test_saved_tensors_follow_the_casts():
+    """What forward keeps for backward: fp8 x and W for tensorwise (one cast serves both of their
+    GEMMs), fp8 W (128x128 blocks serve y and dX) and high-precision x for blockwise (its 1x128
+    blocks run along K for y and along the tokens for dW), high precision for rowwise."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    lin = nn.Linear(64, 32)
+    x = torch.randn(16, 64, requires_grad=True)
+    expected = {"tensorwise": [torch.float8_e4m3fn, torch.float32, torch.float8_e4m3fn, torch.float32],
+                "blockwise": [torch.float32, torch.float8_e4m3fn, torch.float32],
+                "rowwise": [torch.float32, torch.float32]}
+    for recipe, dtypes in expected.items():
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = Float8Linear.from_linear(lin, recipe, backend="torch")(x)
+        assert [dt for _, dt in saved] == dtypes, (recipe, saved)
+        y.sum().backward()
+
+
+def test_convert_with_config_and_torchao_filter():
+    model = TinyLM()
+    config = Float8LinearConfig.from_recipe_name("blockwise")
+    report = convert_to_float8(model, config=config, module_filter_fn=lambda module, fqn: fqn != "down")
+    assert report.recipe == "blockwise" and report.converted == ["up"]
+    assert model.up.config is config and report.skipped["down"] == "rejected by module_filter"
+    model(torch.randint(0, 64, (2, 8))).sum().backward()
+    with pytest.raises(ValueError, match="not both"):
+        convert_to_float8(TinyLM(), module_filter=lambda n, m: True, module_filter_fn=lambda m, n: True)

@@ -126,16 +126,18 @@ def test_optimizer_is_swapped_for_the_fused_one_with_its_state():
     tokenforge.unpatch(model)
 
 
-def test_fp8_patch_converts_and_unpatch_restores():
+@pytest.mark.parametrize("fp8", [True, "blockwise"])
+def test_fp8_patch_converts_and_unpatch_restores(fp8):
     model = _tiny_model()
     originals = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     idx, targets = _batch(model.cfg)
     ref_loss, _ = _loss_and_grads(model, idx, targets)
-    report = tokenforge.patch(model, fp8=True, attention=False, rope=False, swiglu=False, cross_entropy=False,
+    report = tokenforge.patch(model, fp8=fp8, attention=False, rope=False, swiglu=False, cross_entropy=False,
                               rms_norm=False)
     assert any(p.startswith("fp8:") for p in report.patched), str(report)
-    converted = [n for n, m in model.named_modules() if isinstance(m, tokenforge.fp8.Float8Linear)]
-    assert converted and "output" not in converted
+    converted = [m for n, m in model.named_modules() if isinstance(m, tokenforge.fp8.Float8Linear)]
+    assert converted and "output" not in [n for n, m in model.named_modules() if m in converted]
+    assert all(m.recipe == ("tensorwise" if fp8 is True else fp8) for m in converted)
     loss, grads = _loss_and_grads(model, idx, targets)
     assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
     tokenforge.unpatch(model)

@@ -621,12 +621,13 @@ def _patch_generic(model, undo, report, opts) -> None:
     _patch_hf_experts(model, undo, report, opts)
 
 
-def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
-    """Eligible nn.Linear -> Float8Linear (tensorwise recipe), undone module by module."""
+def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="tensorwise") -> None:
+    """Eligible nn.Linear -> Float8Linear (``recipe``: a name or a Float8LinearConfig), undone
+    module by module."""
     from tokenforge.fp8.convert import convert_to_float8
 
     before = dict(model.named_modules())
-    conversion = convert_to_float8(model)
+    conversion = convert_to_float8(model, recipe)
     for fqn in conversion.converted:
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -668,9 +669,10 @@ def _family(model: nn.Module) -> str:
 
 
 def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          cross_entropy: bool = True, moe: bool = True, fp8: bool = False, optimizer=None) -> PatchReport:
+          cross_entropy: bool = True, moe: bool = True, fp8=False, optimizer=None) -> PatchReport:
     """Swap tokenforge's kernels into ``model`` in place (same parameters and state_dict keys) and
-    return a report of what was patched and what was skipped, and why."""
+    return a report of what was patched and what was skipped, and why. ``fp8``: False, True (the
+    tensorwise recipe), a recipe name in tokenforge.fp8.RECIPES or a Float8LinearConfig."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tokenforge.patch expects an nn.Module, got {type(model).__name__}")
     if getattr(model, "_tokenforge_auto_patched", False):
@@ -690,8 +692,8 @@ def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, ro
             _patch_generic(model, undo, report, opts)
         else:
             _patch_hf(model, family, undo, report, opts)
-        if fp8:
-            _convert_fp8(model, undo, report)
+        if fp8 is not False and fp8 is not None:
+            _convert_fp8(model, undo, report, "tensorwise" if fp8 is True else fp8)
         if optimizer is not None:
             report.optimizer = _fused_optimizer(optimizer, report)
     except BaseException:

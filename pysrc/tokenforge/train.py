@@ -36,6 +36,7 @@ import torch
 
 from tokenforge import checkpoint, metrics
 from tokenforge.data import BatchSampler, load_corpus
+from tokenforge.fp8.config import RECIPES as FP8_RECIPES
 from tokenforge.distributed import DistContext, all_reduce_mean, setup, shard_experts, teardown, unwrap, wrap
 from tokenforge.models.transformer import CONFIG_ONLY_PRESETS, PRESETS, Block, Transformer, TransformerConfig
 
@@ -79,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--compile", action="store_true", help="torch.compile the model")
     k.add_argument("--fp8", action="store_true", help="FP8 linear layers (tokenforge.fp8), where supported")
     k.add_argument("--fp8-recipe", default="tensorwise",
-                   choices=("tensorwise", "rowwise", "rowwise_with_gw_hp"), help="FP8 scaling recipe (with --fp8)")
+                   choices=FP8_RECIPES,
+                   help="FP8 scaling recipe (with --fp8; blockwise: DeepSeek-V3's 1x128 activations, 128x128 weights)")
     k.add_argument("--device", default="auto", help="auto, cpu or cuda")
     k.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="under torchrun: DDP or FSDP2")
     k.add_argument("--ep", type=int, default=1, help="expert parallelism: MoE experts sharded over this many ranks "

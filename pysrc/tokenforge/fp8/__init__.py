@@ -3,14 +3,16 @@
     data, scale = tokenforge.fp8.quantize(x, torch.float8_e4m3fn, "rowwise")   # x ~= data.float() * scale
     y = tokenforge.fp8.scaled_mm(a_fp8, b_fp8, scale_a, scale_b, out_dtype=torch.bfloat16)
     report = tokenforge.fp8.convert_to_float8(model, recipe="rowwise")        # then train as usual
+    config = tokenforge.fp8.Float8LinearConfig.from_recipe_name("blockwise")   # or per-GEMM CastConfigs
 """
 
+from tokenforge.fp8.config import RECIPES, CastConfig, Float8LinearConfig, ScalingGranularity, ScalingType
 from tokenforge.fp8.convert import ConversionReport, convert_to_float8, revert_float8
 from tokenforge.fp8.gemm import scaled_mm, scaled_mm_reference, torch_path
-from tokenforge.fp8.linear import RECIPES, Float8Linear, float8_linear
+from tokenforge.fp8.linear import Float8Linear, float8_linear
 from tokenforge.fp8.quantize import dequantize, fp8_max, quantize, quantize_reference
 
 __all__ = [
-    "RECIPES", "ConversionReport", "Float8Linear", "convert_to_float8", "dequantize", "float8_linear", "fp8_max",
-    "quantize", "quantize_reference", "revert_float8", "scaled_mm", "scaled_mm_reference", "torch_path",
+    "RECIPES", "CastConfig", "ConversionReport", "Float8Linear", "Float8LinearConfig", "ScalingGranularity",
+    "ScalingType", "convert_to_float8", "dequantize", "float8_linear", "fp8_max", "quantize", "quantize_reference", "revert_float8", "scaled_mm", "scaled_mm_reference", "torch_path",
 ]

@@ -1,7 +1,8 @@
 """convert_to_float8 / revert_float8: swap a model's eligible nn.Linear layers for Float8Linear.
 
 Eligible: an exact ``nn.Linear`` (not a subclass) whose in and out features are multiples of 16,
-that ``module_filter(fqn, module)`` accepts (when given), and, by default, that is neither
+that the filter accepts (when given: torchao's ``module_filter_fn(module, fqn)`` or our older
+``module_filter(fqn, module)``), and, by default, that is neither
 
 - the output head: a module whose last name component is one of ``HEAD_NAMES`` (lm_head, output,
   head, classifier, ...), or whose weight is tied to an ``nn.Embedding`` (a tied head), nor
@@ -20,7 +21,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from tokenforge.fp8.linear import RECIPES, Float8Linear
+from tokenforge.fp8.config import Float8LinearConfig, resolve_config
+from tokenforge.fp8.linear import Float8Linear
 
 HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score", "out_proj_head")
 
@@ -50,16 +52,24 @@ def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_to_float8(model: nn.Module, recipe: str = "tensorwise",
+def convert_to_float8(model: nn.Module, recipe="tensorwise",
                       module_filter: Optional[Callable[[str, nn.Module], bool]] = None, *,
+                      config: Optional[Float8LinearConfig] = None,
+                      module_filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
                       skip_first_last: bool = True, backend: Optional[str] = None) -> ConversionReport:
-    """Swap eligible nn.Linear modules of ``model`` in place for Float8Linear(recipe); returns the
-    report. ``module_filter(fqn, module) -> bool`` narrows the choice further."""
-    if recipe not in RECIPES:
-        raise ValueError(f"convert_to_float8: recipe must be one of {RECIPES}, got {recipe!r}")
+    """Swap eligible nn.Linear modules of ``model`` in place for Float8Linear; returns the report.
+    ``recipe`` (a name in RECIPES) or ``config`` (a Float8LinearConfig, which wins) says how they
+    cast; ``module_filter_fn(module, fqn) -> bool`` (torchao's order) or ``module_filter(fqn,
+    module) -> bool`` narrows the choice further."""
+    config = resolve_config(recipe, config, "convert_to_float8")
+    if module_filter is not None and module_filter_fn is not None:
+        raise ValueError("convert_to_float8: pass module_filter_fn(module, fqn) or module_filter(fqn, module), not both")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_to_float8: model must be an nn.Module, got {type(model).__name__}")
-    report = ConversionReport(recipe)
+    if module_filter_fn is not None:
+        def module_filter(fqn, module):
+            return module_filter_fn(module, fqn)
+    report = ConversionReport(config.recipe_name())
     tied = _embedding_weights(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     first = linears[0][0] if linears else None
@@ -85,7 +95,7 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise",
         if module_filter is not None and not module_filter(name, module):
             report.skipped[name] = "rejected by module_filter"
             continue
-        _set_child(model, name, Float8Linear.from_linear(module, recipe, backend))
+        _set_child(model, name, Float8Linear.from_linear(module, backend=backend, config=config))
         report.converted.append(name)
     return report
 

@@ -4,7 +4,9 @@
     backward  dX = dY @ W          dY in e5m2 (gradients need range more than precision), W e4m3
               dW = dY^T @ X        dY e5m2, X e4m3 (or in high precision: 'rowwise_with_gw_hp')
 
-Recipes (scales recomputed from the current tensors every step; nothing to calibrate):
+How each operand is cast is a :class:`tokenforge.fp8.config.Float8LinearConfig` (torchao's shape:
+per-GEMM cast configs, tensorwise / axiswise / blockwise, e4m3 / e5m2, power-of-two scales); the
+recipe names are its presets (scales recomputed from the current tensors every step):
 
 - ``tensorwise``: one scale per tensor. Cheapest; an outlier anywhere costs every element
   resolution. Saves the fp8 x and W for backward (half the bytes of bf16).
@@ -13,6 +15,11 @@ Recipes (scales recomputed from the current tensors every step; nothing to calib
   dims, i.e. colwise). More robust to outliers; saves x and W in high precision.
 - ``rowwise_with_gw_hp``: rowwise for y and dX, and dW = dY^T @ X in the compute dtype (the
   weight gradient is the most sensitive of the three).
+- ``blockwise`` (DeepSeek-V3): W in 128x128 blocks (one quantization serves y and dX), x and dY in
+  1x128 blocks along each GEMM's reduction dim, e4m3 throughout.
+
+An operand cast the same way for two GEMMs (tensorwise, or a 128x128-block weight) is quantized
+once and the fp8 copy saved; any other is saved in high precision and requantized in backward.
 
 The parameters are nn.Linear's (same names, shapes, dtypes, state_dict): master weights stay in
 the model's dtype and are quantized on the fly, so FSDP2-sharded weights work as long as the
@@ -36,20 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenforge import backends
+from tokenforge.fp8.config import Float8LinearConfig, resolve_config
 from tokenforge.fp8.gemm import OP as GEMM_OP
 from tokenforge.fp8.gemm import fp8_scaled_mm_op, scaled_mm_reference
 from tokenforge.fp8.quantize import OP as QUANT_OP
 from tokenforge.fp8.quantize import fp8_quantize_op, quantize_reference
 
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-E4M3 = torch.float8_e4m3fn
-E5M2 = torch.float8_e5m2
-
-
-def _quant(x, dtype, scaling, backend):
-    if backend == "torch":
-        return quantize_reference(x, dtype, scaling)
-    return fp8_quantize_op(x, dtype, scaling, False, backend)
 
 
 def _mm(a, b, sa, sb, out_dtype, backend, bias=None):
@@ -62,25 +61,66 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
 
 
+def _cast(t, reduce_dim, cast, is_weight, power_of_two, backend):
+    """fp8 (data, scale) of the 2-D t for a GEMM reducing over t's dim ``reduce_dim``; cast is
+    (granularity, dtype). Scales follow :func:`tokenforge.fp8.quantize` for t's own layout."""
+    granularity, dtype = cast
+    block = None
+    if granularity == "tensorwise":
+        scaling = "tensorwise"
+    elif granularity == "axiswise":
+        scaling = "rowwise" if reduce_dim == 1 else "colwise"
+    else:
+        scaling = "blockwise"
+        block = (128, 128) if is_weight else ((1, 128) if reduce_dim == 1 else (128, 1))
+    if backend == "torch":
+        return quantize_reference(t, dtype, scaling, power_of_two, block)
+    br, bc = block if block is not None else (1, 1)
+    return fp8_quantize_op(t, dtype, scaling, power_of_two, backend, br, bc)
+
+
+def _t(data, scale):
+    """The transposed operand and its scale (a scale grid transposes with its tensor)."""
+    return data.t(), (scale.t() if scale.dim() == 2 else scale)
+
+
+def _reusable(first, second, is_weight) -> bool:
+    """One quantization serves both GEMMs: same cast, and its scales do not depend on which dim is
+    reduced (one per tensor, or a 128x128 block of the weight)."""
+    return first == second and (first[0] == "tensorwise" or (first[0] == "blockwise" and is_weight))
+
+
 class Float8LinearFunction(torch.autograd.Function):
-    """y = x @ W^T + b with FP8 GEMMs; x (M, K) already in the compute dtype."""
+    """y = x @ W^T + b with FP8 GEMMs; x (M, K) already in the compute dtype. ``casts`` is
+    :meth:`Float8LinearConfig.casts` (input, weight, grad_output, input_for_grad_weight,
+    weight_for_grad_input, grad_output_for_grad_weight), each ('disabled' | granularity, dtype)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, quant_backend, gemm_backend):
+    def forward(ctx, x, weight, bias, casts, power_of_two, quant_backend, gemm_backend):
+        c_x, c_w, _, c_x_gw, c_w_gi, _ = casts
         M = x.shape[0]
         Mp = (M + 15) // 16 * 16
         xp = _pad_rows(x, Mp)
         out_dtype = x.dtype
-        scaling = "tensorwise" if recipe == "tensorwise" else "rowwise"
-        xq, sx = _quant(xp, E4M3, scaling, quant_backend)
-        wq, sw = _quant(weight, E4M3, scaling, quant_backend)  # (N, K), scale () or (N, 1)
-        y = _mm(xq, wq.t(), sx, sw.t() if sw.dim() == 2 else sw, out_dtype, gemm_backend,
-                bias=bias.to(out_dtype) if bias is not None else None)
-        if recipe == "tensorwise":
-            ctx.save_for_backward(xq, sx, wq, sw)
+        q = dict(power_of_two=power_of_two, backend=quant_backend)
+        bias_out = bias.to(out_dtype) if bias is not None else None
+        saved_x = saved_w = None
+        if c_x[0] == "disabled":
+            y = F.linear(xp, weight.to(out_dtype), bias_out)
         else:
-            ctx.save_for_backward(xp, weight)
-        ctx.recipe, ctx.qb, ctx.gb = recipe, quant_backend, gemm_backend
+            xq, sx = _cast(xp, 1, c_x, False, **q)
+            wq, sw = _cast(weight, 1, c_w, True, **q)  # (N, K)
+            wt, swt = _t(wq, sw)
+            y = _mm(xq, wt, sx, swt, out_dtype, gemm_backend, bias=bias_out)
+            if _reusable(c_x, c_x_gw, False):
+                saved_x = (xq, sx)
+            if _reusable(c_w, c_w_gi, True):
+                saved_w = (wq, sw)
+        tensors = list(saved_x) if saved_x else [xp]
+        tensors += list(saved_w) if saved_w else [weight]
+        ctx.save_for_backward(*tensors)
+        ctx.x_quantized, ctx.w_quantized = saved_x is not None, saved_w is not None
+        ctx.casts, ctx.pow2, ctx.qb, ctx.gb = casts, power_of_two, quant_backend, gemm_backend
         ctx.M, ctx.has_bias = M, bias is not None
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -88,48 +128,69 @@ class Float8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _, _, c_dy, c_x_gw, c_w_gi, c_dy_gw = ctx.casts
         M = ctx.M
         Mp = (M + 15) // 16 * 16
         out_dtype = dy.dtype
         dyp = _pad_rows(dy.contiguous(), Mp)
-        if ctx.recipe == "tensorwise":
-            xq, sx, wq, sw = ctx.saved_tensors
-            dyq, sdy = _quant(dyp, E5M2, "tensorwise", ctx.qb)
-            dx = _mm(dyq, wq, sdy, sw, out_dtype, ctx.gb)
-            dw = _mm(dyq.t(), xq, sdy, sx, torch.float32, ctx.gb)
+        q = dict(power_of_two=ctx.pow2, backend=ctx.qb)
+        saved = list(ctx.saved_tensors)
+        x_saved = (saved.pop(0), saved.pop(0)) if ctx.x_quantized else saved.pop(0)
+        w_saved = (saved.pop(0), saved.pop(0)) if ctx.w_quantized else saved.pop(0)
+        dyq = None
+
+        # dX = dY @ W: dY reduced over its dim 1 (N), W over its dim 0 (N).
+        if c_dy[0] == "disabled":
+            dx = torch.mm(dyp, w_saved.to(out_dtype))
         else:
-            xp, weight = ctx.saved_tensors
-            dyq, sdy = _quant(dyp, E5M2, "rowwise", ctx.qb)  # (Mp, N), (Mp, 1)
-            wq_c, sw_c = _quant(weight, E4M3, "colwise", ctx.qb)  # (N, K), (1, K)
-            dx = _mm(dyq, wq_c, sdy, sw_c, out_dtype, ctx.gb)
-            if ctx.recipe == "rowwise":
-                dyq_c, sdy_c = _quant(dyp, E5M2, "colwise", ctx.qb)  # (Mp, N), (1, N)
-                xq_c, sx_c = _quant(xp, E4M3, "colwise", ctx.qb)  # (Mp, K), (1, K)
-                dw = _mm(dyq_c.t(), xq_c, sdy_c.t(), sx_c, torch.float32, ctx.gb)
+            dyq, sdy = _cast(dyp, 1, c_dy, False, **q)
+            wq, sw = w_saved if ctx.w_quantized else _cast(w_saved, 0, c_w_gi, True, **q)
+            dx = _mm(dyq, wq, sdy, sw, out_dtype, ctx.gb)
+
+        # dW = dY^T @ X: both reduced over the tokens (dim 0).
+        if c_dy_gw[0] == "disabled":
+            xp = x_saved
+            dw = torch.mm(dyp.t(), xp.to(dyp.dtype)).float()
+        else:
+            if dyq is not None and _reusable(c_dy, c_dy_gw, False):
+                dyq_c, sdy_c = dyq, sdy
             else:
-                dw = torch.mm(dyp.t(), xp.to(dyp.dtype)).float()
+                dyq_c, sdy_c = _cast(dyp, 0, c_dy_gw, False, **q)
+            xq_c, sx_c = x_saved if ctx.x_quantized else _cast(x_saved, 0, c_x_gw, False, **q)
+            dyt, sdyt = _t(dyq_c, sdy_c)
+            dw = _mm(dyt, xq_c, sdyt, sx_c, torch.float32, ctx.gb)
         dx = dx[:M] if Mp != M else dx
         db = dy.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-        return dx, dw.to(ctx.weight_dtype), db, None, None, None
+        return dx, dw.to(ctx.weight_dtype), db, None, None, None, None
 
 
-def _backends(device_tensor: torch.Tensor, backend: Optional[str]) -> tuple[str, str]:
-    quant = backends.choose(QUANT_OP, device_tensor, E4M3, "rowwise", backend=backend)
+def _backends(device_tensor: torch.Tensor, config: Float8LinearConfig, backend: Optional[str]) -> tuple[str, str]:
+    if config.emulate:
+        return "torch", "torch"
+    # The quantizer is chosen for the finest granularity in use (the CUDA one has no blockwise).
+    blockwise = any(granularity == "blockwise" for granularity, _ in config.casts())
+    quant = backends.choose(QUANT_OP, device_tensor, torch.float8_e4m3fn, "blockwise" if blockwise else "rowwise",
+                            backend=backend)
     gemm_forced = backend if backend in (None, "triton", "torch") else None
-    a = device_tensor.new_empty((16, 16), dtype=E4M3)
+    a = device_tensor.new_empty((16, 16), dtype=torch.float8_e4m3fn)
     gemm = backends.choose(GEMM_OP, a, a, backend=gemm_forced)
     return quant, gemm
 
 
+def _check_features(in_features: int, out_features: int, where: str) -> None:
+    if in_features % 16 or out_features % 16:
+        raise ValueError(f"{where}: in_features {in_features} and out_features {out_features} must be multiples "
+                         "of 16 (FP8 tensor cores); keep this layer an nn.Linear")
+
+
 def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  recipe: str = "tensorwise", *, backend: Optional[str] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) with FP8 matmuls (x (..., K), weight (N, K)); K, N multiples of 16."""
-    if recipe not in RECIPES:
-        raise ValueError(f"float8_linear: recipe must be one of {RECIPES}, got {recipe!r}")
+                  recipe="tensorwise", *, config: Optional[Float8LinearConfig] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with FP8 matmuls (x (..., K), weight (N, K)); K, N multiples of 16.
+    ``recipe``: a name in RECIPES or a Float8LinearConfig (``config`` wins when given)."""
+    config = resolve_config(recipe, config, "float8_linear")
     N, K = weight.shape
-    if K % 16 or N % 16:
-        raise ValueError(f"float8_linear: in_features {K} and out_features {N} must be multiples of 16 "
-                         "(FP8 tensor cores); keep this layer an nn.Linear")
+    _check_features(K, N, "float8_linear")
     if x.shape[-1] != K:
         raise ValueError(f"float8_linear: x has last dim {x.shape[-1]} but weight expects {K}")
     device_type = x.device.type
@@ -137,42 +198,38 @@ def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         x = x.to(torch.get_autocast_dtype(device_type))
     elif x.dtype != weight.dtype and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"float8_linear: x dtype {x.dtype} is not float32/float16/bfloat16")
-    quant_backend, gemm_backend = _backends(x, backend)
+    quant_backend, gemm_backend = _backends(x, config, backend)
     x2 = x.reshape(-1, K)
     with torch.autocast(device_type, enabled=False):
-        y = Float8LinearFunction.apply(x2, weight, bias, recipe, quant_backend, gemm_backend)
+        y = Float8LinearFunction.apply(x2, weight, bias, config.casts(), config.round_scales_to_power_of_2,
+                                       quant_backend, gemm_backend)
     return y.view(*x.shape[:-1], N)
 
 
 class Float8Linear(nn.Linear):
     """nn.Linear with FP8 forward/backward matmuls; same parameters and state_dict as nn.Linear.
-    ``recipe``: 'tensorwise' | 'rowwise' | 'rowwise_with_gw_hp'; in/out features multiples of 16."""
+    ``recipe``: a name in RECIPES ('tensorwise' | 'rowwise' | 'rowwise_with_gw_hp' | 'blockwise')
+    or a Float8LinearConfig (``config=`` wins when given); in/out features multiples of 16."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 recipe: str = "tensorwise", backend: Optional[str] = None):
-        if recipe not in RECIPES:
-            raise ValueError(f"Float8Linear: recipe must be one of {RECIPES}, got {recipe!r}")
-        if in_features % 16 or out_features % 16:
-            raise ValueError(f"Float8Linear: in_features {in_features} and out_features {out_features} must be "
-                             "multiples of 16 (FP8 tensor cores); keep this layer an nn.Linear")
+                 recipe="tensorwise", config: Optional[Float8LinearConfig] = None, backend: Optional[str] = None):
+        config = resolve_config(recipe, config, "Float8Linear")
+        _check_features(in_features, out_features, "Float8Linear")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe = recipe
-        self.backend = backend
+        self.config, self.recipe, self.backend = config, config.recipe_name(), backend
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: str = "tensorwise", backend: Optional[str] = None) -> "Float8Linear":
+    def from_linear(cls, linear: nn.Linear, recipe="tensorwise", backend: Optional[str] = None, *,
+                    config: Optional[Float8LinearConfig] = None) -> "Float8Linear":
         """A Float8Linear sharing ``linear``'s parameters (no copy)."""
+        config = resolve_config(recipe, config, "Float8Linear.from_linear")
+        _check_features(linear.in_features, linear.out_features, "Float8Linear.from_linear")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        if linear.in_features % 16 or linear.out_features % 16:
-            raise ValueError(f"Float8Linear.from_linear: features ({linear.in_features}, {linear.out_features}) "
-                             "must be multiples of 16")
-        if recipe not in RECIPES:
-            raise ValueError(f"Float8Linear: recipe must be one of {RECIPES}, got {recipe!r}")
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.bias = linear.bias
-        new.recipe, new.backend = recipe, backend
+        new.config, new.recipe, new.backend = config, config.recipe_name(), backend
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -184,7 +241,7 @@ class Float8Linear(nn.Linear):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return float8_linear(x, self.weight, self.bias, self.recipe, backend=self.backend)
+        return float8_linear(x, self.weight, self.bias, config=self.config, backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", recipe={self.recipe}"
