@@ -93,7 +93,9 @@ _GEMMS = (("output (y = x @ W^T)", "cast_config_input", "cast_config_weight"),
 @dataclass(frozen=True)
 class Float8LinearConfig:
     """Per-GEMM cast configs of Float8Linear (see the module docstring); ``emulate`` runs the
-    dequantize-then-matmul reference instead of the kernels (any device, for debugging)."""
+    dequantize-then-matmul reference instead of the kernels (any device, for debugging);
+    ``enable_fsdp_float8_all_gather``: FSDP2 gathers the weights in fp8 (tokenforge.fp8.fsdp;
+    needs the tensorwise weight cast, the same for y and dX)."""
 
     cast_config_input: CastConfig = CastConfig()
     cast_config_input_for_grad_weight: Optional[CastConfig] = None
@@ -103,6 +105,7 @@ class Float8LinearConfig:
     cast_config_grad_output_for_grad_weight: Optional[CastConfig] = None
     round_scales_to_power_of_2: bool = False
     emulate: bool = False
+    enable_fsdp_float8_all_gather: bool = False
 
     def __post_init__(self):
         main = {"cast_config_input_for_grad_weight": self.cast_config_input,
@@ -117,6 +120,12 @@ class Float8LinearConfig:
                 raise TypeError(f"Float8LinearConfig: {name} must be a CastConfig, got {type(cast).__name__}")
             if cast.target_dtype is None:
                 object.__setattr__(self, name, dataclasses.replace(cast, target_dtype=role_dtype))
+        if self.enable_fsdp_float8_all_gather:
+            w, w_gi = self.cast_config_weight, self.cast_config_weight_for_grad_input
+            if w.disabled or w.scaling_granularity != ScalingGranularity.TENSORWISE or w != w_gi:
+                raise ValueError("Float8LinearConfig: enable_fsdp_float8_all_gather needs cast_config_weight dynamic "
+                                 "tensorwise and cast_config_weight_for_grad_input the same (each rank sees only a "
+                                 "shard, so only a whole-tensor scale can be agreed before the all-gather)")
         for gemm, a, b in _GEMMS:
             if getattr(self, a).disabled != getattr(self, b).disabled:
                 raise ValueError(f"Float8LinearConfig: the {gemm} GEMM has {a} and {b}; disable both (that GEMM "
@@ -153,9 +162,11 @@ class Float8LinearConfig:
         return tuple(out)
 
     def recipe_name(self) -> str:
-        """The preset this config equals, else 'custom'."""
+        """The preset whose casts this config has (how it executes aside: emulate, fp8
+        all-gather), else 'custom'."""
+        casts = dataclasses.replace(self, emulate=False, enable_fsdp_float8_all_gather=False)
         for name in RECIPES:
-            if self == Float8LinearConfig.from_recipe_name(name):
+            if casts == Float8LinearConfig.from_recipe_name(name):
                 return name
         return "custom"
 

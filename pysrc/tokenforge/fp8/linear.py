@@ -44,6 +44,7 @@ from torch import nn
 
 from tokenforge import backends
 from tokenforge.fp8.config import Float8LinearConfig, resolve_config
+from tokenforge.fp8.fsdp import Float8AllGatherWeight, Float8Weight
 from tokenforge.fp8.gemm import OP as GEMM_OP
 from tokenforge.fp8.gemm import fp8_scaled_mm_op, scaled_mm_reference
 from tokenforge.fp8.quantize import OP as QUANT_OP
@@ -98,6 +99,8 @@ class Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, casts, power_of_two, quant_backend, gemm_backend):
         c_x, c_w, _, c_x_gw, c_w_gi, _ = casts
+        if isinstance(weight, Float8AllGatherWeight):  # fp8 all-gather enabled, not under FSDP2 now
+            weight = weight._tensor
         M = x.shape[0]
         Mp = (M + 15) // 16 * 16
         xp = _pad_rows(x, Mp)
@@ -109,7 +112,10 @@ class Float8LinearFunction(torch.autograd.Function):
             y = F.linear(xp, weight.to(out_dtype), bias_out)
         else:
             xq, sx = _cast(xp, 1, c_x, False, **q)
-            wq, sw = _cast(weight, 1, c_w, True, **q)  # (N, K)
+            if isinstance(weight, Float8Weight):  # FSDP2 gathered it in fp8, tensorwise (the config's check)
+                wq, sw = weight._data, weight._scale
+            else:
+                wq, sw = _cast(weight, 1, c_w, True, **q)  # (N, K)
             wt, swt = _t(wq, sw)
             y = _mm(xq, wt, sx, swt, out_dtype, gemm_backend, bias=bias_out)
             if _reusable(c_x, c_x_gw, False):
@@ -228,6 +234,12 @@ class Float8Linear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
+        if config.enable_fsdp_float8_all_gather:
+            # A new Parameter over the same storage: build the optimizer after converting.
+            weight_cast = config.cast_config_weight
+            new.weight = nn.Parameter(Float8AllGatherWeight(linear.weight.data, weight_cast.target_dtype,
+                                                            config.round_scales_to_power_of_2),
+                                      requires_grad=linear.weight.requires_grad)
         new.bias = linear.bias
         new.config, new.recipe, new.backend = config, config.recipe_name(), backend
         return new
@@ -238,6 +250,8 @@ class Float8Linear(nn.Linear):
         nn.Module.__init__(lin)
         lin.in_features, lin.out_features = self.in_features, self.out_features
         lin.weight, lin.bias = self.weight, self.bias
+        if isinstance(self.weight, Float8AllGatherWeight):
+            lin.weight = nn.Parameter(self.weight._tensor, requires_grad=self.weight.requires_grad)
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,13 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype, power_of_two: bool =
     return torch.where(amax == 0, torch.ones_like(s), s)
 
 
+def cast_with_scale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(x * (1/scale), -FP8_MAX, FP8_MAX)`` cast to ``dtype`` (RNE, saturating): the data
+    for a scale already known (every backend's rule; scale broadcasts to x)."""
+    m = fp8_max(dtype)
+    return (x.float() * torch.reciprocal(scale)).clamp(-m, m).to(dtype)
+
+
 def _amax(x: torch.Tensor, dim) -> torch.Tensor:
     xf = x.float().abs()
     if dim is None:
@@ -100,19 +107,15 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
                        power_of_two: bool = False, block: Optional[tuple[int, int]] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch fp8 quantization with the exact rounding of the kernels: (data, scale)."""
-    m = fp8_max(dtype)
     if scaling == "blockwise":
         br, bc = block
         x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         scale = scale_from_amax(_block_amax(x2, br, bc), dtype, power_of_two)
-        inv = torch.reciprocal(scale).repeat_interleave(br, 0)[: x2.shape[0]].repeat_interleave(bc, 1)[:, : x2.shape[1]]
-        data = (x2.float() * inv).clamp(-m, m).to(dtype).view(x.shape)
+        data = cast_with_scale(x2, expand_block_scale(scale, *x2.shape), dtype).view(x.shape)
         return data, scale.view(*x.shape[:-1], scale.shape[-1]) if x.dim() != 2 else scale
     dim = {"tensorwise": None, "rowwise": -1, "colwise": -2}[scaling]
     scale = scale_from_amax(_amax(x, dim), dtype, power_of_two)
-    inv = torch.reciprocal(scale)
-    data = (x.float() * inv).clamp(-m, m).to(dtype)
-    return data, scale
+    return cast_with_scale(x, scale, dtype), scale
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

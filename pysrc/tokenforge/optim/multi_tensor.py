@@ -26,18 +26,22 @@ import torch
 
 def local(t):
     """The local shard of a DTensor (FSDP2 params, grads and states), else t itself: the kernels
-    update each rank's shard in place, which is exactly the elementwise step on the whole."""
-    if t is None or type(t).__name__ not in ("DTensor", "Parameter"):
+    update each rank's shard in place, which is exactly the elementwise step on the whole. An fp8
+    all-gather weight (tokenforge.fp8.fsdp.Float8AllGatherWeight, a wrapper with no storage of
+    its own) gives the high-precision tensor it stands for."""
+    if t is None or type(t).__name__ not in ("DTensor", "Parameter", "Float8AllGatherWeight"):
         return t
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return t
-    return t.to_local() if isinstance(t, DTensor) else t
+    if is_dtensor(t):
+        t = t.to_local()
+    return t._tensor if type(t).__name__ == "Float8AllGatherWeight" else t
 
 
 def is_dtensor(t) -> bool:
-    return local(t) is not t
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def global_offset(t) -> Optional[int]:
