@@ -15,6 +15,23 @@ from tokenforge.testing import rel_error
 TOL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 1e-5}
 
 
+def pytest_generate_tests(metafunc):
+    """Every test but the compile gate (which compiles both kernels itself) runs twice: through
+    the persistent TMA kernel (the interpreter runs tensor descriptors; on a GPU it is the sm_90
+    path) and through the pointer-load kernel."""
+    if "kernel_path" in metafunc.fixturenames and metafunc.definition.get_closest_marker("compile_gate") is None:
+        metafunc.parametrize("kernel_path", ["tma", "pointers"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kernel_path(request, monkeypatch):
+    from tokenforge.kernels import fp8_gemm
+
+    if getattr(request, "param", "tma") == "pointers":
+        monkeypatch.setattr(fp8_gemm, "use_tma", lambda a, b: False)
+    return getattr(request, "param", "tma")
+
+
 def gemm_backends(device):
     return ["triton", "torch"]
 
@@ -178,9 +195,10 @@ def test_matches_torch_scaled_mm_on_gpu():
     assert rel_error(ours, theirs.double()) < 2.0 ** -8
 
 
-def test_launcher_passes_only_k_major_operands(monkeypatch):
+def test_launcher_passes_only_k_major_operands(monkeypatch, kernel_path):
     """Every layout Float8Linear uses (forward, dgrad, wgrad: M-major a, N-major b) reaches the
-    kernel K-major, the one layout the compile gate below proves spill-free."""
+    kernel K-major, the one layout the compile gate below proves spill-free: as pointers with unit
+    K strides, or as descriptors over a (M, K) and b^T (N, K) with unit inner strides."""
     from tokenforge.kernels import fp8_gemm
 
     seen = []
@@ -189,10 +207,13 @@ def test_launcher_passes_only_k_major_operands(monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             def launch(a, b, *args, **kw):
-                seen.append((a.stride(1), b.stride(0)))
+                if kernel_path == "tma":
+                    seen.append((a.strides[1], b.strides[1]))
+                else:
+                    seen.append((a.stride(1), b.stride(0)))
             return launch
 
-    monkeypatch.setattr(fp8_gemm, "_fp8_gemm_kernel", Spy())
+    monkeypatch.setattr(fp8_gemm, "_fp8_gemm_tma_kernel" if kernel_path == "tma" else "_fp8_gemm_kernel", Spy())
     M, K, N = 48, 80, 40
     x = torch.randn(M, K).to(torch.float8_e4m3fn)
     w = torch.randn(N, K).to(torch.float8_e4m3fn)
@@ -201,14 +222,29 @@ def test_launcher_passes_only_k_major_operands(monkeypatch):
         if a.shape[1] != b.shape[0]:
             b = b.t()
         real(a, b, one, one, None, torch.bfloat16)
-    assert seen and all(s == (1, 1) for s in seen), seen
+    assert len(seen) == 4 and all(s == (1, 1) for s in seen), seen
+
+
+def test_tma_path_is_taken_where_it_can_be():
+    from tokenforge.kernels import fp8_gemm
+
+    use_tma = fp8_gemm.tma_operands_ok  # the layout rule (use_tma adds the device check)
+    a = torch.randn(32, 64).to(torch.float8_e4m3fn)
+    b = torch.randn(48, 64).to(torch.float8_e4m3fn).t()
+    assert use_tma(a, b)
+    unaligned = torch.randn(32 * 64 + 1).to(torch.float8_e4m3fn)[1:].view(32, 64)  # base 1 byte off
+    b_unaligned = torch.randn(48 * 64 + 1).to(torch.float8_e4m3fn)[1:].view(48, 64).t()
+    assert not use_tma(unaligned, b) and not use_tma(a, b_unaligned)
+    assert not use_tma(a[:, :0], b[:0])
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("b_type", ["*fp8e4nv", "*fp8e5"])
+@pytest.mark.parametrize("b_type", ["fp8e4nv", "fp8e5"])
 def test_gemm_compiles_with_fp8_wgmma_on_sm90(b_type):
     """Gated at sm_90 only: FP8 dots need sm_89+, and sm_80 is served by the emulation. The
-    launcher passes K-major operands only (test_launcher_passes_only_k_major_operands)."""
+    launcher passes K-major operands only (test_launcher_passes_only_k_major_operands). Every
+    config of both kernels: no spills, FP8 wgmma; the persistent kernel also loads by TMA
+    (cp.async.bulk.tensor) and fits Hopper's 227 KB of shared memory."""
     from compile_gate import TARGETS, compile_kernel, ptxas_report, spill_bytes, uses_wgmma
 
     from tokenforge.kernels import fp8_gemm
@@ -216,17 +252,26 @@ def test_gemm_compiles_with_fp8_wgmma_on_sm90(b_type):
     # all_configs pairs each tile config with the scale modes it is launched for: tensorwise /
     # rowwise (epilogue) and the blockwise pairings (scales in the K loop: a (1, 128) or
     # (128, 128), b (128, 1) or (128, 128)).
-    for _name, cfg in fp8_gemm.all_configs():
+    scale_strides = ("stride_sam", "stride_sak", "stride_sbk", "stride_sbn")
+    for name, cfg in fp8_gemm.all_configs():
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        types = dict(A="*fp8e4nv", B=b_type, SA="*fp32", SB="*fp32", BIAS="*bf16", OUT="*bf16")
-        types.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bn", "stride_om",
-                                         "stride_sam", "stride_sak", "stride_sbk", "stride_sbn")})
-        consts = dict(cfg, HAS_BIAS=True, UPCAST=False, stride_ak=1, stride_bk=1, stride_on=1)
-        compiled = compile_kernel(fp8_gemm._fp8_gemm_kernel, types, consts, warps, TARGETS["sm_90"],
-                                  num_stages=stages,
-                                  unaligned_args=("M", "N", "stride_sam", "stride_sak", "stride_sbk", "stride_sbn"))
+        types = dict(SA="*fp32", SB="*fp32", BIAS="*bf16", OUT="*bf16")
+        types.update({n: "i32" for n in ("M", "N", "K", "stride_om", *scale_strides)})
+        consts = dict(cfg, HAS_BIAS=True, UPCAST=False, stride_on=1)
+        tma = name == "_fp8_gemm_tma_kernel"
+        if tma:
+            types.update(A=f"tensordesc<fp8e4nv[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>",
+                         B=f"tensordesc<{b_type}[{cfg['BLOCK_N']}, {cfg['BLOCK_K']}]>")
+        else:
+            types.update(A="*fp8e4nv", B=f"*{b_type}", stride_am="i32", stride_bn="i32")
+            consts.update(stride_ak=1, stride_bk=1)
+        compiled = compile_kernel(getattr(fp8_gemm, name), types, consts, warps, TARGETS["sm_90"],
+                                  num_stages=stages, unaligned_args=("M", "N", *scale_strides))
         ptx = compiled.asm["ptx"]
         assert uses_wgmma(compiled) and "e4m3" in [l for l in ptx.splitlines() if "wgmma.mma_async" in l][0]
         report = ptxas_report(ptx, "sm_90")
-        assert spill_bytes(report) == 0, f"{cfg} spills:\n{report}"
+        assert spill_bytes(report) == 0, f"{name} {cfg} spills:\n{report}"
+        if tma:
+            assert "cp.async.bulk.tensor" in ptx, f"{name} {cfg}: no TMA load"
+            assert compiled.metadata.shared <= 227 * 1024, f"{name} {cfg}: {compiled.metadata.shared} B of shared memory"
