@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU machines carry torch 2.13.0 as a local file; elsewhere override, e.g.
 #   make test TORCH_SPEC='torch --index-url https://download.pytorch.org/whl/cpu'
 TORCH_SPEC ?= torch==2.13.0
+CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
 STAMP := $(VENV)/.tokenforge-installed
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
@@ -24,6 +25,8 @@ $(PY):
 $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.10" "ninja>=1.10"
+	# CUTLASS/CuTe headers for csrc/*_sm90.cu; headers only, so not its Python deps (cuda-python, scipy).
+	$(PY) -m pip install --quiet --no-deps "$(CUTLASS_SPEC)"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 

@@ -10,6 +10,10 @@ Environment:
   TOKENFORGE_CUDA_ARCHS    target architectures, default "80;90a". Accepts "80;90a", "8.0;9.0a",
                            "sm_80 sm_90a", "90a+PTX". PTX of the highest one is always embedded.
   TOKENFORGE_NVCC          explicit nvcc (else CUDA_HOME, CUDA_PATH, /usr/local/cuda, PATH)
+  TOKENFORGE_CUTLASS_INCLUDE  CUTLASS/CuTe headers (a folder holding cute/ and cutlass/) for the sm_90a
+                           kernels in csrc/*_sm90.cu; else the nvidia-cutlass wheel's
+                           cutlass_library/source/include, else $CUTLASS_PATH/include. Without them
+                           those kernels are left out (their launchers say why) and the rest builds.
   TOKENFORGE_PTXAS_VERBOSE 1: print ptxas register/spill reports during the build
   TOKENFORGE_BUILD_JOBS    parallel compile jobs (default: CPU count; MAX_JOBS is honoured too)
   CXX, CUDAHOSTCXX         host compiler for the bindings / for nvcc's host side
@@ -167,6 +171,48 @@ def cuda_lib_dir(nvcc: str) -> str | None:
     return None
 
 
+def find_cutlass_include() -> tuple[str | None, str]:
+    """(folder holding cute/ and cutlass/, where it came from) or (None, where we looked). The
+    nvidia-cutlass wheel is found without importing it (its package imports cuda-python)."""
+    def ok(path) -> bool:
+        return path is not None and (Path(path) / "cute" / "tensor.hpp").is_file() and \
+            (Path(path) / "cutlass" / "cutlass.h").is_file()
+
+    explicit = os.environ.get("TOKENFORGE_CUTLASS_INCLUDE")
+    if explicit:
+        if ok(explicit):
+            return str(Path(explicit).resolve()), "TOKENFORGE_CUTLASS_INCLUDE"
+        return None, f"TOKENFORGE_CUTLASS_INCLUDE={explicit} holds no cute/tensor.hpp and cutlass/cutlass.h"
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            cand = Path(location) / "source" / "include"
+            if ok(cand):
+                return str(cand.resolve()), "the nvidia-cutlass wheel"
+    home = os.environ.get("CUTLASS_PATH")
+    if home and ok(Path(home) / "include"):
+        return str((Path(home) / "include").resolve()), "CUTLASS_PATH"
+    return None, ("no CUTLASS headers (pip install nvidia-cutlass, or set TOKENFORGE_CUTLASS_INCLUDE / "
+                  "CUTLASS_PATH)")
+
+
+def sm90_only_flags(gencode: list[str], cutlass_include: str | None) -> list[str]:
+    """nvcc flags that replace the common gencode for a csrc/*_sm90.cu file: sm_90a alone (its
+    CUTLASS kernels use wgmma/TMA, which exist on sm_90a only; compiling them for the other
+    targets would only triple the build) with the headers, or, when sm_90a is not a target or the
+    headers are missing, the common flags and no kernels (the file's launchers then say why)."""
+    has_90a = any(flag == "arch=compute_90a,code=sm_90a" for flag in gencode)
+    if has_90a and cutlass_include:
+        return ["-gencode", "arch=compute_90a,code=sm_90a", "-DTOKENFORGE_BUILD_SM90A", "-DTOKENFORGE_HAVE_CUTLASS",
+                f"-I{cutlass_include}"]
+    return [*gencode, *(["-DTOKENFORGE_HAVE_CUTLASS"] if cutlass_include else [])]
+
+
 def find_ninja() -> str | None:
     try:
         import ninja  # the PyPI package ships the binary
@@ -217,7 +263,7 @@ class ExtensionBuildError(RuntimeError):
 
 
 def build_cuda_extension(output: Path, build_temp: Path, nvcc: str, gencode: list[str],
-                         target_names: list[str], version: str) -> float:
+                         target_names: list[str], version: str, cutlass_include: str | None = None) -> float:
     """Compile csrc/ into ``output`` (a Python extension module) with ninja; returns seconds."""
     import pybind11
 
@@ -248,6 +294,7 @@ def build_cuda_extension(output: Path, build_temp: Path, nvcc: str, gencode: lis
     cxx_flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", f"-I{CSRC}",
                  f"-I{pybind11.get_include()}", *(f"-I{d}" for d in sorted(py_includes))]
     nv_flags = nvcc_compile_flags(gencode, [str(build_temp)])
+    sm90_flags = nvcc_compile_flags(sm90_only_flags(gencode, cutlass_include), [str(build_temp)])
     # The CUDA runtime is linked statically (no libcudart.so needed at import, no clash with
     # torch's copy); --exclude-libs keeps its symbols out of our dynamic symbol table.
     ld_flags = [f"-L{lib_dir}", "-lcudart_static", "-lrt", "-lpthread", "-ldl", "-Wl,--exclude-libs,ALL"]
@@ -286,6 +333,8 @@ def build_cuda_extension(output: Path, build_temp: Path, nvcc: str, gencode: lis
         objects.append(obj)
         rule = "nvcc" if src.suffix == ".cu" else "cxx"
         lines.append(f"build {_ninja_escape(str(obj))}: {rule} {_ninja_escape(str(src))}")
+        if is_sm90_only(src):
+            lines.append(f"  nvcc_flags = {_shell_join(sm90_flags)}")
     lines.append(f"build {_ninja_escape(str(output))}: link {' '.join(_ninja_escape(str(o)) for o in objects)}")
     lines.append(f"default {_ninja_escape(str(output))}")
     (build_temp / "obj").mkdir(exist_ok=True)
@@ -302,7 +351,8 @@ def build_cuda_extension(output: Path, build_temp: Path, nvcc: str, gencode: lis
     else:
         # No ninja at all: compile serially with the same commands.
         log, ok = "", True
-        steps = [[nvcc, *nv_flags, "-c", str(s), "-o", str(o)] for s, o in zip(sources_cu, objects)]
+        steps = [[nvcc, *(sm90_flags if is_sm90_only(s) else nv_flags), "-c", str(s), "-o", str(o)]
+                 for s, o in zip(sources_cu, objects)]
         steps += [[cxx, *cxx_flags, "-c", str(s), "-o", str(o)]
                   for s, o in zip(sources_cpp, objects[len(sources_cu):])]
         steps.append([cxx, "-shared", *map(str, objects), "-o", str(output), *ld_flags])
@@ -320,6 +370,11 @@ def build_cuda_extension(output: Path, build_temp: Path, nvcc: str, gencode: lis
     if not output.is_file():
         raise ExtensionBuildError(f"the build finished but {output} is missing")
     return elapsed
+
+
+def is_sm90_only(src: Path) -> bool:
+    """csrc/<name>_sm90.cu: Hopper-only CUTLASS kernels, compiled for sm_90a alone."""
+    return src.suffix == ".cu" and src.stem.endswith("_sm90")
 
 
 def _summarize_build_log(log: str, max_lines: int = 12) -> str:
@@ -397,11 +452,18 @@ if __name__ == "__main__":
                     info["reason"] = str(exc)
                     raise _Skip()
                 info["cuda_archs"] = names
+                cutlass_include, cutlass_where = find_cutlass_include()
+                info["cutlass_include"] = cutlass_include
+                info["cutlass"] = cutlass_where
+                if cutlass_include is None:
+                    print(f"WARNING: tokenforge: {cutlass_where}; building without the CUTLASS sm_90a kernels "
+                          "(backend='cuda' FP8 GEMM)", file=sys.stderr, flush=True)
                 print(f"tokenforge: building {ext.name} with {nvcc} (CUDA {info['nvcc_version']}) for "
                       f"{', '.join(names)}", flush=True)
                 try:
                     info["build_seconds"] = round(
-                        build_cuda_extension(output, build_temp, nvcc, gencode, names, read_version()), 1)
+                        build_cuda_extension(output, build_temp, nvcc, gencode, names, read_version(),
+                                             cutlass_include), 1)
                 except ImportError as exc:
                     info["reason"] = f"pybind11 is not importable ({exc}); pip install pybind11"
                     raise _Skip()

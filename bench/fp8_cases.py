@@ -14,9 +14,11 @@ GPU_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 16384, 16384)
                    # LLaMA linear shapes, M = 16k tokens: 1B (2048 hidden, 8192 MLP), 8B (4096, 14336)
                    (16384, 2048, 8192), (16384, 8192, 2048), (16384, 4096, 14336), (16384, 14336, 4096)]
 CPU_GEMM_SHAPES = [(64, 64, 64)]
-# triton: rowwise scales; triton_tensorwise / triton_blockwise (a (1, 128), b (128, 128) blocks:
-# the goal is >= 0.9x tensorwise) the other scale modes of the same kernel.
-GEMM_BACKENDS = ("bf16_matmul", "torch_scaled_mm", "triton", "triton_tensorwise", "triton_blockwise")
+# <kernel>[_<scaling>]: triton (tokenforge.kernels.fp8_gemm) or cuda (the CUTLASS sm_90a kernel,
+# csrc/fp8_gemm_sm90.cu); rowwise scales unless _tensorwise or _blockwise (a (1, 128), b (128, 128)
+# blocks: the goal is >= 0.9x tensorwise).
+GEMM_BACKENDS = ("bf16_matmul", "torch_scaled_mm", "triton", "triton_tensorwise", "triton_blockwise",
+                 "cuda", "cuda_tensorwise", "cuda_blockwise")
 QUANT_BLOCKS = [(1, 128), (128, 128)]
 QUANT_SHAPES_GPU = [(16384, 4096), (8192, 8192)]
 QUANT_SHAPES_CPU = [(64, 256)]
@@ -53,11 +55,14 @@ def prepare_gemm(shape, backend, device):
         out = x @ w.t()
         return (lambda: x @ w.t()), flops, {"y": _rel(out, x.float() @ w.float().t())}
     quant = dict(backend="torch" if device.type != "cuda" else None)
-    if backend == "triton_blockwise":
+    kernel, _, scaling = backend.partition("_")
+    if kernel == "cuda":
+        _require_cuda_gemm(device)
+    if scaling == "blockwise":
         a, sa = fp8.quantize(x, scaling="blockwise", block=(1, 128), **quant)
         b, sb = fp8.quantize(w, scaling="blockwise", block=(128, 128), **quant)
     else:
-        scaling = "tensorwise" if backend == "triton_tensorwise" else "rowwise"
+        scaling = "tensorwise" if scaling == "tensorwise" else "rowwise"
         a, sa = fp8.quantize(x, scaling=scaling, **quant)
         b, sb = fp8.quantize(w, scaling=scaling, **quant)
     bt, sbt = b.t(), (sb.t() if sb.dim() == 2 else sb)
@@ -69,10 +74,20 @@ def prepare_gemm(shape, backend, device):
             return torch._scaled_mm(a, bt, scale_a=sa, scale_b=sbt, out_dtype=torch.bfloat16)
     else:
         def fn():
-            return fp8.scaled_mm(a, bt, sa, sbt, backend="triton")
+            return fp8.scaled_mm(a, bt, sa, sbt, backend=kernel)
     out = harness.first_call(fn, device)
     ref = fp8.scaled_mm_reference(a, bt, sa, sbt, out_dtype=torch.float32)
     return fn, flops, {"y": _rel(out, ref)}
+
+
+def _require_cuda_gemm(device):
+    """BackendUnavailable unless the CUTLASS sm_90a GEMM runs here (an H100/H200, built in)."""
+    from tokenforge.cuda import fp8_gemm as cuda_fp8_gemm
+
+    probe = torch.empty(16, 16, device=device, dtype=torch.float8_e4m3fn)
+    reason = cuda_fp8_gemm.supports(probe, probe)
+    if reason:
+        raise BackendUnavailable(reason)
 
 
 def prepare_quantize(shape, scaling, backend, device, block=None):
@@ -104,8 +119,11 @@ def prepare_linear(shape, backend, device):
         mod = lin
     elif backend.startswith("torchao:"):
         mod = _torchao_float8_linear(lin, backend.split(":")[1], device)
-    else:
-        mod = fp8.Float8Linear.from_linear(lin, backend.split(":")[1])
+    else:  # fp8:<recipe> (tokenforge's default GEMM backend) or fp8_cuda:<recipe> (the CUTLASS GEMM)
+        kernel = "cuda" if backend.startswith("fp8_cuda:") else None
+        if kernel:
+            _require_cuda_gemm(device)
+        mod = fp8.Float8Linear.from_linear(lin, backend.split(":")[1], backend=kernel)
     params = tuple(mod.parameters())
 
     def run():

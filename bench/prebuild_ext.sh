@@ -24,6 +24,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/tf_prebuild.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 "$PY312" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.10" "ninja>=1.10"
+# The CUTLASS headers of csrc/*_sm90.cu (the sm_90a FP8 GEMM): headers only, no Python deps.
+"$WORK/venv/bin/python" -m pip install --quiet --no-deps "${CUTLASS_SPEC:-nvidia-cutlass==4.2.0.0}"
 TOKENFORGE_CUDA_ARCHS="${TOKENFORGE_CUDA_ARCHS:-90a}" TOKENFORGE_BUILD_EXT=1 \
   "$WORK/venv/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/wheel" .
 mkdir -p .prebuilt
@@ -35,6 +37,10 @@ with zipfile.ZipFile(wheel) as z:
     names = [n for n in z.namelist() if n.startswith("tokenforge/_C") or n == "tokenforge/_build_info.json"]
     if not any(n.endswith(".so") for n in names):
         sys.exit(f"prebuild_ext: the wheel has no tokenforge/_C*.so: {names}")
+    import json
+    info = json.loads(z.read("tokenforge/_build_info.json"))
+    if not info.get("cutlass_include"):
+        sys.exit(f"prebuild_ext: built without the CUTLASS sm_90a kernels: {info.get('cutlass')}")
     for n in names:
         with open(os.path.join(sys.argv[2], os.path.basename(n)), "wb") as f:
             f.write(z.read(n))

@@ -75,7 +75,7 @@ def test_quantize_blockwise(benchmark, bench_recorder, request, shape, block, ba
 
 
 @pytest.mark.parametrize("backend", ["bf16_linear", "fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp",
-                                     "fp8:blockwise",
+                                     "fp8:blockwise", "fp8_cuda:rowwise",
                                      "torchao:tensorwise", "torchao:rowwise"])
 @pytest.mark.parametrize("shape", fc.LINEAR_GPU if DEVICE.type == "cuda" else fc.LINEAR_CPU,
                          ids=lambda s: "x".join(map(str, s)))

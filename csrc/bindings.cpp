@@ -72,6 +72,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale_ptr"), py::arg("partial_ptr"), py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"),
         py::arg("num_partials"), py::arg("x_dtype"), py::arg("fp8_format"), py::arg("power_of_two"),
         py::arg("stream"), "Tensorwise fp8 quantization: amax pass + cast pass, no host sync.");
+  m.def("fp8_gemm_sm90_unavailable", &tokenforge::fp8_gemm_sm90_unavailable,
+        "Empty when the CUTLASS sm_90a FP8 GEMM is in this build, else why not.");
+  m.def("fp8_gemm_sm90_workspace_size", &tokenforge::fp8_gemm_sm90_workspace_size, py::arg("m"), py::arg("n"),
+        py::arg("k"), py::arg("blockwise"), py::arg("out_dtype"),
+        "Scratch bytes fp8_gemm_sm90 needs for this problem on the current device.");
+  m.def("fp8_gemm_sm90", &tokenforge::fp8_gemm_sm90, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("d_ptr"),
+        py::arg("scale_a_ptr"), py::arg("scale_b_ptr"), py::arg("bias_ptr"), py::arg("workspace_ptr"),
+        py::arg("workspace_bytes"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
+        py::arg("ldd"), py::arg("blockwise"), py::arg("out_dtype"), py::arg("stream"),
+        "d = (a @ b^T) * scales + bias on sm_90a (CUTLASS, TMA + wgmma, warp-specialized persistent): "
+        "a (m, k), b (n, k) e4m3 K-major; rowwise scales (m,), (n,) or blockwise (kb, m), (kb, n).");
   m.def("adamw_fp32_step", &tokenforge::adamw_fp32_step, py::arg("ptrs"), py::arg("meta"),
         py::arg("blockmap"), py::arg("hyper"), py::arg("grad_scale"), py::arg("n_tensors"),
         py::arg("n_blocks"), py::arg("chunk_size"), py::arg("amsgrad"), py::arg("maximize"),

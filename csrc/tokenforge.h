@@ -69,6 +69,22 @@ void fp8_quantize_tensor(std::uintptr_t x, std::uintptr_t data, std::uintptr_t s
                          std::int64_t rows, std::int64_t cols, std::int64_t x_row_stride, int num_partials,
                          int x_dtype, int fp8_format, bool power_of_two, std::uintptr_t stream);
 
+// ---- FP8 GEMM for sm_90a on CUTLASS (fp8_gemm_sm90.cu) ---------------------------------------
+// Empty when the CUTLASS kernels are in this build, else why not (no headers, no sm_90a target).
+std::string fp8_gemm_sm90_unavailable();
+// Bytes of scratch fp8_gemm_sm90 needs for this problem on the current device (often 0).
+std::int64_t fp8_gemm_sm90_workspace_size(std::int64_t m, std::int64_t n, std::int64_t k, bool blockwise,
+                                          int out_dtype);
+// d (m, n) = a (m, k) @ b (n, k)^T with scales, + bias (n,) fp32 or 0. a, b: float8_e4m3fn, rows
+// K-contiguous with strides lda, ldb; d: bfloat16 or float32 (out_dtype), row stride ldd.
+// blockwise = false: scale_a fp32 (m,), scale_b fp32 (n,), applied in the epilogue.
+// blockwise = true: scale_a fp32 (ceil(k/128), m), scale_b fp32 (ceil(k/128), n), applied to each
+// 128-deep K block's partial product. k and n multiples of 16, 16-byte aligned pointers and rows.
+void fp8_gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, std::uintptr_t scale_a,
+                   std::uintptr_t scale_b, std::uintptr_t bias, std::uintptr_t workspace,
+                   std::int64_t workspace_bytes, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t lda,
+                   std::int64_t ldb, std::int64_t ldd, bool blockwise, int out_dtype, std::uintptr_t stream);
+
 // ---- AdamW (adamw.cu) -----------------------------------------------------------------------
 // One multi-tensor AdamW step over fp32 params from the device tables built by
 // tokenforge.optim.multi_tensor (ptrs int64 [7, n_tensors], meta int64 [2, n_tensors], blockmap

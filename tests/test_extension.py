@@ -322,6 +322,28 @@ def test_version_is_parsed_without_import():
     assert setup_py.read_version() == tokenforge.__version__
 
 
+def test_cutlass_headers_and_sm90_only_flags(monkeypatch, tmp_path):
+    """csrc/*_sm90.cu builds for sm_90a alone with the CUTLASS headers; without sm_90a among the
+    targets or without headers it builds the common way with no kernels (its launcher says why)."""
+    monkeypatch.setenv("TOKENFORGE_CUTLASS_INCLUDE", str(tmp_path))
+    where, why = setup_py.find_cutlass_include()
+    assert where is None and "holds no cute/tensor.hpp" in why
+    (tmp_path / "cute").mkdir()
+    (tmp_path / "cute" / "tensor.hpp").write_text("")
+    (tmp_path / "cutlass").mkdir()
+    (tmp_path / "cutlass" / "cutlass.h").write_text("")
+    assert setup_py.find_cutlass_include() == (str(tmp_path.resolve()), "TOKENFORGE_CUTLASS_INCLUDE")
+    gencode, _ = setup_py.gencode_flags(setup_py.parse_cuda_archs("80;90a"))
+    flags = setup_py.sm90_only_flags(gencode, "/cutlass")
+    assert flags == ["-gencode", "arch=compute_90a,code=sm_90a", "-DTOKENFORGE_BUILD_SM90A",
+                     "-DTOKENFORGE_HAVE_CUTLASS", "-I/cutlass"]
+    assert setup_py.sm90_only_flags(gencode, None) == gencode
+    sm80, _ = setup_py.gencode_flags(setup_py.parse_cuda_archs("80"))
+    assert setup_py.sm90_only_flags(sm80, "/cutlass") == [*sm80, "-DTOKENFORGE_HAVE_CUTLASS"]
+    assert setup_py.is_sm90_only(ROOT / "csrc" / "fp8_gemm_sm90.cu")
+    assert not setup_py.is_sm90_only(ROOT / "csrc" / "rms_norm.cu")
+
+
 def _run_build_ext(tmp_path, env_over):
     env = dict(os.environ)
     env.update(env_over)
@@ -420,6 +442,72 @@ def test_kernels_compile_without_spills(source, tmp_path):
         # __launch_bounds__ caps: forward 1024 threads (64 regs), backward 512 threads (128 regs).
         assert all(kernels[k]["registers"] <= 64 for k in fwd), {k: kernels[k] for k in fwd}
         assert all(kernels[k]["registers"] <= 128 for k in bwd), {k: kernels[k] for k in bwd}
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUTLASS sm_90a FP8 GEMM (csrc/fp8_gemm_sm90.cu): in the build, and what its binary does
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump: the one in the newest Triton wheel (it disassembles QGMMA), else PATH."""
+    import triton
+
+    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(cand) if cand.is_file() else shutil.which("cuobjdump")
+
+
+def _built_with_sm90a() -> bool:
+    record = tf_cuda.read_build_info() or {}
+    return tf_cuda.is_available() and "sm_90a" in record.get("cuda_archs", [])
+
+
+def test_cutlass_fp8_gemm_is_in_the_build():
+    """Where the extension was built for sm_90a, the CUTLASS headers were found (the Makefile and
+    pyproject install nvidia-cutlass) and the FP8 GEMM is in it: a silently missing kernel fails."""
+    if not _built_with_sm90a():
+        pytest.skip("tokenforge._C was not built for sm_90a here")
+    record = tf_cuda.read_build_info()
+    assert record.get("cutlass_include"), f"built without CUTLASS headers: {record.get('cutlass')}"
+    assert _ext().fp8_gemm_sm90_unavailable() == ""
+
+
+def _sass_functions(sass: str) -> dict[str, str]:
+    """{mangled function: its SASS} from `cuobjdump -sass`."""
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_cutlass_fp8_gemm_binary_is_hopper_tma_and_wgmma():
+    """The installed binary, read back: the FP8 GEMM is compiled for sm_90a alone; it holds four
+    kernels (rowwise/blockwise x bf16/fp32 out), each with FP8 wgmma (QGMMA, the E4M3 form of
+    HGMMA), TMA loads with cluster multicast (UTMALDG), a TMA-store epilogue (UTMASTG), mbarrier
+    pipelines (SYNCS), and no local memory or stack (no spills)."""
+    if not _built_with_sm90a() or _ext().fp8_gemm_sm90_unavailable():
+        pytest.skip("tokenforge._C has no sm_90a FP8 GEMM here (test_cutlass_fp8_gemm_is_in_the_build says why)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (the Triton wheel ships one)")
+    so = Path(_ext().__file__)
+    elves = subprocess.run([tool, "-lelf", str(so)], capture_output=True, text=True, timeout=120).stdout
+    gemm_elves = re.findall(r"fp8_gemm_sm90\.(\w+)\.cubin", elves)
+    assert gemm_elves == ["sm_90a"], elves
+    usage = subprocess.run([tool, "-res-usage", str(so)], capture_output=True, text=True, timeout=120).stdout
+    resources = dict(re.findall(r"Function (\w*GemmUniversal\w*E4M3\w*):\s*\n\s*(REG:.*)", usage))
+    assert len(resources) == 4, sorted(resources)
+    assert sum("BlockwiseFP8" in k for k in resources) == 2, sorted(resources)
+    for name, line in resources.items():
+        fields = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", line))
+        assert fields["LOCAL"] == "0" and fields["STACK"] == "0", (name, line)
+        assert int(fields["REG"]) <= 168, (name, line)  # 3 warpgroups in 64K registers, setmaxnreg splits them
+    sass = subprocess.run([tool, "-sass", str(so)], capture_output=True, text=True, timeout=300).stdout
+    functions = {k: v for k, v in _sass_functions(sass).items() if k in resources}
+    assert len(functions) == 4, sorted(functions)
+    for name, body in functions.items():
+        assert re.search(r"QGMMA\.64x128x32\.F32\.E4M3\.E4M3", body), name
+        assert "UTMALDG" in body and "UTMALDG.3D.MULTICAST" in body, name
+        assert "UTMASTG" in body, name
+        assert "SYNCS.PHASECHK" in body, name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,14 @@ def kernel_path(request, monkeypatch):
     return getattr(request, "param", "tma")
 
 
-def gemm_backends(device):
-    return ["triton", "torch"]
+def gemm_backends(device, a=None, b=None):
+    """The backends to check a @ b on: Triton and torch everywhere; on a CUDA device also the
+    CUTLASS sm_90a kernel wherever it takes the inputs (H100/H200, e4m3: test_cuda_backend_on_hopper
+    fails if it does not run there)."""
+    names = ["triton", "torch"]
+    if device == "cuda" and (a is None or backends.why_not("fp8_scaled_mm", "cuda", a, b) is None):
+        names.insert(1, "cuda")
+    return names
 
 
 def make(M, K, N, device, sa_rows, sb_cols, a_dtype=torch.float8_e4m3fn, b_dtype=torch.float8_e4m3fn):
@@ -58,7 +64,7 @@ def test_scaled_mm_matches_dequantized_product(device, sa_rows, sb_cols, out_dty
     for M, K, N in shapes:
         a, b, sa, sb = make(M, K, N, device, sa_rows, sb_cols)
         bias = torch.randn(N, device=device).to(out_dtype if out_dtype != torch.float32 else torch.bfloat16)
-        for backend in gemm_backends(device):
+        for backend in gemm_backends(device, a, b):
             for with_bias in (False, True):
                 out = fp8.scaled_mm(a, b, sa, sb, out_dtype=out_dtype, bias=bias if with_bias else None, backend=backend)
                 assert out.dtype == out_dtype and out.shape == (M, N)
@@ -71,7 +77,7 @@ def test_mixed_formats_layouts_and_scale_shapes(device):
     """e5m2 x e4m3 (the dX GEMM), non-K-major b and a transposed a (the dW GEMM), (1,1) scales."""
     M, K, N = (32, 48, 64) if device == "cpu" else (2048, 4096, 1024)
     a, b, sa, sb = make(M, K, N, device, True, True, a_dtype=torch.float8_e5m2)
-    for backend in gemm_backends(device):
+    for backend in gemm_backends(device, a, b):
         for aa, bb in ((a, b), (a.t().contiguous().t(), b.contiguous())):
             out = fp8.scaled_mm(aa, bb, sa, sb, backend=backend)
             assert rel_error(out, reference(a, b, sa, sb)) <= TOL[torch.bfloat16]
@@ -116,7 +122,7 @@ def test_blockwise_scaled_mm_per_row_and_column(device, a_block, b_block, out_dt
     for M, K, N in shapes:
         a, b, sa, sb = make_blockwise(M, K, N, device, a_block, b_block)
         ref = block_reference(a, b, sa, sb)
-        for backend in gemm_backends(device):
+        for backend in gemm_backends(device, a, b):
             out = fp8.scaled_mm(a, b, sa, sb, out_dtype=out_dtype, backend=backend)
             assert out.dtype == out_dtype and out.shape == (M, N)
             err = (out.double() - ref).abs()
@@ -142,7 +148,7 @@ def test_blockwise_scaled_mm_catches_a_scale_mix_up(device):
     def worst_row(out):
         return ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
 
-    for backend in gemm_backends(device):
+    for backend in gemm_backends(device, a, b):
         assert worst_row(fp8.scaled_mm(a, b, sa, sb, out_dtype=torch.float32, backend=backend)) <= 1e-5
         swapped = sa.clone()
         swapped[:, [0, 1]] = sa[:, [1, 0]]
@@ -193,6 +199,70 @@ def test_matches_torch_scaled_mm_on_gpu():
     ours = fp8.scaled_mm(a, b, sa, sb, backend="triton")
     theirs = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
     assert rel_error(ours, theirs.double()) < 2.0 ** -8
+
+
+def _cuda_gemm_built() -> bool:
+    import tokenforge.cuda as tf_cuda
+
+    return tf_cuda.is_available() and not tf_cuda.get_extension().fp8_gemm_sm90_unavailable()
+
+
+def test_cuda_backend_refuses_cleanly_without_a_gpu():
+    """backend='cuda' (the CUTLASS sm_90a kernel) on CPU tensors, and the raw entry point with no
+    device, raise errors that say what to do; bad arguments are caught before the device is asked."""
+    a = torch.randn(32, 32).to(torch.float8_e4m3fn)
+    s = torch.ones(())
+    with pytest.raises(backends.BackendUnavailableError, match="CUDA tensors only"):
+        fp8.scaled_mm(a, a, s, s, backend="cuda")
+    if not _cuda_gemm_built():
+        pytest.skip("tokenforge._C without the CUTLASS FP8 GEMM (test_extension says whether that is right)")
+    import tokenforge.cuda as tf_cuda
+
+    ext = tf_cuda.get_extension()
+    args = dict(a_ptr=256, b_ptr=256, d_ptr=256, scale_a_ptr=256, scale_b_ptr=256, bias_ptr=0, workspace_ptr=0,
+                workspace_bytes=0, m=128, n=128, k=128, lda=128, ldb=128, ldd=128, blockwise=False, out_dtype=2,
+                stream=0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ext.fp8_gemm_sm90(**{**args, "k": 120, "lda": 120, "ldb": 120})
+    with pytest.raises(ValueError, match="out dtype"):
+        ext.fp8_gemm_sm90(**{**args, "out_dtype": 1})
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ext.fp8_gemm_sm90(**{**args, "a_ptr": 264})
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            ext.fp8_gemm_sm90(**args)
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            ext.fp8_gemm_sm90_workspace_size(128, 128, 128, False, 2)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+def test_cuda_backend_on_hopper():
+    """On an H100/H200 with the extension built the CUTLASS kernel takes e4m3 inputs (so every test
+    above checks it too) and matches the Triton kernel and the float64 reference in every layout
+    Float8Linear feeds it: forward (K-major), dgrad (b N-major), wgrad (a M-major, b N-major),
+    tensorwise, rowwise and blockwise scales, with bias, bf16/fp16/fp32 out."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS FP8 GEMM is built for sm_90a")
+    assert _cuda_gemm_built(), "tokenforge._C on this H100/H200 has no CUTLASS FP8 GEMM: reinstall with nvidia-cutlass"
+    M, K, N = 2304, 4160, 1552
+    a, b, sa, sb = make(M, K, N, "cuda", True, True)
+    assert backends.why_not("fp8_scaled_mm", "cuda", a, b) is None
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    layouts = {"forward": (a, b), "dgrad": (a, b.contiguous()), "wgrad": (a.t().contiguous().t(), b.contiguous())}
+    for name, (aa, bb) in layouts.items():
+        for scales in ((sa, sb), (sa[:1, :1].reshape(()), sb[:, :1].reshape(1, 1))):
+            ref = reference(a, b, *scales, bias)
+            for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+                out = fp8.scaled_mm(aa, bb, *scales, bias=bias, out_dtype=out_dtype, backend="cuda")
+                assert out.dtype == out_dtype and rel_error(out, ref) <= TOL[out_dtype], (name, out_dtype)
+                rows = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+                assert rows <= 2.0 ** -7, (name, out_dtype, rows)
+    a, b, sa, sb = make_blockwise(M, K, N, "cuda", (1, 128), (128, 128))
+    out = fp8.scaled_mm(a, b, sa, sb, out_dtype=torch.float32, backend="cuda")
+    triton_out = fp8.scaled_mm(a, b, sa, sb, out_dtype=torch.float32, backend="triton")
+    ref = block_reference(a, b, sa, sb)
+    assert ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item() <= 1e-5
+    assert rel_error(out, triton_out.double()) <= 1e-5
 
 
 def test_launcher_passes_only_k_major_operands(monkeypatch, kernel_path):

@@ -11,7 +11,8 @@ and activations quantized with ``block=(1, 128)`` are a as they are. Any scale_a
 scale_b. M, K, N multiples of 16 (the FP8 tensor cores' granularity, and _scaled_mm's rule).
 
 Backends: ``triton`` (tokenforge.kernels.fp8_gemm: FP8 wgmma on sm_90, mma on sm_89; also under
-TRITON_INTERPRET=1 on CPU) and ``torch``, which is ``torch._scaled_mm`` on sm_89+ GPUs where it
+TRITON_INTERPRET=1 on CPU), ``cuda`` (tokenforge.cuda.fp8_gemm: the CUTLASS sm_90a kernel in
+csrc/fp8_gemm_sm90.cu, e4m3 operands) and ``torch``, which is ``torch._scaled_mm`` on sm_89+ GPUs where it
 takes the inputs, else an emulation that dequantizes to fp32 and multiplies (CPU, older GPUs).
 :func:`torch_path` says which of the two a call gets.
 
@@ -129,22 +130,31 @@ def _triton_supports(a, b=None) -> Optional[str]:
     return fp8_gemm.supports(a, b if b is not None else a)
 
 
+def _cuda_supports(a, b=None) -> Optional[str]:
+    from tokenforge.cuda import fp8_gemm
+
+    return fp8_gemm.supports(a, b if b is not None else a)
+
+
 backends.register_op(
     OP,
-    cuda_preference=("triton", "torch"),
-    supports={"triton": _triton_supports, "torch": lambda a, b=None: None},
+    # Triton first until the H200 benchmark ranks the CUTLASS kernel against it (bench/results).
+    cuda_preference=("triton", "cuda"),
+    supports={"triton": _triton_supports, "cuda": _cuda_supports, "torch": lambda a, b=None: None},
     example_inputs=lambda device, dtype: (torch.empty(64, 64, device=device, dtype=torch.float8_e4m3fn),
                                           torch.empty(64, 64, device=device, dtype=torch.float8_e4m3fn)),
 )
+
+# The custom op calls its backend's launcher through this table: both take
+# scaled_mm(a, b, scale_a, scale_b, bias, out_dtype) on validated inputs.
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.fp8_gemm", cuda="tokenforge.cuda.fp8_gemm")
 
 
 @torch.library.custom_op("tokenforge::fp8_scaled_mm", mutates_args=())
 def fp8_scaled_mm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                      bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from tokenforge.kernels import fp8_gemm
-
-        return fp8_gemm.scaled_mm(a, b, scale_a.contiguous(), scale_b.contiguous(), bias, out_dtype)
+    if backend in LAUNCHERS:
+        return LAUNCHERS[backend].scaled_mm(a, b, scale_a.contiguous(), scale_b.contiguous(), bias, out_dtype)
     return _torch_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype)
 
 
@@ -158,7 +168,7 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
               backend: Optional[str] = None) -> torch.Tensor:
     """(a @ b) * scale_a * scale_b + bias in out_dtype: a (M, K), b (K, N) fp8, fp32 scales as in
     the module docstring (tensorwise, rowwise/colwise, blockwise), bias (N,); M, K, N multiples
-    of 16. ``backend``: triton or torch."""
+    of 16. ``backend``: triton, cuda (the CUTLASS sm_90a kernel: e4m3 operands, H100/H200) or torch."""
     _check_inputs(a, b, scale_a, scale_b, bias, out_dtype)
     if scale_a.numel() == 1:
         scale_a = scale_a.reshape(())

@@ -177,9 +177,12 @@ def _backends(device_tensor: torch.Tensor, config: Float8LinearConfig, backend: 
     blockwise = any(granularity == "blockwise" for granularity, _ in config.casts())
     quant = backends.choose(QUANT_OP, device_tensor, torch.float8_e4m3fn, "blockwise" if blockwise else "rowwise",
                             backend=backend)
-    gemm_forced = backend if backend in (None, "triton", "torch") else None
-    a = device_tensor.new_empty((16, 16), dtype=torch.float8_e4m3fn)
-    gemm = backends.choose(GEMM_OP, a, a, backend=gemm_forced)
+    # The probe operands carry the recipe's widest-ranged format, so a GEMM backend that cannot
+    # take every cast (the CUTLASS kernel is e4m3 only) is refused here, not mid-backward.
+    formats = {dtype for granularity, dtype in config.casts() if granularity != "disabled"}
+    probe_dtype = torch.float8_e5m2 if torch.float8_e5m2 in formats else torch.float8_e4m3fn
+    a = device_tensor.new_empty((16, 16), dtype=probe_dtype)
+    gemm = backends.choose(GEMM_OP, a, a, backend=backend)
     return quant, gemm
 
 
