@@ -1,8 +1,9 @@
-"""Grouped-GEMM (MoE expert matmul) benchmark cases: tokenforge's Triton grouped GEMM vs the
+"""Grouped-GEMM (MoE expert matmul) benchmark cases: tokenforge's Triton and CUTLASS (cuda) grouped GEMMs vs the
 per-expert loop (``torch_loop``: what an unpatched Mixtral-style model runs) and ``torch._grouped_mm``
 (``torch_grouped``, PyTorch's own, where this torch and GPU run it), forward and forward+backward.
 
 Shapes (bf16): Mixtral-8x7B's expert up-projection at 16k routed rows (8 experts, K 4096, N 14336),
+64 routed experts at top-8 of 16k tokens (hidden 4096, expert ffn 1536: the issue's goal shape),
 and a DeepSeek-V3-like expert-parallel shard (32 local experts, K 7168, N 2048, 32k routed rows)
 with a skewed, uneven load (some experts empty). FLOPs: 2 T K N forward, 3x that forward+backward;
 ``fraction_of_matmul`` is against one dense bf16 torch.matmul measured in the same run. Tiny on CPU
@@ -21,7 +22,8 @@ from harness import BackendUnavailable, CaseId, Prepared
 
 OP = "grouped_mm"
 BASELINES = ("torch_grouped", "torch_loop")
-BACKENDS = ("torch_loop", "torch_grouped", "triton")
+# triton: tokenforge.kernels.grouped_mm; cuda: the CUTLASS sm_90a kernel (csrc/grouped_mm_sm90.cu).
+BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -52,9 +54,20 @@ def _skewed(experts: int, rows: int, seed: int = 0) -> tuple:
     return tuple(int(c) for c in counts)
 
 
+def _routed(experts: int, rows: int, seed: int = 0) -> tuple:
+    """Rows per expert as a trained router spreads them: near-uniform, +-20%."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 + 0.4 * (torch.rand(experts, generator=g) - 0.5)
+    counts = torch.floor(weights / weights.sum() * rows).long()
+    counts[0] += rows - int(counts.sum())
+    return tuple(int(c) for c in counts)
+
+
 def cases(device) -> list[Case]:
     if harness.sizes_mode(device) == "full":
         base = [Case("mixtral-8e-16k", (2048,) * 8, 4096, 14336, headline=True),
+                # issue 14's goal shape: 64 routed experts, top-8 of 16k tokens, hidden 4096, expert ffn 1536
+                Case("ds-64e-top8-16k", _routed(64, 16384 * 8), 4096, 1536),
                 Case("dsv3-ep32-32k", _skewed(32, 32768), 7168, 2048)]
     else:
         base = [Case("tiny", (5, 0, 17, 9), 24, 40)]
@@ -77,6 +90,13 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     device = torch.device(device)
     if backend == "triton" and harness.triton_needs_interpreter(device):
         raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if backend == "cuda":
+        from tokenforge.cuda import grouped_mm as cuda_grouped_mm
+
+        probe = torch.empty(16, 16, device=device, dtype=case.dtype)
+        reason = cuda_grouped_mm.supports(probe, probe.view(1, 16, 16))
+        if reason:
+            raise BackendUnavailable(reason)
     g = torch.Generator().manual_seed(0)
     offs = torch.cumsum(torch.tensor(case.counts), 0).to(torch.int32).to(device)
     a = torch.randn(sum(case.counts), case.k, generator=g).to(device, case.dtype)
@@ -90,7 +110,7 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     elif backend == "torch_loop":
         run = lambda: grouped_mm_reference(a, b, offs)  # noqa: E731
     else:
-        run = lambda: grouped_mm(a, b, offs, check_offs=False, backend="triton")  # noqa: E731
+        run = lambda: grouped_mm(a, b, offs, check_offs=False, backend=backend)  # noqa: E731
     grad = torch.randn(sum(case.counts), case.n, generator=g).to(device, case.dtype)
 
     def fn():

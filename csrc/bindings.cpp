@@ -83,6 +83,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldd"), py::arg("blockwise"), py::arg("out_dtype"), py::arg("stream"),
         "d = (a @ b^T) * scales + bias on sm_90a (CUTLASS, TMA + wgmma, warp-specialized persistent): "
         "a (m, k), b (n, k) e4m3 K-major; rowwise scales (m,), (n,) or blockwise (kb, m), (kb, n).");
+  m.def("grouped_mm_sm90_unavailable", &tokenforge::grouped_mm_sm90_unavailable,
+        "Empty when the CUTLASS sm_90a grouped GEMM is in this build, else why not.");
+  m.def("grouped_mm_sm90_workspace_size", &tokenforge::grouped_mm_sm90_workspace_size, py::arg("experts"),
+        py::arg("kind"), py::arg("b_k_major"), "Workspace bytes grouped_mm_sm90 needs on the current device.");
+  m.def("grouped_mm_sm90", &tokenforge::grouped_mm_sm90, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("out_ptr"),
+        py::arg("offs_ptr"), py::arg("workspace_ptr"), py::arg("workspace_bytes"), py::arg("experts"),
+        py::arg("tokens"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb_k"), py::arg("ldb_n"),
+        py::arg("stride_be"), py::arg("ldo"), py::arg("kind"), py::arg("stream"),
+        "bf16 grouped GEMM on sm_90a (CUTLASS ptr-array, TMA + wgmma, persistent): kind 0 out = a @ b[e] "
+        "per expert's rows, kind 1 db[e] = a[rows]^T @ dout[rows]; the schedule is built on the device.");
   m.def("adamw_fp32_step", &tokenforge::adamw_fp32_step, py::arg("ptrs"), py::arg("meta"),
         py::arg("blockmap"), py::arg("hyper"), py::arg("grad_scale"), py::arg("n_tensors"),
         py::arg("n_blocks"), py::arg("chunk_size"), py::arg("amsgrad"), py::arg("maximize"),

@@ -121,6 +121,21 @@ inline int device_attribute(cudaDeviceAttr attr, int dev, const char* fn) {
 
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
+inline int sm_count_of_current_device(const char* fn) {
+  return device_attribute(cudaDevAttrMultiProcessorCount, current_device(fn), fn);
+}
+
+// The *_sm90.cu kernels are sm_90a machine code: they run on compute capability 9.0 only (H100,
+// H200, GH200). `what` names the kernel in the error.
+inline void require_sm90(const char* fn, const char* what) {
+  const int dev = current_device(fn);
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, dev, fn);
+  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, dev, fn);
+  if (major != 9 || minor != 0)
+    throw std::runtime_error(std::string(fn) + ": " + what + " is built for sm_90a (H100/H200); this GPU is sm_" +
+                             std::to_string(major) + std::to_string(minor) + "; use backend='triton'");
+}
+
 // ---- device-side helpers --------------------------------------------------------------------
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }

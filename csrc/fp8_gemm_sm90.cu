@@ -25,12 +25,11 @@
 #include <string>
 
 #include "common.cuh"
+#include "cutlass_sm90.cuh"
 #include "tokenforge.h"
 
-#if defined(TOKENFORGE_HAVE_CUTLASS) && defined(TOKENFORGE_BUILD_SM90A)
-#define TOKENFORGE_FP8_GEMM_SM90 1
+#if defined(TOKENFORGE_CUTLASS_SM90)
 #include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
 #include <cutlass/detail/blockwise_scale_layout.hpp>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp>
@@ -69,7 +68,7 @@ void check_args(const Fp8GemmArgs& g, const char* fn) {
 
 }  // namespace
 
-#if defined(TOKENFORGE_FP8_GEMM_SM90)
+#if defined(TOKENFORGE_CUTLASS_SM90)
 namespace {
 
 using namespace cute;
@@ -177,21 +176,8 @@ std::int64_t workspace_size(const Fp8GemmArgs& g, int sm_count) {
 
 template <class Gemm, bool kBlockwise>
 void run(const Fp8GemmArgs& g, int sm_count, const char* fn) {
-  Gemm gemm;
-  const typename Gemm::Arguments args = make_arguments<Gemm, kBlockwise>(g, sm_count);
-  require_arg(gemm.can_implement(args) == cutlass::Status::kSuccess, fn,
-              "CUTLASS cannot run this problem (operands must be K-major with 16-byte aligned rows)");
-  const std::size_t need = Gemm::get_workspace_size(args);
-  require_arg(std::int64_t(need) <= g.workspace_bytes, fn,
-              "workspace too small: need " + std::to_string(need) + " bytes (fp8_gemm_sm90_workspace_size)");
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(g.stream);
-  cutlass::Status st = gemm.initialize(args, reinterpret_cast<void*>(g.workspace), stream);
-  if (st != cutlass::Status::kSuccess)
-    throw std::runtime_error(std::string(fn) + ": CUTLASS initialize failed: " + cutlassGetStatusString(st));
-  st = gemm.run(stream);
-  if (st != cutlass::Status::kSuccess)
-    throw std::runtime_error(std::string(fn) + ": CUTLASS launch failed: " + cutlassGetStatusString(st));
-  check_launch(fn);
+  run_cutlass<Gemm>(make_arguments<Gemm, kBlockwise>(g, sm_count), g.workspace, g.workspace_bytes, g.stream, fn,
+                    "CUTLASS cannot run this problem (operands must be K-major with 16-byte aligned rows)");
 }
 
 // Calls f.template operator()<Gemm, kBlockwise>() for the kernel serving (scaling, out_dtype).
@@ -220,41 +206,17 @@ struct WorkspaceOf {
   std::int64_t operator()() const { return workspace_size<Gemm, kBlockwise>(g, sm_count); }
 };
 
-int sm_count_of_current_device(const char* fn) {
-  return device_attribute(cudaDevAttrMultiProcessorCount, current_device(fn), fn);
-}
-
-// The sm_90a binary runs on compute capability 9.0 only (H100, H200, GH200).
-void require_sm90(const char* fn) {
-  const int dev = current_device(fn);
-  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, dev, fn);
-  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, dev, fn);
-  if (major != 9 || minor != 0)
-    throw std::runtime_error(std::string(fn) + ": the CUTLASS FP8 GEMM is built for sm_90a (H100/H200); this GPU is sm_" +
-                             std::to_string(major) + std::to_string(minor) + "; use backend='triton'");
-}
-
 }  // namespace
 #endif
 
-std::string fp8_gemm_sm90_unavailable() {
-#if defined(TOKENFORGE_FP8_GEMM_SM90)
-  return "";
-#elif !defined(TOKENFORGE_HAVE_CUTLASS)
-  return "this build of tokenforge._C has no CUTLASS FP8 GEMM: the CUTLASS headers (the nvidia-cutlass "
-         "wheel) were not found at build time; pip install nvidia-cutlass and reinstall";
-#else
-  return "this build of tokenforge._C has no CUTLASS FP8 GEMM: sm_90a was not among TOKENFORGE_CUDA_ARCHS "
-         "at build time";
-#endif
-}
+std::string fp8_gemm_sm90_unavailable() { return cutlass_sm90_missing("CUTLASS FP8 GEMM"); }
 
 std::int64_t fp8_gemm_sm90_workspace_size(std::int64_t m, std::int64_t n, std::int64_t k, bool blockwise,
                                           int out_dtype) {
   const char* fn = "fp8_gemm_sm90_workspace_size";
   const std::string why = fp8_gemm_sm90_unavailable();
   if (!why.empty()) throw std::runtime_error(std::string(fn) + ": " + why);
-#if defined(TOKENFORGE_FP8_GEMM_SM90)
+#if defined(TOKENFORGE_CUTLASS_SM90)
   require_cuda_device(fn);
   // Placeholder pointers: the size depends on the problem and the schedule, not on the data.
   const Fp8GemmArgs g{16, 16, 16, 16, 16, 0, 0, 0, m, n, k, k, k, n, blockwise, out_dtype, 0};
@@ -277,8 +239,8 @@ void fp8_gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, std::ui
   const std::string why = fp8_gemm_sm90_unavailable();
   if (!why.empty()) throw std::runtime_error(std::string(fn) + ": " + why);
   require_cuda_device(fn);
-#if defined(TOKENFORGE_FP8_GEMM_SM90)
-  require_sm90(fn);
+#if defined(TOKENFORGE_CUTLASS_SM90)
+  require_sm90(fn, "the CUTLASS FP8 GEMM");
   require_arg(k > 0, fn, "K must be > 0 (the caller writes bias or zeros for K == 0)");
   if (m == 0 || n == 0) return;
   dispatch(g, RunKernel{g, sm_count_of_current_device(fn), fn});

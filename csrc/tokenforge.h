@@ -85,6 +85,21 @@ void fp8_gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, std::ui
                    std::int64_t workspace_bytes, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t lda,
                    std::int64_t ldb, std::int64_t ldd, bool blockwise, int out_dtype, std::uintptr_t stream);
 
+// ---- Grouped GEMM for mixture-of-experts on sm_90a, CUTLASS (grouped_mm_sm90.cu) --------------
+// Empty when the CUTLASS kernels are in this build, else why not.
+std::string grouped_mm_sm90_unavailable();
+// Bytes of device workspace grouped_mm_sm90 needs (its per-expert tables + CUTLASS's own).
+std::int64_t grouped_mm_sm90_workspace_size(std::int64_t experts, int kind, bool b_k_major);
+// bf16, offs int32 (experts,) cumulative row ends on the device (clamped, never trusted).
+// kind 0: out (tokens, n) = a (tokens, k) @ b[e] per expert's rows; b[e] (k, n) at b + e*stride_be
+//         with strides (ldb_k, ldb_n), one of them 1 (b^T views for dgrad take the K-major kernel).
+// kind 1: out = db (experts, k, n) contiguous, db[e] = a[rows]^T @ b[rows] with b = dout (tokens, n)
+//         of row stride ldo; experts with no rows get zeros.
+void grouped_mm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, std::uintptr_t offs,
+                     std::uintptr_t workspace, std::int64_t workspace_bytes, std::int64_t experts,
+                     std::int64_t tokens, std::int64_t n, std::int64_t k, std::int64_t lda, std::int64_t ldb_k,
+                     std::int64_t ldb_n, std::int64_t stride_be, std::int64_t ldo, int kind, std::uintptr_t stream);
+
 // ---- AdamW (adamw.cu) -----------------------------------------------------------------------
 // One multi-tensor AdamW step over fp32 params from the device tables built by
 // tokenforge.optim.multi_tensor (ptrs int64 [7, n_tensors], meta int64 [2, n_tensors], blockmap

@@ -462,14 +462,27 @@ def _built_with_sm90a() -> bool:
     return tf_cuda.is_available() and "sm_90a" in record.get("cuda_archs", [])
 
 
-def test_cutlass_fp8_gemm_is_in_the_build():
+# What each CUTLASS file must hold: (entry point reporting availability, kernel-name filter, count,
+# SASS each kernel must contain). QGMMA is the FP8 (E4M3) form of HGMMA; UTMALDG / UTMASTG are TMA
+# loads / stores; UTMACCTL re-points a TMA descriptor (the grouped kernel's per-expert operands);
+# SYNCS.PHASECHK waits on an mbarrier (the producer / consumer pipeline).
+CUTLASS_KERNELS = {
+    "fp8_gemm_sm90": ("fp8_gemm_sm90_unavailable", r"GemmUniversal\w*E4M3", 4,
+                      [r"QGMMA\.64x128x32\.F32\.E4M3\.E4M3", r"UTMALDG\.3D\.MULTICAST", "UTMASTG", "SYNCS.PHASECHK"]),
+    "grouped_mm_sm90": ("grouped_mm_sm90_unavailable", r"GemmUniversal\w*GroupProblemShape", 3,
+                        [r"HGMMA\.64x256x16\.F32\.BF16", "UTMALDG", "UTMASTG", "UTMACCTL", "SYNCS.PHASECHK"]),
+}
+
+
+@pytest.mark.parametrize("source", sorted(CUTLASS_KERNELS))
+def test_cutlass_kernels_are_in_the_build(source):
     """Where the extension was built for sm_90a, the CUTLASS headers were found (the Makefile and
-    pyproject install nvidia-cutlass) and the FP8 GEMM is in it: a silently missing kernel fails."""
+    pyproject install nvidia-cutlass) and the kernels are in it: a silently missing kernel fails."""
     if not _built_with_sm90a():
         pytest.skip("tokenforge._C was not built for sm_90a here")
     record = tf_cuda.read_build_info()
     assert record.get("cutlass_include"), f"built without CUTLASS headers: {record.get('cutlass')}"
-    assert _ext().fp8_gemm_sm90_unavailable() == ""
+    assert getattr(_ext(), CUTLASS_KERNELS[source][0])() == ""
 
 
 def _sass_functions(sass: str) -> dict[str, str]:
@@ -478,36 +491,43 @@ def _sass_functions(sass: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2]))
 
 
-def test_cutlass_fp8_gemm_binary_is_hopper_tma_and_wgmma():
-    """The installed binary, read back: the FP8 GEMM is compiled for sm_90a alone; it holds four
-    kernels (rowwise/blockwise x bf16/fp32 out), each with FP8 wgmma (QGMMA, the E4M3 form of
-    HGMMA), TMA loads with cluster multicast (UTMALDG), a TMA-store epilogue (UTMASTG), mbarrier
-    pipelines (SYNCS), and no local memory or stack (no spills)."""
-    if not _built_with_sm90a() or _ext().fp8_gemm_sm90_unavailable():
-        pytest.skip("tokenforge._C has no sm_90a FP8 GEMM here (test_cutlass_fp8_gemm_is_in_the_build says why)")
+@pytest.fixture(scope="module")
+def installed_binary():
+    """(cuobjdump -lelf, -res-usage, -sass) of the installed tokenforge._C."""
+    if not _built_with_sm90a():
+        pytest.skip("tokenforge._C was not built for sm_90a here")
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (the Triton wheel ships one)")
-    so = Path(_ext().__file__)
-    elves = subprocess.run([tool, "-lelf", str(so)], capture_output=True, text=True, timeout=120).stdout
-    gemm_elves = re.findall(r"fp8_gemm_sm90\.(\w+)\.cubin", elves)
-    assert gemm_elves == ["sm_90a"], elves
-    usage = subprocess.run([tool, "-res-usage", str(so)], capture_output=True, text=True, timeout=120).stdout
-    resources = dict(re.findall(r"Function (\w*GemmUniversal\w*E4M3\w*):\s*\n\s*(REG:.*)", usage))
-    assert len(resources) == 4, sorted(resources)
-    assert sum("BlockwiseFP8" in k for k in resources) == 2, sorted(resources)
+    so = str(Path(_ext().__file__))
+    return tuple(subprocess.run([tool, flag, so], capture_output=True, text=True, timeout=300).stdout
+                 for flag in ("-lelf", "-res-usage", "-sass"))
+
+
+@pytest.mark.parametrize("source", sorted(CUTLASS_KERNELS))
+def test_cutlass_binary_is_hopper_tma_and_wgmma(source, installed_binary):
+    """The installed binary, read back: each CUTLASS file is compiled for sm_90a alone and holds its
+    kernels (fp8: rowwise/blockwise x bf16/fp32 out; grouped: forward, dgrad, wgrad layouts), each
+    with wgmma, TMA loads and stores, mbarrier pipelines, and no local memory or stack (no spills)."""
+    available, pattern, count, features = CUTLASS_KERNELS[source]
+    if getattr(_ext(), available)():
+        pytest.skip(f"tokenforge._C has no {source} here (test_cutlass_kernels_are_in_the_build says why)")
+    elves, usage, sass = installed_binary
+    assert re.findall(rf"{source}\.(\w+)\.cubin", elves) == ["sm_90a"], elves
+    resources = {name: line for name, line in re.findall(r"Function (\w+):\s*\n\s*(REG:.*)", usage)
+                 if re.search(pattern, name)}
+    assert len(resources) == count, sorted(resources)
+    if source == "fp8_gemm_sm90":
+        assert sum("BlockwiseFP8" in k for k in resources) == 2, sorted(resources)
     for name, line in resources.items():
         fields = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", line))
         assert fields["LOCAL"] == "0" and fields["STACK"] == "0", (name, line)
         assert int(fields["REG"]) <= 168, (name, line)  # 3 warpgroups in 64K registers, setmaxnreg splits them
-    sass = subprocess.run([tool, "-sass", str(so)], capture_output=True, text=True, timeout=300).stdout
     functions = {k: v for k, v in _sass_functions(sass).items() if k in resources}
-    assert len(functions) == 4, sorted(functions)
+    assert len(functions) == count, sorted(functions)
     for name, body in functions.items():
-        assert re.search(r"QGMMA\.64x128x32\.F32\.E4M3\.E4M3", body), name
-        assert "UTMALDG" in body and "UTMALDG.3D.MULTICAST" in body, name
-        assert "UTMASTG" in body, name
-        assert "SYNCS.PHASECHK" in body, name
+        for feature in features:
+            assert re.search(feature, body), (source, feature, name[:120])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ def _cases(device):
     return CPU_CASES if device == "cpu" else GPU_CASES
 
 
-def check_against_reference(a, b, offs, counts, tol=None):
-    """grouped_mm on the Triton backend against the float64 loop: out and dA norm-wise and per row,
+def check_against_reference(a, b, offs, counts, tol=None, backend="triton"):
+    """grouped_mm on a kernel backend (Triton unless told) against the float64 loop: out and dA norm-wise and per row,
     dB per expert (one expert's wrong gradient must fail), an empty expert's dB exactly zero.
     a, b require grad; ``tol`` defaults to the input dtype's (tests/test_fuzz.py and
     tests/test_gpu_configs_on_cpu.py call this too)."""
-    out = grouped_mm(a, b, offs, backend="triton")
+    out = grouped_mm(a, b, offs, backend=backend)
     grad = torch.randn_like(out)
     out.backward(grad)
     a64 = a.detach().double().requires_grad_()
@@ -104,6 +104,57 @@ def test_tma_descriptor_path(dtype):
     assert torch.isfinite(out[mine]).all()
     assert rel_error(out[mine], grouped_mm_reference(a.detach().double(), b.detach().double(), offs)[mine]) \
         <= TOLERANCE[dtype]
+
+
+def test_cuda_backend_refuses_cleanly_without_a_gpu():
+    """backend='cuda' (the CUTLASS sm_90a kernel) on CPU tensors, and the raw entry point with bad
+    arguments or no device, raise errors that say what to do."""
+    from tokenforge.backends import BackendUnavailableError
+
+    a, b, offs = torch.randn(8, 16), torch.randn(2, 16, 16), _offs([3, 5], "cpu")
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors only"):
+        grouped_mm(a, b, offs, backend="cuda")
+    import tokenforge.cuda as tf_cuda
+
+    if not tf_cuda.is_available() or tf_cuda.get_extension().grouped_mm_sm90_unavailable():
+        pytest.skip("tokenforge._C without the CUTLASS grouped GEMM (test_extension says whether that is right)")
+    ext = tf_cuda.get_extension()
+    args = dict(a_ptr=256, b_ptr=256, out_ptr=256, offs_ptr=256, workspace_ptr=256, workspace_bytes=1 << 20,
+                experts=4, tokens=64, n=64, k=64, lda=64, ldb_k=64, ldb_n=1, stride_be=4096, ldo=64, kind=0, stream=0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ext.grouped_mm_sm90(**{**args, "n": 60})
+    with pytest.raises(ValueError, match="unit stride along K or along N"):
+        ext.grouped_mm_sm90(**{**args, "ldb_n": 2})
+    with pytest.raises(ValueError, match="experts"):
+        ext.grouped_mm_sm90(**{**args, "experts": 0})
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            ext.grouped_mm_sm90(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_backend_on_hopper():
+    """On an H100/H200 the CUTLASS grouped GEMM (bf16) matches the float64 loop forward, dA (the
+    K-major b^T kernel) and dB (the M-major wgrad kernel, zeros for empty experts) on MoE-shaped
+    and skewed loads, per row as well as in norm; and takes (E, N, K)-stored weights as a view."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS grouped GEMM is built for sm_90a")
+    import tokenforge.cuda as tf_cuda
+
+    assert tf_cuda.is_available() and not tf_cuda.get_extension().grouped_mm_sm90_unavailable()
+    for name, (counts, k, n) in GPU_CASES.items():
+        torch.manual_seed(hash(name) % 1000)
+        offs = _offs(counts, "cuda")
+        a = torch.randn(sum(counts), k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b = (torch.randn(len(counts), k, n, device="cuda") / k ** 0.5).to(torch.bfloat16).requires_grad_()
+        check_against_reference(a, b, offs, counts, backend="cuda")
+        out = grouped_mm(a.detach(), b.detach(), offs, backend="cuda").double()
+        ref = grouped_mm_reference(a.detach().double(), b.detach().double(), offs)
+        rows = ((out - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30))[ref.norm(dim=1) > 0]
+        assert rows.max().item() <= TOLERANCE[torch.bfloat16], name
+        b_nk = b.detach().transpose(1, 2).contiguous()  # weights stored (E, N, K)
+        viewed = grouped_mm(a.detach(), b_nk.transpose(1, 2), offs, backend="cuda").double()
+        assert rel_error(viewed, ref) <= TOLERANCE[torch.bfloat16], name
 
 
 @pytest.mark.parametrize("device", DEVICES)

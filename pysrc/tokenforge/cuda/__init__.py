@@ -186,6 +186,30 @@ def current_stream_handle(tensor) -> int:
     return int(torch.cuda.current_stream(tensor.device).cuda_stream)
 
 
+def sm90_kernel_unavailable(tensor, entry: str, what: str) -> Optional[str]:
+    """None when the CUTLASS sm_90a kernel behind ``entry`` (a csrc/*_sm90.cu launcher, with its
+    ``<entry>_unavailable`` twin) can run on ``tensor``'s device, else why not: a CPU tensor, no
+    extension or GPU, a build without it (no CUTLASS headers / no sm_90a target), not an sm_90 GPU."""
+    import torch
+
+    if tensor.device.type != "cuda":
+        return f"the CUDA extension runs on CUDA tensors only; the input is on {tensor.device}"
+    reason = runtime_unavailable_reason()
+    if reason:
+        return reason
+    ext = get_extension()
+    if not hasattr(ext, entry):
+        return f"this build of tokenforge._C has no {what}; reinstall to rebuild it"
+    missing = getattr(ext, f"{entry}_unavailable")()
+    if missing:
+        return missing
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) != (9, 0):
+        return f"the {what} is built for sm_90a (H100/H200); this GPU is sm_{major}{minor}"
+    return None
+
+
 __all__ = [
     "BFLOAT16",
     "FLOAT16",
@@ -194,6 +218,7 @@ __all__ = [
     "dtype_code",
     "extension_status",
     "get_extension",
+    "sm90_kernel_unavailable",
     "is_available",
     "read_build_info",
     "reset_status_cache",

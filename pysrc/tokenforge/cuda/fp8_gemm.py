@@ -29,21 +29,9 @@ SCALE_BLOCK = 128
 
 def supports(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
     """None when the CUTLASS kernel can run a @ b here, else why not."""
-    if a.device.type != "cuda":
-        return f"the CUDA extension runs on CUDA tensors only; a is on {a.device}"
-    reason = _ext.runtime_unavailable_reason()
+    reason = _ext.sm90_kernel_unavailable(a, "fp8_gemm_sm90", "CUTLASS FP8 GEMM")
     if reason:
         return reason
-    ext = _ext.get_extension()
-    if not hasattr(ext, "fp8_gemm_sm90"):
-        return "this build of tokenforge._C has no FP8 GEMM; reinstall to rebuild it"
-    missing = ext.fp8_gemm_sm90_unavailable()
-    if missing:
-        return missing
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if torch.cuda.get_device_capability(index) != (9, 0):
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"the CUTLASS FP8 GEMM is built for sm_90a (H100/H200); this GPU is sm_{major}{minor}"
     if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
         return f"the CUTLASS FP8 GEMM takes float8_e4m3fn operands, got {a.dtype} and {b.dtype}"
     return None

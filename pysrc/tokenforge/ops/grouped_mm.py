@@ -10,7 +10,9 @@ dB[e] = a_e^T @ dOut_e, a grouped reduction that writes zeros for an empty exper
 Path of a call: :func:`grouped_mm` validates and picks a backend -> :class:`GroupedMMFunction`
 -> the custom ops ``tokenforge::grouped_mm`` / ``tokenforge::grouped_mm_wgrad`` ->
 ``tokenforge.kernels.grouped_mm`` (Triton: persistent over (expert, tile) work items, the schedule
-built on the device, so no host sync). The ``torch`` backend is :func:`grouped_mm_reference`, a
+built on the device, so no host sync) or ``tokenforge.cuda.grouped_mm`` (``backend="cuda"``: the
+CUTLASS sm_90a ptr-array kernel in csrc/grouped_mm_sm90.cu, bf16, its schedule also built on the
+device). The ``torch`` backend is :func:`grouped_mm_reference`, a
 loop over experts (it reads offs on the host).
 
 Checking offs (non-decreasing, from 0 to T) needs its values on the host: one sync, done by default
@@ -94,15 +96,22 @@ def _triton_supports(a, b) -> Optional[str]:
     return kgm.supports(a, b)
 
 
+def _cuda_supports(a, b) -> Optional[str]:
+    from tokenforge.cuda import grouped_mm as cgm
+
+    return cgm.supports(a, b)
+
+
 backends.register_op(
-    OP, cuda_preference=("triton",),
-    supports={"triton": _triton_supports, "torch": lambda a, b: None},
+    # Triton first until the H200 benchmark ranks the CUTLASS kernel against it (bench/results).
+    OP, cuda_preference=("triton", "cuda"),
+    supports={"triton": _triton_supports, "cuda": _cuda_supports, "torch": lambda a, b: None},
     example_inputs=lambda device, dtype: (torch.empty(8, 16, device=device, dtype=dtype),
                                           torch.empty(2, 16, 16, device=device, dtype=dtype)),
 )
 
 # The custom ops below call their backend's launcher through this table (no dispatch in between).
-LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.grouped_mm")
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.grouped_mm", cuda="tokenforge.cuda.grouped_mm")
 
 
 @torch.library.custom_op("tokenforge::grouped_mm", mutates_args=())
@@ -154,7 +163,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, check_of
     """(T, N) = per-expert ``a[rows of e] @ b[e]`` for a (T, K) sorted by expert, b (E, K, N), offs
     (E,) int32 cumulative row ends; bf16/fp16/fp32 (float64 on the torch backend), any strides.
     ``check_offs``: validate offs on the host (one sync; see the module docstring). ``backend``:
-    triton, torch or None (choose)."""
+    triton, cuda (CUTLASS, sm_90a, bf16), torch or None (choose)."""
     _check(a, b, offs, check_offs)
     name = backends.choose(OP, a, b, backend=backend)
     if name == "torch" or a.shape[0] == 0 or b.shape[2] == 0:
