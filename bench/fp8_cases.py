@@ -107,6 +107,43 @@ def prepare_quantize(shape, scaling, backend, device, block=None):
     return fn, nbytes, {"dequantized": err}
 
 
+EMIT_SHAPES_GPU = [(16384, 4096)]  # tokens x hidden: the RMSNorm before the attention projections
+EMIT_SHAPES_CPU = [(64, 256)]
+EMIT_BACKENDS = ("norm_then_quantize", "norm_emits_fp8")
+
+
+def prepare_norm_emit(shape, backend, granularity, device):
+    """RMSNorm's output plus its fp8 copy for the next Float8Linear (rowwise or (1, 128) blocks):
+    ``norm_then_quantize`` (two kernels, y read again) vs ``norm_emits_fp8`` (one pass,
+    tokenforge.fp8.emit). Bytes counted as the fused pass moves them (read x, write y and fp8),
+    so the unfused figure is what it would get if it moved no more."""
+    from tokenforge import fp8
+    from tokenforge.fp8 import emit
+    from tokenforge.ops import rms_norm
+
+    if harness.triton_needs_interpreter(device):
+        raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    rows, n = shape
+    x = torch.randn(rows, n, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, device=device, dtype=torch.bfloat16)
+    blockwise = granularity == "blockwise"
+    cast = fp8.EmitCast(torch.float8_e4m3fn, blockwise, False)
+    quant = dict(scaling="blockwise", block=(1, 128)) if blockwise else dict(scaling="rowwise")
+
+    if backend == "norm_emits_fp8":
+        def fn():
+            y = rms_norm(x, w, 1e-6, fp8=cast, backend="triton")
+            return y, emit.lookup(y, cast)
+    else:
+        def fn():
+            y = rms_norm(x, w, 1e-6, backend="triton")
+            return y, fp8.quantize(y, backend="triton", **quant)
+
+    y, (data, scale) = harness.first_call(fn, device)
+    err = _rel(fp8.dequantize(data, scale, torch.float32), y)
+    return fn, x.numel() * 5, {"dequantized": err}
+
+
 def prepare_linear(shape, backend, device):
     """fwd+bwd of one linear layer on M tokens (M, K) -> (M, N): bf16 nn.Linear or Float8Linear."""
     from tokenforge import fp8

@@ -74,6 +74,17 @@ def test_quantize_blockwise(benchmark, bench_recorder, request, shape, block, ba
          lambda: fc.prepare_quantize(shape, "blockwise", backend, DEVICE, block), "gbps", ("torch",), fc.QUANT_TOL)
 
 
+@pytest.mark.parametrize("backend", fc.EMIT_BACKENDS)
+@pytest.mark.parametrize("granularity", ["rowwise", "blockwise"])
+@pytest.mark.parametrize("shape", fc.EMIT_SHAPES_GPU if DEVICE.type == "cuda" else fc.EMIT_SHAPES_CPU,
+                         ids=lambda s: "x".join(map(str, s)))
+def test_rms_norm_emitting_fp8(benchmark, bench_recorder, request, shape, granularity, backend):
+    benchmark.group = f"rms_norm -> fp8 {granularity} {shape}"
+    _run(benchmark, bench_recorder, request, f"rms_norm_fp8_{granularity}", "fwd", shape, backend,
+         lambda: fc.prepare_norm_emit(shape, backend, granularity, DEVICE), "gbps", ("norm_then_quantize",),
+         fc.QUANT_TOL)
+
+
 @pytest.mark.parametrize("backend", ["bf16_linear", "fp8:tensorwise", "fp8:rowwise", "fp8:rowwise_with_gw_hp",
                                      "fp8:blockwise", "fp8_cuda:rowwise",
                                      "torchao:tensorwise", "torchao:rowwise"])

@@ -32,6 +32,7 @@ import triton.language as tl
 from tokenforge.kernels import launch_device
 
 from tokenforge.kernels import rms_norm as _rn
+from tokenforge.kernels.fp8_quantize import emission_buffers, emit_fp8_tile
 
 FWD_MAX_ROW_N = _rn.FWD_MAX_ROW_N
 BWD_MAX_ROW_N = _rn.BWD_MAX_ROW_N
@@ -40,13 +41,18 @@ CHUNK_WARPS = _rn.CHUNK_WARPS
 MAX_N = _rn.MAX_N
 fwd_rows_config = _rn.fwd_rows_config
 bwd_rows_config = _rn.bwd_rows_config
+emission_group = _rn.emission_group
+emission_modes = _rn.emission_modes
+can_emit_fp8 = _rn.can_emit_fp8
 
 
 @triton.jit
 def _add_rms_norm_fwd_rows_kernel(
-    X, R, W, Y, H, RSTD,
-    rows, n, stride_x, stride_r, stride_y, stride_h, eps,
+    X, R, W, Y, H, RSTD, DATA, SCALE,
+    rows, n, stride_x, stride_r, stride_y, stride_h, eps, stride_scale,
     HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EMIT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, FP8_MAX: tl.constexpr = 448.0,
+    MBITS: tl.constexpr = 3, BIAS: tl.constexpr = 7, POW2: tl.constexpr = False, SOFT_CAST: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
@@ -65,7 +71,11 @@ def _add_rms_norm_fwd_rows_kernel(
     if HAS_WEIGHT:
         w = tl.load(W + col, mask=col < n, other=0.0).to(tl.float32)
         y = y * w[None, :]
-    tl.store(Y + row[:, None] * stride_y + col[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    y_out = y.to(Y.dtype.element_ty)
+    tl.store(Y + row[:, None] * stride_y + col[None, :], y_out, mask=mask)
+    if EMIT_FP8:  # the normed output quantized for the next Float8Linear, from the values just stored
+        emit_fp8_tile(y_out.to(tl.float32), row, row_ok, 0, n, DATA, SCALE, n, stride_scale,
+                      FP8_MAX, MBITS, BIAS, POW2, SOFT_CAST, BLOCK_M, BLOCK_N, GROUP)
 
 
 @triton.jit
@@ -181,6 +191,9 @@ def all_configs() -> list[tuple[str, dict]]:
     block_n = 16
     while block_n <= FWD_MAX_ROW_N:
         out.append(("_add_rms_norm_fwd_rows_kernel", fwd_rows_config(block_n)))
+        for blockwise in emission_modes(block_n):  # with fp8 emission (add_rms_norm_forward_fp8); the gate sets the format
+            out.append(("_add_rms_norm_fwd_rows_kernel", dict(fwd_rows_config(block_n), EMIT_FP8=True,
+                                                              GROUP=emission_group(block_n, blockwise))))
         if block_n <= BWD_MAX_ROW_N:
             out.append(("_add_rms_norm_bwd_rows_kernel", bwd_rows_config(block_n)))
         block_n *= 2
@@ -208,8 +221,20 @@ def supports(x: torch.Tensor, residual: torch.Tensor, weight) -> str | None:
 
 
 
+def add_rms_norm_forward_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                             fp8_dtype: torch.dtype, blockwise: bool, power_of_two: bool) -> tuple[torch.Tensor, ...]:
+    """(y, h, rstd, data, scale): :func:`add_rms_norm_forward` plus y quantized in the same pass,
+    rowwise or in (1, 128) blocks, bit-identical to quantizing the stored y. n <= FWD_MAX_ROW_N."""
+    rows, n = x.shape
+    if not can_emit_fp8(n, blockwise):
+        raise ValueError(f"add_rms_norm_forward_fp8: rows of {n} are too long to emit fp8 {'blocks' if blockwise else 'rowwise'}")
+    data, scale, data_arg, fmt = emission_buffers(rows, n, fp8_dtype, blockwise, power_of_two, x.device)
+    y, h, rstd = add_rms_norm_forward(x, residual, weight, eps, _emit=(data_arg, scale, blockwise, fmt))
+    return y, h, rstd, data, scale
+
+
 def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         eps: float, _emit=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, rstd) for x, residual (rows, n) with unit column stride: y in x's dtype, h = x +
     residual in residual's dtype, rstd fp32 (rows,)."""
     rows, n = x.shape
@@ -222,8 +247,11 @@ def add_rms_norm_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.
     with launch_device(x):
         if n <= FWD_MAX_ROW_N:
             cfg = fwd_rows_config(n)
+            data, scale, emit = (y, rstd, {}) if _emit is None else (
+                _emit[0], _emit[1], dict(EMIT_FP8=True, GROUP=emission_group(cfg["BLOCK_N"], _emit[2]), **_emit[3]))
             _add_rms_norm_fwd_rows_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-                *args, rows, n, *strides, HAS_WEIGHT=weight is not None, **cfg)
+                *args, data, scale, rows, n, *strides, scale.stride(0) if _emit else 0,
+                HAS_WEIGHT=weight is not None, **cfg, **emit)
         else:
             _add_rms_norm_fwd_chunked_kernel[(rows,)](
                 *args, n, *strides, HAS_WEIGHT=weight is not None, BLOCK_N=CHUNK_N, num_warps=CHUNK_WARPS)

@@ -131,6 +131,36 @@ def _nan_max(a, b):
     return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
 
 
+@triton.jit
+def emit_fp8_tile(y, row, row_ok, col0, n, DATA, SCALE, stride_data, stride_scale,
+                  FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+                  SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """Quantize a producer kernel's output tile on its way out (RMSNorm, SwiGLU: the input of the
+    next Float8Linear, which then need not re-read it). y [BLOCK_M, BLOCK_N] fp32 holds the values
+    as stored (already rounded to the output dtype) of rows ``row`` (int64; ``row_ok`` in range)
+    and columns col0 + arange(BLOCK_N) (< n in range). GROUP == BLOCK_N: one scale per row (the
+    tile spans whole rows, col0 = 0); GROUP == 128: one per (1, 128) block (col0 a multiple of
+    128). Same rules, bit for bit, as the quantize kernels; SCALE (rows, groups) fp32 with row
+    stride ``stride_scale``, DATA (rows, n) with row stride ``stride_data``."""
+    col = col0 + tl.arange(0, BLOCK_N)
+    mask = row_ok[:, None] & (col < n)[None, :]
+    y = tl.where(mask, y, 0.0)
+    out_ty: tl.constexpr = DATA.dtype.element_ty
+    if GROUP == BLOCK_N:
+        scale, inv = _scale_from_amax(_abs_max(y, 1), FP8_MAX, POW2)
+        q = _saturate(y * inv[:, None], FP8_MAX)
+        tl.store(SCALE + row * stride_scale, scale, mask=row_ok)
+    else:
+        groups: tl.constexpr = BLOCK_N // GROUP
+        y3 = tl.reshape(y, [BLOCK_M, groups, GROUP])
+        scale, inv = _scale_from_amax(_abs_max(y3, 2), FP8_MAX, POW2)
+        q = tl.reshape(_saturate(y3 * inv[:, :, None], FP8_MAX), [BLOCK_M, BLOCK_N])
+        group = col0 // GROUP + tl.arange(0, groups)
+        tl.store(SCALE + row[:, None] * stride_scale + group[None, :], scale,
+                 mask=row_ok[:, None] & (group * GROUP < n)[None, :])
+    tl.store(DATA + row[:, None] * stride_data + col[None, :], _encode_fp8(q, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +407,22 @@ def all_configs() -> list[tuple[str, dict]]:
 def _format_constexprs(fp8_dtype: torch.dtype, power_of_two: bool, soft_cast: bool) -> dict:
     fp8_max, mbits, bias = FORMATS[fp8_dtype]
     return dict(FP8_MAX=fp8_max, MBITS=mbits, BIAS=bias, POW2=bool(power_of_two), SOFT_CAST=bool(soft_cast))
+
+
+EMIT_BLOCK = 128  # columns per scale of a (1, 128) blockwise emission
+
+
+def emission_buffers(rows: int, n: int, fp8_dtype: torch.dtype, blockwise: bool, power_of_two: bool,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """What a producer kernel needs to emit fp8 through :func:`emit_fp8_tile`: (data (rows, n),
+    scale (rows, 1) rowwise or (rows, cdiv(n, 128)) blockwise, the data argument for the kernel (a
+    uint8 view where the software encoder runs), the format constexprs). The shapes are those
+    :func:`quantize_rows` / :func:`quantize_blocks` return."""
+    data = torch.empty((rows, n), dtype=fp8_dtype, device=device)
+    groups = triton.cdiv(n, EMIT_BLOCK) if blockwise else 1
+    scale = torch.empty((rows, groups), dtype=torch.float32, device=device)
+    soft = needs_soft_cast(device)
+    return data, scale, (data.view(torch.uint8) if soft else data), _format_constexprs(fp8_dtype, power_of_two, soft)
 
 
 def needs_soft_cast(device: torch.device) -> bool:

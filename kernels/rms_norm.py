@@ -30,12 +30,16 @@ import triton
 import triton.language as tl
 
 from tokenforge.kernels import launch_device
+from tokenforge.kernels.fp8_quantize import EMIT_BLOCK, emission_buffers, emit_fp8_tile
 
 # Largest rows kept entirely in registers. Checked against ptxas register/spill reports for sm_80
 # and sm_90 by tests/test_compile_gate.py: the backward holds ~4 fp32 values per element
 # (x, dy, w, dw), so it spills earlier than the forward.
 FWD_MAX_ROW_N = 16384
 BWD_MAX_ROW_N = 8192
+# Rowwise fp8 emission (rms_norm_forward_fp8) holds the row's fp8 copy and scale as well: up to
+# this width (16384 spills 4 B under triton 3.6 on sm_90); (1, 128) blocks go to FWD_MAX_ROW_N.
+EMIT_ROW_MAX_N = 8192
 # Columns per step of the chunked kernels.
 CHUNK_N = 4096
 CHUNK_WARPS = 8
@@ -50,9 +54,11 @@ MAX_N = 1 << 20
 
 @triton.jit
 def _rms_norm_fwd_rows_kernel(
-    X, W, Y, RSTD,
-    rows, n, stride_x, stride_y, eps,
+    X, W, Y, RSTD, DATA, SCALE,
+    rows, n, stride_x, stride_y, stride_scale, eps,
     HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EMIT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, FP8_MAX: tl.constexpr = 448.0,
+    MBITS: tl.constexpr = 3, BIAS: tl.constexpr = 7, POW2: tl.constexpr = False, SOFT_CAST: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
@@ -67,7 +73,11 @@ def _rms_norm_fwd_rows_kernel(
     if HAS_WEIGHT:
         w = tl.load(W + col, mask=col < n, other=0.0).to(tl.float32)
         y = y * w[None, :]
-    tl.store(Y + row[:, None] * stride_y + col[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    y_out = y.to(Y.dtype.element_ty)
+    tl.store(Y + row[:, None] * stride_y + col[None, :], y_out, mask=mask)
+    if EMIT_FP8:  # y quantized for the next Float8Linear, from the values just stored
+        emit_fp8_tile(y_out.to(tl.float32), row, row_ok, 0, n, DATA, SCALE, n, stride_scale,
+                      FP8_MAX, MBITS, BIAS, POW2, SOFT_CAST, BLOCK_M, BLOCK_N, GROUP)
 
 
 @triton.jit
@@ -218,6 +228,9 @@ def all_configs() -> list[tuple[str, dict]]:
     block_n = 16
     while block_n <= FWD_MAX_ROW_N:
         out.append(("_rms_norm_fwd_rows_kernel", fwd_rows_config(block_n)))
+        for blockwise in emission_modes(block_n):  # with fp8 emission (rms_norm_forward_fp8); the gate sets the format
+            out.append(("_rms_norm_fwd_rows_kernel", dict(fwd_rows_config(block_n), EMIT_FP8=True,
+                                                          GROUP=emission_group(block_n, blockwise))))
         if block_n <= BWD_MAX_ROW_N:
             out.append(("_rms_norm_bwd_rows_kernel", bwd_rows_config(block_n)))
         block_n *= 2
@@ -254,7 +267,37 @@ def supports(x: torch.Tensor, weight) -> str | None:
     return None
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def can_emit_fp8(n: int, blockwise: bool) -> bool:
+    """Whether the row kernel emits fp8 for rows of length n (rms_norm and add_rms_norm)."""
+    return n <= (FWD_MAX_ROW_N if blockwise else EMIT_ROW_MAX_N)
+
+
+def emission_modes(block_n: int) -> tuple[bool, ...]:
+    """The emissions (blockwise or not) the row kernel runs at this BLOCK_N."""
+    return tuple(b for b in (False, True) if can_emit_fp8(block_n, b))
+
+
+def emission_group(block_n: int, blockwise: bool) -> int:
+    """Columns per scale of a row kernel's fp8 emission: the whole (padded) row, or 128 (the whole
+    row when it is shorter: its one (1, 128) block)."""
+    return min(EMIT_BLOCK, block_n) if blockwise else block_n
+
+
+def rms_norm_forward_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fp8_dtype: torch.dtype,
+                         blockwise: bool, power_of_two: bool) -> tuple[torch.Tensor, ...]:
+    """(y, rstd, data, scale): :func:`rms_norm_forward` plus y quantized in the same pass, rowwise
+    (scale (rows, 1)) or in (1, 128) blocks (scale (rows, cdiv(n, 128))), bit-identical to
+    quantizing the stored y. Row kernel only: n <= FWD_MAX_ROW_N."""
+    rows, n = x.shape
+    if not can_emit_fp8(n, blockwise):
+        raise ValueError(f"rms_norm_forward_fp8: rows of {n} are too long to emit fp8 {'blocks' if blockwise else 'rowwise'}")
+    data, scale, data_arg, fmt = emission_buffers(rows, n, fp8_dtype, blockwise, power_of_two, x.device)
+    y, rstd = rms_norm_forward(x, weight, eps, _emit=(data_arg, scale, blockwise, fmt))
+    return y, rstd, data, scale
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                     _emit=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd) for x (rows, n) with unit column stride; y contiguous in x.dtype, rstd fp32 (rows,)."""
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
@@ -264,9 +307,11 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -
         if n <= FWD_MAX_ROW_N:
             cfg = fwd_rows_config(n)
             grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
+            data, scale, emit = (y, rstd, {}) if _emit is None else (
+                _emit[0], _emit[1], dict(EMIT_FP8=True, GROUP=emission_group(cfg["BLOCK_N"], _emit[2]), **_emit[3]))
             _rms_norm_fwd_rows_kernel[grid](
-                x, w, y, rstd, rows, n, x.stride(0), y.stride(0), eps,
-                HAS_WEIGHT=weight is not None, **cfg,
+                x, w, y, rstd, data, scale, rows, n, x.stride(0), y.stride(0), scale.stride(0) if _emit else 0, eps,
+                HAS_WEIGHT=weight is not None, **cfg, **emit,
             )
         else:
             _rms_norm_fwd_chunked_kernel[(rows,)](

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tokenforge.kernels import launch_device
+from tokenforge.kernels.fp8_quantize import EMIT_BLOCK, emission_buffers, emit_fp8_tile
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -32,6 +33,8 @@ ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # bf16 (two for fp32); narrow rows are packed BLOCK_M to a program so it still moves 1024.
 TILE = 1024
 NUM_WARPS = 4
+# Rowwise fp8 emission needs whole rows in one program: up to this many columns (an FFN width).
+EMIT_ROW_MAX_N = 16384
 
 
 @triton.jit
@@ -59,17 +62,24 @@ def _activation_and_slope(g, ACTIVATION: tl.constexpr, WANT_SLOPE: tl.constexpr)
 
 @triton.jit
 def _swiglu_fwd_kernel(
-    G, U, Y,
-    rows, n, stride_g, stride_u, stride_y,
+    G, U, Y, DATA, SCALE,
+    rows, n, stride_g, stride_u, stride_y, stride_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr,
+    EMIT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, FP8_MAX: tl.constexpr = 448.0,
+    MBITS: tl.constexpr = 3, BIAS: tl.constexpr = 7, POW2: tl.constexpr = False, SOFT_CAST: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_N
+    col = col0 + tl.arange(0, BLOCK_N)
     mask = (row < rows)[:, None] & (col < n)[None, :]
     g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
     act, _ = _activation_and_slope(g, ACTIVATION, False)
-    tl.store(Y + row[:, None] * stride_y + col[None, :], (act * u).to(Y.dtype.element_ty), mask=mask)
+    y_out = (act * u).to(Y.dtype.element_ty)
+    tl.store(Y + row[:, None] * stride_y + col[None, :], y_out, mask=mask)
+    if EMIT_FP8:  # y quantized for the down projection's Float8Linear, from the values just stored
+        emit_fp8_tile(y_out.to(tl.float32), row, row < rows, col0, n, DATA, SCALE, n, stride_scale,
+                      FP8_MAX, MBITS, BIAS, POW2, SOFT_CAST, BLOCK_M, BLOCK_N, GROUP)
 
 
 @triton.jit
@@ -109,7 +119,27 @@ def all_configs() -> list[tuple[str, dict]]:
             for activation in ACTIVATIONS:
                 out.append((name, dict(tile_config(block_n), ACTIVATION=activation)))
         block_n *= 2
+    # With fp8 emission (swiglu_forward_fp8, silu): blockwise on every tile, rowwise on whole rows up
+    # to EMIT_ROW_MAX_N; the gate sets the fp8 format.
+    n = 16
+    while n <= EMIT_ROW_MAX_N:
+        for blockwise in (False, True) if n <= TILE else (False,):  # wider blockwise tiles are TILE's
+            out.append(("_swiglu_fwd_kernel", dict(emit_config(n, blockwise), ACTIVATION="silu", EMIT_FP8=True)))
+        n *= 2
     return out
+
+
+def emit_rows_config(n: int) -> dict:
+    """The forward's tile when it emits rowwise fp8 for rows longer than TILE: one whole row a program."""
+    block_n = max(16, triton.next_power_of_2(n))
+    return dict(BLOCK_M=1, BLOCK_N=block_n, num_warps=min(16, max(NUM_WARPS, block_n // 256)))
+
+
+def emit_config(n: int, blockwise: bool) -> dict:
+    """Tile and GROUP of a forward that emits fp8: the plain tile where it holds whole rows (rowwise)
+    or whole (1, 128) blocks (blockwise: BLOCK_N >= 128 or the row is one short block)."""
+    cfg = tile_config(n) if blockwise or n <= TILE else emit_rows_config(n)
+    return dict(cfg, GROUP=min(EMIT_BLOCK, cfg["BLOCK_N"]) if blockwise else cfg["BLOCK_N"])
 
 
 def _grid(rows: int, n: int, cfg: dict) -> tuple[int, int]:
@@ -144,9 +174,28 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
     cfg = tile_config(n)
     with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
-            gate, up, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), **cfg, ACTIVATION=activation,
+            gate, up, y, y, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), 0, **cfg, ACTIVATION=activation,
         )
     return y
+
+
+def swiglu_forward_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str, fp8_dtype: torch.dtype,
+                       blockwise: bool, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, data, scale): :func:`swiglu_forward` plus y quantized in the same pass, rowwise (scale
+    (rows, 1); n <= EMIT_ROW_MAX_N) or in (1, 128) blocks (scale (rows, cdiv(n, 128))),
+    bit-identical to quantizing the stored y."""
+    rows, n = gate.shape
+    if not blockwise and n > EMIT_ROW_MAX_N:
+        raise ValueError(f"swiglu_forward_fp8: rowwise emission holds whole rows, n={n} > {EMIT_ROW_MAX_N}")
+    y = torch.empty((rows, n), dtype=gate.dtype, device=gate.device)
+    data, scale, data_arg, fmt = emission_buffers(rows, n, fp8_dtype, blockwise, power_of_two, gate.device)
+    cfg = emit_config(n, blockwise)
+    with launch_device(gate):
+        _swiglu_fwd_kernel[_grid(rows, n, cfg)](
+            gate, up, y, data_arg, scale, rows, n, gate.stride(0), up.stride(0), y.stride(0), scale.stride(0),
+            **cfg, ACTIVATION=activation, EMIT_FP8=True, **fmt,
+        )
+    return y, data, scale
 
 
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -61,6 +62,23 @@ def compile_kernel(kernel, arg_types: dict, constexprs: dict, num_warps: int, ta
     if num_stages is not None:
         options["num_stages"] = num_stages
     return triton.compile(src, target=target, options=options)
+
+
+def emission_gate_types(config: dict, arch: str, kernel) -> dict:
+    """Types of a producer kernel's fp8-emission arguments (tokenforge.kernels.fp8_quantize.
+    emit_fp8_tile) and its emission constexprs, filled into ``config`` in place as the launcher
+    passes them on ``arch``: e4m3 for a config with EMIT_FP8 (sm_80 has no fp8 convert: the
+    software encoder writes uint8), the defaults otherwise. Kernels without emission: nothing."""
+    from tokenforge.kernels import fp8_quantize
+
+    if "EMIT_FP8" not in jit_function(kernel).arg_names:
+        return {}
+    soft = arch == "sm_80"
+    config.setdefault("EMIT_FP8", False)
+    config.setdefault("GROUP", 1)
+    for name, value in fp8_quantize._format_constexprs(torch.float8_e4m3fn, False, soft and config["EMIT_FP8"]).items():
+        config.setdefault(name, value)
+    return dict(DATA="*u8" if soft else "*fp8e4nv", SCALE="*fp32", stride_scale="i32")
 
 
 def _ptxas_candidates() -> list[str]:

@@ -328,7 +328,7 @@ def test_fullgraph_compile_no_graph_breaks():
 
 
 def _compile(name, config, x_dtype, r_dtype, w_dtype, arch, has_weight=True, has_dh=True, aligned=True):
-    from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel
+    from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel, emission_gate_types
 
     from tokenforge.kernels import add_rms_norm as k
 
@@ -337,6 +337,7 @@ def _compile(name, config, x_dtype, r_dtype, w_dtype, arch, has_weight=True, has
     types.update({s: "i32" for s in ("rows", "n", "stride_x", "stride_r", "stride_y", "stride_h", "stride_dy",
                                      "stride_dh", "stride_dx", "stride_dr")})
     config = dict(config)
+    types.update(emission_gate_types(config, arch, getattr(k, name)))
     num_warps = config.pop("num_warps")
     constexprs = dict(config, HAS_WEIGHT=has_weight)
     if "bwd" in name:
@@ -354,7 +355,7 @@ def _all_configs():
 @pytest.mark.compile_gate
 @pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _all_configs(),
-                         ids=[f"{n}-{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _all_configs()])
+                         ids=[f"{n}-{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}w{c['num_warps']}{'-fp8g%d' % c['GROUP'] if c.get('EMIT_FP8') else ''}" for n, c in _all_configs()])
 def test_configs_compile_without_spills(arch, name, config):
     from compile_gate import ptxas_report, spill_bytes
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel, ptxas_report, spill_bytes  # noqa: E402
+from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel, emission_gate_types, ptxas_report, spill_bytes  # noqa: E402
 
 from tokenforge import kernels  # noqa: E402
 from tokenforge.kernels import rms_norm as rms_norm_kernels  # noqa: E402
@@ -50,8 +50,9 @@ def rms_norm_arg_types(x_dtype: str, w_dtype: str) -> dict:
 
 def compile_rms_norm(name, config, x_dtype, w_dtype, arch, has_weight=True, aligned=True):
     config = dict(config)
+    types = dict(rms_norm_arg_types(x_dtype, w_dtype), **emission_gate_types(config, arch, getattr(rms_norm_kernels, name)))
     num_warps = config.pop("num_warps")
-    return compile_kernel(getattr(rms_norm_kernels, name), rms_norm_arg_types(x_dtype, w_dtype),
+    return compile_kernel(getattr(rms_norm_kernels, name), types,
                           dict(config, HAS_WEIGHT=has_weight), num_warps, TARGETS[arch],
                           aligned=aligned, unaligned_args=("eps", "rows"))
 
@@ -62,7 +63,7 @@ RMS_NORM_CONFIGS = rms_norm_kernels.all_configs()
 @pytest.mark.compile_gate
 @pytest.mark.parametrize("arch", list(TARGETS))
 @pytest.mark.parametrize("name,config", RMS_NORM_CONFIGS,
-                         ids=[f"{n}-{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in RMS_NORM_CONFIGS])
+                         ids=[f"{n}-{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}w{c['num_warps']}{'-fp8g%d' % c['GROUP'] if c.get('EMIT_FP8') else ''}" for n, c in RMS_NORM_CONFIGS])
 def test_rms_norm_configs_compile_without_spills(arch, name, config):
     compiled = compile_rms_norm(name, config, "bfloat16", "bfloat16", arch)
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0

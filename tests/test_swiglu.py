@@ -356,14 +356,16 @@ def test_fullgraph_compile_no_graph_breaks():
 
 
 def _compile(name, config, dtype, arch, aligned=True):
-    from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel
+    from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel, emission_gate_types
 
     from tokenforge.kernels import swiglu as swiglu_kernels
 
     t = "*" + TRITON_DTYPE[dtype]
     types = {k: t for k in ("G", "U", "Y", "DY", "DG", "DU")}
-    types.update({k: "i32" for k in ("rows", "n", "stride_g", "stride_u", "stride_y", "stride_dy", "stride_dg", "stride_du")})
+    types.update({k: "i32" for k in ("rows", "n", "stride_g", "stride_u", "stride_y", "stride_dy", "stride_dg", "stride_du",
+                                     "stride_scale")})
     config = dict(config)
+    types.update(emission_gate_types(config, arch, getattr(swiglu_kernels, name)))
     num_warps = config.pop("num_warps")
     return compile_kernel(getattr(swiglu_kernels, name), types, config, num_warps, TARGETS[arch],
                           aligned=aligned, unaligned_args=("rows",))
@@ -378,7 +380,8 @@ def _all_configs():
 @pytest.mark.compile_gate
 @pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _all_configs(),
-                         ids=[f"{n}-{c['ACTIVATION']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _all_configs()])
+                         ids=[f"{n}-{c['ACTIVATION']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}{'-fp8g%d' % c['GROUP'] if c.get('EMIT_FP8') else ''}"
+                              for n, c in _all_configs()])
 def test_configs_compile_without_spills(arch, name, config):
     from compile_gate import ptxas_report, spill_bytes
 

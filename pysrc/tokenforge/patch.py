@@ -167,11 +167,11 @@ def _hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
     return rope(q, k, cos, sin, layout="bhsd" if unsqueeze_dim == 1 else "bshd")
 
 
-def _swiglu(gate, up):
+def _swiglu(gate, up, fp8=None):
     from tokenforge.ops.swiglu import swiglu
 
     count_call("swiglu")
-    return swiglu(gate, up)
+    return swiglu(gate, up, fp8=fp8)
 
 
 def _matching_dtypes(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +268,8 @@ def _fused_add_rms_norm(delta, residual, norm):
 
     eps = norm.eps if norm.eps is not None else torch.finfo(residual.dtype).eps
     count_call("add_rms_norm")
-    return add_rms_norm(delta, residual, norm.weight, eps, backend=getattr(norm, "backend", None))
+    return add_rms_norm(delta, residual, norm.weight, eps, backend=getattr(norm, "backend", None),
+                        fp8=getattr(norm, "fp8_emit", None))
 
 
 def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
@@ -636,8 +637,46 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
     if conversion.converted:
         report.patched.append(f"fp8: {len(conversion.converted)} nn.Linear -> tokenforge.fp8.Float8Linear "
                               f"({conversion.recipe}); {len(conversion.skipped)} kept in high precision")
+        _emit_fp8_inputs(model, undo, report)
     else:
         report.skipped.append("fp8: no eligible nn.Linear (in/out features multiples of 16, not the head or the first layer)")
+
+
+def _emit_fp8_inputs(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
+    """The reference Transformer's norms and SwiGLU emit their outputs in fp8 for the Float8Linear
+    layers they feed (tokenforge.fp8.emit: the activation is not read again to quantize it), where
+    every consumer takes the same emittable input cast (rowwise / blockwise recipes)."""
+    from tokenforge.fp8.emit import emit_cast_for
+    from tokenforge.fp8.linear import Float8Linear
+    from tokenforge.models.transformer import Block, FeedForward
+    from tokenforge.nn.rms_norm import RMSNorm
+
+    def cast_of(layers):
+        if not all(isinstance(m, Float8Linear) for m in layers):
+            return None
+        found = {emit_cast_for(m.config.casts(), m.config.round_scales_to_power_of_2) for m in layers}
+        return found.pop() if len(found) == 1 else None
+
+    sites = 0
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        attn, ffn = block.attention, block.feed_forward
+        dense = isinstance(ffn, FeedForward)  # an MoE layer's experts are not Float8Linear
+        pairs = [(block.attention_norm, (attn.wq, attn.wk, attn.wv))] + ([(block.ffn_norm, (ffn.w1, ffn.w3))] if dense else [])
+        for norm, consumers in pairs:
+            cast = cast_of(consumers)
+            if cast is not None and isinstance(norm, RMSNorm):
+                undo.set_attr(norm, "fp8_emit", cast)
+                sites += 1
+        cast = cast_of((ffn.w2,)) if dense else None
+        if cast is not None and ffn.swiglu_fn is _swiglu:
+            undo.set_attr(ffn, "swiglu_fn", functools.partial(_swiglu, fp8=cast))
+            sites += 1
+    if sites:
+        report.patched.append(f"fp8: {sites} RMSNorm/SwiGLU outputs emitted in fp8 for the Float8Linear they feed "
+                              "(no re-read to quantize)")
+    elif any(isinstance(m, Block) for m in model.modules()):
+        report.skipped.append("fp8: norms and SwiGLU do not emit fp8 (the recipe's input cast is tensorwise or "
+                              "their consumers differ; rowwise/blockwise recipes do)")
 
 
 def _fused_optimizer(optimizer, report: PatchReport):

@@ -8,13 +8,14 @@
 
 from tokenforge.fp8.config import RECIPES, CastConfig, Float8LinearConfig, ScalingGranularity, ScalingType
 from tokenforge.fp8.convert import ConversionReport, convert_to_float8, revert_float8
+from tokenforge.fp8.emit import EmitCast, emit_cast_for
 from tokenforge.fp8.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from tokenforge.fp8.gemm import scaled_mm, scaled_mm_reference, torch_path
 from tokenforge.fp8.linear import Float8Linear, float8_linear
 from tokenforge.fp8.quantize import dequantize, fp8_max, quantize, quantize_reference
 
 __all__ = [
-    "RECIPES", "CastConfig", "ConversionReport", "Float8Linear", "Float8LinearConfig", "ScalingGranularity",
-    "ScalingType", "convert_to_float8", "dequantize", "float8_linear", "fp8_max",
+    "RECIPES", "CastConfig", "ConversionReport", "EmitCast", "Float8Linear", "Float8LinearConfig", "ScalingGranularity",
+    "ScalingType", "convert_to_float8", "dequantize", "emit_cast_for", "float8_linear", "fp8_max",
     "precompute_float8_dynamic_scale_for_fsdp", "quantize", "quantize_reference", "revert_float8", "scaled_mm", "scaled_mm_reference", "torch_path",
 ]

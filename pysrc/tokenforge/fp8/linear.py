@@ -44,6 +44,8 @@ from torch import nn
 
 from tokenforge import backends
 from tokenforge.fp8.config import Float8LinearConfig, resolve_config
+from tokenforge.fp8.emit import emit_cast_for
+from tokenforge.fp8.emit import lookup as lookup_emitted
 from tokenforge.fp8.fsdp import Float8AllGatherWeight, Float8Weight
 from tokenforge.fp8.gemm import OP as GEMM_OP
 from tokenforge.fp8.gemm import fp8_scaled_mm_op, scaled_mm_reference
@@ -97,7 +99,8 @@ class Float8LinearFunction(torch.autograd.Function):
     weight_for_grad_input, grad_output_for_grad_weight), each ('disabled' | granularity, dtype)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, casts, power_of_two, quant_backend, gemm_backend):
+    def forward(ctx, x, weight, bias, casts, power_of_two, quant_backend, gemm_backend, x_fp8=None):
+        """``x_fp8``: x's forward cast made by its producer (tokenforge.fp8.emit), or None."""
         c_x, c_w, _, c_x_gw, c_w_gi, _ = casts
         if isinstance(weight, Float8AllGatherWeight):  # fp8 all-gather enabled, not under FSDP2 now
             weight = weight._tensor
@@ -111,7 +114,11 @@ class Float8LinearFunction(torch.autograd.Function):
         if c_x[0] == "disabled":
             y = F.linear(xp, weight.to(out_dtype), bias_out)
         else:
-            xq, sx = _cast(xp, 1, c_x, False, **q)
+            if x_fp8 is not None:  # bit-identical to _cast(xp, ...): zero rows pad with scale 1
+                xq, sx = _pad_rows(x_fp8[0].view(torch.uint8), Mp).view(x_fp8[0].dtype), x_fp8[1]
+                sx = sx if sx.shape[0] == Mp else F.pad(sx, (0, 0, 0, Mp - sx.shape[0]), value=1.0)
+            else:
+                xq, sx = _cast(xp, 1, c_x, False, **q)
             if isinstance(weight, Float8Weight):  # FSDP2 gathered it in fp8, tensorwise (the config's check)
                 wq, sw = weight._data, weight._scale
             else:
@@ -167,7 +174,7 @@ class Float8LinearFunction(torch.autograd.Function):
             dw = _mm(dyt, xq_c, sdyt, sx_c, torch.float32, ctx.gb)
         dx = dx[:M] if Mp != M else dx
         db = dy.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-        return dx, dw.to(ctx.weight_dtype), db, None, None, None, None
+        return dx, dw.to(ctx.weight_dtype), db, None, None, None, None, None
 
 
 def _backends(device_tensor: torch.Tensor, config: Float8LinearConfig, backend: Optional[str]) -> tuple[str, str]:
@@ -208,10 +215,12 @@ def float8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     elif x.dtype != weight.dtype and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"float8_linear: x dtype {x.dtype} is not float32/float16/bfloat16")
     quant_backend, gemm_backend = _backends(x, config, backend)
+    # x's forward cast, when its producer (RMSNorm, SwiGLU) already made it (tokenforge.fp8.emit).
+    x_fp8 = None if config.emulate else lookup_emitted(x, emit_cast_for(config.casts(), config.round_scales_to_power_of_2))
     x2 = x.reshape(-1, K)
     with torch.autocast(device_type, enabled=False):
         y = Float8LinearFunction.apply(x2, weight, bias, config.casts(), config.round_scales_to_power_of_2,
-                                       quant_backend, gemm_backend)
+                                       quant_backend, gemm_backend, x_fp8)
     return y.view(*x.shape[:-1], N)
 
 

@@ -45,6 +45,10 @@ class RMSNorm(torch.nn.Module):
             raise ValueError(f"RMSNorm: casting_mode must be one of {', '.join(CASTING_MODES)}, got {casting_mode!r}")
         self.casting_mode = casting_mode
         self.backend = backend
+        # A tokenforge.fp8.EmitCast when the next layer is a Float8Linear taking that input cast: the
+        # output then carries its fp8 copy, made in the same pass (tokenforge.fp8.emit; set by
+        # tokenforge.patch(model, fp8=...)). Not state: it is not saved in the state_dict.
+        self.fp8_emit = None
         if elementwise_affine:
             self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -73,7 +77,7 @@ class RMSNorm(torch.nn.Module):
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if k == 1:
             return rms_norm(x, self.weight, eps, offset=self.offset, casting_mode=self.casting_mode,
-                            backend=self.backend)
+                            backend=self.backend, fp8=self.fp8_emit)
         # Several normalised dims: flatten them into one row of length prod(normalized_shape).
         n = math.prod(self.normalized_shape)
         weight = self.weight.reshape(n) if self.weight is not None else None

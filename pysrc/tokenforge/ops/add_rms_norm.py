@@ -24,6 +24,7 @@ import torch
 from tokenforge.ops.layout import rows_view
 
 from tokenforge import backends
+from tokenforge.ops.rms_norm import emits_fp8
 
 OP = "add_rms_norm"
 
@@ -165,15 +166,60 @@ class AddRMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), dr.view(ctx.shape), (dw if w is not None else None), None, None
 
 
+@torch.library.custom_op("tokenforge::add_rms_norm_fwd_fp8", mutates_args=())
+def add_rms_norm_fwd_fp8(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                         fp8_dtype: torch.dtype, blockwise: bool, power_of_two: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tokenforge.kernels import add_rms_norm as kernel
+
+    return kernel.add_rms_norm_forward_fp8(x, residual, weight, eps, fp8_dtype, blockwise, power_of_two)
+
+
+@add_rms_norm_fwd_fp8.register_fake
+def _(x, residual, weight, eps, fp8_dtype, blockwise, power_of_two):
+    groups = -(-x.shape[1] // 128) if blockwise else 1
+    return (x.new_empty(x.shape), residual.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32),
+            x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((x.shape[0], groups), dtype=torch.float32))
+
+
+class AddRMSNormFP8Function(torch.autograd.Function):
+    """AddRMSNormFunction whose forward also emits the normed output in fp8 for the next
+    Float8Linear (the Triton row kernel; see tokenforge.fp8.emit): outputs (y, h, data, scale)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, cast):
+        w = weight.contiguous() if weight is not None else None
+        y, h, rstd, data, scale = torch.ops.tokenforge.add_rms_norm_fwd_fp8(
+            rows_view(x), rows_view(residual), w, float(eps), cast.fp8_dtype, cast.blockwise, cast.power_of_two)
+        ctx.save_for_backward(h, w, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.backend = "triton"
+        ctx.shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(data, scale)
+        return y.view(x.shape), h.view(x.shape), data, scale
+
+    @staticmethod
+    def backward(ctx, dy, dh, _ddata, _dscale):
+        return AddRMSNormFunction.backward(ctx, dy, dh)
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *,
-                 backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 backend: Optional[str] = None, fp8=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, new_residual) for x, residual (..., n) and weight (n,) or None: new_residual = x +
     residual in residual's dtype, normed = RMSNorm(new_residual) * weight in x's dtype; fp32/fp16/bf16
-    (float64 on the torch backend). ``backend`` forces triton or torch."""
+    (float64 on the torch backend). ``backend`` forces triton or torch. ``fp8``: a
+    tokenforge.fp8.EmitCast to also emit normed in fp8 for the next Float8Linear where the Triton
+    row kernel runs (tokenforge.fp8.emit)."""
     _check_inputs(x, residual, weight, eps)
     if x.numel() == 0:
         return add_rms_norm_reference(x, residual, weight, eps)
     name = backends.choose(OP, x, residual, weight, backend=backend)
     if name == "torch":
         return add_rms_norm_reference(x, residual, weight, eps)
+    if emits_fp8(fp8, name, x.shape[-1]):
+        from tokenforge.fp8.emit import attach
+
+        y, h, data, scale = AddRMSNormFP8Function.apply(x, residual, weight, eps, fp8)
+        return attach(y, data, scale, fp8), h
     return AddRMSNormFunction.apply(x, residual, weight, eps, name)

@@ -145,6 +145,28 @@ def _(dy, x, weight, rstd, backend):
 
 
 
+@torch.library.custom_op("tokenforge::rms_norm_fwd_fp8", mutates_args=())
+def rms_norm_fwd_fp8(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, fp8_dtype: torch.dtype,
+                     blockwise: bool, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tokenforge.kernels import rms_norm as kernel
+
+    return kernel.rms_norm_forward_fp8(x, weight, eps, fp8_dtype, blockwise, power_of_two)
+
+
+@rms_norm_fwd_fp8.register_fake
+def _(x, weight, eps, fp8_dtype, blockwise, power_of_two):
+    groups = -(-x.shape[1] // 128) if blockwise else 1
+    return (x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32),
+            x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((x.shape[0], groups), dtype=torch.float32))
+
+
+def _rms_norm_backward(ctx, dy):
+    x2, w, rstd = ctx.saved_tensors
+    dy2 = rows_view(dy.to(x2.dtype))
+    dx, dw = torch.ops.tokenforge.rms_norm_bwd(dy2, x2, w, rstd, ctx.backend)
+    return dx.view(ctx.x_shape), (dw if w is not None else None)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd for the kernel backends: saves x, weight and rstd (4 bytes a row), recomputes xhat."""
 
@@ -160,10 +182,39 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w, rstd = ctx.saved_tensors
-        dy2 = rows_view(dy.to(x2.dtype))
-        dx, dw = torch.ops.tokenforge.rms_norm_bwd(dy2, x2, w, rstd, ctx.backend)
-        return dx.view(ctx.x_shape), (dw if w is not None else None), None, None
+        return (*_rms_norm_backward(ctx, dy), None, None)
+
+
+class RMSNormFP8Function(torch.autograd.Function):
+    """RMSNormFunction whose forward also emits y in fp8 (the Triton row kernel; see
+    tokenforge.fp8.emit): outputs (y, data, scale), the last two without gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, cast):
+        x2 = rows_view(x)
+        w = weight.contiguous() if weight is not None else None
+        y, rstd, data, scale = torch.ops.tokenforge.rms_norm_fwd_fp8(x2, w, float(eps), cast.fp8_dtype,
+                                                                      cast.blockwise, cast.power_of_two)
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.backend = "triton"
+        ctx.x_shape = x.shape
+        ctx.mark_non_differentiable(data, scale)
+        return y.view(x.shape), data, scale
+
+    @staticmethod
+    def backward(ctx, dy, _ddata, _dscale):
+        return (*_rms_norm_backward(ctx, dy), None, None)
+
+
+def emits_fp8(fp8, backend: str, n: int) -> bool:
+    """Whether a norm call can emit its output in fp8 (see tokenforge.fp8.emit): asked for, on the
+    Triton row kernel (rms_norm and add_rms_norm share its row limit), in eager mode (attributes
+    on tensors do not trace)."""
+    if fp8 is None or backend != "triton" or torch.compiler.is_compiling():
+        return False
+    from tokenforge.kernels.rms_norm import can_emit_fp8
+
+    return can_emit_fp8(n, fp8.blockwise)
 
 
 CASTING_MODES = ("gemma", "llama", "none")
@@ -180,11 +231,12 @@ def rms_norm_cast_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *, offset: float = 0.0,
-             casting_mode: str = "gemma", backend: Optional[str] = None) -> torch.Tensor:
+             casting_mode: str = "gemma", backend: Optional[str] = None, fp8=None) -> torch.Tensor:
     """RMSNorm of x (..., n) over its last dim times weight (n,) or None (times ``offset + weight``
     when offset is given: Gemma's ``offset=1.0``); fp32/fp16/bf16 (float64 on the torch backend);
     returns x's shape and dtype (``casting_mode="llama"``: the promoted dtype of x and weight).
-    ``backend`` forces triton, cuda or torch."""
+    ``backend`` forces triton, cuda or torch. ``fp8``: a tokenforge.fp8.EmitCast to also emit y
+    in fp8 for the next Float8Linear where the Triton row kernel runs (tokenforge.fp8.emit)."""
     _check_inputs(x, weight, eps)
     if not isinstance(offset, (int, float)) or isinstance(offset, bool) or offset != offset:
         raise ValueError(f"rms_norm: offset must be a float (1.0 for Gemma's (1 + weight)), got {offset!r}")
@@ -207,4 +259,9 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
         # The kernels take any weight dtype and multiply in fp32: an fp32 (offset + weight) is
         # exactly Gemma's, and autograd carries dweight back through the sum to weight's dtype.
         weight = weight.float() + offset
+    if emits_fp8(fp8, name, x.shape[-1]):
+        from tokenforge.fp8.emit import attach
+
+        y, data, scale = RMSNormFP8Function.apply(x, weight, eps, fp8)
+        return attach(y, data, scale, fp8)
     return RMSNormFunction.apply(x, weight, eps, name)

@@ -195,6 +195,52 @@ class SwiGLUFunction(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape), None, None
 
 
+@torch.library.custom_op("tokenforge::swiglu_fwd_fp8", mutates_args=())
+def swiglu_fwd_fp8(gate: torch.Tensor, up: torch.Tensor, fp8_dtype: torch.dtype, blockwise: bool,
+                   power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tokenforge.kernels import swiglu as kernel
+
+    return kernel.swiglu_forward_fp8(gate, up, "silu", fp8_dtype, blockwise, power_of_two)
+
+
+@swiglu_fwd_fp8.register_fake
+def _(gate, up, fp8_dtype, blockwise, power_of_two):
+    groups = -(-gate.shape[1] // 128) if blockwise else 1
+    return (gate.new_empty(gate.shape), gate.new_empty(gate.shape, dtype=fp8_dtype),
+            gate.new_empty((gate.shape[0], groups), dtype=torch.float32))
+
+
+class SwiGLUFP8Function(torch.autograd.Function):
+    """SwiGLUFunction whose forward also emits y in fp8 for the down projection's Float8Linear
+    (the Triton kernel; see tokenforge.fp8.emit): outputs (y, data, scale), the last two without
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, gate, up, cast):
+        g2, u2 = rows_view(gate), rows_view(up)
+        y, data, scale = torch.ops.tokenforge.swiglu_fwd_fp8(g2, u2, cast.fp8_dtype, cast.blockwise, cast.power_of_two)
+        ctx.save_for_backward(g2, u2)
+        ctx.backend, ctx.activation = "triton", "silu"
+        ctx.shape = gate.shape
+        ctx.mark_non_differentiable(data, scale)
+        return y.view(gate.shape), data, scale
+
+    @staticmethod
+    def backward(ctx, dy, _ddata, _dscale):
+        dg, du, _, _ = SwiGLUFunction.backward(ctx, dy)
+        return dg, du, None
+
+
+def _emits_fp8(fp8, backend: str, n: int) -> bool:
+    """Whether this call can emit its output in fp8 (see tokenforge.fp8.emit): asked for, on the
+    Triton kernel, eager mode, and for rowwise scales a row the kernel holds whole."""
+    if fp8 is None or backend != "triton" or torch.compiler.is_compiling():
+        return False
+    from tokenforge.kernels.swiglu import EMIT_ROW_MAX_N
+
+    return fp8.blockwise or n <= EMIT_ROW_MAX_N
+
+
 class SwiGLUPackedFunction(torch.autograd.Function):
     """Autograd of the packed form: saves gate_up only; its gradient is one packed tensor."""
 
@@ -214,15 +260,22 @@ class SwiGLUPackedFunction(torch.autograd.Function):
         return dgu.view(ctx.shape), None, None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None, fp8=None) -> torch.Tensor:
     """``silu(gate) * up`` for gate and up of one shape and dtype (fp32/fp16/bf16; float64 on the
-    torch backend); returns that shape and dtype. ``backend`` forces triton or torch."""
+    torch backend); returns that shape and dtype. ``backend`` forces triton or torch. ``fp8``: a
+    tokenforge.fp8.EmitCast to also emit the result in fp8 for the next Float8Linear where the
+    Triton kernel runs (tokenforge.fp8.emit)."""
     _check_inputs(gate, up)
     if gate.numel() == 0:
         return swiglu_reference(gate, up)
     name = backends.choose(OP, gate, up, backend=backend)
     if name == "torch":
         return swiglu_reference(gate, up)
+    if _emits_fp8(fp8, name, gate.shape[-1] if gate.dim() else 1):
+        from tokenforge.fp8.emit import attach
+
+        y, data, scale = SwiGLUFP8Function.apply(gate, up, fp8)
+        return attach(y, data, scale, fp8)
     return SwiGLUFunction.apply(gate, up, name)
 
 
