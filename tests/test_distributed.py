@@ -92,6 +92,34 @@ def test_fsdp_with_fp8_linears_matches_single(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_fsdp_fp8_all_gather_trains_what_the_bf16_all_gather_does(tmp_path, monkeypatch):
+    """--fp8-all-gather: FSDP2 gathers the Float8Linear weights as fp8 bytes cast with the whole
+    weight's scale (agreed by a max-all-reduce, precomputed after each optimizer step), which is
+    what quantizing the gathered weight gives, so 2 ranks train what the same run gathering in
+    high precision does (same sharding, same tensorwise recipe)."""
+    monkeypatch.setenv("TOKENFORGE_BACKEND", "torch")
+    args = COMMON + ["--fp8", "--fp8-recipe", "tensorwise", "--batch-size", "2", "--dist", "fsdp"]
+    runs = {}
+    for name, extra in (("gather_hp", []), ("gather_fp8", ["--fp8-all-gather"])):
+        out = tmp_path / name
+        text = _torchrun(args + extra + ["--out", str(out)])
+        assert ("weights all-gathered in fp8" in text) == bool(extra), text[-2000:]
+        runs[name] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(runs["gather_fp8"]) == 4
+    for x, y in zip(runs["gather_fp8"], runs["gather_hp"]):
+        assert abs(x - y) <= 1e-6 * abs(y), runs
+
+
+def test_fp8_all_gather_flag_says_what_it_needs(capsys):
+    for extra, words in ((["--fp8-all-gather"], "needs --fp8 and --dist fsdp"),
+                         (["--fp8", "--fp8-all-gather", "--dist", "fsdp", "--fp8-recipe", "rowwise"],
+                          "needs tensorwise weight scales")):
+        assert train.main(COMMON + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dist", ["ddp", "fsdp"])
 def test_muon_two_processes_match_single(tmp_path, dist):
     """Muon under DDP (whole matrices on every rank) and FSDP2 (DTensor shards: each matrix

@@ -305,8 +305,8 @@ def test_convert_with_config_and_torchao_filter():
 def test_fsdp_float8_all_gather_matches_one_process(tmp_path):
     """2 gloo ranks, FSDP2 with the weights all-gathered in fp8 (1 byte an element on the wire),
     with and without precomputed scales, train what one process does unsharded: same losses,
-    final weights within fp32 rounding (1e-6; a rank using its own shard's scale instead of the
-    whole weight's is off by ~5e-2), the gathered Float8Weight reaching Float8Linear in every
+    final weights within 1e-5 of it and 1e-6 of the same sharding gathered in fp32 (a rank using
+    its own shard's scale instead of the whole weight's is off by ~5e-2), the gathered Float8Weight reaching Float8Linear in every
     forward, and the precomputed scales removing the per-layer all-reduces after the first step."""
     import json
 
@@ -317,7 +317,8 @@ def test_fsdp_float8_all_gather_matches_one_process(tmp_path):
     r = json.loads(out.read_text())
     for name in ("fsdp_fp32_all_gather", "fsdp_fp8_all_gather", "fsdp_fp8_all_gather_precomputed"):
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r[name], r["one_process"])), (name, r)
-        assert r[name + "_max_weight_diff"] <= 1e-6, (name, r)
+        assert r[name + "_max_weight_diff"] <= 1e-5, (name, r)  # the reduce-scatter's order: ~4e-6
+        assert r[name + "_max_weight_diff_vs_fsdp_fp32"] <= 1e-6, (name, r)
     layers, steps = 3, 3
     plain, fp8_run, pre = (r[n + "_counts"] for n in ("fsdp_fp32_all_gather", "fsdp_fp8_all_gather",
                                                      "fsdp_fp8_all_gather_precomputed"))
@@ -325,6 +326,26 @@ def test_fsdp_float8_all_gather_matches_one_process(tmp_path):
     assert fp8_run["all_gather_bytes_per_element"] == 1 and fp8_run["fp8_weight_in_forward"] == layers * steps
     assert fp8_run["all_reduce_in_pre_all_gather"] == fp8_run["pre_all_gather"] == 2 * layers * steps
     assert pre["all_reduce_in_pre_all_gather"] == 2 * layers  # first step only: later ones are precomputed
+
+
+@pytest.mark.slow
+def test_fsdp_float8_all_gather_uneven_shards(tmp_path):
+    """3 gloo ranks: FSDP2 shards the 128- and 64-row weights unevenly (43/43/42, 22/21/21 rows,
+    padded for the all-gather); the fp8 all-gather still trains what one process does (losses to
+    1e-5) and ends with the weights of the same sharding gathered in fp32 (1e-6: what sharding
+    itself changes, ~2e-6 against one process, is the reduce-scatter's summation order)."""
+    import json
+
+    from torchrun import run_worker
+
+    out = tmp_path / "fsdp_fp8_uneven.json"
+    run_worker("fsdp_fp8_worker.py", str(out), nproc=3, timeout=300)
+    r = json.loads(out.read_text())
+    for name in ("fsdp_fp8_all_gather", "fsdp_fp8_all_gather_precomputed"):
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r[name], r["one_process"])), (name, r)
+        assert r[name + "_max_weight_diff_vs_fsdp_fp32"] <= 1e-6, (name, r)
+        assert r[name + "_max_weight_diff"] <= 1e-5, (name, r)
+        assert r[name + "_counts"]["fp8_weight_in_forward"] == 9 and r[name + "_counts"]["all_gather_bytes_per_element"] == 1
 
 
 def test_fp8_all_gather_weight_outside_fsdp():

@@ -60,15 +60,16 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
 def setup(mode: str = "none", device: str = "auto") -> DistContext:
     """Initialise the process group for ``mode`` ('ddp'/'fsdp') from torchrun's environment; 'none'
-    is a single process. Raises with the torchrun command line when the environment is missing."""
+    is a single process. Raises ValueError (the CLI's one-line error) with the torchrun command line
+    when the environment is missing."""
     if mode not in ("none", "ddp", "fsdp"):
         raise ValueError(f"--dist must be none, ddp or fsdp, got {mode!r}")
     if mode == "none":
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise RuntimeError("launched by torchrun with several processes but --dist none: pass --dist ddp or fsdp")
+            raise ValueError("launched by torchrun with several processes but --dist none: pass --dist ddp or fsdp")
         return DistContext("none", device=pick_device(device))
     if not launched_by_torchrun():
-        raise RuntimeError(f"--dist {mode} needs torchrun's environment: "
+        raise ValueError(f"--dist {mode} needs torchrun's environment: "
                            f"torchrun --nproc_per_node N -m tokenforge.train --dist {mode} ...")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -37,6 +37,7 @@ import torch
 from tokenforge import checkpoint, metrics
 from tokenforge.data import BatchSampler, load_corpus
 from tokenforge.fp8.config import RECIPES as FP8_RECIPES
+from tokenforge.fp8.fsdp import precompute_float8_dynamic_scale_for_fsdp
 from tokenforge.distributed import DistContext, all_reduce_mean, setup, shard_experts, teardown, unwrap, wrap
 from tokenforge.models.transformer import CONFIG_ONLY_PRESETS, PRESETS, Block, Transformer, TransformerConfig
 
@@ -82,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--fp8-recipe", default="tensorwise",
                    choices=FP8_RECIPES,
                    help="FP8 scaling recipe (with --fp8; blockwise: DeepSeek-V3's 1x128 activations, 128x128 weights)")
+    k.add_argument("--fp8-all-gather", action="store_true",
+                   help="with --fp8 --dist fsdp: FSDP2 all-gathers the weights in fp8 (1 byte an element; "
+                        "tensorwise weight scales, computed for every layer once per step)")
     k.add_argument("--device", default="auto", help="auto, cpu or cuda")
     k.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none", help="under torchrun: DDP or FSDP2")
     k.add_argument("--ep", type=int, default=1, help="expert parallelism: MoE experts sharded over this many ranks "
@@ -136,6 +140,13 @@ def check_args(args) -> None:
         if args.eval_every == 0:
             raise ValueError("--target-loss compares the evaluated val loss: pass --eval-every N > 0 "
                              "(how often to check; smaller is finer but costs evaluation time)")
+    if args.fp8_all_gather and not (args.fp8 and args.dist == "fsdp"):
+        raise ValueError("--fp8-all-gather all-gathers FSDP2's weights in fp8: it needs --fp8 and --dist fsdp "
+                         "(under torchrun)")
+    if args.fp8_all_gather and args.fp8_recipe not in ("tensorwise",):
+        raise ValueError(f"--fp8-all-gather needs tensorwise weight scales (one scale a weight, agreed across "
+                         f"shards); --fp8-recipe {args.fp8_recipe} scales weights by row or block: use "
+                         "--fp8-recipe tensorwise")
     if args.ep > 1 and args.dist != "ddp":
         raise ValueError(f"--ep {args.ep} needs --dist ddp under torchrun with {args.ep} ranks: "
                          f"torchrun --nproc_per_node {args.ep} -m tokenforge.train --dist ddp --ep {args.ep} ...")
@@ -286,13 +297,19 @@ def fp8_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def convert_fp8(model: Transformer, recipe: str = "tensorwise") -> int:
+def convert_fp8(model: Transformer, recipe: str = "tensorwise", all_gather: bool = False) -> int:
     """Swap the blocks' eligible nn.Linear layers for tokenforge.fp8 Float8Linear (the head stays
-    high precision: the fused cross-entropy reads its weight directly). Returns how many."""
-    from tokenforge.fp8 import convert_to_float8
+    high precision: the fused cross-entropy reads its weight directly). ``all_gather``: weights
+    all-gathered in fp8 under FSDP2 (Float8LinearConfig.enable_fsdp_float8_all_gather). Returns how many."""
+    import dataclasses
 
+    from tokenforge.fp8 import Float8LinearConfig, convert_to_float8
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if all_gather:
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     # Within the blocks there is no embedding-adjacent or head layer to protect.
-    return len(convert_to_float8(model.layers, recipe=recipe, skip_first_last=False).converted)
+    return len(convert_to_float8(model.layers, config=config, skip_first_last=False).converted)
 
 
 def kernel_backend_note(device: torch.device) -> str:
@@ -396,8 +413,10 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
         if reason:
             res.notes.append(f"--fp8 skipped: {reason}")
         else:
-            n = convert_fp8(model, getattr(args, "fp8_recipe", "tensorwise"))
+            fp8_all_gather = bool(getattr(args, "fp8_all_gather", False))
+            n = convert_fp8(model, getattr(args, "fp8_recipe", "tensorwise"), all_gather=fp8_all_gather)
             res.notes.append(f"fp8: {n} Linear layers -> tokenforge.fp8.Float8Linear"
+                             + (", weights all-gathered in fp8" if fp8_all_gather else "")
                              + (" (CPU: emulated, no speedup)" if device.type == "cpu" else ""))
     raw = model
     expert_names = shard_experts(raw, ctx, args.ep) if getattr(args, "ep", 1) > 1 else []
@@ -470,6 +489,9 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             grad_norm = clip_grads(raw, args.clip, ctx, expert_names) if args.clip > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            if variant.fp8 and getattr(args, "fp8_all_gather", False):
+                # Every layer's fp8 weight scale for the next all-gathers: one fused amax, one all-reduce.
+                precompute_float8_dynamic_scale_for_fsdp(raw)
             if qk_clip is not None:
                 qk_clip.step()
             scheduler.step()
@@ -653,6 +675,7 @@ def default_variants(device: torch.device) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)  # before the process group: a bad flag is one line on every rank, no hang
     ctx = setup(args.dist, args.device)
     try:
         return _run(args, ctx)
