@@ -22,8 +22,10 @@ from harness import BackendUnavailable, CaseId, Prepared
 
 OP = "grouped_mm"
 BASELINES = ("torch_grouped", "torch_loop")
-# triton: tokenforge.kernels.grouped_mm; cuda: the CUTLASS sm_90a kernel (csrc/grouped_mm_sm90.cu).
-BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda")
+# triton: tokenforge.kernels.grouped_mm; cuda: the CUTLASS sm_90a kernel (csrc/grouped_mm_sm90.cu);
+# triton_fp8: ops.grouped_mm_fp8 (forward only: tokens rowwise, experts colwise e4m3), its error
+# taken against the dequantized operands (fp8's own rounding is the recipe's, not the kernel's).
+BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda", "triton_fp8")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -70,7 +72,7 @@ def cases(device) -> list[Case]:
                 Case("ds-64e-top8-16k", _routed(64, 16384 * 8), 4096, 1536),
                 Case("dsv3-ep32-32k", _skewed(32, 32768), 7168, 2048)]
     else:
-        base = [Case("tiny", (5, 0, 17, 9), 24, 40)]
+        base = [Case("tiny", (5, 0, 17, 9), 32, 48)]
     return [Case(c.name, c.counts, c.k, c.n, pass_=p, headline=c.headline and p == "fwd")
             for c in base for p in ("fwd", "fwdbwd")]
 
@@ -97,6 +99,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         reason = cuda_grouped_mm.supports(probe, probe.view(1, 16, 16))
         if reason:
             raise BackendUnavailable(reason)
+    if backend == "triton_fp8":
+        return _prepare_fp8(case, device)
     g = torch.Generator().manual_seed(0)
     offs = torch.cumsum(torch.tensor(case.counts), 0).to(torch.int32).to(device)
     a = torch.randn(sum(case.counts), case.k, generator=g).to(device, case.dtype)
@@ -134,6 +138,32 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         for e in live:
             errs[f"dB[{e}]"] = harness.rel_err(b.grad[e].double(), b64.grad[e])
     return Prepared(case, backend, device, fn, errs, TOL[case.dtype])
+
+
+def _prepare_fp8(case: Case, device) -> Prepared:
+    from tokenforge import fp8
+    from tokenforge.ops import grouped_mm_fp8, grouped_mm_fp8_reference
+
+    if case.pass_ != "fwd":
+        raise BackendUnavailable("grouped_mm_fp8 is the forward only (training's backward stays bf16)")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise BackendUnavailable("FP8 tensor cores need sm_89+")
+    g = torch.Generator().manual_seed(0)
+    offs = torch.cumsum(torch.tensor(case.counts), 0).to(torch.int32).to(device)
+    x = torch.randn(sum(case.counts), case.k, generator=g).to(device, torch.bfloat16)
+    w = torch.randn(len(case.counts), case.k, case.n, generator=g).to(device, torch.bfloat16)
+    quant = dict(backend="torch") if device.type != "cuda" else {}
+    a, sa = fp8.quantize(x, scaling="rowwise", **quant)
+    parts = [fp8.quantize(w[e], scaling="colwise", **quant) for e in range(len(case.counts))]
+    b = torch.stack([d.t().contiguous() for d, _ in parts]).transpose(1, 2)  # (E, N, K) stored: K-major
+    sb = torch.stack([s for _, s in parts])
+
+    def fn():
+        return grouped_mm_fp8(a, b, offs, sa, sb, check_offs=False)
+
+    out = harness.first_call(fn, device)
+    ref = grouped_mm_fp8_reference(a, b, offs, sa.double(), sb.double(), torch.float64)
+    return Prepared(case, "triton_fp8", device, fn, {"out": harness.rel_err(out.double(), ref)}, TOL[torch.bfloat16])
 
 
 def make_record(prep: Prepared, stats: dict) -> dict:

@@ -38,6 +38,7 @@ def _grouped_mm_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, TRANS_B: tl.constexpr,
+    SA=None, SB=None, stride_sbe=0, SCALED: tl.constexpr = False,
 ):
     # TMA: A and B are tensor descriptors (a (T, K) in [BLOCK_M, BLOCK_K] boxes, b (E, K, N) in
     # [1, BLOCK_K, BLOCK_N] boxes), loaded by the copy engine (cp.async.bulk.tensor on sm_90): the
@@ -102,6 +103,10 @@ def _grouped_mm_kernel(
         if WIDE:
             om = om.to(tl.int64)
             on = on.to(tl.int64)
+        if SCALED:  # fp8 operands: acc * scale_a[row] * scale_b[e, col] in fp32, the rows/cols clamped
+            sa = tl.load(SA + tl.cast(row0, tl.int64) + tl.minimum(om, end - 1 - row0))
+            sb = tl.load(SB + tl.cast(e, tl.int64) * stride_sbe + col0 + tl.minimum(on, N - 1 - col0))
+            acc = acc * sa[:, None] * sb[None, :]
         o_ptrs = (OUT + tl.cast(row0, tl.int64) * stride_om + tl.cast(col0, tl.int64) * stride_on) \
             + om[:, None] * stride_om + on[None, :] * stride_on
         live = (om[:, None] < end - row0) & (on[None, :] < N - col0)
@@ -163,6 +168,14 @@ FORWARD_CONFIGS = {
     "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
     "small": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
 }
+# fp8 (grouped_mm_fp8_forward): the same tiles with K by 64 (the same bytes a stage as bf16 by 32;
+# FP8 wgmma reduces 32 deep), b always K-major (FP8 wgmma reads only that from shared memory).
+FP8_FORWARD_CONFIGS = {
+    "large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    "small": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+}
+INTERPRETER_FP8_FORWARD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # dB tiles 128 x 128, reducing over rows 32 at a time (64 spilled 48 B on sm_80).
 WGRAD_CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=4)
 INTERPRETER_FORWARD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -215,13 +228,36 @@ def tma_layout(a: torch.Tensor, b: torch.Tensor) -> str | None:
 
 def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (T, N) = a (T, K) @ b[e] per expert's rows; any strides; offs int32 (E,) on a's device."""
+    return _launch_forward(a, b, offs, out, forward_config(a.shape[0], b.shape[0]), tma_layout(a, b))
+
+
+def grouped_mm_fp8_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                           scale_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (T, N) = (a[rows of e] @ b[e]) * scale_a[rows] * scale_b[e] for fp8 a (T, K) and b (E, K, N),
+    scale_a fp32 (T,), scale_b fp32 (E, N) contiguous (validated by tokenforge.ops.grouped_mm_fp8).
+    a is made K-major and b K-major ((E, N, K) behind a transposed view), copying what is not."""
+    tokens, experts = a.shape[0], b.shape[0]
+    if a.stride(1) != 1 or a.data_ptr() % 16 or a.stride(0) % 16:
+        a = a.contiguous()
+    if b.stride(1) != 1 or b.data_ptr() % 16 or b.stride(2) % 16 or b.stride(0) % 16:
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)
+    if INTERPRETED:
+        cfg = dict(INTERPRETER_FP8_FORWARD)
+    else:
+        cfg = dict(FP8_FORWARD_CONFIGS["small" if tokens < 128 * max(experts, 1) else "large"])
+    layout = "trans_b" if tma_layout(a, b) == "trans_b" else None  # else pointer loads, b K-major all the same
+    return _launch_forward(a, b, offs, out, cfg, layout, trans_b=True,
+                           scales=dict(SA=scale_a, SB=scale_b, stride_sbe=scale_b.stride(0), SCALED=True))
+
+
+def _launch_forward(a, b, offs, out, cfg: dict, layout, trans_b: bool = False, scales=None) -> torch.Tensor:
+    """_grouped_mm_kernel on a persistent grid, through tensor descriptors when ``layout`` says
+    how (see :func:`tma_layout`), else pointer loads; ``scales`` the fp8 epilogue's arguments."""
     tokens, k = a.shape
     experts, _, n = b.shape
-    cfg = forward_config(tokens, experts)
     # Upper bound on work items without reading offs: every expert adds at most one partial tile.
     bound = (triton.cdiv(tokens, cfg["BLOCK_M"]) + experts) * triton.cdiv(n, cfg["BLOCK_N"])
     grid = (_programs(a.device, bound),)
-    layout = tma_layout(a, b)
     a_arg, b_arg = a, b
     if layout is not None:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -237,7 +273,7 @@ def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
             **_flags(a, [(cfg["BLOCK_M"], a.stride(0)), (cfg["BLOCK_K"], a.stride(1)), (cfg["BLOCK_K"], b.stride(1)),
                          (cfg["BLOCK_N"], b.stride(2)), (cfg["BLOCK_M"], out.stride(0)), (cfg["BLOCK_N"], out.stride(1))]),
-            TMA=layout is not None, TRANS_B=layout == "trans_b", **cfg)
+            TMA=layout is not None, TRANS_B=trans_b or layout == "trans_b", **(scales or {}), **cfg)
     return out
 
 
@@ -262,4 +298,6 @@ def all_configs() -> list[tuple[str, dict]]:
     out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=trans))
            for cfg in FORWARD_CONFIGS.values() for tma, trans in ((False, False), (True, False), (True, True))]
     out.append(("_grouped_mm_wgrad_kernel", dict(WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False)))
+    out += [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=True, SCALED=True))
+            for cfg in FP8_FORWARD_CONFIGS.values() for tma in (False, True)]
     return out

@@ -6,6 +6,8 @@ sm_90 / sm_80 compile gate."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from device_params import DEVICES
@@ -104,6 +106,67 @@ def test_tma_descriptor_path(dtype):
     assert torch.isfinite(out[mine]).all()
     assert rel_error(out[mine], grouped_mm_reference(a.detach().double(), b.detach().double(), offs)[mine]) \
         <= TOLERANCE[dtype]
+
+
+def _fp8_operands(counts, k, n, device, a_dtype=torch.float8_e4m3fn):
+    """Tokens at magnitudes 1e-3 .. 1e3 quantized rowwise, each expert's weight colwise."""
+    from tokenforge import fp8
+
+    t = sum(counts)
+    x = torch.randn(t, k, device=device) * torch.logspace(-3, 3, max(t, 1), device=device)[:t, None]
+    w = torch.randn(len(counts), k, n, device=device) * torch.logspace(-1, 1, len(counts), device=device)[:, None, None]
+    a, sa = fp8.quantize(x, a_dtype, scaling="rowwise", backend="torch")
+    parts = [fp8.quantize(w[e], scaling="colwise", backend="torch") for e in range(len(counts))]
+    return a, torch.stack([d for d, _ in parts]), sa, torch.stack([s for _, s in parts])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("a_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_matches_the_dequantized_loop(device, a_dtype):
+    """grouped_mm_fp8 against the float64 loop over experts on the dequantized operands, per row (one
+    wrong row or expert scale fails), fp32 and bf16 out, b (E, K, N) and (E, N, K)-stored; an
+    expert's scales swapped for another's fails."""
+    from tokenforge.ops import grouped_mm_fp8, grouped_mm_fp8_reference
+
+    cases = {"awkward": ([0, 21, 1, 33, 0, 7], 48, 64), "one-takes-all": ([0, 0, 53, 0], 32, 48)} if device == "cpu" \
+        else {"moe-64": (GPU_CASES["moe-64"][0], 2048, 1408), "skewed": ([8192] + [0] * 14 + [3], 7168, 2048)}
+    for name, (counts, k, n) in cases.items():
+        offs = _offs(counts, device)
+        a, b, sa, sb = _fp8_operands(counts, k, n, device, a_dtype)
+        ref = grouped_mm_fp8_reference(a, b, offs, sa.double(), sb.double(), torch.float64)
+        live = ref.norm(dim=1) > 0
+
+        def worst_row(out):
+            return ((out.double() - ref).norm(dim=1)[live] / ref.norm(dim=1)[live]).max().item()
+
+        for bb in (b, b.transpose(1, 2).contiguous().transpose(1, 2)):
+            assert worst_row(grouped_mm_fp8(a, bb, offs, sa, sb, out_dtype=torch.float32)) <= 1e-5, name
+            out = grouped_mm_fp8(a, bb, offs, sa.reshape(-1), sb.reshape(len(counts), n))
+            assert out.dtype == torch.bfloat16 and worst_row(out) <= 2.0 ** -7, name
+        busy = [e for e, c in enumerate(counts) if c]
+        if len(busy) > 1:
+            swapped = sb.clone()
+            swapped[[busy[0], busy[1]]] = sb[[busy[1], busy[0]]]
+            assert worst_row(grouped_mm_fp8(a, b, offs, sa, swapped, out_dtype=torch.float32)) > 1e-2, name
+
+
+def test_fp8_bad_input_gets_a_clear_error():
+    from tokenforge.ops import grouped_mm_fp8
+
+    a, b, sa, sb = _fp8_operands([5, 11], 32, 16, "cpu")
+    offs = _offs([5, 11], "cpu")
+    cases = [
+        ((a.float(), b, offs, sa, sb), TypeError, "float8_e4m3fn/float8_e5m2"),
+        ((a, b, offs, sa[:3], sb), ValueError, "one scale per token row"),
+        ((a, b, offs, sa, sb[:, :, :8]), ValueError, "one scale per expert and output column"),
+        ((a, b, offs, sa.double(), sb), TypeError, "float32"),
+        ((a[:, :24], b[:, :24], offs, sa, sb), ValueError, "multiples of 16"),
+        ((a, b, offs.long(), sa, sb), ValueError, "int32"),
+        ((a, b, _offs([5, 10], "cpu"), sa, sb), ValueError, "offs[-1]"),
+    ]
+    for args, exc, words in cases:
+        with pytest.raises(exc, match=re.escape(words)):
+            grouped_mm_fp8(*args)
 
 
 def test_cuda_backend_refuses_cleanly_without_a_gpu():
@@ -312,14 +375,27 @@ def test_kernels_compile_for_hopper_and_ampere():
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         tma = cfg.get("TMA", False)
+        scaled = cfg.get("SCALED", False)
         for arch, target in TARGETS.items():
-            if tma and arch != "sm_90":
-                continue  # tensor descriptors are the sm_90 path; sm_80 takes the pointer loads
+            if (tma or scaled) and arch != "sm_90":
+                continue  # tensor descriptors are the sm_90 path (sm_80 takes pointer loads); fp8 needs sm_89+
             arg_types = types["tma"](cfg) if tma else types[name]
-            compiled = compile_kernel(getattr(kgm, name), arg_types, dict(cfg, **unit[name]), warps, target,
+            constexprs = dict(cfg, **unit[name])
+            if name == "_grouped_mm_kernel" and scaled:  # fp8 a and K-major b, fp32 scales, bf16 out
+                arg_types = {k: v.replace("bf16", "fp8e4nv") if k in ("A", "B") else v for k, v in arg_types.items()}
+                arg_types.update(SA="*fp32", SB="*fp32", stride_sbe="i32")
+                if not tma:
+                    arg_types["stride_bn"] = arg_types.pop("stride_bk")
+                    constexprs.pop("stride_bn")
+                    constexprs["stride_bk"] = 1
+            elif name == "_grouped_mm_kernel":
+                constexprs.update(SA=None, SB=None, stride_sbe=0, SCALED=False)
+            compiled = compile_kernel(getattr(kgm, name), arg_types, constexprs, warps, target,
                                       num_stages=stages, unaligned_args=("E", "N", "K"))
             if arch == "sm_90":
                 assert uses_wgmma(compiled), f"{name} {cfg}: no wgmma on sm_90"
+                if scaled:
+                    assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", compiled.asm["ptx"]), f"{name} {cfg}: no FP8 wgmma"
                 ptx = compiled.asm["ptx"]
                 if tma:  # the tiles come in by the copy engine, not by thread loads
                     assert "cp.async.bulk.tensor" in ptx, f"{name} {cfg}: no TMA load on sm_90"

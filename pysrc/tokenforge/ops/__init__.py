@@ -6,7 +6,7 @@ from tokenforge.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tokenforge.ops.moe_routing import load_balancing_loss, moe_permute, moe_route, moe_unpermute
 from tokenforge.ops.newton_schulz import newton_schulz, newton_schulz_reference
-from tokenforge.ops.grouped_mm import grouped_mm, grouped_mm_reference
+from tokenforge.ops.grouped_mm import grouped_mm, grouped_mm_fp8, grouped_mm_fp8_reference, grouped_mm_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
 from tokenforge.ops.rope import rope, rope_reference
 from tokenforge.ops.swiglu import geglu, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
@@ -23,6 +23,8 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "grouped_mm",
+    "grouped_mm_fp8",
+    "grouped_mm_fp8_reference",
     "grouped_mm_reference",
     "load_balancing_loss",
     "moe_permute",

@@ -76,15 +76,22 @@ def _check(a, b, offs, check_offs: bool) -> None:
         raise ValueError(f"grouped_mm: a, b and offs must be on one device, got {a.device}, {b.device}, {offs.device}")
     if offs.numel() == 0 and a.shape[0] != 0:
         raise ValueError(f"grouped_mm: {a.shape[0]} token rows but no experts (b has shape {tuple(b.shape)})")
-    if check_offs and offs.numel() and not torch.compiler.is_compiling():
-        host = offs.cpu()
-        if int(host[0]) < 0 or bool((host[1:] < host[:-1]).any()):
-            raise ValueError(f"grouped_mm: offs must be non-decreasing cumulative row ends starting at >= 0, got "
-                             f"{host.tolist()[:16]}{' ...' if host.numel() > 16 else ''}; build it as "
-                             "torch.cumsum(tokens_per_expert, 0).to(torch.int32)")
-        if int(host[-1]) != a.shape[0]:
-            raise ValueError(f"grouped_mm: offs[-1] ({int(host[-1])}) must equal the number of token rows "
-                             f"({a.shape[0]}): every row belongs to one expert")
+    if check_offs:
+        _check_offs_on_host(offs, a.shape[0], "grouped_mm")
+
+
+def _check_offs_on_host(offs: torch.Tensor, tokens: int, where: str) -> None:
+    """offs non-decreasing from >= 0 to ``tokens`` (one sync; skipped under torch.compile)."""
+    if not offs.numel() or torch.compiler.is_compiling():
+        return
+    host = offs.cpu()
+    if int(host[0]) < 0 or bool((host[1:] < host[:-1]).any()):
+        raise ValueError(f"{where}: offs must be non-decreasing cumulative row ends starting at >= 0, got "
+                         f"{host.tolist()[:16]}{' ...' if host.numel() > 16 else ''}; build it as "
+                         "torch.cumsum(tokens_per_expert, 0).to(torch.int32)")
+    if int(host[-1]) != tokens:
+        raise ValueError(f"{where}: offs[-1] ({int(host[-1])}) must equal the number of token rows "
+                         f"({tokens}): every row belongs to one expert")
 
 
 def _triton_supports(a, b) -> Optional[str]:
@@ -171,3 +178,106 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, check_of
     if a.shape[1] == 0:  # K = 0: a sum over nothing
         return a.new_zeros((a.shape[0], b.shape[2])) + 0 * (a.sum() + b.sum())
     return GroupedMMFunction.apply(a, b, offs, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8: the forward of an fp8 MoE layer (tokens and expert weights quantized, fp32 scales)
+# ---------------------------------------------------------------------------------------------
+
+OP_FP8 = "grouped_mm_fp8"
+
+
+def grouped_mm_fp8_reference(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                             scale_b: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The loop over experts on the dequantized operands, fp32 (float64 scales give the float64 oracle)."""
+    compute = torch.float64 if scale_a.dtype == torch.float64 else torch.float32
+    a_deq = a.to(compute) * scale_a.reshape(-1, 1).to(compute)
+    b_deq = b.to(compute) * scale_b.reshape(b.shape[0], 1, b.shape[2]).to(compute)
+    return grouped_mm_reference(a_deq, b_deq, offs).to(out_dtype)
+
+
+def _check_fp8(a, b, offs, scale_a, scale_b, out_dtype, check_offs: bool) -> None:
+    from tokenforge.kernels.grouped_mm import FP8_DTYPES
+
+    for name, t in (("a", a), ("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"grouped_mm_fp8: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if a.dtype not in FP8_DTYPES or b.dtype not in FP8_DTYPES:
+        raise TypeError(f"grouped_mm_fp8: a and b must be float8_e4m3fn/float8_e5m2, got {a.dtype} and {b.dtype}; "
+                        "quantize tokens rowwise and each expert's weight colwise with tokenforge.fp8.quantize")
+    if a.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"grouped_mm_fp8: a must be (tokens, K) and b (experts, K, N), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    T, K = a.shape
+    E, _, N = b.shape
+    if tuple(scale_a.shape) not in ((T,), (T, 1)):
+        raise ValueError(f"grouped_mm_fp8: scale_a must be ({T},) or ({T}, 1): one scale per token row, got "
+                         f"{tuple(scale_a.shape)}")
+    if tuple(scale_b.shape) not in ((E, N), (E, 1, N)):
+        raise ValueError(f"grouped_mm_fp8: scale_b must be ({E}, {N}) or ({E}, 1, {N}): one scale per expert and "
+                         f"output column (each b[e] quantized colwise), got {tuple(scale_b.shape)}")
+    if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32:
+        raise TypeError(f"grouped_mm_fp8: scales must be float32, got {scale_a.dtype} and {scale_b.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"grouped_mm_fp8: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    bad = [f"{n}={v}" for n, v in (("K", K), ("N", N)) if v % 16]
+    if bad:
+        raise ValueError(f"grouped_mm_fp8: K and N must be multiples of 16 (FP8 tensor cores), got {', '.join(bad)}")
+    if b.shape[1] != K:
+        raise ValueError(f"grouped_mm_fp8: a's K ({K}) must equal b's K ({b.shape[1]}): b is (experts, K, N)")
+    if offs.dim() != 1 or offs.numel() != E or offs.dtype != torch.int32:
+        raise ValueError(f"grouped_mm_fp8: offs must be int32 of shape ({E},) (cumulative row ends), got "
+                         f"{offs.dtype} {tuple(offs.shape)}")
+    devices = {t.device for t in (a, b, offs, scale_a, scale_b)}
+    if len(devices) != 1:
+        raise ValueError(f"grouped_mm_fp8: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if check_offs:
+        _check_offs_on_host(offs, T, "grouped_mm_fp8")
+
+
+def _triton_fp8_supports(a, b) -> Optional[str]:
+    reason = backends.triton_unsupported_reason(a.device)
+    if reason is not None:
+        return reason
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 9):
+        return "FP8 tensor cores need sm_89+"
+    return None
+
+
+backends.register_op(
+    OP_FP8, cuda_preference=("triton",),
+    supports={"triton": _triton_fp8_supports, "torch": lambda a, b: None},
+    example_inputs=lambda device, dtype: (torch.empty(16, 16, device=device, dtype=torch.float8_e4m3fn),
+                                          torch.empty(2, 16, 16, device=device, dtype=torch.float8_e4m3fn)),
+)
+
+
+@torch.library.custom_op("tokenforge::grouped_mm_fp8", mutates_args=())
+def grouped_mm_fp8_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                      scale_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    from tokenforge.kernels import grouped_mm as kernel
+
+    out = torch.empty((a.shape[0], b.shape[2]), dtype=out_dtype, device=a.device)
+    return kernel.grouped_mm_fp8_forward(a, b, offs, scale_a.reshape(-1).contiguous(),
+                                         scale_b.reshape(b.shape[0], b.shape[2]).contiguous(), out)
+
+
+@grouped_mm_fp8_op.register_fake
+def _(a, b, offs, scale_a, scale_b, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[2]), dtype=out_dtype)
+
+
+def grouped_mm_fp8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                   scale_b: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16, check_offs: bool = True,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """(T, N) = per-expert ``(a[rows of e] @ b[e]) * scale_a[rows] * scale_b[e]`` for fp8 a (T, K)
+    sorted by expert with rowwise scales (T,) / (T, 1), fp8 b (E, K, N) with per-expert column
+    scales (E, N) / (E, 1, N) (each b[e] quantized colwise), offs as for :func:`grouped_mm`; K, N
+    multiples of 16. The forward of an fp8 MoE layer (no autograd: the backward of training stays
+    in bf16 through :func:`grouped_mm`). ``backend``: triton (FP8 wgmma on sm_90, the persistent
+    grouped kernel; the interpreter on CPU) or torch (the dequantized loop)."""
+    _check_fp8(a, b, offs, scale_a, scale_b, out_dtype, check_offs)
+    name = backends.choose(OP_FP8, a, b, backend=backend)
+    if name == "torch" or a.shape[0] == 0:
+        return grouped_mm_fp8_reference(a, b, offs, scale_a, scale_b, out_dtype)
+    return torch.ops.tokenforge.grouped_mm_fp8(a, b, offs, scale_a, scale_b, out_dtype)
