@@ -164,7 +164,7 @@ typename Gemm::Arguments make_arguments(const Fp8GemmArgs& g, int sm_count) {
   args.epilogue.ptr_C = nullptr;
   args.epilogue.ptr_D = reinterpret_cast<ElementD*>(g.d);
   args.epilogue.dD = stride_d;
-  args.hw_info.device_id = 0;
+  args.hw_info.device_id = current_device("cutlass hw_info");  // the device the launch goes to
   args.hw_info.sm_count = sm_count;
   return args;
 }

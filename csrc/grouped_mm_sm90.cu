@@ -214,7 +214,7 @@ typename G::Gemm::Arguments make_arguments(const Tables<G>& t, int experts, int 
   args.epilogue.dC = t.stride_d;
   args.epilogue.ptr_D = t.ptr_d;
   args.epilogue.dD = t.stride_d;
-  args.hw_info.device_id = 0;
+  args.hw_info.device_id = current_device("cutlass hw_info");  // the device the launch goes to
   args.hw_info.sm_count = sm_count;
   return args;
 }

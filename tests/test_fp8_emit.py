@@ -154,8 +154,14 @@ def test_stale_or_mismatched_copies_are_not_used():
     assert emit.lookup(y.view(16, 32), cast) is None  # another object (and row length)
     y.mul_(2)  # changed in place: the copy is stale
     assert emit.lookup(y, cast) is None
-    # Producers that cannot emit just do not: the torch backend, a tensorwise recipe.
+    # Producers that cannot emit just do not: the torch backend, a tensorwise recipe, an autocast
+    # that hands the next layer another dtype (it would quantize that, not this output).
     assert emit.lookup(rms_norm(x, None, 1e-6, fp8=cast, backend="torch"), cast) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert emit.lookup(rms_norm(x, None, 1e-6, fp8=cast, backend="triton"), cast) is None
+        y16 = rms_norm(x.bfloat16(), None, 1e-6, fp8=cast, backend="triton")
+        assert emit.lookup(y16, cast) is not None
+        assert emit.lookup(swiglu(x, x, fp8=cast, backend="triton"), cast) is None
     assert fp8.emit_cast_for(fp8.Float8LinearConfig.from_recipe_name("tensorwise").casts(), False) is None
 
 

@@ -15,12 +15,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A rank killed by std::terminate inside gloo's C++ threads, with no Python error before it: seen
+# twice (2026-12-03) in fresh-clone CI runs of tests/fsdp_fp8_worker.py, each time while other
+# heavy processes (nvcc, another pytest) shared the 2 cores; never reproduced in 18 reruns of the
+# worker alone, with and without an artificial CPU load. Root cause unknown. One retry of exactly
+# this signature keeps CI from flaking on it; any other failure, or the same one twice, fails.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(target: list, nproc: int = 2, timeout: int = 300) -> str:
     """Run ``python -m torch.distributed.run ... *target`` (a script and its arguments, or
     ``-m module ...``) with one thread per rank; returns stdout, fails with both tails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for attempt in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode == 0 or GLOO_ABORT not in proc.stderr or attempt == 2:
+            break
+        print(f"torchrun: a rank aborted in gloo ({GLOO_ABORT!r}); retrying once:\n{proc.stderr[-1500:]}",
+              file=sys.stderr)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

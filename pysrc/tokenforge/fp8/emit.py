@@ -48,6 +48,13 @@ def emit_cast_for(casts: tuple, power_of_two: bool) -> Optional[EmitCast]:
     return None
 
 
+def consumer_keeps_dtype(y: torch.Tensor) -> bool:
+    """Whether a Float8Linear would quantize y itself rather than y cast to autocast's dtype (an
+    fp32 residual stream under bf16 autocast): only then is an emitted copy of y what it uses."""
+    device_type = y.device.type
+    return not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == y.dtype
+
+
 def attach(y: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, cast: EmitCast) -> torch.Tensor:
     """Record (data, scale) as y's fp8 copy under ``cast``; data/scale are (rows, n) views of y's
     2-D rows form. Returns y."""

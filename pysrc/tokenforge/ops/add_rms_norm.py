@@ -217,7 +217,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
     name = backends.choose(OP, x, residual, weight, backend=backend)
     if name == "torch":
         return add_rms_norm_reference(x, residual, weight, eps)
-    if emits_fp8(fp8, name, x.shape[-1]):
+    if emits_fp8(fp8, name, x):
         from tokenforge.fp8.emit import attach
 
         y, h, data, scale = AddRMSNormFP8Function.apply(x, residual, weight, eps, fp8)

@@ -206,15 +206,16 @@ class RMSNormFP8Function(torch.autograd.Function):
         return (*_rms_norm_backward(ctx, dy), None, None)
 
 
-def emits_fp8(fp8, backend: str, n: int) -> bool:
-    """Whether a norm call can emit its output in fp8 (see tokenforge.fp8.emit): asked for, on the
-    Triton row kernel (rms_norm and add_rms_norm share its row limit), in eager mode (attributes
-    on tensors do not trace)."""
+def emits_fp8(fp8, backend: str, x: torch.Tensor) -> bool:
+    """Whether a norm call on x can emit its output in fp8 (see tokenforge.fp8.emit): asked for, on
+    the Triton row kernel (rms_norm and add_rms_norm share its row limit), in eager mode (attributes
+    on tensors do not trace), and not under an autocast that hands the next layer another dtype."""
     if fp8 is None or backend != "triton" or torch.compiler.is_compiling():
         return False
+    from tokenforge.fp8.emit import consumer_keeps_dtype
     from tokenforge.kernels.rms_norm import can_emit_fp8
 
-    return can_emit_fp8(n, fp8.blockwise)
+    return consumer_keeps_dtype(x) and can_emit_fp8(x.shape[-1], fp8.blockwise)
 
 
 CASTING_MODES = ("gemma", "llama", "none")
@@ -259,7 +260,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
         # The kernels take any weight dtype and multiply in fp32: an fp32 (offset + weight) is
         # exactly Gemma's, and autograd carries dweight back through the sum to weight's dtype.
         weight = weight.float() + offset
-    if emits_fp8(fp8, name, x.shape[-1]):
+    if emits_fp8(fp8, name, x):
         from tokenforge.fp8.emit import attach
 
         y, data, scale = RMSNormFP8Function.apply(x, weight, eps, fp8)

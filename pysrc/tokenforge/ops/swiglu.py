@@ -231,14 +231,16 @@ class SwiGLUFP8Function(torch.autograd.Function):
         return dg, du, None
 
 
-def _emits_fp8(fp8, backend: str, n: int) -> bool:
+def _emits_fp8(fp8, backend: str, gate: torch.Tensor) -> bool:
     """Whether this call can emit its output in fp8 (see tokenforge.fp8.emit): asked for, on the
-    Triton kernel, eager mode, and for rowwise scales a row the kernel holds whole."""
-    if fp8 is None or backend != "triton" or torch.compiler.is_compiling():
+    Triton kernel, eager mode, not under an autocast that hands the next layer another dtype, and
+    for rowwise scales a row the kernel holds whole."""
+    if fp8 is None or backend != "triton" or torch.compiler.is_compiling() or gate.dim() == 0:
         return False
+    from tokenforge.fp8.emit import consumer_keeps_dtype
     from tokenforge.kernels.swiglu import EMIT_ROW_MAX_N
 
-    return fp8.blockwise or n <= EMIT_ROW_MAX_N
+    return consumer_keeps_dtype(gate) and (fp8.blockwise or gate.shape[-1] <= EMIT_ROW_MAX_N)
 
 
 class SwiGLUPackedFunction(torch.autograd.Function):
@@ -271,7 +273,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = Non
     name = backends.choose(OP, gate, up, backend=backend)
     if name == "torch":
         return swiglu_reference(gate, up)
-    if _emits_fp8(fp8, name, gate.shape[-1] if gate.dim() else 1):
+    if _emits_fp8(fp8, name, gate):
         from tokenforge.fp8.emit import attach
 
         y, data, scale = SwiGLUFP8Function.apply(gate, up, fp8)
