@@ -186,6 +186,15 @@ def current_stream_handle(tensor) -> int:
     return int(torch.cuda.current_stream(tensor.device).cuda_stream)
 
 
+def tma_rows(t):
+    """t (rows, n) as the CUTLASS kernels' TMA reads it: unit stride along n, a 16-byte aligned base
+    and 16-byte aligned, non-overlapping rows; a contiguous copy when it is not so."""
+    size = t.element_size()
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+          and t.stride(0) >= t.shape[-1])
+    return t if ok else t.contiguous()
+
+
 def sm90_kernel_unavailable(tensor, entry: str, what: str) -> Optional[str]:
     """None when the CUTLASS sm_90a kernel behind ``entry`` (a csrc/*_sm90.cu launcher, with its
     ``<entry>_unavailable`` twin) can run on ``tensor``'s device, else why not: a CPU tensor, no
@@ -219,6 +228,7 @@ __all__ = [
     "extension_status",
     "get_extension",
     "sm90_kernel_unavailable",
+    "tma_rows",
     "is_available",
     "read_build_info",
     "reset_status_cache",

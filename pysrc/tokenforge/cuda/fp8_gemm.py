@@ -37,13 +37,6 @@ def supports(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """t (rows, K) with unit stride along K, a 16-byte aligned base and 16-byte aligned rows."""
-    if t.stride(1) != 1 or t.data_ptr() % 16 or (t.shape[0] > 1 and (t.stride(0) % 16 or t.stride(0) < t.shape[1])):
-        t = t.contiguous()
-    return t
-
-
 def _k_vectors(scale_a: torch.Tensor, scale_b: torch.Tensor, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (scale_a.reshape(-1).expand(M).contiguous() if scale_a.numel() == 1 else scale_a.reshape(M).contiguous(),
             scale_b.reshape(-1).expand(N).contiguous() if scale_b.numel() == 1 else scale_b.reshape(N).contiguous())
@@ -72,8 +65,8 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     if M == 0 or N == 0 or K == 0:
         out = torch.zeros((M, N), dtype=torch.float32, device=a.device)
         return (out + bias.float() if bias is not None else out).to(out_dtype)
-    a = _tma_ready(a)
-    bt = _tma_ready(b.t())  # (N, K), K unit-stride: b column-major
+    a = _ext.tma_rows(a)
+    bt = _ext.tma_rows(b.t())  # (N, K), K unit-stride: b column-major
     kb = -(-K // SCALE_BLOCK)
     blockwise = varies_along_k(scale_a, k_first=False) or varies_along_k(scale_b, k_first=True)
     if blockwise:

@@ -32,11 +32,6 @@ def supports(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _rows_ok(t: torch.Tensor) -> bool:
-    """Unit stride along the last dim, 16-byte aligned base and rows."""
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
-
-
 def _b_ok(b: torch.Tensor) -> bool:
     if b.data_ptr() % 16 or b.stride(0) % 8:
         return False
@@ -58,7 +53,7 @@ def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out
     """out (T, N) = a (T, K) @ b[e] per expert's rows (out: a fresh contiguous tensor)."""
     tokens, k = a.shape
     experts, _, n = b.shape
-    a = a if _rows_ok(a) else a.contiguous()
+    a = _ext.tma_rows(a)
     b = b if _b_ok(b) else b.contiguous()
     offs = offs.contiguous()
     b_k_major = b.stride(1) == 1 and b.stride(2) != 1
@@ -70,7 +65,7 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db
     """db (E, K, N) = a[rows of e]^T @ dout[rows of e] (zeros for an expert with no rows)."""
     tokens, k = a.shape
     experts, _, n = db.shape
-    a = a if _rows_ok(a) else a.contiguous()
-    dout = dout if _rows_ok(dout) else dout.contiguous()
+    a = _ext.tma_rows(a)
+    dout = _ext.tma_rows(dout)
     offs = offs.contiguous()
     return _launch(a, dout, db, offs, experts, tokens, n, k, a.stride(0), 0, 1, 0, dout.stride(0), WGRAD, False)
