@@ -9,6 +9,7 @@ Backends (baselines first, so a kernel's ratios are known when it runs):
     sdpa             F.scaled_dot_product_attention, default choice                    (CPU runs)
     flash_attn       flash_attn.flash_attn_func, when installed
     triton           tokenforge.ops.attention(backend="triton")
+    cuda             tokenforge.ops.attention(backend="cuda"): CUDA C++ (sm_90a, bf16, d64/d128)
 
 TFLOP/s follow flash_attn's convention: 4 * b * h * sq * sk * d for the forward, halved when causal;
 the backward counts 2.5x the forward (so fwd+bwd is 3.5x). ``fraction_of_matmul`` compares with a
@@ -29,7 +30,7 @@ from harness import BackendUnavailable, Prepared
 OP = "attention"
 PASSES = ("fwd", "fwd_bwd")
 BASELINES = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa", "flash_attn")
-GPU_BACKENDS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn", "triton")
+GPU_BACKENDS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn", "triton", "cuda")
 CPU_BACKENDS = ("sdpa", "triton")
 HEADS_TOKENS = 16 * 16384  # batch * seqlen held constant on the GPU: batch = 16384 // seqlen (x16 heads)
 
@@ -86,6 +87,12 @@ def make_op(backend: str, device: torch.device) -> Callable:
         from tokenforge.ops.attention import attention
 
         return lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="triton")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise BackendUnavailable("the CUDA C++ attention needs an sm_90 GPU")
+        from tokenforge.ops.attention import attention
+
+        return lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="cuda")
     if backend == "flash_attn":
         flash_attn_func = harness.peer_import("flash_attn", "flash_attn", "pip install flash-attn").flash_attn_func
         return lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)

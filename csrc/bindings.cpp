@@ -93,6 +93,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_be"), py::arg("ldo"), py::arg("kind"), py::arg("stream"),
         "bf16 grouped GEMM on sm_90a (CUTLASS ptr-array, TMA + wgmma, persistent): kind 0 out = a @ b[e] "
         "per expert's rows, kind 1 db[e] = a[rows]^T @ dout[rows]; the schedule is built on the device.");
+  m.def("attention_sm90_unavailable", &tokenforge::attention_sm90_unavailable,
+        "Empty when the CUDA C++ sm_90a attention is in this build, else why not.");
+  m.def("attention_sm90_forward", &tokenforge::attention_sm90_forward, py::arg("q_ptr"), py::arg("k_ptr"),
+        py::arg("v_ptr"), py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("cu_q_ptr"), py::arg("cu_k_ptr"),
+        py::arg("sizes"), py::arg("strides"), py::arg("scale"), py::arg("left"), py::arg("right"), py::arg("stream"),
+        "bf16 attention forward on sm_90a (CuTe, FA3-style: TMA producer warp, wgmma consumers, softmax "
+        "overlapped with the next GEMM): dense or varlen, GQA, causal/window; writes out and lse.");
+  m.def("attention_sm90_backward", &tokenforge::attention_sm90_backward, py::arg("dout_ptr"), py::arg("q_ptr"),
+        py::arg("k_ptr"), py::arg("v_ptr"), py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("cu_q_ptr"),
+        py::arg("cu_k_ptr"), py::arg("dq_ptr"), py::arg("dk_ptr"), py::arg("dv_ptr"), py::arg("dq_accum_ptr"),
+        py::arg("delta_ptr"), py::arg("sizes"), py::arg("strides"), py::arg("grad_strides"), py::arg("scale"),
+        py::arg("left"), py::arg("right"), py::arg("stream"),
+        "bf16 attention backward on sm_90a (CuTe, 5 wgmma GEMMs per block pair, dq by fp32 atomics).");
   m.def("adamw_fp32_step", &tokenforge::adamw_fp32_step, py::arg("ptrs"), py::arg("meta"),
         py::arg("blockmap"), py::arg("hyper"), py::arg("grad_scale"), py::arg("n_tensors"),
         py::arg("n_blocks"), py::arg("chunk_size"), py::arg("amsgrad"), py::arg("maximize"),

@@ -100,6 +100,29 @@ void grouped_mm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t out, std
                      std::int64_t tokens, std::int64_t n, std::int64_t k, std::int64_t lda, std::int64_t ldb_k,
                      std::int64_t ldb_n, std::int64_t stride_be, std::int64_t ldo, int kind, std::uintptr_t stream);
 
+// ---- Attention on sm_90a, CuTe FA3-style (attention_sm90.cu) ----------------------------------
+// Empty when the CUDA C++ attention is in this build, else why not.
+std::string attention_sm90_unavailable();
+// bf16, head_dim 64 or 128 with unit stride. sizes = (batch, seqlen_q, seqlen_k, max_seqlen_q,
+// max_seqlen_k, heads, heads_kv, head_dim); strides (elements) = q, k, v, out as (batch, row, head)
+// then lse as (batch, head). Dense: q (batch, seqlen_q, heads, d), lse (batch, heads, seqlen_q).
+// Varlen (cu_q, cu_k int32 (batch + 1,) on the device, clamped): seqlen_* are the packed totals,
+// batch strides are ignored, lse is (heads, total_q). Window (left, right), -1 unbounded, bottom-right
+// aligned (causal = (-1, 0)). Rows that see no key: out 0, lse +inf.
+void attention_sm90_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
+                            std::uintptr_t lse, std::uintptr_t cu_q, std::uintptr_t cu_k,
+                            const std::vector<std::int64_t>& sizes, const std::vector<std::int64_t>& strides,
+                            double scale, std::int64_t left, std::int64_t right, std::uintptr_t stream);
+// The backward of the same call: dq (contiguous like q), dk, dv written (grad_strides = dout, dk,
+// dv as (batch, row, head)); dq_accum fp32 (rows, heads, head_dim) and delta fp32 (lse's layout)
+// are scratch. dq accumulates with fp32 atomics: not bitwise deterministic.
+void attention_sm90_backward(std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                             std::uintptr_t o, std::uintptr_t lse, std::uintptr_t cu_q, std::uintptr_t cu_k,
+                             std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t dq_accum,
+                             std::uintptr_t delta, const std::vector<std::int64_t>& sizes,
+                             const std::vector<std::int64_t>& strides, const std::vector<std::int64_t>& grad_strides,
+                             double scale, std::int64_t left, std::int64_t right, std::uintptr_t stream);
+
 // ---- AdamW (adamw.cu) -----------------------------------------------------------------------
 // One multi-tensor AdamW step over fp32 params from the device tables built by
 // tokenforge.optim.multi_tensor (ptrs int64 [7, n_tensors], meta int64 [2, n_tensors], blockmap

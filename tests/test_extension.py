@@ -471,6 +471,11 @@ CUTLASS_KERNELS = {
                       [r"QGMMA\.64x128x32\.F32\.E4M3\.E4M3", r"UTMALDG\.3D\.MULTICAST", "UTMASTG", "SYNCS.PHASECHK"]),
     "grouped_mm_sm90": ("grouped_mm_sm90_unavailable", r"GemmUniversal\w*GroupProblemShape", 3,
                         [r"HGMMA\.64x256x16\.F32\.BF16", "UTMALDG", "UTMASTG", "UTMACCTL", "SYNCS.PHASECHK"]),
+    # CuTe, not a CUTLASS device GEMM: forward and backward at d64 and d128; the P V / dV / dK GEMMs
+    # take one operand from registers (HGMMA ... R), which only wgmma's RS form does.
+    "attention_sm90": ("attention_sm90_unavailable", r"attention_(?:fwd|bwd)_kernelILi", 4,
+                       [r"HGMMA\.64x\d+x16\.F32\.BF16", r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc", "UTMALDG",
+                        "SYNCS.PHASECHK"]),
 }
 
 

@@ -5,7 +5,8 @@ Path of a call: :func:`attention` / :func:`attention_varlen` validate and pick a
 :class:`AttentionFunction` (autograd; saves q, k, v, out and the fp32 lse, never the scores) ->
 the custom ops ``tokenforge::attention_fwd`` / ``tokenforge::attention_bwd`` (opaque to
 ``torch.compile`` through their fake implementations) -> ``tokenforge.kernels.attention``
-(Triton). The ``torch`` backend on CUDA tensors is ``F.scaled_dot_product_attention`` (PyTorch's
+(Triton) or ``tokenforge.cuda.attention`` (``backend="cuda"``: CUDA C++ in csrc/attention_sm90.cu,
+FlashAttention-3 style for sm_90a). The ``torch`` backend on CUDA tensors is ``F.scaled_dot_product_attention`` (PyTorch's
 own fused attention: the real baseline), wherever SDPA can express the call (no softcap, no lse
 asked for, every query row sees a key; windows as a boolean mask); otherwise, and on the CPU, it is
 :func:`attention_reference` (materialises the scores, the tests' oracle), differentiated by autograd.
@@ -269,10 +270,16 @@ def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slope
     return window if window is not None else (-1, -1)
 
 
+def _cuda_supports(q, k, v) -> Optional[str]:
+    from tokenforge.cuda import attention as cuda_attention
+
+    return cuda_attention.supports(q, k, v)
+
+
 backends.register_op(
     OP,
-    cuda_preference=("triton",),
-    supports={"triton": _triton_supports, "torch": lambda q, k, v: None},
+    cuda_preference=("triton", "cuda"),
+    supports={"triton": _triton_supports, "cuda": _cuda_supports, "torch": lambda q, k, v: None},
     example_inputs=lambda device, dtype: tuple(torch.empty(1, 128, 8, 64, device=device, dtype=dtype)
                                                for _ in range(3)),
 )
@@ -285,7 +292,7 @@ backends.register_op(
 
 
 # The custom ops below call their backend's launcher through this table (no dispatch in between).
-LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.attention")
+LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.attention", cuda="tokenforge.cuda.attention")
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -313,8 +320,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
                   softcap: float, deterministic: bool, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The kernels use no atomics, so every backward is deterministic; the flag is part of the
-    # schema so a future faster non-deterministic schedule can be chosen without an API change.
+    # The Triton backward uses no atomics: deterministic whatever the flag says. The cuda backward
+    # adds dq with atomics, so the op layer refuses deterministic=True for it (check_call).
     return LAUNCHERS[backend].attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, scale, (window_left, window_right), softcap)
 
@@ -354,6 +361,10 @@ class AttentionFunction(torch.autograd.Function):
 
 def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name):
     """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
+    if name == "cuda":  # what the CUDA C++ kernels do not do, refused before anything runs
+        from tokenforge.cuda import attention as cuda_attention
+
+        cuda_attention.check_call(softcap, scale, deterministic)
     qp, kp, vp, d = _pad_head_dim(q, k, v)
     out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
                                        name)
@@ -375,7 +386,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     (any head_dim up to 256: one that is not a multiple of 8 in 32..256 is zero-padded to one).
     Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with return_lse. causal is bottom-right
     aligned; window (or flash_attn's window_size) = (left, right), -1 unbounded; softcap > 0 caps
-    scores at softcap * tanh(s / softcap). ``backend`` forces triton or torch.
+    scores at softcap * tanh(s / softcap). ``backend`` forces triton, cuda (CUDA C++, sm_90a: bf16,
+    d 64/128, no softcap, dq by atomics so deterministic=True is refused) or torch.
 
     The positional order and keywords are flash_attn_func's, so ported code runs unchanged:
     dropout_p must be 0 and alibi_slopes None (refused otherwise, with what to do), and
