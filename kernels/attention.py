@@ -349,23 +349,26 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     SEQ_Q, SEQ_K, KV_HEADS, HEAD_DIM, N_BLOCKS,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
+    HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
-    # dv += pT @ dO need no transposes of the accumulators.
+    # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
+    # this key block's dq share, ds @ k, into the fp32 DQ_ACC with atomics (five GEMMs per block
+    # pair, no second pass that recomputes the scores; the order of the adds varies run to run).
     pid_n, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // KV_HEADS
     hk = pid_bh % KV_HEADS
@@ -423,6 +426,11 @@ def _attn_bwd_dkdv(
             if HAS_SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)
             dk += _dot(dsT.to(qt.dtype), tl.trans(qt), UPCAST)
+            if ATOMIC_DQ:
+                dq = _dot(tl.trans(dsT.to(k.dtype)), k, UPCAST)
+                dq_ptrs = (DQ_ACC + b64 * stride_dqb + h * stride_dqh + (q_row0 + rows)[:, None] * stride_dqs
+                           + offs_d[None, :])
+                tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     dk = dk * qk_scale
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -526,6 +534,12 @@ def _attn_bwd_dq(
 # ---------------------------------------------------------------------------------------------
 
 HEAD_DIM_BLOCKS = (32, 64, 128, 256)
+# One-pass backward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim block, sm_90
+# only. None at d128/d256: every wgmma-shaped tile there spills (136+ bytes at 64x64 under both
+# triton 3.6 and the newest; dk, dv and dq's share do not fit one thread's registers next to the
+# scores), so those head dims keep the two-pass backward (the CUDA C++ backend is one-pass at d128).
+# sm_80 spills at these tiles too (216+ bytes).
+FUSED_TILES = {32: (64, 64, 4, 2), 64: (64, 64, 8, 2)}
 
 
 def block_d(head_dim: int) -> int:
@@ -573,6 +587,28 @@ def dq_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=1)
 
 
+def fused_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+    """Tiles of the one-pass backward (the dk/dv kernel with ATOMIC_DQ): BLOCK_N keys held,
+    BLOCK_M queries streamed. On sm_90 every GEMM is at least m64n64 per warpgroup pair (S^T and
+    dP^T are BLOCK_N x BLOCK_M, dq's share BLOCK_M x BLOCK_D): no n16/n32 wgmma tiles."""
+    bd = block_d(head_dim)
+    if interpreted:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=bd, num_warps=4, num_stages=1, ATOMIC_DQ=True)
+    bm, bn, w, st = FUSED_TILES[bd]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st, ATOMIC_DQ=True)
+
+
+def fused_backward_runs(head_dim: int, device: torch.device, interpreted: bool | None = None) -> bool:
+    """Whether deterministic=False takes the one-pass backward here: under the interpreter (so the
+    CPU tests run it), and on sm_90 at the head dims FUSED_TILES has; else the two-pass one."""
+    return (INTERPRETED if interpreted is None else interpreted) or (block_d(head_dim) in FUSED_TILES and arch_family(device) == "sm_90")
+
+
+def fused_configs() -> list[dict]:
+    """The one-pass backward's configs (sm_90 only: the compile gate checks them there)."""
+    return [fused_config(bd, interpreted=False) for bd in sorted(FUSED_TILES)]
+
+
 def preprocess_config(head_dim: int) -> dict:
     bd = block_d(head_dim)
     return dict(BLOCK_M=max(16, min(128, 4096 // bd)), BLOCK_D=bd, num_warps=4)
@@ -602,7 +638,11 @@ _EXTRA = {
     "default": {},
 }
 ARCH_FAMILIES = tuple(_EXTRA)
-_FIXED = {"_attn_fwd": fwd_config, "_attn_bwd_dkdv": bwd_config, "_attn_bwd_dq": dq_config}
+_FIXED = {"_attn_fwd": fwd_config, "_attn_bwd_dkdv": bwd_config, "_attn_bwd_dq": dq_config,
+          "_attn_bwd_fused": fused_config}
+# Config tags that name a variant of another kernel: the one-pass backward is _attn_bwd_dkdv with
+# ATOMIC_DQ (in its configs).
+KERNEL_OF = {"_attn_bwd_fused": "_attn_bwd_dkdv"}
 
 
 def candidates(kernel: str, head_dim: int, arch: str = "default", interpreted: bool = INTERPRETED) -> list[dict]:
@@ -615,6 +655,8 @@ def candidates(kernel: str, head_dim: int, arch: str = "default", interpreted: b
     out = [first]
     for bm, bn, w, st in _EXTRA.get(arch, {}).get(kernel, {}).get(bd, []):
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
+        if "ATOMIC_DQ" in first:
+            c["ATOMIC_DQ"] = first["ATOMIC_DQ"]
         if c not in out:
             out.append(c)
     return out
@@ -627,6 +669,8 @@ def all_configs() -> list[tuple[str, dict]]:
     for bd in HEAD_DIM_BLOCKS:
         out.append(("_attn_bwd_preprocess", preprocess_config(bd)))
         for name in _FIXED:
+            if name == "_attn_bwd_fused":  # sm_90 only: fused_configs()
+                continue
             for arch in ARCH_FAMILIES:
                 for c in candidates(name, bd, arch, interpreted=False):
                     if (name, c) not in out:
@@ -931,8 +975,14 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                       max_seqlen_k: int, scale: float, window: tuple[int, int], softcap: float):
-    """(dq, dk, dv), contiguous, in q/k/v's dtype; no atomics, so bitwise reproducible."""
+                       max_seqlen_k: int, scale: float, window: tuple[int, int], softcap: float,
+                       deterministic: bool = True):
+    """(dq, dk, dv), contiguous, in q/k/v's dtype.
+
+    deterministic=False (the API's default, as in flash_attn), where :func:`fused_backward_runs`:
+    one pass per key block computes dk, dv and adds dq's share with fp32 atomics (scores computed
+    once). Otherwise (deterministic=True, d > 64, or not sm_90): the dk/dv pass, then a dq pass per
+    query block that recomputes the scores; no atomics, bitwise reproducible."""
     varlen = cu_seqlens_q is not None
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
@@ -963,14 +1013,22 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
             seq_q, heads, d, n_pre, IS_VARLEN=varlen, HEAD_I64=wide, FOLD=fold, **pcfg,
         )
 
-        def launch_dkdv(cfg, dk=dk, dv=dv):
+        fused = not deterministic and fused_backward_runs(d, q.device)
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else None
+
+        def launch_dkdv(cfg, dk=dk, dv=dv, dq_acc=dq_acc):
             n_blocks = triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"])
             grid, fold = _grid(n_blocks, batch * kv_heads)
+            acc = dq_acc if dq_acc is not None else delta  # not read without ATOMIC_DQ
+            acc_strides = _bshd(dq_acc, varlen) if dq_acc is not None else (0, 0, 0)
+            if dq_acc is not None:
+                dq_acc.zero_()  # a timed candidate may have added into it before
             _attn_bwd_dkdv[grid](
-                q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+                q, k, v, do, lse, delta, dk, dv, acc, cu_q, cu_k,
                 *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
-                *_bshd(dk, varlen), *_bshd(dv, varlen), *lse_strides,
-                seq_q, seq_k, kv_heads, d, n_blocks, scale, cap, FOLD=fold, **common, **cfg,
+                *_bshd(dk, varlen), *_bshd(dv, varlen), *acc_strides, *lse_strides,
+                seq_q, seq_k, kv_heads, d, n_blocks, scale, cap, FOLD=fold, **common,
+                **{**cfg, "ATOMIC_DQ": dq_acc is not None},  # the mode decides, not the config
             )
 
         def launch_dq(cfg, dq=dq):
@@ -985,6 +1043,10 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
 
         # Candidates are timed into scratch buffers; the winner then writes the real outputs.
         key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch)
+        if fused:
+            launch_dkdv(_select("_attn_bwd_fused", d, q.device, key, _scratch(launch_dkdv, dk, dv, dq_acc)))
+            dq.copy_(dq_acc.mul_(scale))
+            return dq, dk, dv
         cfg = _select("_attn_bwd_dkdv", d, q.device, key, _scratch(launch_dkdv, dk, dv))
         launch_dkdv(cfg)
         cfg = _select("_attn_bwd_dq", d, q.device, key, _scratch(launch_dq, dq))

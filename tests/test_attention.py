@@ -30,7 +30,7 @@ def _finite_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return rel_error(out[fin], ref[fin]) if fin.any() else 0.0
 
 
-def _cancelling_terms(q, k, v, dout, kw):
+def _cancelling_terms(q, k, v, dout, kw, rows: bool = False):
     """Norms of the two terms whose difference gives dq and dk, (P * D) @ K and (P * D)^T @ Q times
     the scale, with D = rowsum(dout * out), in float64.
 
@@ -57,6 +57,9 @@ def _cancelling_terms(q, k, v, dout, kw):
     pd = p * delta.transpose(1, 2)[..., None]
     term_q = scale * torch.einsum("bhqk,bkhd->bqhd", pd, kk)
     term_k = scale * torch.einsum("bhqk,bqhd->bkhd", pd, q64)
+    if rows:  # per (token, head) row: dq's (b, sq, hq) and dk's (b, sk, hkv), the group summed
+        b_, sk, hq, d = term_k.shape
+        return term_q.norm(dim=-1), term_k.reshape(b_, sk, hq // group, group * d).norm(dim=-1)
     return term_q.norm().item(), term_k.norm().item()
 
 
@@ -69,7 +72,7 @@ def _grad_error(out, ref, floor: float) -> float:
 
 
 def run_and_check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, softmax_scale=None, backend="triton",
-                  dout=None, check_lowp_bound=True):
+                  dout=None, check_lowp_bound=True, deterministic=False):
     """Forward + backward through ``attention`` vs float64 autograd of the reference.
 
     Bound, FlashAttention style: each of out, dq, dk, dv is within TOLERANCE[dtype] of float64 and
@@ -78,7 +81,7 @@ def run_and_check(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, softma
     the fp16/bf16 operands is the only error there."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out, lse = attention(q, k, v, causal=causal, window=window, softcap=softcap, softmax_scale=softmax_scale,
-                         return_lse=True, backend=backend)
+                         return_lse=True, backend=backend, deterministic=deterministic)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
     if dout is None:
@@ -287,6 +290,49 @@ def test_deterministic_backward_is_bitwise_reproducible(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [(2, 70, 70, 4, 2, 64, True, (-1, -1)), (1, 45, 97, 4, 1, 32, False, (9, 7)),
+                                  (3, 97, 40, 2, 2, 64, True, (-1, -1)), (1, 64, 64, 8, 2, 64, False, (-1, -1))],
+                         ids=["causal-gqa", "window-mqa-d32", "rect-empty-rows", "full"])
+def test_one_pass_and_two_pass_backward_match_float64(device, case):
+    """deterministic=False takes the one-pass backward where it runs (dk, dv and dq's share in one
+    pass over the key blocks, dq by atomics; the interpreter always), deterministic=True the
+    two-pass one: both against float64 autograd, norm-wise with run_and_check's bounds (incl. the
+    cancelling-terms floor of causal dq) and per row."""
+    from tokenforge.kernels import attention as ak
+
+    b, sq, sk, hq, hkv, d, causal, window = case
+    n = 1 if device == "cpu" else 8
+    q, k, v = make_qkv(b, sq * n, sk * n, hq, hkv, d, torch.bfloat16, device)
+    dout = torch.randn_like(q)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=causal, window=window)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    assert ak.fused_backward_runs(d, q.device) == (device == "cpu" or ak.arch_family(q.device) == "sm_90")
+    kw = dict(causal=causal, window=window, softcap=0.0, softmax_scale=None)
+    floor_q, floor_k = (f.cpu() for f in _cancelling_terms(q, k, v, dout, kw, rows=True))
+    # The same computation entirely in bf16 (torch): a row may be no worse than twice its worst row.
+    ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+    low_grads = torch.autograd.grad(attention_reference(ql, kl, vl, causal=causal, window=window, upcast=False),
+                                    (ql, kl, vl), dout)
+
+    def row_errors(g, r, floor):
+        g, r = g.detach().double().cpu(), r.detach().cpu()
+        denom = r.norm(dim=-1) if floor is None else torch.maximum(r.norm(dim=-1), floor)
+        denom = denom.clamp_min(r.norm() / r[..., 0].numel() ** 0.5 * 1e-3)  # all-zero rows: no keys
+        return (g - r).norm(dim=-1) / denom
+
+    for deterministic in (False, True):
+        run_and_check(q, k, v, causal=causal, window=window, dout=dout, deterministic=deterministic)
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = attention(qq, kk, vv, causal=causal, window=window, deterministic=deterministic, backend="triton")
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout)
+        for name, g, r, low, floor in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads, (floor_q, floor_k, None)):
+            rows, low_rows = row_errors(g, r, floor), row_errors(low, r, floor)
+            bound = max(2 * TOLERANCE[torch.bfloat16], 2 * low_rows.max().item())
+            assert rows.max().item() <= bound, (name, deterministic, rows.argmax().item(), rows.max().item(), bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sq,sk,causal", [(1, 1, False), (17, 40, True), (65, 33, True), (33, 65, False)])
 def test_launchers_write_every_output(device, sq, sk, causal):
     from tokenforge.kernels import attention as launcher
@@ -473,7 +519,7 @@ def _attention_arg_types(dtype: str) -> dict:
     from compile_gate import TRITON_DTYPE
 
     t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    t.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32")
+    t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32")
     return t
 
 
@@ -485,12 +531,12 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
 
     from tokenforge.kernels import attention as ak
 
-    kernel = getattr(ak, name)
+    kernel = getattr(ak, ak.KERNEL_OF.get(name, name))
     params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
     config = dict(config)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
     flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
-                 HEAD_I64=head_i64, FOLD=fold, TMA=tma)
+                 HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False))
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
     if tma:  # K and V as the launcher's tensor descriptors
@@ -514,6 +560,12 @@ def _gate_configs():
 
 
 GATE_CONFIGS = _gate_configs()
+
+
+def _gate_fused():
+    from tokenforge.kernels import attention as ak
+
+    return ak.fused_configs()
 
 
 @pytest.mark.compile_gate
@@ -550,6 +602,28 @@ def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
         assert spill_bytes(ptxas_report(ptx, "sm_90")) == 0, (config, kw)
         if config["BLOCK_D"] in (64, 128):
             assert uses_wgmma(compiled), (config, kw)
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("config", _gate_fused(), ids=lambda c: f"d{c['BLOCK_D']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}")
+def test_one_pass_backward_is_wgmma_shaped_on_hopper(config):
+    """The one-pass backward (dk/dv kernel with ATOMIC_DQ) on sm_90: no spills, every GEMM a
+    wgmma of at least n32 (no n16 tiles), dq's share added by fp32 global atomics; dense, and with
+    varlen + windows + softcap + GQA 4; int64 head offsets too."""
+    import re
+
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    if "sm_90" not in GATE_ARCHS:
+        pytest.skip("the one-pass backward is the sm_90 path")
+    for kw in (dict(), dict(group=4, varlen=True, left=True, right=True, softcap=True), dict(head_i64=True, fold=True)):
+        compiled = compile_attention("_attn_bwd_fused", config, "sm_90", **kw)
+        ptx = compiled.asm["ptx"]
+        assert spill_bytes(ptxas_report(ptx, "sm_90")) == 0, (config, kw)
+        assert uses_wgmma(compiled), (config, kw)
+        widths = {int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16", ptx)}
+        assert widths and min(widths) >= 32, (config, kw, sorted(widths))
+        assert re.search(r"\b(red|atom)\.global(\.\w+)*\.add\.f32", ptx), (config, kw)  # e.g. red.global.gpu.relaxed.add.f32
 
 
 @pytest.mark.compile_gate

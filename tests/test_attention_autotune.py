@@ -236,12 +236,16 @@ def test_key_covers_flags_and_buckets():
 _INTERP_CANDS = [_cfg(32, 16), _cfg(16, 32), _cfg(16, 16)]
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "one-pass"])
 @pytest.mark.parametrize("winner", [1, 0])
-def test_autotuned_results_match_reference(tuner, monkeypatch, winner):
+def test_autotuned_results_match_reference(tuner, monkeypatch, winner, deterministic):
+    """Every tuned kernel's winner writes the real outputs; the one-pass backward (dq by atomics,
+    the interpreter always takes it with deterministic=False) is tuned as its own kernel."""
     monkeypatch.setattr(ak, "candidates", lambda kernel, d, arch: _INTERP_CANDS)
     tuner["run"] = True
+    kernels = KERNELS if deterministic else ("_attn_fwd", "_attn_bwd_fused")
     fast = (_INTERP_CANDS[winner]["BLOCK_M"], _INTERP_CANDS[winner]["BLOCK_N"])
-    for name in KERNELS:
+    for name in kernels:
         tuner["times"][name] = {fast: 0.1}
     dev = "cuda" if HAS_CUDA else "cpu"
     g = torch.Generator().manual_seed(7)
@@ -250,7 +254,7 @@ def test_autotuned_results_match_reference(tuner, monkeypatch, winner):
                    for s in ((2, 40, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32), (2, 40, 4, 32)))
     for t in (q, k, v):
         t.requires_grad_(True)
-    out = attention(q, k, v, backend="triton")
+    out = attention(q, k, v, backend="triton", deterministic=deterministic)
     out.backward(do)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref = attention_reference(q64, k64, v64)
@@ -259,12 +263,12 @@ def test_autotuned_results_match_reference(tuner, monkeypatch, winner):
     for got, want in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel_error(got, want) < TOLERANCE[dtype]
     tuned = ak.tuned_configs()
-    assert sorted(key[0] for key in tuned) == sorted(KERNELS)
+    assert sorted(key[0] for key in tuned) == sorted(kernels)
     assert all(c == _INTERP_CANDS[winner] for c in tuned.values())
     n = len(tuner["calls"])
-    assert n == 3 * len(_INTERP_CANDS)
+    assert n == len(kernels) * len(_INTERP_CANDS)
     # The second call reuses the cache: no timing.
-    attention(q, k, v, backend="triton").backward(do)
+    attention(q, k, v, backend="triton", deterministic=deterministic).backward(do)
     assert len(tuner["calls"]) == n
 
 

@@ -110,9 +110,9 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                       scale: float, window: tuple[int, int], softcap: float):
-    """(dq, dk, dv), each contiguous in its input's shape."""
-    check_call(softcap, scale, False)
+                       scale: float, window: tuple[int, int], softcap: float, deterministic: bool = False):
+    """(dq, dk, dv), each contiguous in its input's shape (dq by atomics: see check_call)."""
+    check_call(softcap, scale, deterministic)
     q, k, v, out, dout = (_tma_ready(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     cu_q = cu_seqlens_q.contiguous() if cu_seqlens_q is not None else None

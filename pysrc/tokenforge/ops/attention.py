@@ -320,10 +320,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
                   softcap: float, deterministic: bool, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The Triton backward uses no atomics: deterministic whatever the flag says. The cuda backward
-    # adds dq with atomics, so the op layer refuses deterministic=True for it (check_call).
+    # deterministic=False lets a backward add dq with atomics in one pass (Triton on sm_90 at d <= 64,
+    # always the cuda backend); True takes Triton's two-pass backward, bitwise reproducible (the op
+    # layer refuses True for cuda: check_call).
     return LAUNCHERS[backend].attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                  max_seqlen_k, scale, (window_left, window_right), softcap)
+                                                  max_seqlen_k, scale, (window_left, window_right), softcap,
+                                                  deterministic)
 
 
 @attention_bwd.register_fake
@@ -466,7 +468,9 @@ def tune(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtyp
     os.environ["TOKENFORGE_AUTOTUNE"] = "on"
     try:
         kernels_attention.clear_tuned_configs()  # time again, even what this process already chose
-        attention(q, k, v, causal=causal, window=window, softcap=softcap, backend="triton").sum().backward()
+        for deterministic in (False, True):  # the one-pass backward (where it runs) and the two-pass one
+            attention(q, k, v, causal=causal, window=window, softcap=softcap, deterministic=deterministic,
+                      backend="triton").sum().backward()
         torch.cuda.synchronize(device)
     finally:
         if old is None:
