@@ -242,12 +242,15 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    # TMA (dense only): K and V are tensor descriptors, their blocks loaded by the copy engine
-    # (cp.async.bulk.tensor on sm_90) instead of by every thread.
+    # TMA (dense only): Q, K, V and O are tensor descriptors of the (batch, seq, heads, dim)
+    # tensors: Q's block, every K/V block and the O block move by the copy engine
+    # (cp.async.bulk.tensor on sm_90) instead of by every thread; past seqlen and the head dim a load
+    # is zero-filled and the store clipped.
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
-    kv_h = h // GROUP  # 32-bit: a TMA coordinate
+    h32 = h  # TMA coordinates are 32-bit
+    kv_h = h // GROUP
     if HEAD_I64:  # h * stride_h passes 2^31 at 128 heads x 128k x d128 (see _head_i64)
         h = tl.cast(h, tl.int64)
     hk = h // GROUP
@@ -265,8 +268,11 @@ def _attn_fwd(
     m_ok = offs_m < seqlen_q
     rows_q = tl.cast(q_start + offs_m, tl.int64)
 
-    q_ptrs = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if TMA:
+        q = Q.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q_ptrs = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qs + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if TMA:
         k_base = K
         v_base = V
@@ -300,8 +306,11 @@ def _attn_fwd(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + b64 * stride_ob + h * stride_oh + rows_q[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if TMA:
+        O.store([b, m_start, h32, 0], acc.to(q.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
+    else:
+        o_ptrs = O + b64 * stride_ob + h * stride_oh + rows_q[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b64 * stride_lb + h * stride_lh + rows_q, lse, mask=m_ok)
 
 
@@ -908,9 +917,9 @@ TMA_MAX_BLOCK_D = 128
 
 
 def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Dense K and V the forward can read through tensor descriptors: an sm_90+ GPU (or the
-    interpreter), unit-stride head dim, 16-byte aligned bases and strides (TMA's rules; SDPA's
-    transposed (b, h, s, d) views qualify)."""
+    """Dense (batch, seq, heads, dim) tensors the forward can move through tensor descriptors
+    (K and V, then Q and O): an sm_90+ GPU (or the interpreter), unit-stride head dim, 16-byte
+    aligned bases and strides (TMA's rules; SDPA's transposed (b, h, s, d) views qualify)."""
     if not INTERPRETED and (k.device.type != "cuda" or torch.cuda.get_device_capability(k.device) < (9, 0)):
         return False
     size = k.element_size()
@@ -946,20 +955,22 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = heads // kv_heads
 
-    tma_layout = not varlen and tma_usable(k, v)
+    tma_layout = not varlen and tma_usable(k, v) and tma_usable(q, out)
 
     def launch(cfg, out=out, lse=lse):
         n_blocks = triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"])
         grid, fold = _grid(n_blocks, batch * heads)
-        k_arg, v_arg = k, v
+        q_arg, k_arg, v_arg, o_arg = q, k, v, out
         tma = tma_layout and cfg["BLOCK_D"] <= TMA_MAX_BLOCK_D
         if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             box = [1, cfg["BLOCK_N"], 1, cfg["BLOCK_D"]]
             k_arg, v_arg = TensorDescriptor.from_tensor(k, box), TensorDescriptor.from_tensor(v, box)
+            q_box = [1, cfg["BLOCK_M"], 1, cfg["BLOCK_D"]]
+            q_arg, o_arg = TensorDescriptor.from_tensor(q, q_box), TensorDescriptor.from_tensor(out, q_box)
         _attn_fwd[grid](
-            q, k_arg, v_arg, out, lse, cu_q, cu_k,
+            q_arg, k_arg, v_arg, o_arg, lse, cu_q, cu_k,
             *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(out, varlen),
             *_lse_strides(lse, varlen),
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,

@@ -539,11 +539,12 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
                  HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False))
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
-    if tma:  # K and V as the launcher's tensor descriptors
+    if tma:  # Q, K, V and O as the launcher's tensor descriptors
         from compile_gate import TRITON_DTYPE
 
         box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_N']}, 1, {config['BLOCK_D']}]>"
-        types.update(K=box, V=box)
+        q_box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_M']}, 1, {config['BLOCK_D']}]>"
+        types.update(K=box, V=box, Q=q_box, O=q_box)
     for p in params:  # strides, sizes and window bounds: 32-bit ints
         if p not in types and p not in constexprs:
             types[p] = "i32"
@@ -589,8 +590,10 @@ def test_configs_compile_without_spills(arch, name, config):
                               for n, c in GATE_CONFIGS if n == "_attn_fwd" and c["BLOCK_D"] <= 128])
 def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
     """Every forward config the launcher gives descriptors (head dim blocks up to
-    TMA_MAX_BLOCK_D = 128), on sm_90: TMA loads (cp.async.bulk.tensor) feeding wgmma, no spills;
-    causal and the all-features dense variant."""
+    TMA_MAX_BLOCK_D = 128), on sm_90: TMA loads of Q, K, V (cp.async.bulk.tensor) feeding wgmma
+    and a TMA store of O, no spills; causal and the all-features dense variant."""
+    import re
+
     from compile_gate import ptxas_report, spill_bytes, uses_wgmma
 
     if "sm_90" not in GATE_ARCHS:
@@ -599,6 +602,8 @@ def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
         compiled = compile_attention(name, config, "sm_90", tma=True, **kw)
         ptx = compiled.asm["ptx"]
         assert "cp.async.bulk.tensor" in ptx, (config, kw)
+        # O leaves by a TMA store too (shared -> global), not by per-thread stores
+        assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx), (config, kw)
         assert spill_bytes(ptxas_report(ptx, "sm_90")) == 0, (config, kw)
         if config["BLOCK_D"] in (64, 128):
             assert uses_wgmma(compiled), (config, kw)
