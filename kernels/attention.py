@@ -372,15 +372,18 @@ def _attn_bwd_dkdv(
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-    HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr = False,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
     # this key block's dq share, ds @ k, into the fp32 DQ_ACC with atomics (five GEMMs per block
     # pair, no second pass that recomputes the scores; the order of the adds varies run to run).
+    # TMA (dense only): Q, K, V and dO are (batch, seq, heads, dim) tensor descriptors, the K/V
+    # block and every streamed Q/dO block loaded by the copy engine (zero-filled past seqlen).
     pid_n, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // KV_HEADS
     hk = pid_bh % KV_HEADS
+    hk32 = hk  # TMA coordinates are 32-bit
     if HEAD_I64:
         hk = tl.cast(hk, tl.int64)
     q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
@@ -397,10 +400,14 @@ def _attn_bwd_dkdv(
     n_ok = offs_n < seqlen_k
     kv_mask = n_ok[:, None] & d_ok[None, :]
     rows_k = tl.cast(k_start + offs_n, tl.int64)
-    k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    if TMA:
+        k = K.load([b, n_start, hk32, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([b, n_start, hk32, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k[:, None] * stride_ks + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k[:, None] * stride_vs + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -409,16 +416,21 @@ def _attn_bwd_dkdv(
     q_row0 = tl.cast(q_start, tl.int64)
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_base = Q + b64 * stride_qb + h * stride_qh + q_row0 * stride_qs
-        do_base = DO + b64 * stride_dob + h * stride_doh + q_row0 * stride_dos
+        h32 = hk32 * GROUP + g
+        if not TMA:
+            q_base = Q + b64 * stride_qb + h * stride_qh + q_row0 * stride_qs
+            do_base = DO + b64 * stride_dob + h * stride_doh + q_row0 * stride_dos
         l_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
         dl_base = DELTA + b64 * stride_lb + h * stride_lh + q_row0
         for m_start in range(lo, hi, BLOCK_M):
             offs_m = m_start + offs_m0
             m_ok = offs_m < seqlen_q
             rows = tl.cast(offs_m, tl.int64)
-            qt = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            if TMA:
+                qt = tl.trans(Q.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D))
+            else:
+                qt = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
+                             mask=m_ok[None, :] & d_ok[:, None], other=0.0)
             lse = tl.load(l_base + rows, mask=m_ok, other=float("inf"))
             qkT = _dot(k, qt, UPCAST)
             # _scores masks (row, col) = (query, key); here rows are keys, so flip the roles by
@@ -426,8 +438,11 @@ def _attn_bwd_dkdv(
             sT, tT = _scores_t(qkT, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT,
                                WIN_RIGHT, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
             pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
-            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            if TMA:
+                do = DO.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
+            else:
+                do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             dv += _dot(pT.to(do.dtype), do, UPCAST)
             delta = tl.load(dl_base + rows, mask=m_ok, other=0.0)
             dpT = _dot(v, tl.trans(do), UPCAST)
@@ -916,6 +931,14 @@ def _head_i64(*tensors) -> bool:
 TMA_MAX_BLOCK_D = 128
 
 
+def bwd_tma_config(cfg: dict) -> bool:
+    """Whether the dk/dv pass at ``cfg`` reads through descriptors: head dim blocks up to
+    TMA_MAX_BLOCK_D, and query blocks of 32+ (the 16-row tuning candidates, n16 wgmma tiles anyway,
+    spill 8 B with descriptors at d128 under the newest triton; the interpreter's small tiles take
+    them, so the CPU tests run this path)."""
+    return cfg["BLOCK_D"] <= TMA_MAX_BLOCK_D and (cfg["BLOCK_M"] >= 32 or INTERPRETED)
+
+
 def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Dense (batch, seq, heads, dim) tensors the forward can move through tensor descriptors
     (K and V, then Q and O): an sm_90+ GPU (or the interpreter), unit-stride head dim, 16-byte
@@ -923,7 +946,9 @@ def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     if not INTERPRETED and (k.device.type != "cuda" or torch.cuda.get_device_capability(k.device) < (9, 0)):
         return False
     size = k.element_size()
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride()[:-1])
+    # A broadcast (stride 0) dim, e.g. an expanded dout, is left to the pointer loads.
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all((st * size) % 16 == 0 and (st > 0 or n == 1) for st, n in zip(t.stride()[:-1], t.shape[:-1]))
                for t in (k, v))
 
 
@@ -1027,19 +1052,29 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
         fused = not deterministic and fused_backward_runs(d, q.device)
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else None
 
+        tma_layout = not varlen and tma_usable(k, v) and tma_usable(q, do)
+
         def launch_dkdv(cfg, dk=dk, dv=dv, dq_acc=dq_acc):
             n_blocks = triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"])
             grid, fold = _grid(n_blocks, batch * kv_heads)
+            q_arg, k_arg, v_arg, do_arg = q, k, v, do
+            tma = tma_layout and bwd_tma_config(cfg)
+            if tma:
+                from triton.tools.tensor_descriptor import TensorDescriptor
+
+                kv_box, q_box = [1, cfg["BLOCK_N"], 1, cfg["BLOCK_D"]], [1, cfg["BLOCK_M"], 1, cfg["BLOCK_D"]]
+                k_arg, v_arg = TensorDescriptor.from_tensor(k, kv_box), TensorDescriptor.from_tensor(v, kv_box)
+                q_arg, do_arg = TensorDescriptor.from_tensor(q, q_box), TensorDescriptor.from_tensor(do, q_box)
             acc = dq_acc if dq_acc is not None else delta  # not read without ATOMIC_DQ
             acc_strides = _bshd(dq_acc, varlen) if dq_acc is not None else (0, 0, 0)
             if dq_acc is not None:
                 dq_acc.zero_()  # a timed candidate may have added into it before
             _attn_bwd_dkdv[grid](
-                q, k, v, do, lse, delta, dk, dv, acc, cu_q, cu_k,
+                q_arg, k_arg, v_arg, do_arg, lse, delta, dk, dv, acc, cu_q, cu_k,
                 *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
                 *_bshd(dk, varlen), *_bshd(dv, varlen), *acc_strides, *lse_strides,
                 seq_q, seq_k, kv_heads, d, n_blocks, scale, cap, FOLD=fold, **common,
-                **{**cfg, "ATOMIC_DQ": dq_acc is not None},  # the mode decides, not the config
+                TMA=tma, **{**cfg, "ATOMIC_DQ": dq_acc is not None},  # the mode decides, not the config
             )
 
         def launch_dq(cfg, dq=dq):

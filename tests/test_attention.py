@@ -235,11 +235,12 @@ def test_interior_key_blocks_skip_the_mask(monkeypatch, sq, sk, causal, window, 
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-def test_forward_reads_k_v_by_tma_or_pointers(monkeypatch, tma):
-    """Dense K/V with TMA-legal strides go through tensor descriptors (the interpreter runs them;
-    on a GPU, sm_90+); the pointer loads stay for varlen, sm_80 and other strides. Both paths,
-    causal and windowed, with a seqlen_k tail and a head dim below the block (zero-filled), and
-    SDPA's transposed (b, h, s, d) views."""
+def test_reads_by_tma_or_pointers(monkeypatch, tma):
+    """Dense Q/K/V/O (and in the backward's dk/dv pass Q/K/V/dO) with TMA-legal strides go through
+    tensor descriptors (the interpreter runs them; on a GPU, sm_90+); the pointer loads stay for
+    varlen, sm_80 and other strides. Both paths, causal and windowed, with a seqlen_k tail and a
+    head dim below the block (zero-filled), one-pass and two-pass backward, and SDPA's transposed
+    (b, h, s, d) views."""
     from tokenforge.kernels import attention as ak
 
     if not kernels.INTERPRETED:
@@ -250,6 +251,7 @@ def test_forward_reads_k_v_by_tma_or_pointers(monkeypatch, tma):
     if not tma:
         monkeypatch.setattr(ak, "tma_usable", lambda k, v: False)
     run_and_check(q, k, v, causal=True)
+    run_and_check(q, k, v, causal=True, deterministic=True)
     run_and_check(q, k, v, window=(9, 3))
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # (b, h, s, d) storage
     assert ak.tma_usable(kt, vt) == tma
@@ -544,7 +546,7 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
 
         box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_N']}, 1, {config['BLOCK_D']}]>"
         q_box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_M']}, 1, {config['BLOCK_D']}]>"
-        types.update(K=box, V=box, Q=q_box, O=q_box)
+        types.update(K=box, V=box, Q=q_box, O=q_box, DO=q_box)
     for p in params:  # strides, sizes and window bounds: 32-bit ints
         if p not in types and p not in constexprs:
             types[p] = "i32"
@@ -607,6 +609,35 @@ def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
         assert spill_bytes(ptxas_report(ptx, "sm_90")) == 0, (config, kw)
         if config["BLOCK_D"] in (64, 128):
             assert uses_wgmma(compiled), (config, kw)
+
+
+def _bwd_tma_configs():
+    from tokenforge.kernels import attention as ak
+
+    return [(n, c) for n, c in GATE_CONFIGS + [("_attn_bwd_fused", c) for c in _gate_fused()]
+            if n in ("_attn_bwd_dkdv", "_attn_bwd_fused") and ak.bwd_tma_config(c)]
+
+
+_BWD_TMA = _bwd_tma_configs()
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name,config", _BWD_TMA,
+                         ids=[f"{n}-d{c['BLOCK_D']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _BWD_TMA])
+def test_backward_tma_compiles_to_bulk_tensor_loads(name, config):
+    """The dk/dv pass (two-pass and one-pass) with descriptors on sm_90: K/V and the streamed Q/dO
+    blocks by TMA (cp.async.bulk.tensor), wgmma, no spills; causal and the all-features variant."""
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    if "sm_90" not in GATE_ARCHS:
+        pytest.skip("tensor descriptors are the sm_90 path")
+    for kw in (dict(), dict(group=4, left=True, right=True, softcap=True)):
+        compiled = compile_attention(name, config, "sm_90", tma=True, **kw)
+        ptx = compiled.asm["ptx"]
+        assert "cp.async.bulk.tensor" in ptx, (name, config, kw)
+        assert spill_bytes(ptxas_report(ptx, "sm_90")) == 0, (name, config, kw, ptxas_report(ptx, "sm_90"))
+        if config["BLOCK_D"] in (64, 128):
+            assert uses_wgmma(compiled), (name, config, kw)
 
 
 @pytest.mark.compile_gate
