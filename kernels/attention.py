@@ -376,7 +376,7 @@ def _attn_bwd_dkdv(
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
-    # this key block's dq share, ds @ k, into the fp32 DQ_ACC with atomics (five GEMMs per block
+    # this key block's dq share, scale * ds @ k, into the fp32 DQ_ACC with atomics (five GEMMs per block
     # pair, no second pass that recomputes the scores; the order of the adds varies run to run).
     # TMA (dense only): Q, K, V and dO are (batch, seq, heads, dim) tensor descriptors, the K/V
     # block and every streamed Q/dO block loaded by the copy engine (zero-filled past seqlen).
@@ -454,7 +454,7 @@ def _attn_bwd_dkdv(
                 dq = _dot(tl.trans(dsT.to(k.dtype)), k, UPCAST)
                 dq_ptrs = (DQ_ACC + b64 * stride_dqb + h * stride_dqh + (q_row0 + rows)[:, None] * stride_dqs
                            + offs_d[None, :])
-                tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq * qk_scale, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     dk = dk * qk_scale
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -613,8 +613,8 @@ def dq_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
 
 def fused_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
     """Tiles of the one-pass backward (the dk/dv kernel with ATOMIC_DQ): BLOCK_N keys held,
-    BLOCK_M queries streamed. On sm_90 every GEMM is at least m64n64 per warpgroup pair (S^T and
-    dP^T are BLOCK_N x BLOCK_M, dq's share BLOCK_M x BLOCK_D): no n16/n32 wgmma tiles."""
+    BLOCK_M queries streamed. On sm_90 every GEMM is a wgmma of m64n32 or wider (S^T and dP^T are
+    BLOCK_N x BLOCK_M, dq's share BLOCK_M x BLOCK_D): no n16 tiles."""
     bd = block_d(head_dim)
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=bd, num_warps=4, num_stages=1, ATOMIC_DQ=True)
@@ -625,7 +625,9 @@ def fused_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
 def fused_backward_runs(head_dim: int, device: torch.device, interpreted: bool | None = None) -> bool:
     """Whether deterministic=False takes the one-pass backward here: under the interpreter (so the
     CPU tests run it), and on sm_90 at the head dims FUSED_TILES has; else the two-pass one."""
-    return (INTERPRETED if interpreted is None else interpreted) or (block_d(head_dim) in FUSED_TILES and arch_family(device) == "sm_90")
+    if INTERPRETED if interpreted is None else interpreted:
+        return True
+    return block_d(head_dim) in FUSED_TILES and arch_family(device) == "sm_90"
 
 
 def fused_configs() -> list[dict]:
@@ -1050,7 +1052,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
         )
 
         fused = not deterministic and fused_backward_runs(d, q.device)
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else None
+        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused else None  # zeroed per launch
 
         tma_layout = not varlen and tma_usable(k, v) and tma_usable(q, do)
 
@@ -1091,7 +1093,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
         key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch)
         if fused:
             launch_dkdv(_select("_attn_bwd_fused", d, q.device, key, _scratch(launch_dkdv, dk, dv, dq_acc)))
-            dq.copy_(dq_acc.mul_(scale))
+            dq.copy_(dq_acc)  # the kernel added scale * ds @ k: only the rounding to q's dtype is left
             return dq, dk, dv
         cfg = _select("_attn_bwd_dkdv", d, q.device, key, _scratch(launch_dkdv, dk, dv))
         launch_dkdv(cfg)
