@@ -533,12 +533,12 @@ if __name__ == "__main__":
         install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
         extras_require={
             # transformers: the Hugging Face patching tests (tokenforge.patch.TRANSFORMERS_TESTED);
-            # accelerate: transformers.Trainer needs it (the Trainer client tests). Below 5.25: that
-            # release requires Hugging Face's `kernels` package, which this repository's own top-level
-            # kernels/ folder shadows when the tests run from the checkout (transformers then fails to
-            # import its hub-kernel integration); lift the cap once kernels/ no longer sits on sys.path.
-            "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<5.25", "accelerate>=1.0"],
-            "hf": ["transformers>=4.50,<5.25"],
+            # accelerate: transformers.Trainer needs it (the Trainer client tests). The cap is the newest
+            # release tested; 5.25+ imports Hugging Face's `kernels` package, which the checkout's own
+            # kernels/ folder would shadow, so the tests keep the checkout root off sys.path
+            # (tokenforge.testing.keep_checkout_off_sys_path).
+            "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<5.26", "accelerate>=1.0"],
+            "hf": ["transformers>=4.50,<5.26"],
             "bench": ["pytest-benchmark>=4", "matplotlib"],
         },
         package_dir={"": "pysrc", "tokenforge.kernels": "kernels"},

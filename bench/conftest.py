@@ -21,6 +21,10 @@ import sys
 
 import pytest
 
+from tokenforge.testing import keep_checkout_off_sys_path
+
+keep_checkout_off_sys_path()  # before anything imports transformers (see its docstring)
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)

@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton>=3.9's notice; same codegen
 
+from tokenforge.testing import keep_checkout_off_sys_path  # noqa: E402  (imports tokenforge.kernels)
+
+keep_checkout_off_sys_path()  # before anything imports transformers (see its docstring)
+
 import pytest  # noqa: E402
 
 from device_params import HAS_CUDA  # noqa: E402

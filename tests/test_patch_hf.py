@@ -1,6 +1,8 @@
 """tokenforge.patch on tiny, randomly initialised Hugging Face causal LMs (built from a config, no
 download): same loss and gradients as the unpatched model, and unpatch restores it exactly."""
 
+import os
+
 import pytest
 import torch
 
@@ -182,3 +184,13 @@ def test_trainer_safe_outputs():
     out = model(ids, None, None, None, None, labels)
     assert rel_error(out.loss, ref_train) <= TOL
     tokenforge.unpatch(model)
+
+
+def test_checkout_kernels_folder_does_not_shadow_hf_kernels():
+    """From the checkout, ``import kernels`` must not find its kernels/ folder (tokenforge.kernels):
+    transformers 5.25+ imports Hugging Face's package of that name (tests/conftest.py drops the root)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not (spec.origin or "").startswith(os.path.join(root, "kernels")), spec.origin

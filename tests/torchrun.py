@@ -29,7 +29,9 @@ def torchrun(target: list, nproc: int = 2, timeout: int = 300) -> str:
     for attempt in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        # cwd: tests/, not the checkout root, which ``-m`` would put on the ranks' sys.path, where
+        # its kernels/ folder shadows Hugging Face's kernels package (tokenforge.testing.keep_checkout_off_sys_path).
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=TESTS_DIR,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode == 0 or GLOO_ABORT not in proc.stderr or attempt == 2:
             break

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 # transformers versions whose model classes this file was written against and is tested with.
-TRANSFORMERS_TESTED = ">=4.50,<5.25"
+TRANSFORMERS_TESTED = ">=4.50,<5.26"
 
 
 

@@ -110,3 +110,22 @@ class PoisonEmpty(TorchDispatchMode):
         if func in _empty_ops() and isinstance(out, torch.Tensor) and out.is_floating_point():
             out.fill_(float("nan"))
         return out
+
+
+def keep_checkout_off_sys_path() -> None:
+    """Drop the repository root from ``sys.path`` (tests/ and bench/ conftests call this first).
+
+    ``python -m pytest`` from the checkout puts its root on ``sys.path``, and there the top-level
+    ``kernels/`` folder (installed as ``tokenforge.kernels``) shadows Hugging Face's ``kernels``
+    package, which transformers 5.25+ imports: the HF tests would fail on an ImportError that no
+    installed user sees. tokenforge itself is imported from the installed package either way."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isdir(os.path.join(root, "kernels")):  # an installed copy: nothing to shadow
+        return
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    stale = sys.modules.get("kernels")
+    if stale is not None and os.path.dirname(os.path.dirname(getattr(stale, "__file__", "") or "")) == root:
+        del sys.modules["kernels"]  # imported through the shadow before this ran
