@@ -24,9 +24,13 @@ OP = "grouped_mm"
 BASELINES = ("torch_grouped", "torch_loop")
 # triton: tokenforge.kernels.grouped_mm; cuda: the CUTLASS sm_90a kernel (csrc/grouped_mm_sm90.cu);
 # triton_fp8: ops.grouped_mm_fp8 (forward only: tokens rowwise, experts colwise e4m3), its error
-# taken against the dequantized operands (fp8's own rounding is the recipe's, not the kernel's).
-BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda", "triton_fp8")
+# taken against the dequantized operands (fp8's own rounding is the recipe's, not the kernel's);
+# triton_fp8_train: tokenforge.fp8.grouped_mm_float8 on bf16 tensors, what an fp8 MoE training step
+# runs (the per-call quantization of tokens and weights included; forward and dA in fp8, dB bf16),
+# its error taken against the unquantized float64 product with fp8's 20 dB floor (FP8_TRAIN_TOL).
+BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda", "triton_fp8", "triton_fp8_train")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+FP8_TRAIN_TOL = 0.1
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     from tokenforge.ops import grouped_mm, grouped_mm_reference
 
     device = torch.device(device)
-    if backend == "triton" and harness.triton_needs_interpreter(device):
+    if backend.startswith("triton") and harness.triton_needs_interpreter(device):
         raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
     if backend == "cuda":
         from tokenforge.cuda import grouped_mm as cuda_grouped_mm
@@ -113,6 +117,12 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         run = lambda: tg(a, b, offs=offs)  # noqa: E731
     elif backend == "torch_loop":
         run = lambda: grouped_mm_reference(a, b, offs)  # noqa: E731
+    elif backend == "triton_fp8_train":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise BackendUnavailable("FP8 tensor cores need sm_89+")
+        from tokenforge.fp8 import grouped_mm_float8
+
+        run = lambda: grouped_mm_float8(a, b, offs, check_offs=False, backend="triton")  # noqa: E731
     else:
         run = lambda: grouped_mm(a, b, offs, check_offs=False, backend=backend)  # noqa: E731
     grad = torch.randn(sum(case.counts), case.n, generator=g).to(device, case.dtype)
@@ -137,7 +147,7 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         live = [e for e, c in enumerate(case.counts) if c][:4]
         for e in live:
             errs[f"dB[{e}]"] = harness.rel_err(b.grad[e].double(), b64.grad[e])
-    return Prepared(case, backend, device, fn, errs, TOL[case.dtype])
+    return Prepared(case, backend, device, fn, errs, FP8_TRAIN_TOL if backend == "triton_fp8_train" else TOL[case.dtype])
 
 
 def _prepare_fp8(case: Case, device) -> Prepared:
@@ -145,7 +155,8 @@ def _prepare_fp8(case: Case, device) -> Prepared:
     from tokenforge.ops import grouped_mm_fp8, grouped_mm_fp8_reference
 
     if case.pass_ != "fwd":
-        raise BackendUnavailable("grouped_mm_fp8 is the forward only (training's backward stays bf16)")
+        raise BackendUnavailable("grouped_mm_fp8 is the forward on pre-quantized operands; fwd+bwd in fp8 "
+                                 "is triton_fp8_train")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise BackendUnavailable("FP8 tensor cores need sm_89+")
     g = torch.Generator().manual_seed(0)

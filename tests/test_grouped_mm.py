@@ -379,25 +379,30 @@ def test_kernels_compile_for_hopper_and_ampere():
         for arch, target in TARGETS.items():
             if (tma or scaled) and arch != "sm_90":
                 continue  # tensor descriptors are the sm_90 path (sm_80 takes pointer loads); fp8 needs sm_89+
-            arg_types = types["tma"](cfg) if tma else types[name]
-            constexprs = dict(cfg, **unit[name])
-            if name == "_grouped_mm_kernel" and scaled:  # fp8 a and K-major b, fp32 scales, bf16 out
-                arg_types = {k: v.replace("bf16", "fp8e4nv") if k in ("A", "B") else v for k, v in arg_types.items()}
-                arg_types.update(SA="*fp32", SB="*fp32", stride_sbe="i32")
-                if not tma:
-                    arg_types["stride_bn"] = arg_types.pop("stride_bk")
-                    constexprs.pop("stride_bn")
-                    constexprs["stride_bk"] = 1
-            elif name == "_grouped_mm_kernel":
-                constexprs.update(SA=None, SB=None, stride_sbe=0, SCALED=False)
-            compiled = compile_kernel(getattr(kgm, name), arg_types, constexprs, warps, target,
-                                      num_stages=stages, unaligned_args=("E", "N", "K"))
-            if arch == "sm_90":
-                assert uses_wgmma(compiled), f"{name} {cfg}: no wgmma on sm_90"
-                if scaled:
-                    assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", compiled.asm["ptx"]), f"{name} {cfg}: no FP8 wgmma"
-                ptx = compiled.asm["ptx"]
-                if tma:  # the tiles come in by the copy engine, not by thread loads
-                    assert "cp.async.bulk.tensor" in ptx, f"{name} {cfg}: no TMA load on sm_90"
-            report = ptxas_report(compiled.asm["ptx"], arch)
-            assert spill_bytes(report) == 0, f"{name} {cfg} spills on {arch}:\n{report}"
+            # fp8: e4m3 tokens (the forward) and e5m2 gradients (dA = dOut @ b^T in fp8 training)
+            for a_fp8 in (("fp8e4nv", "fp8e5") if scaled else (None,)):
+                arg_types = types["tma"](cfg) if tma else types[name]
+                constexprs = dict(cfg, **unit[name])
+                if name == "_grouped_mm_kernel" and scaled:  # fp8 a and K-major b, fp32 scales, bf16 out
+                    arg_types = {k: v.replace("bf16", a_fp8 if k == "A" else "fp8e4nv") if k in ("A", "B") else v
+                                 for k, v in arg_types.items()}
+                    arg_types.update(SA="*fp32", SB="*fp32", stride_sbe="i32")
+                    if not tma:
+                        arg_types["stride_bn"] = arg_types.pop("stride_bk")
+                        constexprs.pop("stride_bn")
+                        constexprs["stride_bk"] = 1
+                elif name == "_grouped_mm_kernel":
+                    constexprs.update(SA=None, SB=None, stride_sbe=0, SCALED=False)
+                compiled = compile_kernel(getattr(kgm, name), arg_types, constexprs, warps, target,
+                                          num_stages=stages, unaligned_args=("E", "N", "K"))
+                if arch == "sm_90":
+                    assert uses_wgmma(compiled), f"{name} {cfg}: no wgmma on sm_90"
+                    if scaled:
+                        kind = {"fp8e4nv": "e4m3", "fp8e5": "e5m2"}[a_fp8]
+                        assert re.search(rf"wgmma\.mma_async\S*\.{kind}\.e4m3", compiled.asm["ptx"]), \
+                            f"{name} {cfg} {a_fp8}: no FP8 wgmma"
+                    ptx = compiled.asm["ptx"]
+                    if tma:  # the tiles come in by the copy engine, not by thread loads
+                        assert "cp.async.bulk.tensor" in ptx, f"{name} {cfg}: no TMA load on sm_90"
+                report = ptxas_report(compiled.asm["ptx"], arch)
+                assert spill_bytes(report) == 0, f"{name} {cfg} {a_fp8 or ''} spills on {arch}:\n{report}"

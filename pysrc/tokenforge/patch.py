@@ -634,11 +634,16 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
         parent = model.get_submodule(parent_name) if parent_name else model
         original = before[fqn]
         undo.steps.append(lambda parent=parent, child=child, original=original: setattr(parent, child, original))
+    for fqn in conversion.experts:
+        undo.steps.append(lambda moe=model.get_submodule(fqn): setattr(moe, "fp8", None))
+    if conversion.experts:
+        report.patched.append(f"fp8: {len(conversion.experts)} MoE layers' expert GEMMs -> "
+                              "tokenforge.fp8.grouped_mm_float8 (rowwise_with_gw_hp); routers kept in high precision")
     if conversion.converted:
         report.patched.append(f"fp8: {len(conversion.converted)} nn.Linear -> tokenforge.fp8.Float8Linear "
                               f"({conversion.recipe}); {len(conversion.skipped)} kept in high precision")
         _emit_fp8_inputs(model, undo, report)
-    else:
+    elif not conversion.experts:
         report.skipped.append("fp8: no eligible nn.Linear (in/out features multiples of 16, not the head or the first layer)")
 
 

@@ -300,7 +300,7 @@ def fp8_unavailable(device: torch.device) -> Optional[str]:
 def convert_fp8(model: Transformer, recipe: str = "tensorwise", all_gather: bool = False) -> int:
     """Swap the blocks' eligible nn.Linear layers for tokenforge.fp8 Float8Linear (the head stays
     high precision: the fused cross-entropy reads its weight directly). ``all_gather``: weights
-    all-gathered in fp8 under FSDP2 (Float8LinearConfig.enable_fsdp_float8_all_gather). Returns how many."""
+    all-gathered in fp8 under FSDP2 (Float8LinearConfig.enable_fsdp_float8_all_gather). Returns (Linear layers converted, MoE layers with fp8 experts)."""
     import dataclasses
 
     from tokenforge.fp8 import Float8LinearConfig, convert_to_float8
@@ -309,7 +309,8 @@ def convert_fp8(model: Transformer, recipe: str = "tensorwise", all_gather: bool
     if all_gather:
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     # Within the blocks there is no embedding-adjacent or head layer to protect.
-    return len(convert_to_float8(model.layers, config=config, skip_first_last=False).converted)
+    report = convert_to_float8(model.layers, config=config, skip_first_last=False)
+    return len(report.converted), len(report.experts)
 
 
 def kernel_backend_note(device: torch.device) -> str:
@@ -414,8 +415,9 @@ def train_run(args, cfg: TransformerConfig, corpus, variant: Variant, ctx: DistC
             res.notes.append(f"--fp8 skipped: {reason}")
         else:
             fp8_all_gather = bool(getattr(args, "fp8_all_gather", False))
-            n = convert_fp8(model, getattr(args, "fp8_recipe", "tensorwise"), all_gather=fp8_all_gather)
+            n, moes = convert_fp8(model, getattr(args, "fp8_recipe", "tensorwise"), all_gather=fp8_all_gather)
             res.notes.append(f"fp8: {n} Linear layers -> tokenforge.fp8.Float8Linear"
+                             + (f", {moes} MoE layers' experts -> grouped fp8 GEMMs" if moes else "")
                              + (", weights all-gathered in fp8" if fp8_all_gather else "")
                              + (" (CPU: emulated, no speedup)" if device.type == "cpu" else ""))
     raw = model

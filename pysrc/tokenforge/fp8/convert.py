@@ -12,6 +12,12 @@ that the filter accepts (when given: torchao's ``module_filter_fn(module, fqn)``
 Pass ``skip_first_last=False`` to convert those as well (the filter still applies). The swap
 shares the parameters (no copy), so optimizers and state_dicts are unaffected; revert_float8
 swaps back to plain nn.Linear, again sharing the parameters.
+
+Mixture-of-experts layers (:class:`tokenforge.nn.MoE`): their router stays an nn.Linear in high
+precision (routing decisions are what fp8 noise should not flip; DeepSeek-V3 keeps its gate in
+high precision too), and with ``moe_experts=True`` (the default) their two expert GEMMs run in
+fp8 through :func:`tokenforge.fp8.grouped_mm_float8` with its one recipe, ``rowwise_with_gw_hp``,
+whatever the Linear layers' recipe (listed in ``report.experts``; ``emulate`` configs leave them).
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ class ConversionReport:
     recipe: str
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)  # MoE layers whose expert GEMMs now run in fp8
 
     def __str__(self) -> str:
         lines = [f"Float8 conversion ({self.recipe}): {len(self.converted)} converted, {len(self.skipped)} skipped"]
         lines += [f"  converted {name}" for name in self.converted]
+        lines += [f"  experts   {name}: grouped GEMMs in fp8 (rowwise_with_gw_hp)" for name in self.experts]
         lines += [f"  skipped   {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -56,11 +64,13 @@ def convert_to_float8(model: nn.Module, recipe="tensorwise",
                       module_filter: Optional[Callable[[str, nn.Module], bool]] = None, *,
                       config: Optional[Float8LinearConfig] = None,
                       module_filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-                      skip_first_last: bool = True, backend: Optional[str] = None) -> ConversionReport:
+                      skip_first_last: bool = True, moe_experts: bool = True,
+                      backend: Optional[str] = None) -> ConversionReport:
     """Swap eligible nn.Linear modules of ``model`` in place for Float8Linear; returns the report.
     ``recipe`` (a name in RECIPES) or ``config`` (a Float8LinearConfig, which wins) says how they
     cast; ``module_filter_fn(module, fqn) -> bool`` (torchao's order) or ``module_filter(fqn,
-    module) -> bool`` narrows the choice further."""
+    module) -> bool`` narrows the choice further (for nn.Linear; ``moe_experts`` decides for the
+    expert GEMMs of tokenforge.nn.MoE layers)."""
     config = resolve_config(recipe, config, "convert_to_float8")
     if module_filter is not None and module_filter_fn is not None:
         raise ValueError("convert_to_float8: pass module_filter_fn(module, fqn) or module_filter(fqn, module), not both")
@@ -70,6 +80,7 @@ def convert_to_float8(model: nn.Module, recipe="tensorwise",
         def module_filter(fqn, module):
             return module_filter_fn(module, fqn)
     report = ConversionReport(config.recipe_name())
+    routers = _moe_experts(model, report, moe_experts and not config.emulate)
     tied = _embedding_weights(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     first = linears[0][0] if linears else None
@@ -79,6 +90,9 @@ def convert_to_float8(model: nn.Module, recipe="tensorwise",
             continue
         if type(module) is not nn.Linear:
             report.skipped[name] = f"{type(module).__name__} is a subclass of nn.Linear, not converted"
+            continue
+        if name in routers:
+            report.skipped[name] = "MoE router (routing stays in high precision)"
             continue
         if module.in_features % 16 or module.out_features % 16:
             report.skipped[name] = (f"features ({module.in_features}, {module.out_features}) not multiples of 16")
@@ -100,8 +114,35 @@ def convert_to_float8(model: nn.Module, recipe="tensorwise",
     return report
 
 
+def _moe_experts(model: nn.Module, report: ConversionReport, convert: bool) -> set[str]:
+    """Turn on fp8 expert GEMMs in the eligible tokenforge.nn.MoE layers (``convert``), noting each
+    in the report; returns the names of every MoE layer's router."""
+    from tokenforge.fp8.grouped import RECIPES as GROUPED_RECIPES
+    from tokenforge.nn.moe import MoE
+
+    routers = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        routers.add(f"{name}.router" if name else "router")
+        if not convert or module.fp8 is not None:
+            continue
+        if module.dim % 16 or module.hidden_dim % 16:
+            report.skipped[name] = f"MoE experts: dim {module.dim} / hidden_dim {module.hidden_dim} not multiples of 16"
+            continue
+        module.fp8 = GROUPED_RECIPES[0]
+        report.experts.append(name)
+    return routers
+
+
 def revert_float8(model: nn.Module) -> list[str]:
-    """Swap every Float8Linear in ``model`` back to nn.Linear (sharing parameters); returns their names."""
+    """Swap every Float8Linear in ``model`` back to nn.Linear (sharing parameters) and turn fp8
+    expert GEMMs off; returns their names."""
+    from tokenforge.nn.moe import MoE
+
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.fp8 = None
     names = [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
     for name in names:
         module = model.get_submodule(name)

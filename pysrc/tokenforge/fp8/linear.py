@@ -50,7 +50,7 @@ from tokenforge.fp8.fsdp import Float8AllGatherWeight, Float8Weight
 from tokenforge.fp8.gemm import OP as GEMM_OP
 from tokenforge.fp8.gemm import fp8_scaled_mm_op, scaled_mm_reference
 from tokenforge.fp8.quantize import OP as QUANT_OP
-from tokenforge.fp8.quantize import fp8_quantize_op, quantize_reference
+from tokenforge.fp8.quantize import cast_for_gemm
 
 
 
@@ -62,24 +62,6 @@ def _mm(a, b, sa, sb, out_dtype, backend, bias=None):
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
-
-
-def _cast(t, reduce_dim, cast, is_weight, power_of_two, backend):
-    """fp8 (data, scale) of the 2-D t for a GEMM reducing over t's dim ``reduce_dim``; cast is
-    (granularity, dtype). Scales follow :func:`tokenforge.fp8.quantize` for t's own layout."""
-    granularity, dtype = cast
-    block = None
-    if granularity == "tensorwise":
-        scaling = "tensorwise"
-    elif granularity == "axiswise":
-        scaling = "rowwise" if reduce_dim == 1 else "colwise"
-    else:
-        scaling = "blockwise"
-        block = (128, 128) if is_weight else ((1, 128) if reduce_dim == 1 else (128, 1))
-    if backend == "torch":
-        return quantize_reference(t, dtype, scaling, power_of_two, block)
-    br, bc = block if block is not None else (1, 1)
-    return fp8_quantize_op(t, dtype, scaling, power_of_two, backend, br, bc)
 
 
 def _t(data, scale):
@@ -114,15 +96,15 @@ class Float8LinearFunction(torch.autograd.Function):
         if c_x[0] == "disabled":
             y = F.linear(xp, weight.to(out_dtype), bias_out)
         else:
-            if x_fp8 is not None:  # bit-identical to _cast(xp, ...): zero rows pad with scale 1
+            if x_fp8 is not None:  # bit-identical to cast_for_gemm(xp, ...): zero rows pad with scale 1
                 xq, sx = _pad_rows(x_fp8[0].view(torch.uint8), Mp).view(x_fp8[0].dtype), x_fp8[1]
                 sx = sx if sx.shape[0] == Mp else F.pad(sx, (0, 0, 0, Mp - sx.shape[0]), value=1.0)
             else:
-                xq, sx = _cast(xp, 1, c_x, False, **q)
+                xq, sx = cast_for_gemm(xp, 1, c_x, False, **q)
             if isinstance(weight, Float8Weight):  # FSDP2 gathered it in fp8, tensorwise (the config's check)
                 wq, sw = weight._data, weight._scale
             else:
-                wq, sw = _cast(weight, 1, c_w, True, **q)  # (N, K)
+                wq, sw = cast_for_gemm(weight, 1, c_w, True, **q)  # (N, K)
             wt, swt = _t(wq, sw)
             y = _mm(xq, wt, sx, swt, out_dtype, gemm_backend, bias=bias_out)
             if _reusable(c_x, c_x_gw, False):
@@ -156,8 +138,8 @@ class Float8LinearFunction(torch.autograd.Function):
         if c_dy[0] == "disabled":
             dx = torch.mm(dyp, w_saved.to(out_dtype))
         else:
-            dyq, sdy = _cast(dyp, 1, c_dy, False, **q)
-            wq, sw = w_saved if ctx.w_quantized else _cast(w_saved, 0, c_w_gi, True, **q)
+            dyq, sdy = cast_for_gemm(dyp, 1, c_dy, False, **q)
+            wq, sw = w_saved if ctx.w_quantized else cast_for_gemm(w_saved, 0, c_w_gi, True, **q)
             dx = _mm(dyq, wq, sdy, sw, out_dtype, ctx.gb)
 
         # dW = dY^T @ X: both reduced over the tokens (dim 0).
@@ -168,8 +150,8 @@ class Float8LinearFunction(torch.autograd.Function):
             if dyq is not None and _reusable(c_dy, c_dy_gw, False):
                 dyq_c, sdy_c = dyq, sdy
             else:
-                dyq_c, sdy_c = _cast(dyp, 0, c_dy_gw, False, **q)
-            xq_c, sx_c = x_saved if ctx.x_quantized else _cast(x_saved, 0, c_x_gw, False, **q)
+                dyq_c, sdy_c = cast_for_gemm(dyp, 0, c_dy_gw, False, **q)
+            xq_c, sx_c = x_saved if ctx.x_quantized else cast_for_gemm(x_saved, 0, c_x_gw, False, **q)
             dyt, sdyt = _t(dyq_c, sdy_c)
             dw = _mm(dyt, xq_c, sdyt, sx_c, torch.float32, ctx.gb)
         dx = dx[:M] if Mp != M else dx

@@ -264,3 +264,23 @@ def quantize(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, scaling:
         elif scaling == "blockwise":
             scale = scale.view(*x.shape[:-1], scale.shape[-1])
     return data, scale
+
+
+def cast_for_gemm(t, reduce_dim, cast, is_weight, power_of_two, backend):
+    """fp8 (data, scale) of the 2-D t for a GEMM reducing over t's dim ``reduce_dim``; cast is
+    (granularity, dtype) as in :meth:`tokenforge.fp8.Float8LinearConfig.casts` (axiswise: rowwise
+    when the GEMM reduces over t's rows' elements, colwise otherwise; blockwise: 128x128 for a
+    weight, else 1x128 along the reduced dim). Shared by Float8Linear and the fp8 grouped GEMM."""
+    granularity, dtype = cast
+    block = None
+    if granularity == "tensorwise":
+        scaling = "tensorwise"
+    elif granularity == "axiswise":
+        scaling = "rowwise" if reduce_dim == 1 else "colwise"
+    else:
+        scaling = "blockwise"
+        block = (128, 128) if is_weight else ((1, 128) if reduce_dim == 1 else (128, 1))
+    if backend == "torch":
+        return quantize_reference(t, dtype, scaling, power_of_two, block)
+    br, bc = block if block is not None else (1, 1)
+    return fp8_quantize_op(t, dtype, scaling, power_of_two, backend, br, bc)

@@ -15,6 +15,10 @@ Switch-style auxiliary loss in ``self.aux_loss`` (add it to the training loss); 
 bias (buffer ``expert_bias``) moves by rate * sign(mean load - load) per expert. The last
 forward's tokens per expert are in ``self.last_expert_counts`` (a device tensor: reading it syncs).
 
+FP8: ``fp8="rowwise_with_gw_hp"`` runs both expert GEMMs through
+:func:`tokenforge.fp8.grouped_mm_float8` (fp8 forward and input gradient, weight gradients in
+the compute dtype; dim and hidden_dim multiples of 16); router and shared experts stay as they are.
+
 Expert parallelism: ``layer.shard_experts(group)`` keeps only this rank's E/P experts (rank r of
 the group's P: experts r*E/P ..), and the forward exchanges token rows with the other ranks around
 the expert GEMMs (:mod:`tokenforge.ops.moe_expert_parallel`); the router, shared experts and
@@ -25,6 +29,7 @@ parallelism over the same ranks divide it by P to average as DDP does (``tokenfo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -41,7 +46,7 @@ class MoE(torch.nn.Module):
                  shared_hidden_dim: Optional[int] = None, score: str = "softmax", normalize: bool = True,
                  n_groups: int = 1, topk_groups: int = 1, routed_scaling: float = 1.0,
                  aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0, device=None, dtype=None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, fp8: Optional[str] = None) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
             if not isinstance(value, int) or value <= 0:
@@ -56,6 +61,14 @@ class MoE(torch.nn.Module):
         # Validate the routing options once, here, with a dummy call.
         moe_route(torch.zeros(1, num_experts), top_k, **self.route_kw)
         self.aux_loss_coef, self.bias_update_rate, self.backend = aux_loss_coef, bias_update_rate, backend
+        self.fp8 = fp8
+        if fp8 is not None:
+            from tokenforge.fp8.grouped import _check_recipe
+
+            _check_recipe(fp8, "MoE")
+            if dim % 16 or hidden_dim % 16:
+                raise ValueError(f"MoE: fp8 experts need dim ({dim}) and hidden_dim ({hidden_dim}) multiples of 16 "
+                                 "(FP8 tensor cores); leave fp8=None for this layer")
         kw = dict(device=device, dtype=dtype)
         self.router = torch.nn.Linear(dim, num_experts, bias=False, **kw)
         self.w_gate_up = torch.nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim, **kw))
@@ -117,9 +130,14 @@ class MoE(torch.nn.Module):
 
             xs, plan = ep_dispatch(xs, counts, self.ep_group)
             offs = plan.offs
-        gate_up = grouped_mm(xs, w_gate_up, offs, check_offs=False, backend=self.backend)
-        ys = grouped_mm(swiglu_packed(gate_up, backend=self.backend), w_down, offs, check_offs=False,
-                        backend=self.backend)
+        expert_mm = grouped_mm
+        if self.fp8 is not None:
+            from tokenforge.fp8.grouped import grouped_mm_float8
+
+            expert_mm = functools.partial(grouped_mm_float8, recipe=self.fp8)
+        gate_up = expert_mm(xs, w_gate_up, offs, check_offs=False, backend=self.backend)
+        ys = expert_mm(swiglu_packed(gate_up, backend=self.backend), w_down, offs, check_offs=False,
+                       backend=self.backend)
         if plan is not None:
             from tokenforge.ops.moe_expert_parallel import ep_combine
 
@@ -142,5 +160,6 @@ class MoE(torch.nn.Module):
     def extra_repr(self) -> str:
         shared = f", shared_experts={self.shared_experts.hidden_dim}" if self.shared_experts is not None else ""
         ep = f", local_experts={self.local_experts} (expert parallel)" if self.ep_group is not None else ""
+        fp8 = f", fp8={self.fp8}" if self.fp8 is not None else ""
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}{shared}{ep}")
+                f"top_k={self.top_k}{shared}{ep}{fp8}")

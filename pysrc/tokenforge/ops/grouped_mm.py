@@ -181,7 +181,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, check_of
 
 
 # ---------------------------------------------------------------------------------------------
-# FP8: the forward of an fp8 MoE layer (tokens and expert weights quantized, fp32 scales)
+# FP8: a grouped GEMM on quantized operands (fp32 scales); tokenforge.fp8.grouped_mm_float8 trains with it
 # ---------------------------------------------------------------------------------------------
 
 OP_FP8 = "grouped_mm_fp8"
@@ -273,8 +273,9 @@ def grouped_mm_fp8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a
     """(T, N) = per-expert ``(a[rows of e] @ b[e]) * scale_a[rows] * scale_b[e]`` for fp8 a (T, K)
     sorted by expert with rowwise scales (T,) / (T, 1), fp8 b (E, K, N) with per-expert column
     scales (E, N) / (E, 1, N) (each b[e] quantized colwise), offs as for :func:`grouped_mm`; K, N
-    multiples of 16. The forward of an fp8 MoE layer (no autograd: the backward of training stays
-    in bf16 through :func:`grouped_mm`). ``backend``: triton (FP8 wgmma on sm_90, the persistent
+    multiples of 16. No autograd (fp8 inputs have no gradient): training in fp8 goes through
+    :func:`tokenforge.fp8.grouped_mm_float8`, which quantizes bf16 operands and calls this for its
+    forward and dA GEMMs. ``backend``: triton (FP8 wgmma on sm_90, the persistent
     grouped kernel; the interpreter on CPU) or torch (the dequantized loop)."""
     _check_fp8(a, b, offs, scale_a, scale_b, out_dtype, check_offs)
     name = backends.choose(OP_FP8, a, b, backend=backend)

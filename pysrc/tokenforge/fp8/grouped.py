@@ -1,0 +1,128 @@
+"""FP8 training for mixture-of-experts GEMMs: ``grouped_mm_float8(a, b, offs)``, the fp8 twin of
+:func:`tokenforge.ops.grouped_mm` with autograd (what Float8Linear is to nn.Linear).
+
+    forward   out[rows of e] = a_e @ b[e]        a per token row, b[e] per output column, e4m3
+    backward  dA_e = dOut_e @ b[e]^T             dOut per token row (e5m2), b[e] per row of K (e4m3)
+              dB[e] = a_e^T @ dOut_e              in the compute dtype ('rowwise_with_gw_hp')
+
+Recipe: ``rowwise_with_gw_hp`` (Float8Linear's preset of that name, per-GEMM axiswise scales
+along each GEMM's reduction dim, the weight gradient in high precision). The fp8 GEMMs are
+tokenforge's grouped kernel with FP8 wgmma (:func:`tokenforge.ops.grouped_mm_fp8`, which needs
+both operands K-major): the forward reads b[e]^T, so b is transposed once per step into an (E, N, K)
+copy that is quantized rowwise; the dA GEMM reduces over N, which b's own rows already are (no
+copy). Scales are recomputed from the current tensors every call; a and b are saved in the compute
+dtype (the dA cast of b differs from the forward's, and the weight gradient reads a itself).
+
+A weight gradient in fp8 would need scales per (expert, column) over each expert's tokens (a
+scale may not vary along the dim a GEMM reduces) and token-major fp8 copies of a and dOut: not
+built; ``recipe="rowwise"`` says so.
+
+Path of a call: :class:`tokenforge.nn.MoE` (``fp8=``) or a caller -> :func:`grouped_mm_float8`
+-> :class:`Float8GroupedMMFunction` -> the custom ops ``tokenforge::fp8_quantize``,
+``tokenforge::grouped_mm_fp8`` and ``tokenforge::grouped_mm_wgrad`` -> their kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tokenforge import backends
+from tokenforge.fp8.config import E4M3, E5M2
+from tokenforge.fp8.quantize import OP as QUANT_OP
+from tokenforge.fp8.quantize import cast_for_gemm
+from tokenforge.ops.grouped_mm import OP as GROUPED_OP
+from tokenforge.ops.grouped_mm import OP_FP8, _check, grouped_mm, grouped_mm_fp8, grouped_mm_reference
+
+RECIPES = ("rowwise_with_gw_hp",)
+# (input, weight, grad_output, weight for grad_input) casts of the recipe, as Float8LinearConfig.casts().
+_CASTS = {"rowwise_with_gw_hp": (("axiswise", E4M3), ("axiswise", E4M3), ("axiswise", E5M2), ("axiswise", E4M3))}
+
+
+def _check_recipe(recipe: str, where: str) -> None:
+    if recipe == "rowwise":
+        raise NotImplementedError(
+            f"{where}: recipe 'rowwise' (an fp8 weight gradient) is not implemented for grouped GEMMs: its scales would "
+            "vary per expert along the token dim the GEMM reduces; use 'rowwise_with_gw_hp' (fp8 forward and dA, "
+            "dB in the compute dtype)")
+    if recipe not in RECIPES:
+        raise ValueError(f"{where}: recipe must be one of {RECIPES}, got {recipe!r}")
+
+
+def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, backend: str):
+    """b (E, K, N) quantized for a GEMM reducing over its K ("k": scales (E, N), the data an
+    (E, K, N) view of a K-major copy) or its N ("n": scales (E, K), the data (E, N, K) as a view of
+    b's own layout, N unit-stride); either way the returned data is the GEMM's (E, reduce, out) b."""
+    E, K, N = b.shape
+    if reduce_over == "k":
+        rows = b.transpose(1, 2).reshape(E * N, K)  # a copy unless b is already (E, N, K)-stored
+        data, scale = cast_for_gemm(rows, 1, cast, True, power_of_two, backend)
+        return data.view(E, N, K).transpose(1, 2), scale.reshape(E, N)
+    data, scale = cast_for_gemm(b.reshape(E * K, N), 1, cast, True, power_of_two, backend)
+    return data.view(E, K, N).transpose(1, 2), scale.reshape(E, K)
+
+
+class Float8GroupedMMFunction(torch.autograd.Function):
+    """out = grouped a @ b with fp8 forward and dA GEMMs, dB in the compute dtype (see the module
+    docstring); a (T, K), b (E, K, N) in one compute dtype, offs int32 (E,)."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs, recipe, power_of_two, quant_backend, gemm_backend, wgrad_backend):
+        c_a, c_b, _, _ = _CASTS[recipe]
+        aq, sa = cast_for_gemm(a, 1, c_a, False, power_of_two, quant_backend)
+        bq, sb = _weight_cast(b, "k", c_b, power_of_two, quant_backend)
+        out = grouped_mm_fp8(aq, bq, offs, sa, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
+        ctx.save_for_backward(a, b, offs)
+        ctx.recipe, ctx.pow2 = recipe, power_of_two
+        ctx.backends = (quant_backend, gemm_backend, wgrad_backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, b, offs = ctx.saved_tensors
+        quant_backend, gemm_backend, wgrad_backend = ctx.backends
+        _, _, c_dout, c_b_gi = _CASTS[ctx.recipe]
+        dout = dout.to(a.dtype).contiguous()
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            dq, sd = cast_for_gemm(dout, 1, c_dout, False, ctx.pow2, quant_backend)
+            bq, sb = _weight_cast(b, "n", c_b_gi, ctx.pow2, quant_backend)
+            da = grouped_mm_fp8(dq, bq, offs, sd, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
+        if ctx.needs_input_grad[1]:
+            if wgrad_backend == "torch":
+                with torch.enable_grad():  # dB of the reference loop, by torch autograd
+                    a_, b_ = a.detach(), b.detach().requires_grad_()
+                    db, = torch.autograd.grad(grouped_mm_reference(a_, b_, offs), b_, dout)
+            else:
+                db = torch.ops.tokenforge.grouped_mm_wgrad(a, dout, offs, wgrad_backend)
+        return da, db, None, None, None, None, None, None
+
+
+def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, recipe: str = "rowwise_with_gw_hp",
+                      power_of_two: bool = False, check_offs: bool = True,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """(T, N) = per-expert ``a[rows of e] @ b[e]`` as :func:`tokenforge.ops.grouped_mm` (a (T, K)
+    sorted by expert, b (E, K, N), offs (E,) int32 cumulative row ends), with its forward and dA
+    GEMMs in fp8 (dynamic axiswise scales) and dB in a's dtype. a and b bf16/fp16/fp32 alike, K and
+    N multiples of 16. ``power_of_two``: scales rounded up to powers of two. ``backend``: triton
+    (the kernels; the interpreter on CPU), torch (quantize, dequantize and loop: the same numbers
+    by another route) or None (choose)."""
+    where = "grouped_mm_float8"
+    _check_recipe(recipe, where)
+    compute = (torch.bfloat16, torch.float16, torch.float32)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype not in compute or b.dtype != a.dtype):
+        raise TypeError(f"{where}: a and b must share one of bfloat16/float16/float32 (the compute dtype), got "
+                        f"{a.dtype} and {b.dtype}; it quantizes them itself")
+    _check(a, b, offs, check_offs)
+    bad = [f"{n}={v}" for n, v in (("K", a.shape[1]), ("N", b.shape[2])) if v % 16]
+    if bad:
+        raise ValueError(f"{where}: K and N must be multiples of 16 (FP8 tensor cores), got {', '.join(bad)}; "
+                         "use tokenforge.ops.grouped_mm for this layer")
+    if a.shape[0] == 0:
+        return grouped_mm(a, b, offs, check_offs=False, backend="torch")
+    quant = backends.choose(QUANT_OP, a, E4M3, "rowwise", backend=backend)
+    gemm = backends.choose(OP_FP8, a.new_empty((16, 16), dtype=E5M2), b.new_empty((1, 16, 16), dtype=E4M3),
+                           backend=backend)
+    wgrad = backends.choose(GROUPED_OP, a, b, backend=backend)
+    return Float8GroupedMMFunction.apply(a, b, offs, recipe, power_of_two, quant, gemm, wgrad)
