@@ -564,6 +564,10 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
     _patch_hf_experts(model, undo, report, opts)
 
 
+# A patched Hugging Face *Experts module with this attribute runs its GEMMs by grouped_mm_float8 with that recipe.
+_EXPERTS_FP8_ATTR = "_tokenforge_fp8_recipe"
+
+
 def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """A Hugging Face ``*Experts`` module (transformers 5: ``gate_up_proj`` (E, 2I, D) = [gate | up],
     ``down_proj`` (E, D, I), SiLU) as two grouped GEMMs instead of a Python loop over experts.
@@ -574,8 +578,14 @@ def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     n = self.gate_up_proj.shape[0]
     local = top_k_index < n
     xs, offs, order, _ = moe_permute(hidden_states, top_k_index.clamp(max=n - 1), n)
-    gate_up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs, check_offs=False)
-    ys = grouped_mm(swiglu_packed(gate_up), self.down_proj.transpose(1, 2), offs, check_offs=False)
+    expert_mm = grouped_mm
+    recipe = vars(self).get(_EXPERTS_FP8_ATTR)  # set by patch(fp8=...)
+    if recipe is not None:
+        from tokenforge.fp8.grouped import grouped_mm_float8
+
+        expert_mm = functools.partial(grouped_mm_float8, recipe=recipe)
+    gate_up = expert_mm(xs, self.gate_up_proj.transpose(1, 2), offs, check_offs=False)
+    ys = expert_mm(swiglu_packed(gate_up), self.down_proj.transpose(1, 2), offs, check_offs=False)
     count_call("grouped_mm")
     return moe_unpermute(ys, order, top_k_weights * local).to(hidden_states.dtype)
 
@@ -636,6 +646,7 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
         undo.steps.append(lambda parent=parent, child=child, original=original: setattr(parent, child, original))
     for fqn in conversion.experts:
         undo.steps.append(lambda moe=model.get_submodule(fqn): setattr(moe, "fp8", None))
+    _hf_experts_fp8(model, undo, report)
     if conversion.experts:
         report.patched.append(f"fp8: {len(conversion.experts)} MoE layers' expert GEMMs -> "
                               "tokenforge.fp8.grouped_mm_float8 (rowwise_with_gw_hp); routers kept in high precision")
@@ -645,6 +656,28 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
         _emit_fp8_inputs(model, undo, report)
     elif not conversion.experts:
         report.skipped.append("fp8: no eligible nn.Linear (in/out features multiples of 16, not the head or the first layer)")
+
+
+def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
+    """Hugging Face *Experts modules already on the grouped path run it in fp8
+    (tokenforge.fp8.grouped_mm_float8) where hidden and expert widths are multiples of 16."""
+    from tokenforge.fp8.grouped import RECIPES as GROUPED_RECIPES
+
+    done, left = 0, {}
+    for m in model.modules():
+        if getattr(getattr(m, "forward", None), "__func__", None) is not _grouped_experts_forward:
+            continue
+        e, two_inter, hidden = m.gate_up_proj.shape
+        if hidden % 16 or (two_inter // 2) % 16:
+            left[type(m).__name__] = f"hidden {hidden} / expert width {two_inter // 2} not multiples of 16"
+            continue
+        undo.set_attr(m, _EXPERTS_FP8_ATTR, GROUPED_RECIPES[0])
+        done += 1
+    if done:
+        report.patched.append(f"fp8: {done} expert modules' grouped GEMMs -> tokenforge.fp8.grouped_mm_float8 "
+                              f"({GROUPED_RECIPES[0]}); routers kept in high precision")
+    for name, why in left.items():
+        report.skipped.append(f"fp8: {name} experts stay in high precision: {why}")
 
 
 def _emit_fp8_inputs(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
