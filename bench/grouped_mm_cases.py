@@ -26,7 +26,8 @@ BASELINES = ("torch_grouped", "torch_loop")
 # triton_fp8: ops.grouped_mm_fp8 (forward only: tokens rowwise, experts colwise e4m3), its error
 # taken against the dequantized operands (fp8's own rounding is the recipe's, not the kernel's);
 # triton_fp8_train: tokenforge.fp8.grouped_mm_float8 on bf16 tensors, what an fp8 MoE training step
-# runs (the per-call quantization of tokens and weights included; forward and dA in fp8, dB bf16),
+# runs (recipe rowwise: all three GEMMs in fp8, the per-call quantization of tokens, weights and
+# gradients included),
 # its error taken against the unquantized float64 product with fp8's 20 dB floor (FP8_TRAIN_TOL).
 BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda", "triton_fp8", "triton_fp8_train")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}

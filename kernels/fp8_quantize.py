@@ -22,6 +22,9 @@ Kernels:
   (one read of x), else two sweeps over column chunks (the second mostly from L2).
 - ``_quantize_cols_kernel``: one scale per column; a program owns ``COL_BLOCK_N`` columns and
   sweeps the rows twice (amax, then cast), reading rows coalesced.
+- ``_quantize_expert_cols_kernel``: one scale per (expert, column) over each expert's rows of a
+  tensor whose rows are grouped by expert (MoE tokens), the data written transposed (C, T) for
+  the weight-gradient GEMM of an fp8 MoE layer.
 - ``_quantize_blocks_kernel``: one scale per (block_rows, block_cols) block, e.g. (1, 128) for
   activations and (128, 128) for weights (DeepSeek-V3's recipe); one read of x.
 - tensorwise: ``_amax_partial_kernel`` (persistent grid, one fp32 partial max per program) then
@@ -230,6 +233,40 @@ def _quantize_cols_kernel(
 
 
 @triton.jit
+def _quantize_expert_cols_kernel(
+    X, OFFS, DATA_T, SCALE,
+    T, C, stride_xr, stride_xc,
+    FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+    SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # x (T, C) holds experts' rows back to back (offs: cumulative row ends); one scale per
+    # (expert, column) over that expert's rows, the data written transposed, DATA_T (C, T), so a
+    # weight-gradient GEMM reducing over tokens reads them unit-stride. Grid: experts x column
+    # blocks folded into axis 0 (no axis-1 limit on the expert count).
+    tiles_n = tl.cdiv(C, BLOCK_N)
+    e = tl.program_id(0) // tiles_n
+    col = tl.cast(tl.program_id(0) % tiles_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = col < C
+    end = tl.load(OFFS + e)
+    start = tl.minimum(tl.load(OFFS + e - 1, mask=e > 0, other=0), end)
+    out_ty: tl.constexpr = DATA_T.dtype.element_ty
+    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        row = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
+        mask = (row < end)[:, None] & col_ok[None, :]
+        x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        amax = _nan_max(amax, _abs_max(x, 0))
+    scale, inv = _scale_from_amax(amax, FP8_MAX, POW2)
+    for m0 in range(start, end, BLOCK_M):
+        row = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
+        mask = (row < end)[:, None] & col_ok[None, :]
+        x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        y = _saturate(x * inv[None, :], FP8_MAX)
+        tl.store(DATA_T + col[None, :] * T + row[:, None], _encode_fp8(y, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
+    tl.store(SCALE + tl.cast(e, tl.int64) * C + col, scale, mask=col_ok)
+
+
+@triton.jit
 def _amax_partial_kernel(
     X, PARTIAL, R, C, stride_xr, stride_xc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -346,6 +383,12 @@ def cols_config() -> dict:
     return dict(BLOCK_M=COL_BLOCK_M, BLOCK_N=COL_BLOCK_N, num_warps=4)
 
 
+def expert_cols_config() -> dict:
+    # 64 rows a sweep: each column's transposed store writes 64 contiguous bytes; 8 warps (4
+    # spilled 96 B under triton 3.6 on sm_90: 64-bit addresses of 32 elements a thread).
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
+
+
 def tile_config() -> dict:
     return dict(BLOCK_M=TILE_M, BLOCK_N=TILE_N, num_warps=8)
 
@@ -395,6 +438,7 @@ def all_configs() -> list[tuple[str, dict]]:
         n *= 2
     out.append(("_quantize_rows_kernel", rows_config(MAX_ROW_N + 1)))
     out.append(("_quantize_cols_kernel", cols_config()))
+    out.append(("_quantize_expert_cols_kernel", expert_cols_config()))
     out.append(("_amax_partial_kernel", tile_config()))
     p = 16
     while p <= MAX_PARTIALS:
@@ -487,6 +531,28 @@ def quantize_cols(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -
             **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
         )
     return data, scale
+
+
+def quantize_expert_cols(x: torch.Tensor, offs: torch.Tensor, fp8_dtype: torch.dtype,
+                         power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data_t (C, T) contiguous, the transpose of the fp8 data; scale (E, C) fp32): one scale per
+    expert and column over the expert's rows of x (T, C) (offs (E,) int32 cumulative row ends); an
+    empty expert's scales are 1."""
+    T, C = x.shape
+    experts = offs.shape[0]
+    data_t = torch.empty((C, T), dtype=fp8_dtype, device=x.device)
+    scale = torch.ones((experts, C), dtype=torch.float32, device=x.device)
+    if T == 0 or C == 0 or experts == 0:
+        return data_t, scale
+    soft = needs_soft_cast(x.device)
+    out = data_t.view(torch.uint8) if soft else data_t
+    cfg = expert_cols_config()
+    with launch_device(x):
+        _quantize_expert_cols_kernel[(experts * triton.cdiv(C, cfg["BLOCK_N"]),)](
+            x, offs, out, scale, T, C, x.stride(0), x.stride(1),
+            **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
+        )
+    return data_t, scale
 
 
 def quantize_tensor(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ Tokens arrive sorted by expert: a (T, K), b (E, K, N), offs (E,) int32 cumulativ
   change (the launch is CUDA-graph capturable). Row tiles never straddle experts.
 - ``_grouped_mm_wgrad_kernel`` (dB[e] = a[rows of e]^T @ dOut[rows of e]): one program per
   (expert, K tile, N tile) on a folded one-axis grid, looping over the expert's rows; an expert
-  with no rows writes zeros.
+  with no rows writes zeros. With SCALED, the fp8 weight gradient (token-major fp8 operands,
+  per-expert scales applied to the fp32 sum).
 
 Each tile's base offset is int64 (T x K passes 2^31 at a million tokens of d7168); offsets inside a
 tile are int32 (64-bit per-element offsets spilled on sm_90) unless a stride is so large that one
@@ -119,7 +120,12 @@ def _grouped_mm_wgrad_kernel(
     stride_am, stride_ak, stride_dm, stride_dn, stride_be, stride_bk, stride_bn,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+    SA=None, SB=None, SCALED: tl.constexpr = False,
 ):
+    # SCALED: fp8 operands with one scale per (expert, K row) in SA (E, K) and per (expert, N
+    # column) in SB (E, N), constant along the tokens this GEMM reduces, applied to the fp32 sum.
+    # The fp8 operands come token-major (a^T (K, T) and dOut^T (N, T) stored: stride_am = stride_dm
+    # = 1), so both wgmma operands are K-major in shared memory, as FP8 wgmma requires.
     pid = tl.program_id(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -151,6 +157,10 @@ def _grouped_mm_wgrad_kernel(
     if WIDE:
         ok = ok.to(tl.int64)
         on = on.to(tl.int64)
+    if SCALED:
+        sa = tl.load(SA + tl.cast(e, tl.int64) * K + k0 + tl.minimum(ok, K - 1 - k0))
+        sb = tl.load(SB + tl.cast(e, tl.int64) * N + n0 + tl.minimum(on, N - 1 - n0))
+        acc = acc * sa[:, None] * sb[None, :]
     db_ptrs = (DB + tl.cast(e, tl.int64) * stride_be + tl.cast(k0, tl.int64) * stride_bk
                + tl.cast(n0, tl.int64) * stride_bn) + ok[:, None] * stride_bk + on[None, :] * stride_bn
     tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=(ok[:, None] < K - k0) & (on[None, :] < N - n0))
@@ -178,6 +188,8 @@ INTERPRETER_FP8_FORWARD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # dB tiles 128 x 128, reducing over rows 32 at a time (64 spilled 48 B on sm_80).
 WGRAD_CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=4)
+# fp8 dB: 128 x 128 tiles reducing over 64 tokens a step (the bytes of bf16's 32; FP8 wgmma is 32 deep).
+FP8_WGRAD_CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=4)
 INTERPRETER_FORWARD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 INTERPRETER_WGRAD = dict(BLOCK_K=32, BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
 INTERPRETER_PROGRAMS = 3  # a persistent grid smaller than the work, so the walk is exercised
@@ -279,9 +291,24 @@ def _launch_forward(a, b, offs, out, cfg: dict, layout, trans_b: bool = False, s
 
 def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
     """db (E, K, N) = a[rows of e]^T @ dout[rows of e] for every expert (zeros for an empty one)."""
+    return _launch_wgrad(a, dout, offs, db, dict(INTERPRETER_WGRAD) if INTERPRETED else dict(WGRAD_CONFIG))
+
+
+def grouped_mm_fp8_wgrad(a_t: torch.Tensor, dout_t: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                         scale_d: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """db (E, K, N) = (a_t[:, rows of e] @ dout_t[:, rows of e]^T) * scale_a[e][:, None] * scale_d[e]
+    for token-major fp8 a_t (K, T) and dout_t (N, T) (each expert's tokens quantized per row of
+    a_t / dout_t: :func:`tokenforge.kernels.fp8_quantize.quantize_expert_cols`), fp32 scales
+    (E, K) and (E, N) contiguous; zeros for an empty expert."""
+    cfg = dict(INTERPRETER_WGRAD) if INTERPRETED else dict(FP8_WGRAD_CONFIG)
+    return _launch_wgrad(a_t.t(), dout_t.t(), offs, db, cfg, dict(SA=scale_a, SB=scale_d, SCALED=True))
+
+
+def _launch_wgrad(a, dout, offs, db, cfg: dict, scales=None) -> torch.Tensor:
+    """_grouped_mm_wgrad_kernel for a (T, K) and dout (T, N) of any strides (the fp8 dB passes
+    transposed views of its token-major operands); ``scales`` the fp8 epilogue's arguments."""
     _, k = a.shape
     experts, _, n = db.shape
-    cfg = dict(INTERPRETER_WGRAD) if INTERPRETED else dict(WGRAD_CONFIG)
     grid = (experts * triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     with launch_device(a.device):
         _grouped_mm_wgrad_kernel[grid](
@@ -289,7 +316,7 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db
             a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), db.stride(0), db.stride(1), db.stride(2),
             **_flags(a, [(cfg["BLOCK_M"], a.stride(0)), (cfg["BLOCK_K"], a.stride(1)), (cfg["BLOCK_M"], dout.stride(0)),
                          (cfg["BLOCK_N"], dout.stride(1)), (cfg["BLOCK_K"], db.stride(1)), (cfg["BLOCK_N"], db.stride(2))]),
-            **cfg)
+            **(scales or {}), **cfg)
     return db
 
 
@@ -300,4 +327,5 @@ def all_configs() -> list[tuple[str, dict]]:
     out.append(("_grouped_mm_wgrad_kernel", dict(WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False)))
     out += [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=True, SCALED=True))
             for cfg in FP8_FORWARD_CONFIGS.values() for tma in (False, True)]
+    out.append(("_grouped_mm_wgrad_kernel", dict(FP8_WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False, SCALED=True)))
     return out

@@ -1,7 +1,8 @@
-"""tokenforge.fp8.grouped_mm_float8 (fp8 forward and dA, dB in the compute dtype) against a float64
-emulation built here from the quantizer's reference (the same fp8 operands, dequantized, multiplied
-per expert in float64): out and dA per row, dB per expert, an empty expert's dB exactly zero; the
-SQNR against the unquantized product; both backends; the MoE layer with fp8 experts; bad input."""
+"""tokenforge.fp8.grouped_mm_float8 (recipes rowwise: every GEMM in fp8; rowwise_with_gw_hp: dB in
+the compute dtype) against a float64 emulation built here from the quantizer's reference (the same
+fp8 operands, dequantized, multiplied per expert in float64): out and dA per row, dB per expert, an
+empty expert's dB exactly zero; the SQNR against the unquantized product; both backends; the
+per-expert token quantizer; the MoE layer with fp8 experts; convert/patch; bad input."""
 
 from __future__ import annotations
 
@@ -30,17 +31,20 @@ def _deq(t, dtype, scaling):
     return dequantize(data, scale, torch.float64)
 
 
-def emulated(a, b, dout, counts):
+def emulated(a, b, dout, counts, recipe):
     """(out, dA, dB) in float64 from the recipe's fp8 operands: a per token row and b[e] per output
-    column (e4m3) for out; dOut per token row (e5m2) and b[e] per row of K (e4m3) for dA; dB from
-    the unquantized a and dOut."""
+    column (e4m3) for out; dOut per token row (e5m2) and b[e] per row of K (e4m3) for dA; for dB
+    ('rowwise') a (e4m3) and dOut (e5m2) per column over each expert's tokens, else unquantized."""
     a_q, d_q = _deq(a, E4M3, "rowwise"), _deq(dout, E5M2, "rowwise")
     out, da, db, start = [], [], [], 0
     for e, c in enumerate(counts):
         rows = slice(start, start + c)
         out.append(a_q[rows] @ _deq(b[e], E4M3, "colwise"))
         da.append(d_q[rows] @ _deq(b[e], E4M3, "rowwise").t())
-        db.append(a[rows].double().t() @ dout[rows].double())
+        if recipe == "rowwise" and c:
+            db.append(_deq(a[rows], E4M3, "colwise").t() @ _deq(dout[rows], E5M2, "colwise"))
+        else:
+            db.append(a[rows].double().t() @ dout[rows].double())
         start += c
     return torch.cat(out), torch.cat(da), torch.stack(db)
 
@@ -64,15 +68,16 @@ GPU_CASES = {"moe-64": ([int(c) for c in torch.randint(0, 600, (64,), generator=
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_matches_the_float64_emulation_per_row(device, dtype, backend):
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_matches_the_float64_emulation_per_row(device, dtype, backend, recipe):
     for name, (counts, k, n) in (CPU_CASES if device == "cpu" else GPU_CASES).items():
         offs = _offs(counts, device)
         a = torch.randn(sum(counts), k, device=device, dtype=dtype, requires_grad=True)
         b = (torch.randn(len(counts), k, n, device=device) / k ** 0.5).to(dtype).requires_grad_()
-        out = grouped_mm_float8(a, b, offs, backend=backend)
+        out = grouped_mm_float8(a, b, offs, recipe=recipe, backend=backend)
         dout = torch.randn_like(out)
         out.backward(dout)
-        ref_out, ref_da, ref_db = emulated(a.detach(), b.detach(), dout, counts)
+        ref_out, ref_da, ref_db = emulated(a.detach(), b.detach(), dout, counts, recipe)
         # One rounding of an fp32 accumulator to the output dtype per element.
         row_tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5
         assert out.dtype == dtype and out.shape == ref_out.shape
@@ -82,7 +87,8 @@ def test_matches_the_float64_emulation_per_row(device, dtype, backend):
             if c == 0:
                 assert torch.count_nonzero(b.grad[e]) == 0, (name, f"dB[{e}] of an empty expert")
             else:
-                assert rel_error(b.grad[e], ref_db[e]) <= TOLERANCE[dtype], (name, f"dB[{e}]")
+                assert rel_error(b.grad[e], ref_db[e]) <= row_tol if recipe == "rowwise" else TOLERANCE[dtype], \
+                    (name, f"dB[{e}]")
         # Against the unquantized product: fp8 costs resolution, not correctness.
         exact = torch.cat([a.detach()[s:e].double() @ b.detach()[i].double()
                            for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
@@ -100,12 +106,13 @@ def test_scales_hold_per_expert_and_per_row(device):
     b = (torch.randn(len(counts), k, n, device=device) * 2.0 ** torch.arange(-8, 8, 4, device=device)[:, None, None]
          ).to(torch.bfloat16)
     out = grouped_mm_float8(a, b, offs)
-    ref_out, _, _ = emulated(a, b, torch.zeros_like(out), counts)
+    ref_out, _, _ = emulated(a, b, torch.zeros_like(out), counts, "rowwise")
     assert _worst_row(out, ref_out) <= 2.0 ** -7
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_moe_layer_with_fp8_experts(device):
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_moe_layer_with_fp8_experts(device, recipe):
     """MoE(fp8=...) trains like the bf16 layer (output and every gradient within fp8's SQNR),
     the same parameters and state_dict keys; fp8=None is the plain layer."""
     from tokenforge.nn import MoE
@@ -114,10 +121,10 @@ def test_moe_layer_with_fp8_experts(device):
     torch.manual_seed(0)
     plain = MoE(dim, hidden, num_experts=6, top_k=2, num_shared_experts=1, device=device, dtype=torch.bfloat16)
     fp8 = MoE(dim, hidden, num_experts=6, top_k=2, num_shared_experts=1, device=device, dtype=torch.bfloat16,
-              fp8="rowwise_with_gw_hp")
+              fp8=recipe)
     fp8.load_state_dict(plain.state_dict())
     assert fp8.state_dict().keys() == plain.state_dict().keys()
-    assert "fp8=rowwise_with_gw_hp" in repr(fp8)
+    assert f"fp8={recipe}" in repr(fp8)
     x = torch.randn(2, tokens // 2, dim, device=device, dtype=torch.bfloat16)
     outs = []
     for layer in (plain, fp8):
@@ -137,7 +144,6 @@ def test_bad_input_gets_a_clear_error():
     a = torch.randn(16, 32, dtype=torch.bfloat16)
     b = torch.randn(2, 32, 48, dtype=torch.bfloat16)
     cases = [
-        (dict(a=a, b=b, offs=offs, recipe="rowwise"), NotImplementedError, "rowwise_with_gw_hp"),
         (dict(a=a, b=b, offs=offs, recipe="blockwise"), ValueError, "recipe must be one of"),
         (dict(a=a[:, :24], b=b[:, :24], offs=offs), ValueError, "multiples of 16"),
         (dict(a=a, b=b[:, :, :40], offs=offs), ValueError, "multiples of 16"),
@@ -152,8 +158,8 @@ def test_bad_input_gets_a_clear_error():
             grouped_mm_float8(*args, **kwargs)
     with pytest.raises(ValueError, match="multiples of 16"):
         MoE(24, 48, num_experts=2, top_k=1, fp8="rowwise_with_gw_hp")
-    with pytest.raises(NotImplementedError, match="rowwise_with_gw_hp"):
-        MoE(32, 48, num_experts=2, top_k=1, fp8="rowwise")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        MoE(32, 48, num_experts=2, top_k=1, fp8="tensorwise")
 
 
 def test_empty_batch_and_frozen_inputs():
@@ -195,7 +201,7 @@ def test_convert_and_patch_turn_on_fp8_experts_and_keep_routers():
 
     ref = loss()
     report = convert_to_float8(model, "rowwise")
-    assert report.experts == moes and all(model.get_submodule(n).fp8 == "rowwise_with_gw_hp" for n in moes)
+    assert report.experts == moes and all(model.get_submodule(n).fp8 == "rowwise" for n in moes)
     for name in moes:
         assert type(model.get_submodule(f"{name}.router")) is torch.nn.Linear
         assert report.skipped[f"{name}.router"].startswith("MoE router")
@@ -211,8 +217,11 @@ def test_convert_and_patch_turn_on_fp8_experts_and_keep_routers():
     patched = tokenforge.patch(model, fp8="rowwise", attention=False, rope=False, swiglu=False, cross_entropy=False,
                                rms_norm=False)
     assert any("expert GEMMs" in p for p in patched.patched), str(patched)
-    assert all(model.get_submodule(n).fp8 == "rowwise_with_gw_hp" for n in moes)
+    assert all(model.get_submodule(n).fp8 == "rowwise" for n in moes)
     tokenforge.unpatch(model)
+    report = convert_to_float8(model, "rowwise_with_gw_hp")  # that recipe keeps the experts' dB in high precision
+    assert all(model.get_submodule(n).fp8 == "rowwise_with_gw_hp" for n in moes)
+    revert_float8(model)
     assert all(model.get_submodule(n).fp8 is None for n in moes)
     assert torch.equal(loss(), ref)
 
@@ -237,3 +246,40 @@ def test_torch_compile_fullgraph_matches_eager():
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b)
     out.square().sum().backward()
     assert torch.equal(out, eager) and torch.equal(a.grad, grads[0]) and torch.equal(b.grad, grads[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_column_quantizer_matches_the_reference_bit_for_bit(device):
+    """Per-(expert, column) scales over each expert's tokens, the data transposed: the kernel and the
+    reference agree bit for bit (e4m3 and e5m2, power-of-two scales too), empty experts scale 1, a
+    column of one expert holding an inf or nan shows in that expert's scale only."""
+    from tokenforge.fp8.quantize import quantize_expert_cols_op, quantize_expert_cols_reference
+
+    counts, c = ([0, 37, 1, 70, 0, 9], 80) if device == "cpu" else ([0, 3000, 1, 7000, 0, 900], 2048)
+    offs = _offs(counts, device)
+    x = torch.randn(sum(counts), c, device=device, dtype=torch.bfloat16) * 3
+    x[40, 5] = float("inf")  # expert 3's rows start at 38
+    for dtype in (E4M3, E5M2):
+        for pow2 in (False, True):
+            data_t, scale = quantize_expert_cols_op(x, offs, dtype, pow2, "triton")
+            ref_t, ref_scale = quantize_expert_cols_reference(x, offs, dtype, pow2)
+            assert data_t.shape == (c, sum(counts)) and scale.shape == (len(counts), c)
+            assert torch.equal(scale, ref_scale), (dtype, pow2)
+            assert torch.equal(data_t.view(torch.uint8), ref_t.view(torch.uint8)), (dtype, pow2)
+            assert torch.all(scale[[0, 4]] == 1)
+            assert torch.isinf(scale[3, 5]) and torch.isfinite(scale[1]).all() and torch.isfinite(scale[3, 6:]).all()
+
+
+def test_custom_ops_pass_opcheck():
+    """The two ops the fp8 dB adds: schema and fake tensors agree with the real outputs."""
+    from tokenforge import kernels
+
+    backend = "triton" if kernels.INTERPRETED else "torch"
+    offs = _offs([0, 7, 9], "cpu")
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.tokenforge.fp8_quantize_expert_cols, (x, offs, E4M3, False, backend),
+                          test_utils=("test_faketensor",))
+    a_t, s_a = torch.ops.tokenforge.fp8_quantize_expert_cols(x, offs, E4M3, False, backend)
+    d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(torch.randn(16, 48), offs, E5M2, False, backend)
+    torch.library.opcheck(torch.ops.tokenforge.grouped_mm_fp8_wgrad,
+                          (a_t, d_t, offs, s_a, s_d, torch.bfloat16, backend), test_utils=("test_faketensor",))

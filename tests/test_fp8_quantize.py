@@ -269,8 +269,9 @@ def test_quantize_no_host_sync():
 
 
 def _gate_types(soft):
-    types = dict(X="*bf16", DATA="*u8" if soft else "*fp8e4nv", SCALE="*fp32", PARTIAL="*fp32")
-    types.update({n: "i32" for n in ("R", "C", "stride_xr", "stride_xc", "num_partials", "scale_cols")})
+    types = dict(X="*bf16", DATA="*u8" if soft else "*fp8e4nv", SCALE="*fp32", PARTIAL="*fp32", OFFS="*i32")
+    types["DATA_T"] = types["DATA"]  # the per-expert column kernel's transposed output
+    types.update({n: "i32" for n in ("R", "C", "T", "stride_xr", "stride_xc", "num_partials", "scale_cols")})
     return types
 
 
@@ -283,7 +284,8 @@ def test_quantize_kernels_compile_without_spills(arch):
 
     soft = arch == "sm_80"  # sm_80 has no fp8 convert: the launcher uses the software encoder
     headline = {("_quantize_rows_kernel", kq.rows_config(4096)["BLOCK_N"]), ("_quantize_tensor_kernel", 16),
-                ("_quantize_blocks_kernel", (1, 128)), ("_quantize_blocks_kernel", (128, 128))}
+                ("_quantize_blocks_kernel", (1, 128)), ("_quantize_blocks_kernel", (128, 128)),
+                ("_quantize_expert_cols_kernel", kq.expert_cols_config()["BLOCK_N"])}
 
     def size(name, cfg):
         if name == "_quantize_blocks_kernel":
@@ -304,9 +306,9 @@ def test_quantize_kernels_compile_without_spills(arch):
                 consts.update(kq._format_constexprs(dtype, pow2, soft))
             types = _gate_types(soft)
             if not soft and dtype == torch.float8_e5m2:
-                types["DATA"] = "*fp8e5"
+                types["DATA"] = types["DATA_T"] = "*fp8e5"
             compiled = compile_kernel(getattr(kq, name), types, consts, warps, TARGETS[arch],
-                                      unaligned_args=("R", "C", "stride_xc", "num_partials", "scale_cols"))
+                                      unaligned_args=("R", "C", "T", "stride_xc", "num_partials", "scale_cols"))
             report = ptxas_report(compiled.asm["ptx"], arch)
             assert spill_bytes(report) == 0, f"{name} {cfg} spills on {arch}:\n{report}"
             if not soft and name != "_amax_partial_kernel":

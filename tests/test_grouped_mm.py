@@ -379,7 +379,7 @@ def test_kernels_compile_for_hopper_and_ampere():
         for arch, target in TARGETS.items():
             if (tma or scaled) and arch != "sm_90":
                 continue  # tensor descriptors are the sm_90 path (sm_80 takes pointer loads); fp8 needs sm_89+
-            # fp8: e4m3 tokens (the forward) and e5m2 gradients (dA = dOut @ b^T in fp8 training)
+            # fp8: e4m3 tokens (the forward) and e5m2 gradients (dA = dOut @ b^T, dB = a^T @ dOut in fp8 training)
             for a_fp8 in (("fp8e4nv", "fp8e5") if scaled else (None,)):
                 arg_types = types["tma"](cfg) if tma else types[name]
                 constexprs = dict(cfg, **unit[name])
@@ -391,15 +391,23 @@ def test_kernels_compile_for_hopper_and_ampere():
                         arg_types["stride_bn"] = arg_types.pop("stride_bk")
                         constexprs.pop("stride_bn")
                         constexprs["stride_bk"] = 1
+                elif scaled:  # the fp8 dB: token-major fp8 a^T (e4m3) and dOut^T (e4m3 / e5m2), bf16 dB
+                    arg_types = dict(A="*fp8e4nv", DOUT=f"*{a_fp8}", OFFS="*i32", DB="*bf16", N="i32", K="i32",
+                                     stride_ak="i32", stride_dn="i32", stride_be="i32", stride_bk="i32",
+                                     SA="*fp32", SB="*fp32")
+                    constexprs = dict(cfg, stride_am=1, stride_dm=1, stride_bn=1)
                 elif name == "_grouped_mm_kernel":
                     constexprs.update(SA=None, SB=None, stride_sbe=0, SCALED=False)
+                else:
+                    constexprs.update(SA=None, SB=None, SCALED=False)
                 compiled = compile_kernel(getattr(kgm, name), arg_types, constexprs, warps, target,
                                           num_stages=stages, unaligned_args=("E", "N", "K"))
                 if arch == "sm_90":
                     assert uses_wgmma(compiled), f"{name} {cfg}: no wgmma on sm_90"
                     if scaled:
                         kind = {"fp8e4nv": "e4m3", "fp8e5": "e5m2"}[a_fp8]
-                        assert re.search(rf"wgmma\.mma_async\S*\.{kind}\.e4m3", compiled.asm["ptx"]), \
+                        pair = f"{kind}\\.e4m3" if name == "_grouped_mm_kernel" else f"e4m3\\.{kind}"
+                        assert re.search(rf"wgmma\.mma_async\S*\.{pair}", compiled.asm["ptx"]), \
                             f"{name} {cfg} {a_fp8}: no FP8 wgmma"
                     ptx = compiled.asm["ptx"]
                     if tma:  # the tiles come in by the copy engine, not by thread loads

@@ -83,7 +83,7 @@ def test_moe_family_fp8_experts(family):
     patched = copy.deepcopy(plain)
     report = tokenforge.patch(patched, fp8="rowwise", attention=False, rope=False, rms_norm=False, swiglu=False,
                               cross_entropy=False)
-    assert any("grouped_mm_float8" in line for line in report.patched), report
+    assert any("grouped_mm_float8 (rowwise)" in line for line in report.patched), report
     ids = torch.randint(0, 128, (2, 12))
     a = plain(input_ids=ids, labels=ids)
     b = patched(input_ids=ids, labels=ids)

@@ -646,10 +646,11 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
         undo.steps.append(lambda parent=parent, child=child, original=original: setattr(parent, child, original))
     for fqn in conversion.experts:
         undo.steps.append(lambda moe=model.get_submodule(fqn): setattr(moe, "fp8", None))
-    _hf_experts_fp8(model, undo, report)
+    _hf_experts_fp8(model, undo, report, conversion.recipe)
     if conversion.experts:
         report.patched.append(f"fp8: {len(conversion.experts)} MoE layers' expert GEMMs -> "
-                              "tokenforge.fp8.grouped_mm_float8 (rowwise_with_gw_hp); routers kept in high precision")
+                              f"tokenforge.fp8.grouped_mm_float8 ({conversion.expert_recipe}); routers kept in high "
+                              "precision")
     if conversion.converted:
         report.patched.append(f"fp8: {len(conversion.converted)} nn.Linear -> tokenforge.fp8.Float8Linear "
                               f"({conversion.recipe}); {len(conversion.skipped)} kept in high precision")
@@ -658,11 +659,12 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
         report.skipped.append("fp8: no eligible nn.Linear (in/out features multiples of 16, not the head or the first layer)")
 
 
-def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
+def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport, linear_recipe: str) -> None:
     """Hugging Face *Experts modules already on the grouped path run it in fp8
     (tokenforge.fp8.grouped_mm_float8) where hidden and expert widths are multiples of 16."""
-    from tokenforge.fp8.grouped import RECIPES as GROUPED_RECIPES
+    from tokenforge.fp8.grouped import expert_recipe_for
 
+    recipe = expert_recipe_for(linear_recipe)
     done, left = 0, {}
     for m in model.modules():
         if getattr(getattr(m, "forward", None), "__func__", None) is not _grouped_experts_forward:
@@ -671,11 +673,11 @@ def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport) -> None:
         if hidden % 16 or (two_inter // 2) % 16:
             left[type(m).__name__] = f"hidden {hidden} / expert width {two_inter // 2} not multiples of 16"
             continue
-        undo.set_attr(m, _EXPERTS_FP8_ATTR, GROUPED_RECIPES[0])
+        undo.set_attr(m, _EXPERTS_FP8_ATTR, recipe)
         done += 1
     if done:
         report.patched.append(f"fp8: {done} expert modules' grouped GEMMs -> tokenforge.fp8.grouped_mm_float8 "
-                              f"({GROUPED_RECIPES[0]}); routers kept in high precision")
+                              f"({recipe}); routers kept in high precision")
     for name, why in left.items():
         report.skipped.append(f"fp8: {name} experts stay in high precision: {why}")
 

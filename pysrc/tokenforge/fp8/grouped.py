@@ -3,23 +3,24 @@
 
     forward   out[rows of e] = a_e @ b[e]        a per token row, b[e] per output column, e4m3
     backward  dA_e = dOut_e @ b[e]^T             dOut per token row (e5m2), b[e] per row of K (e4m3)
-              dB[e] = a_e^T @ dOut_e              in the compute dtype ('rowwise_with_gw_hp')
+              dB[e] = a_e^T @ dOut_e              'rowwise': a (e4m3) and dOut (e5m2) per (expert,
+                                                  column) over the expert's tokens; 'rowwise_with_gw_hp':
+                                                  in the compute dtype
 
-Recipe: ``rowwise_with_gw_hp`` (Float8Linear's preset of that name, per-GEMM axiswise scales
-along each GEMM's reduction dim, the weight gradient in high precision). The fp8 GEMMs are
-tokenforge's grouped kernel with FP8 wgmma (:func:`tokenforge.ops.grouped_mm_fp8`, which needs
-both operands K-major): the forward reads b[e]^T, so b is transposed once per step into an (E, N, K)
-copy that is quantized rowwise; the dA GEMM reduces over N, which b's own rows already are (no
-copy). Scales are recomputed from the current tensors every call; a and b are saved in the compute
-dtype (the dA cast of b differs from the forward's, and the weight gradient reads a itself).
-
-A weight gradient in fp8 would need scales per (expert, column) over each expert's tokens (a
-scale may not vary along the dim a GEMM reduces) and token-major fp8 copies of a and dOut: not
-built; ``recipe="rowwise"`` says so.
+Recipes, Float8Linear's of the same names: per-GEMM axiswise scales along each GEMM's reduction
+dim, recomputed from the current tensors every call. The forward and dA GEMMs are tokenforge's
+grouped kernel with FP8 wgmma (:func:`tokenforge.ops.grouped_mm_fp8`, both operands K-major): the
+forward reads b[e]^T, so b is transposed once per call into an (E, N, K) copy quantized rowwise;
+the dA GEMM reduces over N, which b's own rows already are (no copy). The fp8 dB GEMM reduces over
+each expert's tokens, so a scale may vary per expert and column but not along the tokens:
+:func:`tokenforge.kernels.fp8_quantize.quantize_expert_cols` writes a and dOut quantized that way
+and transposed (token-major, as FP8 wgmma wants them), and the grouped reduction kernel applies the
+scales to its fp32 sums. a and b are saved in the compute dtype (every GEMM casts them its own way).
 
 Path of a call: :class:`tokenforge.nn.MoE` (``fp8=``) or a caller -> :func:`grouped_mm_float8`
 -> :class:`Float8GroupedMMFunction` -> the custom ops ``tokenforge::fp8_quantize``,
-``tokenforge::grouped_mm_fp8`` and ``tokenforge::grouped_mm_wgrad`` -> their kernels.
+``tokenforge::fp8_quantize_expert_cols``, ``tokenforge::grouped_mm_fp8``,
+``tokenforge::grouped_mm_fp8_wgrad`` / ``tokenforge::grouped_mm_wgrad`` -> their kernels.
 """
 
 from __future__ import annotations
@@ -35,19 +36,26 @@ from tokenforge.fp8.quantize import cast_for_gemm
 from tokenforge.ops.grouped_mm import OP as GROUPED_OP
 from tokenforge.ops.grouped_mm import OP_FP8, _check, grouped_mm, grouped_mm_fp8, grouped_mm_reference
 
-RECIPES = ("rowwise_with_gw_hp",)
-# (input, weight, grad_output, weight for grad_input) casts of the recipe, as Float8LinearConfig.casts().
-_CASTS = {"rowwise_with_gw_hp": (("axiswise", E4M3), ("axiswise", E4M3), ("axiswise", E5M2), ("axiswise", E4M3))}
+RECIPES = ("rowwise", "rowwise_with_gw_hp")
+DEFAULT_RECIPE = "rowwise"
+# (input, weight, grad_output, weight for grad_input, input for grad_weight, grad_output for
+# grad_weight) casts, as Float8LinearConfig.casts(); None: that GEMM in the compute dtype.
+_AXIS4, _AXIS5 = ("axiswise", E4M3), ("axiswise", E5M2)
+_CASTS = {"rowwise": (_AXIS4, _AXIS4, _AXIS5, _AXIS4, _AXIS4, _AXIS5),
+          "rowwise_with_gw_hp": (_AXIS4, _AXIS4, _AXIS5, _AXIS4, None, None)}
+
+
+def expert_recipe_for(linear_recipe: str) -> str:
+    """The grouped recipe for a model converted with Float8Linear's ``linear_recipe``: the dB in
+    high precision when that recipe keeps it there, else all three GEMMs in fp8 (axiswise is the
+    grouped kernel's only scaling; tensorwise and blockwise models get it for their experts)."""
+    return "rowwise_with_gw_hp" if linear_recipe == "rowwise_with_gw_hp" else "rowwise"
 
 
 def _check_recipe(recipe: str, where: str) -> None:
-    if recipe == "rowwise":
-        raise NotImplementedError(
-            f"{where}: recipe 'rowwise' (an fp8 weight gradient) is not implemented for grouped GEMMs: its scales would "
-            "vary per expert along the token dim the GEMM reduces; use 'rowwise_with_gw_hp' (fp8 forward and dA, "
-            "dB in the compute dtype)")
     if recipe not in RECIPES:
-        raise ValueError(f"{where}: recipe must be one of {RECIPES}, got {recipe!r}")
+        raise ValueError(f"{where}: recipe must be one of {RECIPES} (the grouped fp8 GEMM's axiswise recipes), "
+                         f"got {recipe!r}")
 
 
 def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, backend: str):
@@ -64,12 +72,12 @@ def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, ba
 
 
 class Float8GroupedMMFunction(torch.autograd.Function):
-    """out = grouped a @ b with fp8 forward and dA GEMMs, dB in the compute dtype (see the module
-    docstring); a (T, K), b (E, K, N) in one compute dtype, offs int32 (E,)."""
+    """out = grouped a @ b with fp8 GEMMs as the recipe says (see the module docstring); a (T, K),
+    b (E, K, N) in one compute dtype, offs int32 (E,)."""
 
     @staticmethod
     def forward(ctx, a, b, offs, recipe, power_of_two, quant_backend, gemm_backend, wgrad_backend):
-        c_a, c_b, _, _ = _CASTS[recipe]
+        c_a, c_b = _CASTS[recipe][:2]
         aq, sa = cast_for_gemm(a, 1, c_a, False, power_of_two, quant_backend)
         bq, sb = _weight_cast(b, "k", c_b, power_of_two, quant_backend)
         out = grouped_mm_fp8(aq, bq, offs, sa, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
@@ -82,7 +90,7 @@ class Float8GroupedMMFunction(torch.autograd.Function):
     def backward(ctx, dout):
         a, b, offs = ctx.saved_tensors
         quant_backend, gemm_backend, wgrad_backend = ctx.backends
-        _, _, c_dout, c_b_gi = _CASTS[ctx.recipe]
+        _, _, c_dout, c_b_gi, c_a_gw, c_dout_gw = _CASTS[ctx.recipe]
         dout = dout.to(a.dtype).contiguous()
         da = db = None
         if ctx.needs_input_grad[0]:
@@ -90,7 +98,12 @@ class Float8GroupedMMFunction(torch.autograd.Function):
             bq, sb = _weight_cast(b, "n", c_b_gi, ctx.pow2, quant_backend)
             da = grouped_mm_fp8(dq, bq, offs, sd, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
         if ctx.needs_input_grad[1]:
-            if wgrad_backend == "torch":
+            if c_a_gw is not None:  # fp8: per (expert, column) scales over the expert's tokens
+                qb = "triton" if gemm_backend == "triton" else "torch"
+                a_t, s_a = torch.ops.tokenforge.fp8_quantize_expert_cols(a, offs, c_a_gw[1], ctx.pow2, qb)
+                d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(dout, offs, c_dout_gw[1], ctx.pow2, qb)
+                db = torch.ops.tokenforge.grouped_mm_fp8_wgrad(a_t, d_t, offs, s_a, s_d, b.dtype, gemm_backend)
+            elif wgrad_backend == "torch":
                 with torch.enable_grad():  # dB of the reference loop, by torch autograd
                     a_, b_ = a.detach(), b.detach().requires_grad_()
                     db, = torch.autograd.grad(grouped_mm_reference(a_, b_, offs), b_, dout)
@@ -99,13 +112,14 @@ class Float8GroupedMMFunction(torch.autograd.Function):
         return da, db, None, None, None, None, None, None
 
 
-def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, recipe: str = "rowwise_with_gw_hp",
+def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, recipe: str = DEFAULT_RECIPE,
                       power_of_two: bool = False, check_offs: bool = True,
                       backend: Optional[str] = None) -> torch.Tensor:
     """(T, N) = per-expert ``a[rows of e] @ b[e]`` as :func:`tokenforge.ops.grouped_mm` (a (T, K)
-    sorted by expert, b (E, K, N), offs (E,) int32 cumulative row ends), with its forward and dA
-    GEMMs in fp8 (dynamic axiswise scales) and dB in a's dtype. a and b bf16/fp16/fp32 alike, K and
-    N multiples of 16. ``power_of_two``: scales rounded up to powers of two. ``backend``: triton
+    sorted by expert, b (E, K, N), offs (E,) int32 cumulative row ends), its GEMMs in fp8 with
+    dynamic axiswise scales: all three with ``recipe="rowwise"``, dB in a's dtype with
+    ``"rowwise_with_gw_hp"``. a and b bf16/fp16/fp32 alike, K and N multiples of 16.
+    ``power_of_two``: scales rounded up to powers of two. ``backend``: triton
     (the kernels; the interpreter on CPU), torch (quantize, dequantize and loop: the same numbers
     by another route) or None (choose)."""
     where = "grouped_mm_float8"

@@ -284,3 +284,43 @@ def cast_for_gemm(t, reduce_dim, cast, is_weight, power_of_two, backend):
         return quantize_reference(t, dtype, scaling, power_of_two, block)
     br, bc = block if block is not None else (1, 1)
     return fp8_quantize_op(t, dtype, scaling, power_of_two, backend, br, bc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-expert column scales (the weight-gradient GEMM of an fp8 MoE layer reduces over tokens)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_expert_cols_reference(x: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype,
+                                   power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data_t (C, T), scale (E, C)): each expert's rows of x (T, C) quantized colwise on their own
+    (rows grouped by expert, offs (E,) cumulative ends), the data transposed; empty experts scale 1."""
+    T, C = x.shape
+    data_t = torch.empty((C, T), dtype=dtype, device=x.device)
+    scale = torch.ones((offs.shape[0], C), dtype=torch.float32, device=x.device)
+    start = 0
+    for e, end in enumerate(int(v) for v in offs.tolist()):
+        end = max(end, start)
+        if end > start:
+            data, s = quantize_reference(x[start:end], dtype, "colwise", power_of_two)
+            data_t[:, start:end] = data.t()
+            scale[e] = s.reshape(-1)
+        start = end
+    return data_t, scale
+
+
+@torch.library.custom_op("tokenforge::fp8_quantize_expert_cols", mutates_args=())
+def quantize_expert_cols_op(x: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype, power_of_two: bool,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, C) with rows grouped by expert -> (data_t (C, T) fp8, scale (E, C) fp32)."""
+    if backend == "triton":
+        from tokenforge.kernels import fp8_quantize as kernel
+
+        return kernel.quantize_expert_cols(x, offs, dtype, power_of_two)
+    return quantize_expert_cols_reference(x, offs, dtype, power_of_two)
+
+
+@quantize_expert_cols_op.register_fake
+def _(x, offs, dtype, power_of_two, backend):
+    return x.new_empty((x.shape[1], x.shape[0]), dtype=dtype), x.new_empty((offs.shape[0], x.shape[1]),
+                                                                             dtype=torch.float32)

@@ -15,9 +15,9 @@ Switch-style auxiliary loss in ``self.aux_loss`` (add it to the training loss); 
 bias (buffer ``expert_bias``) moves by rate * sign(mean load - load) per expert. The last
 forward's tokens per expert are in ``self.last_expert_counts`` (a device tensor: reading it syncs).
 
-FP8: ``fp8="rowwise_with_gw_hp"`` runs both expert GEMMs through
-:func:`tokenforge.fp8.grouped_mm_float8` (fp8 forward and input gradient, weight gradients in
-the compute dtype; dim and hidden_dim multiples of 16); router and shared experts stay as they are.
+FP8: ``fp8="rowwise"`` (every GEMM) or ``"rowwise_with_gw_hp"`` (weight gradients in the compute
+dtype) runs both expert GEMMs through :func:`tokenforge.fp8.grouped_mm_float8` (dim and hidden_dim
+multiples of 16); router and shared experts stay as they are.
 
 Expert parallelism: ``layer.shard_experts(group)`` keeps only this rank's E/P experts (rank r of
 the group's P: experts r*E/P ..), and the forward exchanges token rows with the other ranks around

@@ -282,3 +282,39 @@ def grouped_mm_fp8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a
     if name == "torch" or a.shape[0] == 0:
         return grouped_mm_fp8_reference(a, b, offs, scale_a, scale_b, out_dtype)
     return torch.ops.tokenforge.grouped_mm_fp8(a, b, offs, scale_a, scale_b, out_dtype)
+
+
+def grouped_mm_fp8_wgrad_reference(a_t: torch.Tensor, dout_t: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                                   scale_d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dB[e] = (a_t[:, rows of e] dequantized by scale_a[e]) @ (dout_t[:, rows of e] by scale_d[e])^T,
+    fp32 (float64 scales give the float64 oracle); zeros for an empty expert."""
+    compute = torch.float64 if scale_a.dtype == torch.float64 else torch.float32
+    experts = offs.shape[0]
+    db = torch.zeros((experts, a_t.shape[0], dout_t.shape[0]), dtype=compute, device=a_t.device)
+    start = 0
+    for e, end in enumerate(int(v) for v in offs.tolist()):
+        end = max(end, start)
+        if end > start:
+            a_e = a_t[:, start:end].to(compute) * scale_a[e].to(compute)[:, None]
+            d_e = dout_t[:, start:end].to(compute) * scale_d[e].to(compute)[:, None]
+            db[e] = a_e @ d_e.t()
+        start = end
+    return db.to(out_dtype)
+
+
+@torch.library.custom_op("tokenforge::grouped_mm_fp8_wgrad", mutates_args=())
+def grouped_mm_fp8_wgrad_op(a_t: torch.Tensor, dout_t: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
+                            scale_d: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The fp8 weight gradient of a grouped GEMM: token-major fp8 a_t (K, T) and dout_t (N, T), each
+    expert's tokens scaled per row (scale_a (E, K), scale_d (E, N) fp32) -> (E, K, N) in out_dtype."""
+    if backend != "triton":
+        return grouped_mm_fp8_wgrad_reference(a_t, dout_t, offs, scale_a, scale_d, out_dtype)
+    from tokenforge.kernels import grouped_mm as kernel
+
+    db = torch.empty((offs.shape[0], a_t.shape[0], dout_t.shape[0]), dtype=out_dtype, device=a_t.device)
+    return kernel.grouped_mm_fp8_wgrad(a_t, dout_t, offs, scale_a.contiguous(), scale_d.contiguous(), db)
+
+
+@grouped_mm_fp8_wgrad_op.register_fake
+def _(a_t, dout_t, offs, scale_a, scale_d, out_dtype, backend):
+    return a_t.new_empty((offs.shape[0], a_t.shape[0], dout_t.shape[0]), dtype=out_dtype)
