@@ -70,29 +70,36 @@ GPU_CASES = {"moe-64": ([int(c) for c in torch.randint(0, 600, (64,), generator=
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
 def test_matches_the_float64_emulation_per_row(device, dtype, backend, recipe):
-    for name, (counts, k, n) in (CPU_CASES if device == "cpu" else GPU_CASES).items():
+    """Experts stored (E, K, N) (tokenforge.nn.MoE) and (E, N, K) (Hugging Face's gate_up_proj,
+    passed transposed): the weight casts take different routes to the same fp8 operands."""
+    cases = CPU_CASES if device == "cpu" else GPU_CASES
+    for (name, (counts, k, n)), stored in zip(list(cases.items()) * 2, ["ekn"] * len(cases) + ["enk"] * len(cases)):
         offs = _offs(counts, device)
         a = torch.randn(sum(counts), k, device=device, dtype=dtype, requires_grad=True)
-        b = (torch.randn(len(counts), k, n, device=device) / k ** 0.5).to(dtype).requires_grad_()
+        shape = (len(counts), k, n) if stored == "ekn" else (len(counts), n, k)
+        leaf = (torch.randn(shape, device=device) / k ** 0.5).to(dtype).requires_grad_()
+        b = leaf if stored == "ekn" else leaf.transpose(1, 2)
         out = grouped_mm_float8(a, b, offs, recipe=recipe, backend=backend)
         dout = torch.randn_like(out)
         out.backward(dout)
+        db = leaf.grad if stored == "ekn" else leaf.grad.transpose(1, 2)
         ref_out, ref_da, ref_db = emulated(a.detach(), b.detach(), dout, counts, recipe)
         # One rounding of an fp32 accumulator to the output dtype per element.
         row_tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5
+        db_tol = row_tol if recipe == "rowwise" else TOLERANCE[dtype]
+        where = (name, stored)
         assert out.dtype == dtype and out.shape == ref_out.shape
-        assert _worst_row(out, ref_out) <= row_tol, (name, "out")
-        assert _worst_row(a.grad, ref_da) <= row_tol, (name, "dA")
+        assert _worst_row(out, ref_out) <= row_tol, (where, "out")
+        assert _worst_row(a.grad, ref_da) <= row_tol, (where, "dA")
         for e, c in enumerate(counts):
             if c == 0:
-                assert torch.count_nonzero(b.grad[e]) == 0, (name, f"dB[{e}] of an empty expert")
+                assert torch.count_nonzero(db[e]) == 0, (where, f"dB[{e}] of an empty expert")
             else:
-                assert rel_error(b.grad[e], ref_db[e]) <= row_tol if recipe == "rowwise" else TOLERANCE[dtype], \
-                    (name, f"dB[{e}]")
+                assert rel_error(db[e], ref_db[e]) <= db_tol, (where, f"dB[{e}]")
         # Against the unquantized product: fp8 costs resolution, not correctness.
         exact = torch.cat([a.detach()[s:e].double() @ b.detach()[i].double()
                            for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
-        assert _sqnr_db(out, exact) >= 20, name
+        assert _sqnr_db(out, exact) >= 20, where
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,9 +9,9 @@
 
 Recipes, Float8Linear's of the same names: per-GEMM axiswise scales along each GEMM's reduction
 dim, recomputed from the current tensors every call. The forward and dA GEMMs are tokenforge's
-grouped kernel with FP8 wgmma (:func:`tokenforge.ops.grouped_mm_fp8`, both operands K-major): the
-forward reads b[e]^T, so b is transposed once per call into an (E, N, K) copy quantized rowwise;
-the dA GEMM reduces over N, which b's own rows already are (no copy). The fp8 dB GEMM reduces over
+grouped kernel with FP8 wgmma (:func:`tokenforge.ops.grouped_mm_fp8`, both operands K-major): each
+GEMM's weight cast writes fp8 data whose reduced dim is unit-stride, rowwise where b's layout has
+it so, else transposed by the per-expert column quantizer (no bf16 copy of b either way). The fp8 dB GEMM reduces over
 each expert's tokens, so a scale may vary per expert and column but not along the tokens:
 :func:`tokenforge.kernels.fp8_quantize.quantize_expert_cols` writes a and dOut quantized that way
 and transposed (token-major, as FP8 wgmma wants them), and the grouped reduction kernel applies the
@@ -59,16 +59,22 @@ def _check_recipe(recipe: str, where: str) -> None:
 
 
 def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, backend: str):
-    """b (E, K, N) quantized for a GEMM reducing over its K ("k": scales (E, N), the data an
-    (E, K, N) view of a K-major copy) or its N ("n": scales (E, K), the data (E, N, K) as a view of
-    b's own layout, N unit-stride); either way the returned data is the GEMM's (E, reduce, out) b."""
-    E, K, N = b.shape
-    if reduce_over == "k":
-        rows = b.transpose(1, 2).reshape(E * N, K)  # a copy unless b is already (E, N, K)-stored
-        data, scale = cast_for_gemm(rows, 1, cast, True, power_of_two, backend)
-        return data.view(E, N, K).transpose(1, 2), scale.reshape(E, N)
-    data, scale = cast_for_gemm(b.reshape(E * K, N), 1, cast, True, power_of_two, backend)
-    return data.view(E, K, N).transpose(1, 2), scale.reshape(E, K)
+    """The expert weights b (E, K, N) quantized for a GEMM reducing over their K ("k", the forward)
+    or their N ("n", dA): one scale per expert and output index over the reduced dim, and the data
+    as the GEMM's (E, reduce, out) b with the reduced dim unit-stride (FP8 wgmma reads only that).
+    Never a bf16 copy: when the reduced dim is already unit-stride in b, its rows are quantized
+    rowwise in place; otherwise the per-expert column quantizer reads b's rows as they lie and
+    writes the fp8 data transposed (an (out, E x reduce) tensor, viewed back as (E, reduce, out))."""
+    w = b if reduce_over == "k" else b.transpose(1, 2)  # (E, R, C): reduce over R, one scale per (e, c)
+    E, R, C = w.shape
+    if w.stride(1) == 1 and w.transpose(1, 2).is_contiguous():  # (E, C, R) stored: rowwise over R
+        data, scale = cast_for_gemm(w.transpose(1, 2).reshape(E * C, R), 1, cast, True, power_of_two, backend)
+        return data.view(E, C, R).transpose(1, 2), scale.reshape(E, C)
+    rows = w.contiguous().view(E * R, C)  # a copy only for layouts other than b's and its transpose
+    ends = torch.arange(1, E + 1, device=b.device, dtype=torch.int32) * R  # experts of R rows each
+    qb = "torch" if backend == "torch" else "triton"  # the CUDA quantizer has no per-expert kernel
+    data_t, scale = torch.ops.tokenforge.fp8_quantize_expert_cols(rows, ends, cast[1], power_of_two, qb)
+    return data_t.as_strided((E, R, C), (R, 1, E * R)), scale
 
 
 class Float8GroupedMMFunction(torch.autograd.Function):
