@@ -44,10 +44,6 @@ class Case(CaseId):
     headline: bool = False
     dtype: torch.dtype = torch.bfloat16
 
-    @property
-    def shape(self) -> str:
-        return self.name
-
     def flops(self) -> float:
         return (2.0 if self.pass_ == "fwd" else 6.0) * sum(self.counts) * self.k * self.n
 

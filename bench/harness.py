@@ -37,7 +37,12 @@ class BackendUnavailable(Exception):
 
 class CaseId:
     """Mixin for an op's frozen ``Case`` dataclass with ``pass_``, ``shape`` and ``dtype``: the
-    ``<pass>-<shape>-<dtype>`` id that names its tests and benchmark groups."""
+    ``<pass>-<shape>-<dtype>`` id that names its tests and benchmark groups. ``shape`` defaults to
+    the case's ``name`` (cases named after the model they come from)."""
+
+    @property
+    def shape(self) -> str:
+        return self.name
 
     @property
     def dtype_name(self) -> str:

@@ -45,10 +45,6 @@ class Case(CaseId):
     headline: bool = False
     dtype: torch.dtype = torch.bfloat16
 
-    @property
-    def shape(self) -> str:
-        return self.name
-
     def flops(self) -> float:
         fwd = 6.0 * self.tokens * self.top_k * self.dim * self.inter
         return fwd if self.pass_ == "fwd" else 3 * fwd
