@@ -8,7 +8,10 @@ Backends (baselines first, so a kernel's ratios are known when it runs):
     sdpa_cudnn       ... CUDNN_ATTENTION                                               (CUDA)
     sdpa             F.scaled_dot_product_attention, default choice                    (CPU runs)
     flash_attn       flash_attn.flash_attn_func, when installed
-    triton           tokenforge.ops.attention(backend="triton")
+    triton           tokenforge.ops.attention(backend="triton"), deterministic=False (the default: a
+                     one-pass backward with fp32 atomics for dq where it fits, sm_90 d<=64)
+    triton_deterministic  the same with deterministic=True (the two-pass backward, bitwise
+                     reproducible); fwd_bwd only (the forward does not change)
     cuda             tokenforge.ops.attention(backend="cuda"): CUDA C++ (sm_90a, bf16, d64/d128)
 
 TFLOP/s follow flash_attn's convention: 4 * b * h * sq * sk * d for the forward, halved when causal;
@@ -30,8 +33,8 @@ from harness import BackendUnavailable, Prepared
 OP = "attention"
 PASSES = ("fwd", "fwd_bwd")
 BASELINES = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa", "flash_attn")
-GPU_BACKENDS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn", "triton", "cuda")
-CPU_BACKENDS = ("sdpa", "triton")
+GPU_BACKENDS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn", "triton", "triton_deterministic", "cuda")
+CPU_BACKENDS = ("sdpa", "triton", "triton_deterministic")
 HEADS_TOKENS = 16 * 16384  # batch * seqlen held constant on the GPU: batch = 16384 // seqlen (x16 heads)
 
 
@@ -81,12 +84,14 @@ def make_op(backend: str, device: torch.device) -> Callable:
     """``op(q, k, v, causal) -> out`` in (b, s, h, d) layout."""
     import torch.nn.functional as F
 
-    if backend == "triton":
+    if backend in ("triton", "triton_deterministic"):
         if harness.triton_needs_interpreter(device):
             raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
         from tokenforge.ops.attention import attention
 
-        return lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="triton")
+        deterministic = backend == "triton_deterministic"
+        return lambda q, k, v, causal: attention(q, k, v, causal=causal, deterministic=deterministic,
+                                                 backend="triton")
     if backend == "cuda":
         if device.type != "cuda":
             raise BackendUnavailable("the CUDA C++ attention needs an sm_90 GPU")
@@ -127,6 +132,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     """Inputs, one checked call, and the timed closure. Correctness: against SDPA in fp32 on the
     same inputs (the float64 oracle is too big at these sizes; the test suite does that)."""
     device = torch.device(device)
+    if backend == "triton_deterministic" and case.pass_ == "fwd":
+        raise BackendUnavailable("deterministic changes the backward only; the forward is triton's")
     op = make_op(backend, device)
     b, s, h, d = case.batch, case.seqlen, case.heads, case.head_dim
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=case.dtype) for _ in range(3))

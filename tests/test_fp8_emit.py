@@ -117,8 +117,8 @@ def test_float8_linear_uses_the_emitted_cast(device, recipe, monkeypatch):
     cast = fp8.emit_cast_for(config.casts(), config.round_scales_to_power_of_2)
     assert cast == fp8.EmitCast(E4M3, recipe == "blockwise", False)
     casts = []
-    real_cast = linear._cast
-    monkeypatch.setattr(linear, "_cast", lambda t, *a, **k: (casts.append(tuple(t.shape)), real_cast(t, *a, **k))[1])
+    real_cast = linear.cast_for_gemm
+    monkeypatch.setattr(linear, "cast_for_gemm", lambda t, *a, **k: (casts.append(tuple(t.shape)), real_cast(t, *a, **k))[1])
     K, N = (256, 64) if device == "cpu" else (4096, 1024)
     x = torch.randn(3, 7, K, device=device, requires_grad=True)
     w = torch.randn(K, device=device, requires_grad=True)
@@ -190,8 +190,8 @@ def test_patch_emits_fp8_in_the_reference_transformer(recipe, monkeypatch):
         if hasattr(m, "swiglu_fn") and hasattr(m.swiglu_fn, "keywords"):
             m.swiglu_fn = m.swiglu_fn.func
     casts = []
-    real_cast = linear._cast
-    monkeypatch.setattr(linear, "_cast", lambda t, *a, **k: (casts.append(1), real_cast(t, *a, **k))[1])
+    real_cast = linear.cast_for_gemm
+    monkeypatch.setattr(linear, "cast_for_gemm", lambda t, *a, **k: (casts.append(1), real_cast(t, *a, **k))[1])
     idx, targets = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
     loss = fused(idx, targets)
     fused_casts = len(casts)
