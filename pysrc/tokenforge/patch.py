@@ -572,18 +572,14 @@ def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """A Hugging Face ``*Experts`` module (transformers 5: ``gate_up_proj`` (E, 2I, D) = [gate | up],
     ``down_proj`` (E, D, I), SiLU) as two grouped GEMMs instead of a Python loop over experts.
     An index equal to num_experts (a slot for a non-local expert) contributes nothing, as there."""
-    from tokenforge.ops import grouped_mm, moe_permute, moe_unpermute
+    from tokenforge.fp8.grouped import expert_gemm
+    from tokenforge.ops import moe_permute, moe_unpermute
     from tokenforge.ops.swiglu import swiglu_packed
 
     n = self.gate_up_proj.shape[0]
     local = top_k_index < n
     xs, offs, order, _ = moe_permute(hidden_states, top_k_index.clamp(max=n - 1), n)
-    expert_mm = grouped_mm
-    recipe = vars(self).get(_EXPERTS_FP8_ATTR)  # set by patch(fp8=...)
-    if recipe is not None:
-        from tokenforge.fp8.grouped import grouped_mm_float8
-
-        expert_mm = functools.partial(grouped_mm_float8, recipe=recipe)
+    expert_mm = expert_gemm(vars(self).get(_EXPERTS_FP8_ATTR))  # the recipe is set by patch(fp8=...)
     gate_up = expert_mm(xs, self.gate_up_proj.transpose(1, 2), offs, check_offs=False)
     ys = expert_mm(swiglu_packed(gate_up), self.down_proj.transpose(1, 2), offs, check_offs=False)
     count_call("grouped_mm")

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import functools
+
 import torch
 
 from tokenforge import backends
@@ -52,6 +54,18 @@ def expert_recipe_for(linear_recipe: str) -> str:
     return "rowwise_with_gw_hp" if linear_recipe == "rowwise_with_gw_hp" else "rowwise"
 
 
+def expert_gemm(recipe: Optional[str]):
+    """The grouped GEMM an MoE layer's experts run: :func:`tokenforge.ops.grouped_mm` when
+    ``recipe`` is None, else :func:`grouped_mm_float8` with that recipe (same call signature)."""
+    return grouped_mm if recipe is None else functools.partial(grouped_mm_float8, recipe=recipe)
+
+
+def _expert_cols_backend(backend: str) -> str:
+    """The per-expert column quantizer's backend: the torch reference or the Triton kernel (the
+    CUDA C++ quantizer has no per-expert kernel)."""
+    return "torch" if backend == "torch" else "triton"
+
+
 def _check_recipe(recipe: str, where: str) -> None:
     if recipe not in RECIPES:
         raise ValueError(f"{where}: recipe must be one of {RECIPES} (the grouped fp8 GEMM's axiswise recipes), "
@@ -72,8 +86,8 @@ def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, ba
         return data.view(E, C, R).transpose(1, 2), scale.reshape(E, C)
     rows = w.contiguous().view(E * R, C)  # a copy only for layouts other than b's and its transpose
     ends = torch.arange(1, E + 1, device=b.device, dtype=torch.int32) * R  # experts of R rows each
-    qb = "torch" if backend == "torch" else "triton"  # the CUDA quantizer has no per-expert kernel
-    data_t, scale = torch.ops.tokenforge.fp8_quantize_expert_cols(rows, ends, cast[1], power_of_two, qb)
+    data_t, scale = torch.ops.tokenforge.fp8_quantize_expert_cols(rows, ends, cast[1], power_of_two,
+                                                                  _expert_cols_backend(backend))
     return data_t.as_strided((E, R, C), (R, 1, E * R)), scale
 
 
@@ -105,7 +119,7 @@ class Float8GroupedMMFunction(torch.autograd.Function):
             da = grouped_mm_fp8(dq, bq, offs, sd, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
         if ctx.needs_input_grad[1]:
             if c_a_gw is not None:  # fp8: per (expert, column) scales over the expert's tokens
-                qb = "triton" if gemm_backend == "triton" else "torch"
+                qb = _expert_cols_backend(quant_backend)
                 a_t, s_a = torch.ops.tokenforge.fp8_quantize_expert_cols(a, offs, c_a_gw[1], ctx.pow2, qb)
                 d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(dout, offs, c_dout_gw[1], ctx.pow2, qb)
                 db = torch.ops.tokenforge.grouped_mm_fp8_wgrad(a_t, d_t, offs, s_a, s_d, b.dtype, gemm_backend)

@@ -29,14 +29,12 @@ parallelism over the same ranks divide it by P to average as DDP does (``tokenfo
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 
 from tokenforge.nn.swiglu import SwiGLU
-from tokenforge.ops.grouped_mm import grouped_mm
 from tokenforge.ops.moe_routing import load_balancing_loss, moe_permute, moe_route, moe_unpermute
 from tokenforge.ops.swiglu import swiglu_packed
 
@@ -130,11 +128,9 @@ class MoE(torch.nn.Module):
 
             xs, plan = ep_dispatch(xs, counts, self.ep_group)
             offs = plan.offs
-        expert_mm = grouped_mm
-        if self.fp8 is not None:
-            from tokenforge.fp8.grouped import grouped_mm_float8
+        from tokenforge.fp8.grouped import expert_gemm
 
-            expert_mm = functools.partial(grouped_mm_float8, recipe=self.fp8)
+        expert_mm = expert_gemm(self.fp8)
         gate_up = expert_mm(xs, w_gate_up, offs, check_offs=False, backend=self.backend)
         ys = expert_mm(swiglu_packed(gate_up, backend=self.backend), w_down, offs, check_offs=False,
                        backend=self.backend)
