@@ -15,12 +15,15 @@ Forward: one program per (query block, batch * query head); an online softmax ov
 the log2 domain (exp2 is the native instruction), fp32 accumulators, S x S never stored. Key blocks
 that the causal/window mask hides entirely are never visited.
 
-Backward (no atomics, so every mode is deterministic bit for bit):
+Backward:
   1. ``_attn_bwd_preprocess``: delta[i] = sum_d dO[i, d] * O[i, d] (fp32).
   2. ``_attn_bwd_dkdv``: one program per (key block, batch * kv head) walks every query head of
      its GQA group and every query block that sees the key block; dk and dv stay in registers, so
-     the sum over the group costs nothing and nothing is written twice.
-  3. ``_attn_bwd_dq``: one program per (query block, batch * query head) walks the key blocks.
+     the sum over the group costs nothing and nothing is written twice. With ATOMIC_DQ (the
+     one-pass backward, deterministic=False where :func:`fused_backward_runs`) it also adds each
+     key block's share of dq into an fp32 buffer with atomics, and step 3 is skipped.
+  3. ``_attn_bwd_dq``: one program per (query block, batch * query head) walks the key blocks
+     (the two-pass backward: no atomics, deterministic bit for bit).
   Scores are recomputed from q, k and the saved lse (O(seqlen) extra memory).
 
 Varlen (packed documents): q/k/v are (total, heads, head_dim) and cu_seqlens give each document's
@@ -378,8 +381,11 @@ def _attn_bwd_dkdv(
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
     # this key block's dq share, scale * ds @ k, into the fp32 DQ_ACC with atomics (five GEMMs per block
     # pair, no second pass that recomputes the scores; the order of the adds varies run to run).
-    # TMA (dense only): Q, K, V and dO are (batch, seq, heads, dim) tensor descriptors, the K/V
-    # block and every streamed Q/dO block loaded by the copy engine (zero-filled past seqlen).
+    # TMA (dense only): Q and dO are (batch, seq, heads, dim) tensor descriptors, every streamed
+    # Q/dO block loaded by the copy engine (zero-filled past seqlen). K and V, read once per program,
+    # stay pointer loads: Triton then keeps them in shared memory as wgmma operands, while a
+    # descriptor load's tile is materialised in registers (64 more per thread at d128, which spilled
+    # the 32x128 tiles).
     pid_n, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // KV_HEADS
     hk = pid_bh % KV_HEADS
@@ -400,14 +406,10 @@ def _attn_bwd_dkdv(
     n_ok = offs_n < seqlen_k
     kv_mask = n_ok[:, None] & d_ok[None, :]
     rows_k = tl.cast(k_start + offs_n, tl.int64)
-    if TMA:
-        k = K.load([b, n_start, hk32, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V.load([b, n_start, hk32, 0]).reshape(BLOCK_N, BLOCK_D)
-    else:
-        k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k[:, None] * stride_ks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k[:, None] * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+    k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -570,7 +572,13 @@ def block_d(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
-def fwd_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+# The fixed configs below take the architecture family (arch_family(): "sm_90", "sm_80" or
+# "default" for every other GPU) where one tile cannot serve both: on sm_90 a wgmma is issued per
+# warpgroup (4 warps) over 64 rows, so a tile whose 64 rows are split across two warpgroups issues
+# narrow m64n16 wgmma, while sm_80's mma.sync has no such constraint but less register room.
+
+
+def fwd_config(head_dim: int, interpreted: bool = INTERPRETED, arch: str = "default") -> dict:
     """BLOCK_M/BLOCK_N/BLOCK_D/num_warps/num_stages of the forward for a head dim. Sizes are the
     largest that ptxas fits without spills on both sm_80 and sm_90 (tests/test_attention.py)."""
     bd = block_d(head_dim)
@@ -585,20 +593,30 @@ def fwd_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
 
 
-def bwd_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
-    """Tiles of the dk/dv kernel: BLOCK_N keys held in registers (k, v, dk, dv), BLOCK_M queries
-    streamed."""
+def bwd_config(head_dim: int, interpreted: bool = INTERPRETED, arch: str = "default") -> dict:
+    """Tiles of the dk/dv kernel: BLOCK_N keys held (k, v in shared memory, dk, dv in registers),
+    BLOCK_M queries streamed."""
     bd = block_d(head_dim)
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=bd, num_warps=4, num_stages=1)
     if bd <= 64:
         return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=bd, num_warps=8, num_stages=2)
     if bd == 128:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=bd, num_warps=8, num_stages=2)
+        if arch == "sm_90":
+            # 64 whole keys per warpgroup: S^T and dP^T are m64n32 wgmma, dk and dv m64n128 (the
+            # 64-key tile below splits each GEMM across the warpgroups: m64n16). No spills under
+            # triton 3.6 and the newest, dense (TMA or pointers) or varlen, except on the pointer
+            # path with a sliding window on varlen, or softcap, at 255 registers: 16-24 B under 3.6.
+            # One stage spills nothing, but leaves every Q/dO load's latency exposed (one program
+            # per SM at these registers): it is the tuner's candidate instead.
+            return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=bd, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=bd, num_warps=8, num_stages=2)  # 128 keys spill 300+ B on sm_80
+    # d256: no wgmma-shaped tile fits the registers (dk and dv alone are 64 per thread per 16 keys):
+    # mma.sync tiles.
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=1)
 
 
-def dq_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+def dq_config(head_dim: int, interpreted: bool = INTERPRETED, arch: str = "default") -> dict:
     """Tiles of the dq kernel: BLOCK_M queries held (q, dO, dq), BLOCK_N keys streamed."""
     bd = block_d(head_dim)
     if interpreted:
@@ -606,12 +624,16 @@ def dq_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
     if bd <= 64:
         return dict(BLOCK_M=128, BLOCK_N=32, BLOCK_D=bd, num_warps=4 if bd <= 32 else 8, num_stages=2)
     if bd == 128:
+        if arch == "sm_90":
+            # 64 whole queries per warpgroup: S and dP m64n64, dq m64n128 (the 64-query tile below
+            # gives m64n16).
+            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=bd, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
     # 64x16 tiles use wgmma on sm_90 but spill on sm_80; one config serves both for now.
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=1)
 
 
-def fused_config(head_dim: int, interpreted: bool = INTERPRETED) -> dict:
+def fused_config(head_dim: int, interpreted: bool = INTERPRETED, arch: str = "default") -> dict:
     """Tiles of the one-pass backward (the dk/dv kernel with ATOMIC_DQ): BLOCK_N keys held,
     BLOCK_M queries streamed. On sm_90 every GEMM is a wgmma of m64n32 or wider (S^T and dP^T are
     BLOCK_N x BLOCK_M, dq's share BLOCK_M x BLOCK_D): no n16 tiles."""
@@ -643,15 +665,16 @@ def preprocess_config(head_dim: int) -> dict:
 # Autotuning candidates: per architecture family, kernel and head dim block, the configs tried
 # beyond the fixed one above (which always comes first and is what the interpreter, CPU and
 # TOKENFORGE_AUTOTUNE=0 use). Tuples are (BLOCK_M, BLOCK_N, num_warps, num_stages). Every one is in
-# all_configs(), so the compile gate compiles it for sm_90 and sm_80 without spills.
+# all_configs(), so the compile gate compiles it without spills for the targets that can pick it;
+# on sm_90 every tile up to d128 issues wgmma of n32 or wider (no m64n16: the gate checks).
 _EXTRA = {
     "sm_90": {
         "_attn_fwd": {32: [(128, 128, 8, 3), (64, 64, 4, 3)], 64: [(128, 128, 8, 3), (64, 64, 4, 3)],
                       128: [(64, 64, 4, 3), (128, 32, 8, 3)], 256: [(64, 16, 8, 2), (32, 32, 4, 2)]},
-        "_attn_bwd_dkdv": {32: [(64, 128, 8, 2), (32, 64, 4, 3)], 64: [(16, 128, 8, 2), (32, 64, 8, 2)],
-                           128: [(16, 64, 4, 2), (16, 64, 8, 2)], 256: [(16, 32, 8, 1)]},
-        "_attn_bwd_dq": {32: [(128, 64, 8, 2), (64, 64, 4, 3)], 64: [(64, 64, 4, 3), (64, 32, 8, 2)],
-                         128: [(64, 64, 8, 2), (64, 32, 8, 3)], 256: [(16, 32, 4, 1)]},
+        "_attn_bwd_dkdv": {32: [(64, 128, 8, 2), (32, 64, 4, 3)], 64: [(64, 128, 8, 2), (32, 64, 4, 3)],
+                           128: [(32, 128, 8, 1)], 256: [(16, 32, 8, 1)]},
+        "_attn_bwd_dq": {32: [(128, 64, 8, 2), (64, 64, 4, 3)], 64: [(64, 64, 4, 3), (128, 64, 8, 2)],
+                         128: [(128, 32, 8, 2), (64, 64, 4, 2)], 256: [(16, 32, 4, 1)]},
     },
     "sm_80": {
         "_attn_fwd": {32: [(64, 64, 4, 3), (128, 32, 4, 4)], 64: [(64, 64, 4, 3), (128, 32, 4, 4)],
@@ -674,7 +697,7 @@ KERNEL_OF = {"_attn_bwd_fused": "_attn_bwd_dkdv"}
 def candidates(kernel: str, head_dim: int, arch: str = "default", interpreted: bool = INTERPRETED) -> list[dict]:
     """Configs the autotuner tries for ``kernel`` at ``head_dim`` on ``arch`` (a family from
     ARCH_FAMILIES), the fixed config first; under the interpreter only the fixed one."""
-    first = _FIXED[kernel](head_dim, interpreted=interpreted)
+    first = _FIXED[kernel](head_dim, interpreted=interpreted, arch=arch)
     if interpreted:
         return [first]
     bd = first["BLOCK_D"]
@@ -688,16 +711,18 @@ def candidates(kernel: str, head_dim: int, arch: str = "default", interpreted: b
     return out
 
 
-def all_configs() -> list[tuple[str, dict]]:
-    """Every (kernel name, constexpr + launch config) the GPU launchers can pick, autotuning
-    candidates of every architecture family included."""
+def all_configs(target: str | None = None) -> list[tuple[str, dict]]:
+    """Every (kernel name, constexpr + launch config) the GPU launchers can pick on ``target``
+    ("sm_90" or "sm_80": that family's configs and candidates, and the fixed configs of the other
+    GPUs, which both targets stand for), or on any GPU when None."""
+    families = ARCH_FAMILIES if target is None else (target, "default")
     out = []
     for bd in HEAD_DIM_BLOCKS:
         out.append(("_attn_bwd_preprocess", preprocess_config(bd)))
         for name in _FIXED:
             if name == "_attn_bwd_fused":  # sm_90 only: fused_configs()
                 continue
-            for arch in ARCH_FAMILIES:
+            for arch in families:
                 for c in candidates(name, bd, arch, interpreted=False):
                     if (name, c) not in out:
                         out.append((name, c))
@@ -934,24 +959,23 @@ TMA_MAX_BLOCK_D = 128
 
 
 def bwd_tma_config(cfg: dict) -> bool:
-    """Whether the dk/dv pass at ``cfg`` reads through descriptors: head dim blocks up to
-    TMA_MAX_BLOCK_D, and query blocks of 32+ (the 16-row tuning candidates, n16 wgmma tiles anyway,
-    spill 8 B with descriptors at d128 under the newest triton; the interpreter's small tiles take
-    them, so the CPU tests run this path)."""
-    return cfg["BLOCK_D"] <= TMA_MAX_BLOCK_D and (cfg["BLOCK_M"] >= 32 or INTERPRETED)
+    """Whether the dk/dv pass at ``cfg`` streams Q/dO through descriptors: head dim blocks up to
+    TMA_MAX_BLOCK_D (the interpreter's small tiles take them too, so the CPU tests run this path)."""
+    return cfg["BLOCK_D"] <= TMA_MAX_BLOCK_D
 
 
-def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Dense (batch, seq, heads, dim) tensors the forward can move through tensor descriptors
-    (K and V, then Q and O): an sm_90+ GPU (or the interpreter), unit-stride head dim, 16-byte
-    aligned bases and strides (TMA's rules; SDPA's transposed (b, h, s, d) views qualify)."""
-    if not INTERPRETED and (k.device.type != "cuda" or torch.cuda.get_device_capability(k.device) < (9, 0)):
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Dense (batch, seq, heads, dim) tensors a kernel can move through tensor descriptors: an
+    sm_90+ GPU (or the interpreter), unit-stride head dim, 16-byte aligned bases and strides (TMA's
+    rules; SDPA's transposed (b, h, s, d) views qualify)."""
+    first = tensors[0]
+    if not INTERPRETED and (first.device.type != "cuda" or torch.cuda.get_device_capability(first.device) < (9, 0)):
         return False
-    size = k.element_size()
+    size = first.element_size()
     # A broadcast (stride 0) dim, e.g. an expanded dout, is left to the pointer loads.
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all((st * size) % 16 == 0 and (st > 0 or n == 1) for st, n in zip(t.stride()[:-1], t.shape[:-1]))
-               for t in (k, v))
+               for t in tensors)
 
 
 def _window_args(window: tuple[int, int]) -> dict:
@@ -1054,25 +1078,24 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
         fused = not deterministic and fused_backward_runs(d, q.device)
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused else None  # zeroed per launch
 
-        tma_layout = not varlen and tma_usable(k, v) and tma_usable(q, do)
+        tma_layout = not varlen and tma_usable(q, do)  # the streamed operands; K/V are pointer loads
 
         def launch_dkdv(cfg, dk=dk, dv=dv, dq_acc=dq_acc):
             n_blocks = triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"])
             grid, fold = _grid(n_blocks, batch * kv_heads)
-            q_arg, k_arg, v_arg, do_arg = q, k, v, do
+            q_arg, do_arg = q, do
             tma = tma_layout and bwd_tma_config(cfg)
             if tma:
                 from triton.tools.tensor_descriptor import TensorDescriptor
 
-                kv_box, q_box = [1, cfg["BLOCK_N"], 1, cfg["BLOCK_D"]], [1, cfg["BLOCK_M"], 1, cfg["BLOCK_D"]]
-                k_arg, v_arg = TensorDescriptor.from_tensor(k, kv_box), TensorDescriptor.from_tensor(v, kv_box)
+                q_box = [1, cfg["BLOCK_M"], 1, cfg["BLOCK_D"]]
                 q_arg, do_arg = TensorDescriptor.from_tensor(q, q_box), TensorDescriptor.from_tensor(do, q_box)
             acc = dq_acc if dq_acc is not None else delta  # not read without ATOMIC_DQ
             acc_strides = _bshd(dq_acc, varlen) if dq_acc is not None else (0, 0, 0)
             if dq_acc is not None:
                 dq_acc.zero_()  # a timed candidate may have added into it before
             _attn_bwd_dkdv[grid](
-                q_arg, k_arg, v_arg, do_arg, lse, delta, dk, dv, acc, cu_q, cu_k,
+                q_arg, k, v, do_arg, lse, delta, dk, dv, acc, cu_q, cu_k,
                 *_bshd(q, varlen), *_bshd(k, varlen), *_bshd(v, varlen), *_bshd(do, varlen),
                 *_bshd(dk, varlen), *_bshd(dv, varlen), *acc_strides, *lse_strides,
                 seq_q, seq_k, kv_heads, d, n_blocks, scale, cap, FOLD=fold, **common,

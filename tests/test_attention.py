@@ -229,15 +229,15 @@ def test_interior_key_blocks_skip_the_mask(monkeypatch, sq, sk, causal, window, 
     from tokenforge.kernels import attention as ak
 
     if not tma:
-        monkeypatch.setattr(ak, "tma_usable", lambda k, v: False)
+        monkeypatch.setattr(ak, "tma_usable", lambda *tensors: False)
     q, k, v = make_qkv(1, sq, sk, 2, 1, 32, torch.bfloat16, "cpu")
     run_and_check(q, k, v, causal=causal, window=window)
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 def test_reads_by_tma_or_pointers(monkeypatch, tma):
-    """Dense Q/K/V/O (and in the backward's dk/dv pass Q/K/V/dO) with TMA-legal strides go through
-    tensor descriptors (the interpreter runs them; on a GPU, sm_90+); the pointer loads stay for
+    """Dense Q/K/V/O (and the Q/dO blocks the backward's dk/dv pass streams) with TMA-legal strides
+    go through tensor descriptors (the interpreter runs them; on a GPU, sm_90+); the pointer loads stay for
     varlen, sm_80 and other strides. Both paths, causal and windowed, with a seqlen_k tail and a
     head dim below the block (zero-filled), one-pass and two-pass backward, and SDPA's transposed
     (b, h, s, d) views."""
@@ -249,7 +249,7 @@ def test_reads_by_tma_or_pointers(monkeypatch, tma):
     q, k, v = make_qkv(2, 45, 53, 4, 2, 40, torch.bfloat16, "cpu")
     assert ak.tma_usable(k, v)
     if not tma:
-        monkeypatch.setattr(ak, "tma_usable", lambda k, v: False)
+        monkeypatch.setattr(ak, "tma_usable", lambda *tensors: False)
     run_and_check(q, k, v, causal=True)
     run_and_check(q, k, v, causal=True, deterministic=True)
     run_and_check(q, k, v, window=(9, 3))
@@ -541,12 +541,14 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
                  HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False))
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
-    if tma:  # Q, K, V and O as the launcher's tensor descriptors
+    if tma:  # the launcher's tensor descriptors: Q, K, V, O in the forward; Q and dO in the dk/dv pass
         from compile_gate import TRITON_DTYPE
 
         box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_N']}, 1, {config['BLOCK_D']}]>"
         q_box = f"tensordesc<{TRITON_DTYPE[dtype]}[1, {config['BLOCK_M']}, 1, {config['BLOCK_D']}]>"
-        types.update(K=box, V=box, Q=q_box, O=q_box, DO=q_box)
+        types.update(Q=q_box, O=q_box, DO=q_box)
+        if name == "_attn_fwd":
+            types.update(K=box, V=box)
     for p in params:  # strides, sizes and window bounds: 32-bit ints
         if p not in types and p not in constexprs:
             types[p] = "i32"
@@ -557,12 +559,25 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
 
 
 def _gate_configs():
+    """(target, kernel, config): every config a launcher can pick on each gated target."""
     from tokenforge.kernels import attention as ak
 
-    return ak.all_configs()
+    return [(arch, n, c) for arch in GATE_ARCHS for n, c in ak.all_configs(arch)]
+
+
+def _hopper_configs():
+    """(kernel, config): what the launchers can pick on sm_90 (for the sm_90-only checks)."""
+    from tokenforge.kernels import attention as ak
+
+    return ak.all_configs("sm_90")
+
+
+def _config_id(name, c):
+    return f"{name}-d{c['BLOCK_D']}-{c.get('BLOCK_M')}x{c.get('BLOCK_N', 0)}w{c['num_warps']}s{c.get('num_stages', 0)}"
 
 
 GATE_CONFIGS = _gate_configs()
+HOPPER_CONFIGS = _hopper_configs()
 
 
 def _gate_fused():
@@ -572,10 +587,7 @@ def _gate_fused():
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("arch", GATE_ARCHS)
-@pytest.mark.parametrize("name,config", GATE_CONFIGS,
-                         ids=[f"{n}-d{c['BLOCK_D']}-{c.get('BLOCK_M')}x{c.get('BLOCK_N', 0)}w{c['num_warps']}"
-                              for n, c in GATE_CONFIGS])
+@pytest.mark.parametrize("arch,name,config", GATE_CONFIGS, ids=[f"{a}-{_config_id(n, c)}" for a, n, c in GATE_CONFIGS])
 def test_configs_compile_without_spills(arch, name, config):
     from compile_gate import ptxas_report, spill_bytes, uses_wgmma
 
@@ -586,10 +598,11 @@ def test_configs_compile_without_spills(arch, name, config):
         assert uses_wgmma(compiled), f"{name} {config} does not use wgmma on sm_90"
 
 
+_FWD_TMA = [(n, c) for n, c in HOPPER_CONFIGS if n == "_attn_fwd" and c["BLOCK_D"] <= 128]
+
+
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("name,config", [(n, c) for n, c in GATE_CONFIGS if n == "_attn_fwd" and c["BLOCK_D"] <= 128],
-                         ids=[f"d{c['BLOCK_D']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}"
-                              for n, c in GATE_CONFIGS if n == "_attn_fwd" and c["BLOCK_D"] <= 128])
+@pytest.mark.parametrize("name,config", _FWD_TMA, ids=[_config_id(n, c) for n, c in _FWD_TMA])
 def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
     """Every forward config the launcher gives descriptors (head dim blocks up to
     TMA_MAX_BLOCK_D = 128), on sm_90: TMA loads of Q, K, V (cp.async.bulk.tensor) feeding wgmma
@@ -614,7 +627,7 @@ def test_forward_tma_compiles_to_bulk_tensor_loads(name, config):
 def _bwd_tma_configs():
     from tokenforge.kernels import attention as ak
 
-    return [(n, c) for n, c in GATE_CONFIGS + [("_attn_bwd_fused", c) for c in _gate_fused()]
+    return [(n, c) for n, c in HOPPER_CONFIGS + [("_attn_bwd_fused", c) for c in _gate_fused()]
             if n in ("_attn_bwd_dkdv", "_attn_bwd_fused") and ak.bwd_tma_config(c)]
 
 
@@ -622,11 +635,10 @@ _BWD_TMA = _bwd_tma_configs()
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("name,config", _BWD_TMA,
-                         ids=[f"{n}-d{c['BLOCK_D']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}" for n, c in _BWD_TMA])
+@pytest.mark.parametrize("name,config", _BWD_TMA, ids=[_config_id(n, c) for n, c in _BWD_TMA])
 def test_backward_tma_compiles_to_bulk_tensor_loads(name, config):
-    """The dk/dv pass (two-pass and one-pass) with descriptors on sm_90: K/V and the streamed Q/dO
-    blocks by TMA (cp.async.bulk.tensor), wgmma, no spills; causal and the all-features variant."""
+    """The dk/dv pass (two-pass and one-pass) with descriptors on sm_90: the streamed Q/dO blocks by
+    TMA (cp.async.bulk.tensor), wgmma, no spills; causal and the all-features variant."""
     from compile_gate import ptxas_report, spill_bytes, uses_wgmma
 
     if "sm_90" not in GATE_ARCHS:
@@ -662,6 +674,58 @@ def test_one_pass_backward_is_wgmma_shaped_on_hopper(config):
         assert re.search(r"\b(red|atom)\.global(\.\w+)*\.add\.f32", ptx), (config, kw)  # e.g. red.global.gpu.relaxed.add.f32
 
 
+def _hopper_wgmma_configs():
+    from tokenforge.kernels import attention as ak
+
+    return [(n, c) for bd in (32, 64, 128) for n in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+            for c in ak.candidates(n, bd, "sm_90", interpreted=False)]
+
+
+_HOPPER_WGMMA = _hopper_wgmma_configs()
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name,config", _HOPPER_WGMMA, ids=[_config_id(n, c) for n, c in _HOPPER_WGMMA])
+def test_hopper_tiles_are_wgmma_shaped(name, config):
+    """Every forward and two-pass backward tile an sm_90 GPU can pick (fixed or tuning candidate) up
+    to d128 issues wgmma of n32 or wider: no m64n16, which a 64-row tile split across two warpgroups
+    gives (half the work per instruction). d256 has no wgmma-shaped tile that fits the registers."""
+    import re
+
+    if "sm_90" not in GATE_ARCHS:
+        pytest.skip("sm_90 is not in this gate run")
+    ptx = compile_attention(name, config, "sm_90").asm["ptx"]
+    widths = {int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16", ptx)}
+    assert widths and min(widths) >= 32, (name, config, sorted(widths))
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name", ["_attn_bwd_dkdv", "_attn_bwd_dq"])
+def test_hopper_d128_backward_fits_registers(name):
+    """The two-pass backward sm_90 runs at d128 by default, in the variants training uses: no spills
+    dense (pointers; for dk/dv also Q/dO by TMA with GQA, windows and softcap), with int64 head
+    offsets and a folded grid, and for dq in every feature. The dk/dv pointer path with a sliding
+    window on varlen, or softcap, sits at 255 registers: triton 3.6 spills 16-24 B there (the newest
+    none), which bwd_config takes over one pipeline stage (every Q/dO load's latency exposed)."""
+    from compile_gate import ptxas_report, spill_bytes
+
+    from tokenforge.kernels import attention as ak
+
+    if "sm_90" not in GATE_ARCHS:
+        pytest.skip("sm_90 is not in this gate run")
+    config = ak._FIXED[name](128, interpreted=False, arch="sm_90")
+    clean = [dict(), dict(group=4, varlen=True, right=True), dict(head_i64=True, fold=True)]
+    near = [dict(group=4, varlen=True, left=True, right=True), dict(group=4, left=True, right=True, softcap=True)]
+    if name == "_attn_bwd_dkdv":
+        clean.append(dict(tma=True, group=4, left=True, right=True, softcap=True))
+    else:
+        clean += near + [dict(group=4, varlen=True, left=True, right=True, softcap=True)]
+        near = []
+    for kw, bound in [(kw, 0) for kw in clean] + [(kw, 32) for kw in near]:
+        compiled = compile_attention(name, config, "sm_90", **kw)
+        assert spill_bytes(ptxas_report(compiled.asm["ptx"], "sm_90")) <= bound, (name, config, kw)
+
+
 @pytest.mark.compile_gate
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"])
@@ -670,22 +734,24 @@ def test_every_feature_compiles(dtype, name):
     plus the unmasked dense MHA variant, on both architectures, without spills."""
     from compile_gate import ptxas_report, spill_bytes
 
-    for config in [c for n, c in GATE_CONFIGS if n == name and c["BLOCK_D"] in (64, 256)]:
-        for arch in GATE_ARCHS:
-            for kw in (dict(group=4, varlen=True, left=True, right=True, softcap=True),
-                       dict(group=1, right=False)):
-                compiled = compile_attention(name, config, arch, dtype=dtype, **kw)
-                assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (name, config, arch, kw)
+    for arch, _, config in [(a, n, c) for a, n, c in GATE_CONFIGS if n == name and c["BLOCK_D"] in (64, 256)]:
+        for kw in (dict(group=4, varlen=True, left=True, right=True, softcap=True),
+                   dict(group=1, right=False)):
+            compiled = compile_attention(name, config, arch, dtype=dtype, **kw)
+            assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (name, config, arch, kw)
 
 
 def test_every_head_dim_maps_to_a_gated_config():
     from tokenforge.kernels import attention as ak
 
-    gated = {(n, tuple(sorted(c.items()))) for n, c in GATE_CONFIGS}
-    for d in range(32, 257, 8):
-        for name, fn in (("_attn_fwd", ak.fwd_config), ("_attn_bwd_dkdv", ak.bwd_config), ("_attn_bwd_dq", ak.dq_config)):
-            assert (name, tuple(sorted(fn(d, interpreted=False).items()))) in gated, (name, d)
-        assert ("_attn_bwd_preprocess", tuple(sorted(ak.preprocess_config(d).items()))) in gated
+    for target, families in (("sm_90", ("sm_90", "default")), ("sm_80", ("sm_80", "default"))):
+        gated = {(n, tuple(sorted(c.items()))) for n, c in ak.all_configs(target)}
+        for d in range(32, 257, 8):
+            for arch in families:
+                for name, fn in (("_attn_fwd", ak.fwd_config), ("_attn_bwd_dkdv", ak.bwd_config),
+                                 ("_attn_bwd_dq", ak.dq_config)):
+                    assert (name, tuple(sorted(fn(d, interpreted=False, arch=arch).items()))) in gated, (target, name, d)
+            assert ("_attn_bwd_preprocess", tuple(sorted(ak.preprocess_config(d).items()))) in gated
 
 
 def test_cpu_grid_covers_the_issue_axes():
@@ -724,9 +790,7 @@ def test_head_offsets_past_2_31_elements():
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("name,config", GATE_CONFIGS,
-                         ids=[f"{n}-d{c['BLOCK_D']}-{c.get('BLOCK_M')}x{c.get('BLOCK_N', 0)}w{c['num_warps']}"
-                              for n, c in GATE_CONFIGS])
+@pytest.mark.parametrize("name,config", HOPPER_CONFIGS, ids=[_config_id(n, c) for n, c in HOPPER_CONFIGS])
 def test_int64_head_offsets_compile_on_hopper(name, config):
     """The HEAD_I64 + FOLD variant (tensors reaching past 2^31 elements, batch x heads past 65535)
     at every config: no spills on sm_90 (on sm_80 the backward kernels sit at 255 registers and

@@ -199,18 +199,23 @@ def test_cpu_and_interpreter_never_time(monkeypatch):
 
 def test_candidate_tables():
     """Fixed config first, 1-3 more per (arch, kernel, head dim block) on sm_90/sm_80, none on other
-    parts, no duplicates, and every one in all_configs() (so the compile gate checks it)."""
+    parts, no duplicates, and every one in all_configs() of the targets that can pick it (so the
+    compile gate checks it there)."""
     gated = [(n, c) for n, c in ak.all_configs()]
+    gated_on = {target: ak.all_configs(target) for target in ("sm_90", "sm_80")}
     for arch in ak.ARCH_FAMILIES:
+        targets = [arch] if arch != "default" else ["sm_90", "sm_80"]
         for name in KERNELS:
             for d in range(32, 257, 8):
                 cands = ak.candidates(name, d, arch, interpreted=False)
-                assert cands[0] == ak._FIXED[name](d, interpreted=False)
+                assert cands[0] == ak._FIXED[name](d, interpreted=False, arch=arch)
                 assert len(cands) == len({tuple(sorted(c.items())) for c in cands})
                 assert 1 <= len(cands) <= 4 and (len(cands) >= 2) == (arch != "default")
                 for c in cands:
                     assert c["BLOCK_D"] == ak.block_d(d)
                     assert (name, c) in gated, (arch, name, d, c)
+                    for target in targets:
+                        assert (name, c) in gated_on[target], (target, name, d, c)
     assert len(gated) == len({(n, tuple(sorted(c.items()))) for n, c in gated})
 
 

@@ -86,8 +86,14 @@ def test_varlen_cuda(dtype, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_varlen_matches_dense_per_document(device):
-    """Packing never leaks across documents: each document equals a dense call on it alone."""
+def test_varlen_matches_dense_per_document(device, monkeypatch):
+    """Packing never leaks across documents: each document equals a dense call on it alone, bit for
+    bit. Both run the pointer loads: dense calls otherwise read by TMA, whose tiles reach the
+    interpreter's numpy matmul with other strides, and numpy sums in a stride-dependent order (an
+    ulp apart in some elements, for some seeds)."""
+    from tokenforge.kernels import attention as ak
+
+    monkeypatch.setattr(ak, "tma_usable", lambda *tensors: False)
     lens = [5, 31, 12]
     q = torch.randn(sum(lens), 4, 32, device=device, dtype=torch.float16)
     k = torch.randn(sum(lens), 2, 32, device=device, dtype=torch.float16)
