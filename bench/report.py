@@ -28,12 +28,15 @@ import sys
 from typing import Iterable, Optional
 
 BASELINES = ("eager", "compile", "native")
-TOKENFORGE = ("triton", "cuda", "torch")
+# Named ours outright: the kernel backends, the Muon step ("tokenforge": its optimizer) and the
+# fused fp8 emission (its baseline, norm_then_quantize, is the unfused pair of our own kernels).
+TOKENFORGE = ("triton", "cuda", "torch", "tokenforge", "norm_emits_fp8")
 
 
 def is_tokenforge(backend) -> bool:
     """tokenforge's own backends (kernels, its Float8Linear recipes, its AdamW modes); everything
-    else in a record is a baseline: PyTorch, torch.compile, SDPA, cuBLAS, a peer library."""
+    else in a record is a baseline: PyTorch, torch.compile, SDPA, cuBLAS, a peer library, or the
+    unfused path a fused kernel replaces."""
     b = str(backend)
     return b in TOKENFORGE or b.startswith(("fp8:", "triton_"))
 REPORT_FORMAT = "tokenforge-bench-report/1"

@@ -269,6 +269,33 @@ def test_gpu_lists_name_real_files_and_cover_every_op():
         assert any(must in t for t in tests), must
 
 
+def test_report_tells_ours_from_baselines_in_every_benchmark():
+    """Each benchmark's backend list has tokenforge entries and baselines as the report reads them
+    (the report's 'best tokenforge vs best baseline' row is empty for a benchmark it misreads)."""
+    import adamw_cases
+    import attention_cases
+    import fp8_cases
+    import grouped_mm_cases
+    import moe_cases
+    import muon_cases
+    import rms_norm_cases
+    import rope_cases
+    import swiglu_cases
+
+    lists = {
+        "attention": attention_cases.GPU_BACKENDS, "fp8 gemm": fp8_cases.GEMM_BACKENDS,
+        "fp8 emission": fp8_cases.EMIT_BACKENDS, "grouped_mm": grouped_mm_cases.BACKENDS, "moe": moe_cases.BACKENDS,
+        "newton_schulz": muon_cases.BACKENDS, "muon step": muon_cases.STEP_BACKENDS,
+        "rms_norm": rms_norm_cases.GPU_BACKENDS, "rope": rope_cases.GPU_BACKENDS, "swiglu": swiglu_cases.GPU_BACKENDS,
+        "adamw": adamw_cases.GPU_MODES,
+    }
+    for bench, names in lists.items():
+        ours = [n for n in names if report.is_tokenforge(n)]
+        assert ours and len(ours) < len(names), (bench, names, ours)
+    assert report.is_tokenforge("tokenforge") and report.is_tokenforge("norm_emits_fp8")
+    assert not report.is_tokenforge("norm_then_quantize") and not report.is_tokenforge("torch_muon")
+
+
 def test_gpu_check_keeps_its_output_small_and_flat():
     with open(os.path.join(_HERE, "gpu_check.sh")) as fh:
         text = fh.read()

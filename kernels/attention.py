@@ -564,7 +564,11 @@ HEAD_DIM_BLOCKS = (32, 64, 128, 256)
 # only. None at d128/d256: every wgmma-shaped tile there spills (136+ bytes at 64x64 under both
 # triton 3.6 and the newest; dk, dv and dq's share do not fit one thread's registers next to the
 # scores), so those head dims keep the two-pass backward (the CUDA C++ backend is one-pass at d128).
-# sm_80 spills at these tiles too (216+ bytes).
+# sm_80 spills at these tiles too (216+ bytes). Tried since: 32 queries x 128 keys on 8 warps with
+# K/V in shared memory, dq^T = k^T ds^T (m64n32) added by a TMA reduce (descriptor atomic_add,
+# cp.reduce.async.bulk.tensor; the interpreter has no descriptor reduce) fits at d128 under the
+# newest triton with 2 stages, but triton 3.6 (the GPU machine's) spills 216-404 B at 2 stages,
+# and 1 stage leaves every Q/dO load's latency exposed where the two-pass backward pipelines them.
 FUSED_TILES = {32: (64, 64, 4, 2), 64: (64, 64, 8, 2)}
 
 

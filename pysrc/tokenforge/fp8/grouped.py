@@ -36,7 +36,7 @@ from tokenforge.fp8.config import E4M3, E5M2
 from tokenforge.fp8.quantize import OP as QUANT_OP
 from tokenforge.fp8.quantize import cast_for_gemm
 from tokenforge.ops.grouped_mm import OP as GROUPED_OP
-from tokenforge.ops.grouped_mm import OP_FP8, _check, grouped_mm, grouped_mm_fp8, grouped_mm_reference
+from tokenforge.ops.grouped_mm import OP_FP8, check_inputs, grouped_mm, grouped_mm_fp8, grouped_mm_reference
 
 RECIPES = ("rowwise", "rowwise_with_gw_hp")
 DEFAULT_RECIPE = "rowwise"
@@ -66,7 +66,8 @@ def _expert_cols_backend(backend: str) -> str:
     return "torch" if backend == "torch" else "triton"
 
 
-def _check_recipe(recipe: str, where: str) -> None:
+def check_recipe(recipe: str, where: str) -> None:
+    """A ValueError naming the recipes when ``recipe`` is not one of RECIPES."""
     if recipe not in RECIPES:
         raise ValueError(f"{where}: recipe must be one of {RECIPES} (the grouped fp8 GEMM's axiswise recipes), "
                          f"got {recipe!r}")
@@ -143,12 +144,12 @@ def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, r
     (the kernels; the interpreter on CPU), torch (quantize, dequantize and loop: the same numbers
     by another route) or None (choose)."""
     where = "grouped_mm_float8"
-    _check_recipe(recipe, where)
+    check_recipe(recipe, where)
     compute = (torch.bfloat16, torch.float16, torch.float32)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype not in compute or b.dtype != a.dtype):
         raise TypeError(f"{where}: a and b must share one of bfloat16/float16/float32 (the compute dtype), got "
                         f"{a.dtype} and {b.dtype}; it quantizes them itself")
-    _check(a, b, offs, check_offs)
+    check_inputs(a, b, offs, check_offs)
     bad = [f"{n}={v}" for n, v in (("K", a.shape[1]), ("N", b.shape[2])) if v % 16]
     if bad:
         raise ValueError(f"{where}: K and N must be multiples of 16 (FP8 tensor cores), got {', '.join(bad)}; "

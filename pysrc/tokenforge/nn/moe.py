@@ -61,9 +61,9 @@ class MoE(torch.nn.Module):
         self.aux_loss_coef, self.bias_update_rate, self.backend = aux_loss_coef, bias_update_rate, backend
         self.fp8 = fp8
         if fp8 is not None:
-            from tokenforge.fp8.grouped import _check_recipe
+            from tokenforge.fp8.grouped import check_recipe
 
-            _check_recipe(fp8, "MoE")
+            check_recipe(fp8, "MoE")
             if dim % 16 or hidden_dim % 16:
                 raise ValueError(f"MoE: fp8 experts need dim ({dim}) and hidden_dim ({hidden_dim}) multiples of 16 "
                                  "(FP8 tensor cores); leave fp8=None for this layer")

@@ -52,7 +52,9 @@ def grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -
     return torch.cat(parts)
 
 
-def _check(a, b, offs, check_offs: bool) -> None:
+def check_inputs(a, b, offs, check_offs: bool) -> None:
+    """The grouped GEMM's argument checks (types, shapes, dtypes, devices; the offs values when
+    ``check_offs``), shared with tokenforge.fp8.grouped_mm_float8: a clear error or nothing."""
     for name, t in (("a", a), ("b", b), ("offs", offs)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"grouped_mm: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -171,7 +173,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, check_of
     (E,) int32 cumulative row ends; bf16/fp16/fp32 (float64 on the torch backend), any strides.
     ``check_offs``: validate offs on the host (one sync; see the module docstring). ``backend``:
     triton, cuda (CUTLASS, sm_90a, bf16), torch or None (choose)."""
-    _check(a, b, offs, check_offs)
+    check_inputs(a, b, offs, check_offs)
     name = backends.choose(OP, a, b, backend=backend)
     if name == "torch" or a.shape[0] == 0 or b.shape[2] == 0:
         return grouped_mm_reference(a, b, offs)
