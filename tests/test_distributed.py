@@ -172,3 +172,19 @@ def test_expert_parallel_refusals(capsys):
     assert "--ep 2 needs --dist ddp" in capsys.readouterr().err
     assert train.main(COMMON + ["--batch-size", "2", "--ep", "0"]) == 2
     assert "--ep must be at least 1" in capsys.readouterr().err
+
+
+def test_torchrun_timeout_stops_every_rank(tmp_path):
+    """A hung worker fails its test at the timeout, and no rank outlives it (torchrun starts each
+    rank in a session of its own: killing torchrun alone left them running, pipes held open)."""
+    import subprocess
+    import time
+
+    worker = tmp_path / "hang_worker.py"
+    worker.write_text("import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="timed out after 10 s"):
+        torchrun([str(worker)], timeout=10)
+    assert time.monotonic() - start < 60
+    left = subprocess.run(["pgrep", "-f", str(worker)], capture_output=True, text=True).stdout
+    assert not left.strip(), f"ranks still running: {left}"

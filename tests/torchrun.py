@@ -2,6 +2,7 @@
 device_params: shared by test files, never a test itself)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,14 +32,34 @@ def torchrun(target: list, nproc: int = 2, timeout: int = 300) -> str:
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
         # cwd: tests/, not the checkout root, which ``-m`` would put on the ranks' sys.path, where
         # its kernels/ folder shadows Hugging Face's kernels package (tokenforge.testing.keep_checkout_off_sys_path).
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=TESTS_DIR,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = _run_as_group(cmd, timeout, cwd=TESTS_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode == 0 or GLOO_ABORT not in proc.stderr or attempt == 2:
             break
         print(f"torchrun: a rank aborted in gloo ({GLOO_ABORT!r}); retrying once:\n{proc.stderr[-1500:]}",
               file=sys.stderr)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def _run_as_group(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) that stops the ranks too on a timeout. torchrun starts each rank in a
+    session of its own, so subprocess.run's SIGKILL of torchrun alone left hung ranks running (and
+    holding the output pipes: the test then waited for them to finish). SIGTERM lets torchrun stop
+    its ranks; if it does not exit, its own process group is killed. Then the test fails with both tails."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"torchrun timed out after {timeout} s (stopped, ranks and all):\n{out[-3000:]}\n"
+                             f"{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_worker(name: str, *args: str, nproc: int = 2, timeout: int = 300) -> str:
