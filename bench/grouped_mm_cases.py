@@ -28,8 +28,13 @@ BASELINES = ("torch_grouped", "torch_loop")
 # triton_fp8_train: tokenforge.fp8.grouped_mm_float8 on bf16 tensors, what an fp8 MoE training step
 # runs (recipe rowwise: all three GEMMs in fp8, the per-call quantization of tokens, weights and
 # gradients included),
-# its error taken against the unquantized float64 product with fp8's 20 dB floor (FP8_TRAIN_TOL).
-BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda", "triton_fp8", "triton_fp8_train")
+# its error taken against the unquantized float64 product with fp8's 20 dB floor (FP8_TRAIN_TOL);
+# triton_fp8_blockwise_train: the same with recipe blockwise (1x128 tokens and gradients, 128x128
+# expert weight blocks, dB per 128 tokens: DeepSeek-V3's), on shapes whose K and N are multiples of 128.
+BACKENDS = ("torch_loop", "torch_grouped", "triton", "cuda", "triton_fp8", "triton_fp8_train",
+            "triton_fp8_blockwise_train")
+TRAIN_RECIPES = {"triton_fp8_train": "rowwise", "triton_fp8_blockwise_train": "blockwise"}
+TINY_BLOCKS = "tiny-blocks"  # the CPU run's case for the blockwise backend alone (K, N = 128)
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 FP8_TRAIN_TOL = 0.1
 
@@ -74,8 +79,11 @@ def cases(device) -> list[Case]:
                 Case("dsv3-ep32-32k", _skewed(32, 32768), 7168, 2048)]
     else:
         base = [Case("tiny", (5, 0, 17, 9), 32, 48)]
-    return [Case(c.name, c.counts, c.k, c.n, pass_=p, headline=c.headline and p == "fwd")
-            for c in base for p in ("fwd", "fwdbwd")]
+    out = [Case(c.name, c.counts, c.k, c.n, pass_=p, headline=c.headline and p == "fwd")
+           for c in base for p in ("fwd", "fwdbwd")]
+    if harness.sizes_mode(device) != "full":  # the smallest shape the blockwise recipe takes (interpreter time)
+        out.append(Case(TINY_BLOCKS, (0, 130, 3), 128, 128))
+    return out
 
 
 def _torch_grouped(device):
@@ -93,6 +101,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     device = torch.device(device)
     if backend.startswith("triton") and harness.triton_needs_interpreter(device):
         raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if case.name == TINY_BLOCKS and backend != "triton_fp8_blockwise_train":
+        raise BackendUnavailable(f"{TINY_BLOCKS} is the blockwise backend's CPU case; this backend runs 'tiny'")
     if backend == "cuda":
         from tokenforge.cuda import grouped_mm as cuda_grouped_mm
 
@@ -114,12 +124,15 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         run = lambda: tg(a, b, offs=offs)  # noqa: E731
     elif backend == "torch_loop":
         run = lambda: grouped_mm_reference(a, b, offs)  # noqa: E731
-    elif backend == "triton_fp8_train":
+    elif backend in TRAIN_RECIPES:
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise BackendUnavailable("FP8 tensor cores need sm_89+")
+        recipe = TRAIN_RECIPES[backend]
+        if recipe == "blockwise" and (case.k % 128 or case.n % 128):
+            raise BackendUnavailable(f"recipe blockwise takes K and N multiples of 128, this case is {case.k} x {case.n}")
         from tokenforge.fp8 import grouped_mm_float8
 
-        run = lambda: grouped_mm_float8(a, b, offs, check_offs=False, backend="triton")  # noqa: E731
+        run = lambda: grouped_mm_float8(a, b, offs, check_offs=False, recipe=recipe, backend="triton")  # noqa: E731
     else:
         run = lambda: grouped_mm(a, b, offs, check_offs=False, backend=backend)  # noqa: E731
     grad = torch.randn(sum(case.counts), case.n, generator=g).to(device, case.dtype)
@@ -144,7 +157,7 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         live = [e for e, c in enumerate(case.counts) if c][:4]
         for e in live:
             errs[f"dB[{e}]"] = harness.rel_err(b.grad[e].double(), b64.grad[e])
-    return Prepared(case, backend, device, fn, errs, FP8_TRAIN_TOL if backend == "triton_fp8_train" else TOL[case.dtype])
+    return Prepared(case, backend, device, fn, errs, FP8_TRAIN_TOL if backend in TRAIN_RECIPES else TOL[case.dtype])
 
 
 def _prepare_fp8(case: Case, device) -> Prepared:

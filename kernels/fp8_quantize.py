@@ -23,8 +23,9 @@ Kernels:
 - ``_quantize_cols_kernel``: one scale per column; a program owns ``COL_BLOCK_N`` columns and
   sweeps the rows twice (amax, then cast), reading rows coalesced.
 - ``_quantize_expert_cols_kernel``: one scale per (expert, column) over each expert's rows of a
-  tensor whose rows are grouped by expert (MoE tokens), the data written transposed (C, T) for
-  the weight-gradient GEMM of an fp8 MoE layer.
+  tensor whose rows are grouped by expert (MoE tokens), or per (expert, column, block of
+  ``TOKEN_BLOCK`` of its rows) (``BLOCKWISE``), the data written transposed (C, T) for the
+  weight-gradient GEMM of an fp8 MoE layer.
 - ``_quantize_blocks_kernel``: one scale per (block_rows, block_cols) block, e.g. (1, 128) for
   activations and (128, 128) for weights (DeepSeek-V3's recipe); one read of x.
 - tensorwise: ``_amax_partial_kernel`` (persistent grid, one fp32 partial max per program) then
@@ -65,9 +66,33 @@ FORMATS = {
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Blockwise fp8 MoE weight gradients: scales per TOKEN_BLOCK of an expert's tokens, counted from
+# its first token (a block never straddles two experts).
+TOKEN_BLOCK = 128
+
+
+def token_block_scale_rows(tokens: int, experts: int) -> int:
+    """Rows of a per-token-block scale tensor (token_block_row's values are below this)."""
+    return experts + triton.cdiv(tokens, TOKEN_BLOCK)
+
+
+def token_block_row_on_host(e: int, start: int, m: int) -> int:
+    """:func:`token_block_row` for the torch references (the same rule, in Python)."""
+    return e + start // TOKEN_BLOCK + (m - start) // TOKEN_BLOCK
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def token_block_row(e, start, m):
+    """The scale row of expert e's token block holding token m (the expert's rows start at
+    ``start``): block j = (m - start) // TOKEN_BLOCK is row e + start // TOKEN_BLOCK + j. Unique
+    and increasing across experts without a prefix sum over offs (an expert whose last block is
+    row r starts the next no lower than r + 1) and below token_block_scale_rows(T, E)."""
+    return e + start // 128 + (m - start) // 128
 
 
 @triton.jit
@@ -237,20 +262,38 @@ def _quantize_expert_cols_kernel(
     X, OFFS, DATA_T, SCALE,
     T, C, stride_xr, stride_xc,
     FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
-    SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr = False,
 ):
     # x (T, C) holds experts' rows back to back (offs: cumulative row ends); one scale per
-    # (expert, column) over that expert's rows, the data written transposed, DATA_T (C, T), so a
-    # weight-gradient GEMM reducing over tokens reads them unit-stride. Grid: experts x column
-    # blocks folded into axis 0 (no axis-1 limit on the expert count).
+    # (expert, column) over that expert's rows (SCALE (E, C)), or with BLOCKWISE over each block of
+    # TOKEN_BLOCK of them (SCALE (G, C), row token_block_row), the data written transposed, DATA_T
+    # (C, T), so a weight-gradient GEMM reducing over tokens reads them unit-stride. Grid: experts x
+    # column blocks folded into axis 0 (no axis-1 limit on the expert count).
     tiles_n = tl.cdiv(C, BLOCK_N)
     e = tl.program_id(0) // tiles_n
     col = tl.cast(tl.program_id(0) % tiles_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = col < C
     end = tl.load(OFFS + e)
     start = tl.minimum(tl.load(OFFS + e - 1, mask=e > 0, other=0), end)
+    if BLOCKWISE:
+        for b0 in range(start, end, 128):  # TOKEN_BLOCK
+            b_end = tl.minimum(b0 + 128, end)
+            _quantize_rows_to_cols(X, DATA_T, SCALE + tl.cast(token_block_row(e, start, b0), tl.int64) * C,
+                                   b0, b_end, col, col_ok, T, stride_xr, stride_xc, FP8_MAX, MBITS, BIAS, POW2,
+                                   SOFT_CAST, BLOCK_M)
+    else:
+        _quantize_rows_to_cols(X, DATA_T, SCALE + tl.cast(e, tl.int64) * C, start, end, col, col_ok, T,
+                               stride_xr, stride_xc, FP8_MAX, MBITS, BIAS, POW2, SOFT_CAST, BLOCK_M)
+
+
+@triton.jit
+def _quantize_rows_to_cols(X, DATA_T, SCALE_ROW, start, end, col, col_ok, T, stride_xr, stride_xc,
+                           FP8_MAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
+                           SOFT_CAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows [start, end) of x's columns ``col`` quantized with one scale per column (stored at
+    SCALE_ROW + col), written transposed into DATA_T (C, T): two sweeps, amax then cast."""
     out_ty: tl.constexpr = DATA_T.dtype.element_ty
-    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    amax = tl.zeros(col.shape, dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         row = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
         mask = (row < end)[:, None] & col_ok[None, :]
@@ -263,7 +306,7 @@ def _quantize_expert_cols_kernel(
         x = tl.load(X + row[:, None] * stride_xr + col[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         y = _saturate(x * inv[None, :], FP8_MAX)
         tl.store(DATA_T + col[None, :] * T + row[:, None], _encode_fp8(y, out_ty, MBITS, BIAS, SOFT_CAST), mask=mask)
-    tl.store(SCALE + tl.cast(e, tl.int64) * C + col, scale, mask=col_ok)
+    tl.store(SCALE_ROW + col, scale, mask=col_ok)
 
 
 @triton.jit
@@ -438,7 +481,7 @@ def all_configs() -> list[tuple[str, dict]]:
         n *= 2
     out.append(("_quantize_rows_kernel", rows_config(MAX_ROW_N + 1)))
     out.append(("_quantize_cols_kernel", cols_config()))
-    out.append(("_quantize_expert_cols_kernel", expert_cols_config()))
+    out += [("_quantize_expert_cols_kernel", dict(expert_cols_config(), BLOCKWISE=blockwise)) for blockwise in (False, True)]
     out.append(("_amax_partial_kernel", tile_config()))
     p = 16
     while p <= MAX_PARTIALS:
@@ -534,14 +577,18 @@ def quantize_cols(x: torch.Tensor, fp8_dtype: torch.dtype, power_of_two: bool) -
 
 
 def quantize_expert_cols(x: torch.Tensor, offs: torch.Tensor, fp8_dtype: torch.dtype,
-                         power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data_t (C, T) contiguous, the transpose of the fp8 data; scale (E, C) fp32): one scale per
-    expert and column over the expert's rows of x (T, C) (offs (E,) int32 cumulative row ends); an
-    empty expert's scales are 1."""
+                         power_of_two: bool, token_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data_t (C, T) contiguous, the transpose of the fp8 data; scale fp32): one scale per expert
+    and column over the expert's rows of x (T, C) (offs (E,) int32 cumulative row ends), scale
+    (E, C); or, with ``token_block`` = TOKEN_BLOCK, per block of that many of an expert's rows,
+    scale (token_block_scale_rows(T, E), C) (row token_block_row). Unused scales are 1."""
     T, C = x.shape
     experts = offs.shape[0]
+    if token_block not in (0, TOKEN_BLOCK):
+        raise ValueError(f"quantize_expert_cols: token_block must be 0 (per expert) or {TOKEN_BLOCK}, got {token_block}")
+    rows = token_block_scale_rows(T, experts) if token_block else experts
     data_t = torch.empty((C, T), dtype=fp8_dtype, device=x.device)
-    scale = torch.ones((experts, C), dtype=torch.float32, device=x.device)
+    scale = torch.ones((rows, C), dtype=torch.float32, device=x.device)
     if T == 0 or C == 0 or experts == 0:
         return data_t, scale
     soft = needs_soft_cast(x.device)
@@ -550,7 +597,7 @@ def quantize_expert_cols(x: torch.Tensor, offs: torch.Tensor, fp8_dtype: torch.d
     with launch_device(x):
         _quantize_expert_cols_kernel[(experts * triton.cdiv(C, cfg["BLOCK_N"]),)](
             x, offs, out, scale, T, C, x.stride(0), x.stride(1),
-            **_format_constexprs(fp8_dtype, power_of_two, soft), **cfg,
+            **_format_constexprs(fp8_dtype, power_of_two, soft), BLOCKWISE=token_block > 0, **cfg,
         )
     return data_t, scale
 

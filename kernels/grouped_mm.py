@@ -28,9 +28,20 @@ import triton
 import triton.language as tl
 
 from tokenforge.kernels import INTERPRETED, launch_device
+from tokenforge.kernels.fp8_quantize import token_block_row
 from tokenforge.kernels.matmul_tiles import dot_acc, k_loop
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _add_block_scaled(acc, a, b, sa_ptrs, sb_ptr, kt, stride_sak, stride_sbk, BLOCK_K: tl.constexpr,
+                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + (a @ b) * scale_a[rows, kb] * scale_b[kb] for K tile ``kt``, inside 128-wide block kb
+    (BLOCKWISE): the tile's fp32 partial product, scaled, then added."""
+    kb = (kt * BLOCK_K) // 128
+    part = dot_acc(a, b, tl.zeros(acc.shape, dtype=tl.float32), UPCAST, IEEE)
+    return acc + part * tl.load(sa_ptrs + kb * stride_sak)[:, None] * tl.load(sb_ptr + kb * stride_sbk)
 
 
 @triton.jit
@@ -40,7 +51,14 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, TRANS_B: tl.constexpr,
     SA=None, SB=None, stride_sbe=0, SCALED: tl.constexpr = False,
+    stride_sam=0, stride_sak=0, stride_sbk=0, stride_sbn=0, BLOCKWISE: tl.constexpr = False,
 ):
+    # SCALED: fp8 operands, acc * scale_a[row] * scale_b[e, col] in the epilogue; with BLOCKWISE the
+    # scales vary along K in 128-wide blocks (a: SA (T, K/128), one per token row and block; b: SB
+    # (E, K/128, N/128), one per 128x128 block of b[e]): every K tile lies in one block (BLOCK_K
+    # divides 128) and its fp32 partial product is scaled and added (DeepSeek-V3's promotion), and
+    # a column tile in one 128-column block (BLOCK_N divides 128, N a multiple of 128), so b's scale
+    # is one scalar a step.
     # TMA: A and B are tensor descriptors (a (T, K) in [BLOCK_M, BLOCK_K] boxes, b (E, K, N) in
     # [1, BLOCK_K, BLOCK_N] boxes), loaded by the copy engine (cp.async.bulk.tensor on sm_90): the
     # box is zero-filled past K, N and T, and a 3-D box never reads another expert's weights; rows
@@ -76,6 +94,9 @@ def _grouped_mm_kernel(
         local = item - before
         row0 = start + (local // tiles_n) * BLOCK_M
         col0 = (local % tiles_n) * BLOCK_N
+        if BLOCKWISE:  # the tile's rows' a scales (rows past the expert's end clamped) and b's block column
+            sa_ptrs = SA + (tl.cast(row0, tl.int64) + tl.minimum(tl.arange(0, BLOCK_M), end - 1 - row0)) * stride_sam
+            sb_ptr = SB + tl.cast(e, tl.int64) * stride_sbe + (col0 // 128) * stride_sbn
         if TMA:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for kt in range(0, tl.cdiv(K, BLOCK_K)):
@@ -84,7 +105,11 @@ def _grouped_mm_kernel(
                     b = tl.trans(B.load([e, col0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
                 else:
                     b = B.load([e, kt * BLOCK_K, col0]).reshape(BLOCK_K, BLOCK_N)
-                acc = dot_acc(a, b, acc, UPCAST, IEEE)
+                if BLOCKWISE:
+                    acc = _add_block_scaled(acc, a, b, sa_ptrs, sb_ptr, kt, stride_sak, stride_sbk, BLOCK_K,
+                                            UPCAST, IEEE)
+                else:
+                    acc = dot_acc(a, b, acc, UPCAST, IEEE)
         else:
             # 64-bit tile bases, 32-bit offsets inside the tile (64-bit only when WIDE: a stride
             # so large that one tile spans 2^31 elements); rows past the expert's end and columns
@@ -97,14 +122,25 @@ def _grouped_mm_kernel(
             a_ptrs = (A + tl.cast(row0, tl.int64) * stride_am) + rm[:, None] * stride_am + rk[None, :] * stride_ak
             b_ptrs = (B + tl.cast(e, tl.int64) * stride_be + tl.cast(col0, tl.int64) * stride_bn) \
                 + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-            acc = k_loop(a_ptrs, b_ptrs, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk,
-                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+            if BLOCKWISE:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for kt in range(0, tl.cdiv(K, BLOCK_K)):
+                    k_left = K - kt * BLOCK_K
+                    a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+                    b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+                    acc = _add_block_scaled(acc, a, b, sa_ptrs, sb_ptr, kt, stride_sak, stride_sbk, BLOCK_K,
+                                            UPCAST, IEEE)
+                    a_ptrs += BLOCK_K * stride_ak
+                    b_ptrs += BLOCK_K * stride_bk
+            else:
+                acc = k_loop(a_ptrs, b_ptrs, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk,
+                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         om = tl.arange(0, BLOCK_M)
         on = tl.arange(0, BLOCK_N)
         if WIDE:
             om = om.to(tl.int64)
             on = on.to(tl.int64)
-        if SCALED:  # fp8 operands: acc * scale_a[row] * scale_b[e, col] in fp32, the rows/cols clamped
+        if SCALED and not BLOCKWISE:  # fp8 operands: acc * scale_a[row] * scale_b[e, col] in fp32, rows/cols clamped
             sa = tl.load(SA + tl.cast(row0, tl.int64) + tl.minimum(om, end - 1 - row0))
             sb = tl.load(SB + tl.cast(e, tl.int64) * stride_sbe + col0 + tl.minimum(on, N - 1 - col0))
             acc = acc * sa[:, None] * sb[None, :]
@@ -120,10 +156,13 @@ def _grouped_mm_wgrad_kernel(
     stride_am, stride_ak, stride_dm, stride_dn, stride_be, stride_bk, stride_bn,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-    SA=None, SB=None, SCALED: tl.constexpr = False,
+    SA=None, SB=None, SCALED: tl.constexpr = False, BLOCKWISE: tl.constexpr = False,
 ):
     # SCALED: fp8 operands with one scale per (expert, K row) in SA (E, K) and per (expert, N
     # column) in SB (E, N), constant along the tokens this GEMM reduces, applied to the fp32 sum.
+    # With BLOCKWISE the scales change every 128 of an expert's tokens (counted from its first):
+    # SA (G, K) and SB (G, N), block j of expert e in row e + start_e // 128 + j (token_block_row);
+    # each step's rows lie in one block (BLOCK_M divides 128), its partial product scaled and added.
     # The fp8 operands come token-major (a^T (K, T) and dOut^T (N, T) stored: stride_am = stride_dm
     # = 1), so both wgmma operands are K-major in shared memory, as FP8 wgmma requires.
     pid = tl.program_id(0)
@@ -151,13 +190,18 @@ def _grouped_mm_wgrad_kernel(
                       mask=live[None, :], other=0.0)
         d = tl.load((d_base + tl.cast(m0, tl.int64) * stride_dm) + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
                     mask=live[:, None], other=0.0)
-        acc = dot_acc(a_t, d, acc, UPCAST, IEEE)
+        if BLOCKWISE:
+            g = tl.cast(token_block_row(e, start, m0), tl.int64)
+            part = dot_acc(a_t, d, tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32), UPCAST, IEEE)
+            acc += part * tl.load(SA + g * K + k0 + rk)[:, None] * tl.load(SB + g * N + n0 + rn)[None, :]
+        else:
+            acc = dot_acc(a_t, d, acc, UPCAST, IEEE)
     ok = tl.arange(0, BLOCK_K)
     on = tl.arange(0, BLOCK_N)
     if WIDE:
         ok = ok.to(tl.int64)
         on = on.to(tl.int64)
-    if SCALED:
+    if SCALED and not BLOCKWISE:
         sa = tl.load(SA + tl.cast(e, tl.int64) * K + k0 + tl.minimum(ok, K - 1 - k0))
         sb = tl.load(SB + tl.cast(e, tl.int64) * N + n0 + tl.minimum(on, N - 1 - n0))
         acc = acc * sa[:, None] * sb[None, :]
@@ -190,6 +234,10 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 WGRAD_CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=4)
 # fp8 dB: 128 x 128 tiles reducing over 64 tokens a step (the bytes of bf16's 32; FP8 wgmma is 32 deep).
 FP8_WGRAD_CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=4)
+# Blockwise (scales per 128 tokens): each step's partial product is scaled by a vector along K
+# and one along N, spread over the accumulator's layout; at 128 x 128 that spilled 376 B on sm_90,
+# so 128 x 64 tiles.
+FP8_WGRAD_BLOCKWISE_CONFIG = dict(BLOCK_K=128, BLOCK_N=64, BLOCK_M=64, num_warps=8, num_stages=4)
 INTERPRETER_FORWARD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 INTERPRETER_WGRAD = dict(BLOCK_K=32, BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
 INTERPRETER_PROGRAMS = 3  # a persistent grid smaller than the work, so the walk is exercised
@@ -246,7 +294,10 @@ def grouped_mm_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out
 def grouped_mm_fp8_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
                            scale_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (T, N) = (a[rows of e] @ b[e]) * scale_a[rows] * scale_b[e] for fp8 a (T, K) and b (E, K, N),
-    scale_a fp32 (T,), scale_b fp32 (E, N) contiguous (validated by tokenforge.ops.grouped_mm_fp8).
+    scale_a fp32 (T,), scale_b fp32 (E, N) contiguous; or blockwise (a 3-D scale_b; the op passes
+    per-column scales as (E, N)): scale_a (T, cdiv(K, 128)) per token and 128-wide K block, scale_b
+    (E, cdiv(K, 128), N / 128) per 128x128 block of b[e], any strides, N a multiple of 128
+    (validated by tokenforge.ops.grouped_mm_fp8).
     a is made K-major and b K-major ((E, N, K) behind a transposed view), copying what is not."""
     tokens, experts = a.shape[0], b.shape[0]
     if a.stride(1) != 1 or a.data_ptr() % 16 or a.stride(0) % 16:
@@ -258,8 +309,13 @@ def grouped_mm_fp8_forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
     else:
         cfg = dict(FP8_FORWARD_CONFIGS["small" if tokens < 128 * max(experts, 1) else "large"])
     layout = "trans_b" if tma_layout(a, b) == "trans_b" else None  # else pointer loads, b K-major all the same
-    return _launch_forward(a, b, offs, out, cfg, layout, trans_b=True,
-                           scales=dict(SA=scale_a, SB=scale_b, stride_sbe=scale_b.stride(0), SCALED=True))
+    if scale_b.dim() == 3:
+        scales = dict(SA=scale_a, SB=scale_b, stride_sam=scale_a.stride(0), stride_sak=scale_a.stride(1),
+                      stride_sbe=scale_b.stride(0), stride_sbk=scale_b.stride(1), stride_sbn=scale_b.stride(2),
+                      SCALED=True, BLOCKWISE=True)
+    else:
+        scales = dict(SA=scale_a, SB=scale_b, stride_sbe=scale_b.stride(0), SCALED=True)
+    return _launch_forward(a, b, offs, out, cfg, layout, trans_b=True, scales=scales)
 
 
 def _launch_forward(a, b, offs, out, cfg: dict, layout, trans_b: bool = False, scales=None) -> torch.Tensor:
@@ -295,13 +351,18 @@ def grouped_mm_wgrad(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, db
 
 
 def grouped_mm_fp8_wgrad(a_t: torch.Tensor, dout_t: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
-                         scale_d: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+                         scale_d: torch.Tensor, db: torch.Tensor, token_block: int = 0) -> torch.Tensor:
     """db (E, K, N) = (a_t[:, rows of e] @ dout_t[:, rows of e]^T) * scale_a[e][:, None] * scale_d[e]
     for token-major fp8 a_t (K, T) and dout_t (N, T) (each expert's tokens quantized per row of
     a_t / dout_t: :func:`tokenforge.kernels.fp8_quantize.quantize_expert_cols`), fp32 scales
-    (E, K) and (E, N) contiguous; zeros for an empty expert."""
-    cfg = dict(INTERPRETER_WGRAD) if INTERPRETED else dict(FP8_WGRAD_CONFIG)
-    return _launch_wgrad(a_t.t(), dout_t.t(), offs, db, cfg, dict(SA=scale_a, SB=scale_d, SCALED=True))
+    (E, K) and (E, N) contiguous; with ``token_block`` (128) the scales are per block of 128 of an
+    expert's tokens, (G, K) and (G, N) (fp8_quantize.token_block_row). Zeros for an empty expert."""
+    if INTERPRETED:
+        cfg = dict(INTERPRETER_WGRAD)
+    else:
+        cfg = dict(FP8_WGRAD_BLOCKWISE_CONFIG if token_block else FP8_WGRAD_CONFIG)
+    return _launch_wgrad(a_t.t(), dout_t.t(), offs, db, cfg,
+                         dict(SA=scale_a, SB=scale_d, SCALED=True, BLOCKWISE=token_block > 0))
 
 
 def _launch_wgrad(a, dout, offs, db, cfg: dict, scales=None) -> torch.Tensor:
@@ -325,7 +386,10 @@ def all_configs() -> list[tuple[str, dict]]:
     out = [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=trans))
            for cfg in FORWARD_CONFIGS.values() for tma, trans in ((False, False), (True, False), (True, True))]
     out.append(("_grouped_mm_wgrad_kernel", dict(WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False)))
-    out += [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=True, SCALED=True))
-            for cfg in FP8_FORWARD_CONFIGS.values() for tma in (False, True)]
+    out += [("_grouped_mm_kernel", dict(cfg, UPCAST=False, IEEE=False, WIDE=False, TMA=tma, TRANS_B=True, SCALED=True,
+                                        BLOCKWISE=blockwise))
+            for cfg in FP8_FORWARD_CONFIGS.values() for tma in (False, True) for blockwise in (False, True)]
     out.append(("_grouped_mm_wgrad_kernel", dict(FP8_WGRAD_CONFIG, UPCAST=False, IEEE=False, WIDE=False, SCALED=True)))
+    out.append(("_grouped_mm_wgrad_kernel", dict(FP8_WGRAD_BLOCKWISE_CONFIG, UPCAST=False, IEEE=False, WIDE=False,
+                                                 SCALED=True, BLOCKWISE=True)))
     return out

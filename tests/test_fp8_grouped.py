@@ -1,5 +1,5 @@
 """tokenforge.fp8.grouped_mm_float8 (recipes rowwise: every GEMM in fp8; rowwise_with_gw_hp: dB in
-the compute dtype) against a float64 emulation built here from the quantizer's reference (the same
+the compute dtype; blockwise: every GEMM in fp8 on 1x128 / 128x128 / 128-token blocks) against a float64 emulation built here from the quantizer's reference (the same
 fp8 operands, dequantized, multiplied per expert in float64): out and dA per row, dB per expert, an
 empty expert's dB exactly zero; the SQNR against the unquantized product; both backends; the
 per-expert token quantizer; the MoE layer with fp8 experts; convert/patch; bad input."""
@@ -26,23 +26,40 @@ def _offs(counts, device):
     return torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(device)
 
 
-def _deq(t, dtype, scaling):
-    data, scale = quantize_reference(t, dtype, scaling)
+def _deq(t, dtype, scaling, block=None):
+    data, scale = quantize_reference(t, dtype, scaling, block=block)
     return dequantize(data, scale, torch.float64)
+
+
+def _deq_token_blocks(t, dtype):
+    """Each column of t (one expert's tokens) quantized per 128 of its rows, dequantized."""
+    return torch.cat([_deq(t[i:i + 128], dtype, "colwise") for i in range(0, t.shape[0], 128)])
 
 
 def emulated(a, b, dout, counts, recipe):
     """(out, dA, dB) in float64 from the recipe's fp8 operands: a per token row and b[e] per output
     column (e4m3) for out; dOut per token row (e5m2) and b[e] per row of K (e4m3) for dA; for dB
-    ('rowwise') a (e4m3) and dOut (e5m2) per column over each expert's tokens, else unquantized."""
-    a_q, d_q = _deq(a, E4M3, "rowwise"), _deq(dout, E5M2, "rowwise")
+    ('rowwise') a (e4m3) and dOut (e5m2) per column over each expert's tokens, else unquantized.
+    'blockwise', all e4m3: a and dOut in 1x128 blocks, b[e] in 128x128 blocks (out and dA), a and
+    dOut per column and 128 of each expert's tokens (dB)."""
+    if recipe == "blockwise":
+        a_q, d_q = _deq(a, E4M3, "blockwise", (1, 128)), _deq(dout, E4M3, "blockwise", (1, 128))
+    else:
+        a_q, d_q = _deq(a, E4M3, "rowwise"), _deq(dout, E5M2, "rowwise")
     out, da, db, start = [], [], [], 0
     for e, c in enumerate(counts):
         rows = slice(start, start + c)
-        out.append(a_q[rows] @ _deq(b[e], E4M3, "colwise"))
-        da.append(d_q[rows] @ _deq(b[e], E4M3, "rowwise").t())
+        if recipe == "blockwise":
+            w_q = _deq(b[e], E4M3, "blockwise", (128, 128))
+            out.append(a_q[rows] @ w_q)
+            da.append(d_q[rows] @ w_q.t())
+        else:
+            out.append(a_q[rows] @ _deq(b[e], E4M3, "colwise"))
+            da.append(d_q[rows] @ _deq(b[e], E4M3, "rowwise").t())
         if recipe == "rowwise" and c:
             db.append(_deq(a[rows], E4M3, "colwise").t() @ _deq(dout[rows], E5M2, "colwise"))
+        elif recipe == "blockwise" and c:
+            db.append(_deq_token_blocks(a[rows], E4M3).t() @ _deq_token_blocks(dout[rows], E4M3))
         else:
             db.append(a[rows].double().t() @ dout[rows].double())
         start += c
@@ -63,16 +80,23 @@ CPU_CASES = {"awkward": ([0, 21, 1, 33, 0, 7], 48, 64), "one-takes-all": ([0, 0,
 GPU_CASES = {"moe-64": ([int(c) for c in torch.randint(0, 600, (64,), generator=torch.Generator().manual_seed(0))],
                         2048, 1408),
              "skewed": ([8192] + [0] * 14 + [3], 7168, 2048)}
+# Blockwise: K and N multiples of 128, experts of more than 128 tokens (several dB token blocks,
+# the last one partial) and an expert of exactly 128.
+CPU_BLOCK_CASES = {"awkward": ([0, 5, 129, 0, 129, 2], 128, 128), "one-takes-all": ([0, 0, 131, 0], 128, 256)}
+GPU_BLOCK_CASES = {"moe-64": (GPU_CASES["moe-64"][0], 2048, 1408), "skewed": GPU_CASES["skewed"]}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "blockwise"])
 def test_matches_the_float64_emulation_per_row(device, dtype, backend, recipe):
     """Experts stored (E, K, N) (tokenforge.nn.MoE) and (E, N, K) (Hugging Face's gate_up_proj,
     passed transposed): the weight casts take different routes to the same fp8 operands."""
-    cases = CPU_CASES if device == "cpu" else GPU_CASES
+    if recipe == "blockwise":
+        cases = CPU_BLOCK_CASES if device == "cpu" else GPU_BLOCK_CASES
+    else:
+        cases = CPU_CASES if device == "cpu" else GPU_CASES
     for (name, (counts, k, n)), stored in zip(list(cases.items()) * 2, ["ekn"] * len(cases) + ["enk"] * len(cases)):
         offs = _offs(counts, device)
         a = torch.randn(sum(counts), k, device=device, dtype=dtype, requires_grad=True)
@@ -86,7 +110,7 @@ def test_matches_the_float64_emulation_per_row(device, dtype, backend, recipe):
         ref_out, ref_da, ref_db = emulated(a.detach(), b.detach(), dout, counts, recipe)
         # One rounding of an fp32 accumulator to the output dtype per element.
         row_tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5
-        db_tol = row_tol if recipe == "rowwise" else TOLERANCE[dtype]
+        db_tol = row_tol if recipe != "rowwise_with_gw_hp" else TOLERANCE[dtype]
         where = (name, stored)
         assert out.dtype == dtype and out.shape == ref_out.shape
         assert _worst_row(out, ref_out) <= row_tol, (where, "out")
@@ -118,13 +142,15 @@ def test_scales_hold_per_expert_and_per_row(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp", "blockwise"])
 def test_moe_layer_with_fp8_experts(device, recipe):
     """MoE(fp8=...) trains like the bf16 layer (output and every gradient within fp8's SQNR),
     the same parameters and state_dict keys; fp8=None is the plain layer."""
     from tokenforge.nn import MoE
 
     dim, hidden, tokens = (32, 48, 40) if device == "cpu" else (1024, 1536, 4096)
+    if recipe == "blockwise" and device == "cpu":
+        dim, hidden = 128, 128
     torch.manual_seed(0)
     plain = MoE(dim, hidden, num_experts=6, top_k=2, num_shared_experts=1, device=device, dtype=torch.bfloat16)
     fp8 = MoE(dim, hidden, num_experts=6, top_k=2, num_shared_experts=1, device=device, dtype=torch.bfloat16,
@@ -151,7 +177,8 @@ def test_bad_input_gets_a_clear_error():
     a = torch.randn(16, 32, dtype=torch.bfloat16)
     b = torch.randn(2, 32, 48, dtype=torch.bfloat16)
     cases = [
-        (dict(a=a, b=b, offs=offs, recipe="blockwise"), ValueError, "recipe must be one of"),
+        (dict(a=a, b=b, offs=offs, recipe="tensorwise"), ValueError, "recipe must be one of"),
+        (dict(a=a, b=b, offs=offs, recipe="blockwise"), ValueError, "needs K and N multiples of 128"),
         (dict(a=a[:, :24], b=b[:, :24], offs=offs), ValueError, "multiples of 16"),
         (dict(a=a, b=b[:, :, :40], offs=offs), ValueError, "multiples of 16"),
         (dict(a=a, b=b.float(), offs=offs), TypeError, "share one of"),
@@ -167,6 +194,8 @@ def test_bad_input_gets_a_clear_error():
         MoE(24, 48, num_experts=2, top_k=1, fp8="rowwise_with_gw_hp")
     with pytest.raises(ValueError, match="recipe must be one of"):
         MoE(32, 48, num_experts=2, top_k=1, fp8="tensorwise")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        MoE(128, 48, num_experts=2, top_k=1, fp8="blockwise")
 
 
 def test_empty_batch_and_frozen_inputs():
@@ -233,6 +262,27 @@ def test_convert_and_patch_turn_on_fp8_experts_and_keep_routers():
     assert torch.equal(loss(), ref)
 
 
+def test_blockwise_models_get_blockwise_experts_where_widths_tile():
+    """A blockwise-converted model: MoE layers whose widths are multiples of 128 run blockwise expert
+    GEMMs, the others rowwise, each named in the report; revert turns both off."""
+    from tokenforge.fp8 import convert_to_float8, revert_float8
+    from tokenforge.fp8.grouped import expert_recipe_for, fit_expert_recipe
+    from tokenforge.nn import MoE
+
+    assert [expert_recipe_for(r) for r in ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise")] == \
+        ["rowwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
+    assert fit_expert_recipe("blockwise", 256, 1408) == "blockwise"
+    assert fit_expert_recipe("blockwise", 256, 96) == "rowwise" and fit_expert_recipe("rowwise", 48, 32) == "rowwise"
+    model = torch.nn.ModuleDict({"wide": MoE(128, 256, num_experts=4, top_k=2), "narrow": MoE(64, 96, num_experts=4,
+                                                                                                 top_k=2)})
+    report = convert_to_float8(model, "blockwise")
+    assert model["wide"].fp8 == "blockwise" and model["narrow"].fp8 == "rowwise"
+    assert report.experts == ["wide", "narrow"] and list(report.expert_notes) == ["narrow"]
+    assert "narrow: grouped GEMMs in fp8 (rowwise: dim 64 / hidden_dim 96 not multiples of 128" in str(report)
+    revert_float8(model)
+    assert model["wide"].fp8 is None and model["narrow"].fp8 is None
+
+
 def test_torch_compile_fullgraph_matches_eager():
     """No graph breaks (offs unchecked, as MoE calls it), the same out and gradients as eager."""
     counts = [0, 21, 11]
@@ -277,6 +327,46 @@ def test_expert_column_quantizer_matches_the_reference_bit_for_bit(device):
             assert torch.isinf(scale[3, 5]) and torch.isfinite(scale[1]).all() and torch.isfinite(scale[3, 6:]).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the inf, interpreted
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_token_block_quantizer_matches_the_reference_bit_for_bit(device):
+    """Scales per (column, 128 of an expert's tokens from its first): the kernel and the reference
+    agree bit for bit, each block's scale sits in row e + start_e // 128 + j (one row per block,
+    rows of no block stay 1), and an inf shows in its own block's scale only."""
+    from tokenforge.fp8.quantize import quantize_expert_cols_op, quantize_expert_cols_reference
+    from tokenforge.kernels.fp8_quantize import token_block_scale_rows
+
+    counts, c = ([0, 37, 1, 300, 0, 128, 129], 80) if device == "cpu" else ([0, 3000, 1, 7000, 0, 128, 900], 2048)
+    offs = _offs(counts, device)
+    t = sum(counts)
+    x = torch.randn(t, c, device=device, dtype=torch.bfloat16) * 3
+    x[38 + 130, 5] = float("inf")  # expert 3 (rows from 38): its second token block
+    for dtype in (E4M3, E5M2):
+        for pow2 in (False, True):
+            data_t, scale = quantize_expert_cols_op(x, offs, dtype, pow2, "triton", 128)
+            ref_t, ref_scale = quantize_expert_cols_reference(x, offs, dtype, pow2, 128)
+            assert scale.shape == (token_block_scale_rows(t, len(counts)), c) == ref_scale.shape
+            assert torch.equal(scale, ref_scale), (dtype, pow2)
+            assert torch.equal(data_t.view(torch.uint8), ref_t.view(torch.uint8)), (dtype, pow2)
+    # The rows, from the rule: every block its own row, in order, the others 1.
+    used, start = [], 0
+    for e, n in enumerate(counts):
+        used += [e + start // 128 + j for j in range((n + 127) // 128)]
+        start += n
+    assert used == sorted(set(used)) and max(used) < scale.shape[0]
+    unused = [r for r in range(scale.shape[0]) if r not in used]
+    assert torch.all(scale[unused] == 1)
+    row = used[3]  # expert 3's blocks are the 3rd and 4th in order (after experts 1 and 2)
+    assert torch.isinf(scale[row, 5]) and torch.isfinite(scale[used[2]]).all() and torch.isfinite(scale[row, 6:]).all()
+    # Blockwise scales track each block: a block at 1e-3 next to one at 1e3 in the same column keeps
+    # its resolution (the per-expert scale would flush it to zero).
+    y = torch.randn(256, c, device=device)
+    y[128:] *= 1e-6
+    data_t, scale = quantize_expert_cols_op(y, _offs([256], device), E4M3, False, "triton", 128)
+    back = data_t.float().t() * torch.cat([scale[0].expand(128, c), scale[1].expand(128, c)])
+    assert rel_error(back[128:], y[128:]) < 0.07
+
+
 def test_custom_ops_pass_opcheck():
     """The two ops the fp8 dB adds: schema and fake tensors agree with the real outputs."""
     from tokenforge import kernels
@@ -290,3 +380,12 @@ def test_custom_ops_pass_opcheck():
     d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(torch.randn(16, 48), offs, E5M2, False, backend)
     torch.library.opcheck(torch.ops.tokenforge.grouped_mm_fp8_wgrad,
                           (a_t, d_t, offs, s_a, s_d, torch.bfloat16, backend), test_utils=("test_faketensor",))
+    # Per 128 tokens (the blockwise recipe): 200 tokens, so several blocks and scale rows.
+    offs = _offs([0, 150, 50], "cpu")
+    x = torch.randn(200, 32, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.tokenforge.fp8_quantize_expert_cols, (x, offs, E4M3, False, backend, 128),
+                          test_utils=("test_faketensor",))
+    a_t, s_a = torch.ops.tokenforge.fp8_quantize_expert_cols(x, offs, E4M3, False, backend, 128)
+    d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(torch.randn(200, 48), offs, E4M3, False, backend, 128)
+    torch.library.opcheck(torch.ops.tokenforge.grouped_mm_fp8_wgrad,
+                          (a_t, d_t, offs, s_a, s_d, torch.bfloat16, backend, 128), test_utils=("test_faketensor",))

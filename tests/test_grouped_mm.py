@@ -150,6 +150,62 @@ def test_fp8_matches_the_dequantized_loop(device, a_dtype):
             assert worst_row(grouped_mm_fp8(a, b, offs, sa, swapped, out_dtype=torch.float32)) > 1e-2, name
 
 
+def _fp8_block_operands(counts, k, n, device):
+    """Tokens whose 128-wide K blocks sit at magnitudes 1e-3 .. 1e3 quantized in 1x128 blocks, each
+    expert's weight (its 128x128 blocks at 1e-2 .. 1e2) in 128x128 blocks: one scale per row or per
+    whole weight would flush the small blocks."""
+    from tokenforge import fp8
+
+    t, kb, nb = sum(counts), -(-k // 128), n // 128
+    x = torch.randn(t, k, device=device) * torch.logspace(-3, 3, kb, device=device).repeat_interleave(128)[:k]
+    mags = torch.logspace(-2, 2, kb * nb, device=device).reshape(kb, nb)
+    w = torch.randn(len(counts), k, n, device=device) * mags.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)
+    a, sa = fp8.quantize(x, scaling="blockwise", block=(1, 128), backend="torch")
+    parts = [fp8.quantize(w[e], scaling="blockwise", block=(128, 128), backend="torch") for e in range(len(counts))]
+    return a, torch.stack([d for d, _ in parts]), sa, torch.stack([s for _, s in parts])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_blockwise_matches_the_dequantized_loop(device):
+    """Blockwise scales (DeepSeek-V3's 1x128 tokens, 128x128 weight blocks) against the float64 loop
+    on the dequantized operands, per row, fp32 and bf16 out, b (E, K, N) and (E, N, K)-stored, a K
+    tail block (K = 208) on CPU; dA's layout (b^T with transposed block scales, by strides); a
+    weight block's scale moved to the next K block, or an expert's swapped, fails."""
+    from tokenforge.ops import grouped_mm_fp8, grouped_mm_fp8_reference
+
+    cases = {"awkward": ([0, 21, 1, 133, 0, 7], 208, 256), "one-takes-all": ([0, 0, 53, 0], 256, 128)} \
+        if device == "cpu" else {"moe-64": (GPU_CASES["moe-64"][0], 2048, 1408),
+                                 "skewed": ([8192] + [0] * 14 + [3], 7168, 2048)}
+    for name, (counts, k, n) in cases.items():
+        offs = _offs(counts, device)
+        a, b, sa, sb = _fp8_block_operands(counts, k, n, device)
+        ref = grouped_mm_fp8_reference(a, b, offs, sa.double(), sb.double(), torch.float64)
+        live = ref.norm(dim=1) > 0
+
+        def worst_row(out, ref=ref, live=live):
+            return ((out.double() - ref).norm(dim=1)[live] / ref.norm(dim=1)[live]).max().item()
+
+        for bb in (b, b.transpose(1, 2).contiguous().transpose(1, 2)):
+            assert worst_row(grouped_mm_fp8(a, bb, offs, sa, sb, out_dtype=torch.float32)) <= 1e-5, name
+            out = grouped_mm_fp8(a, bb, offs, sa, sb)
+            assert out.dtype == torch.bfloat16 and worst_row(out) <= 2.0 ** -7, name
+        if k % 128 == 0:  # dA = dOut @ b^T: b^T and its block scales transposed by strides
+            d, sd = a[:, :n].contiguous(), sa[:, : n // 128].contiguous()
+            ref_t = grouped_mm_fp8_reference(d, b.transpose(1, 2), offs, sd.double(), sb.transpose(1, 2).double(),
+                                             torch.float64)
+            got = grouped_mm_fp8(d, b.transpose(1, 2), offs, sd, sb.transpose(1, 2), out_dtype=torch.float32)
+            assert worst_row(got, ref_t, ref_t.norm(dim=1) > 0) <= 1e-5, name
+        if sb.shape[1] > 1:
+            shifted = sb.clone()
+            shifted[:, 1] = sb[:, 0]
+            assert worst_row(grouped_mm_fp8(a, b, offs, sa, shifted, out_dtype=torch.float32)) > 1e-2, name
+        busy = [e for e, c in enumerate(counts) if c]
+        if len(busy) > 1:
+            swapped = sb.clone()
+            swapped[[busy[0], busy[1]]] = sb[[busy[1], busy[0]]]
+            assert worst_row(grouped_mm_fp8(a, b, offs, sa, swapped, out_dtype=torch.float32)) > 1e-2, name
+
+
 def test_fp8_bad_input_gets_a_clear_error():
     from tokenforge.ops import grouped_mm_fp8
 
@@ -165,6 +221,16 @@ def test_fp8_bad_input_gets_a_clear_error():
         ((a, b, _offs([5, 10], "cpu"), sa, sb), ValueError, "offs[-1]"),
     ]
     for args, exc, words in cases:
+        with pytest.raises(exc, match=re.escape(words)):
+            grouped_mm_fp8(*args)
+    a, b, sa, sb = _fp8_block_operands([5, 11], 256, 128, "cpu")
+    blockwise = [
+        ((a, b, offs, sa[:, :1], sb), ValueError, "one scale per token and 128 of K"),
+        ((a, b, offs, sa, sb[:, :1]), ValueError, "or (2, 2, N / 128) per 128x128 block"),
+        ((a, b, offs, sa[:, 0], sb), ValueError, "one scale per token and 128 of K"),
+        ((a[:, :144], b[:, :144, :], offs, sa[:, :1], sb), ValueError, "one scale per token and 128 of K"),
+    ]
+    for args, exc, words in blockwise:
         with pytest.raises(exc, match=re.escape(words)):
             grouped_mm_fp8(*args)
 
@@ -353,7 +419,8 @@ def test_custom_op_is_registered_and_traceable():
 
 @pytest.mark.compile_gate
 def test_kernels_compile_for_hopper_and_ampere():
-    """Every GPU config of both kernels compiles for sm_90 with wgmma and for sm_80, no spills."""
+    """Every GPU config of both kernels compiles for sm_90 with wgmma and for sm_80, no spills
+    (the fp8 ones, rowwise and blockwise, for sm_90)."""
     from compile_gate import TARGETS, compile_kernel, ptxas_report, spill_bytes, uses_wgmma
 
     from tokenforge.kernels import grouped_mm as kgm
@@ -376,6 +443,7 @@ def test_kernels_compile_for_hopper_and_ampere():
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         tma = cfg.get("TMA", False)
         scaled = cfg.get("SCALED", False)
+        cfg.setdefault("BLOCKWISE", False)
         for arch, target in TARGETS.items():
             if (tma or scaled) and arch != "sm_90":
                 continue  # tensor descriptors are the sm_90 path (sm_80 takes pointer loads); fp8 needs sm_89+
@@ -387,6 +455,10 @@ def test_kernels_compile_for_hopper_and_ampere():
                     arg_types = {k: v.replace("bf16", a_fp8 if k == "A" else "fp8e4nv") if k in ("A", "B") else v
                                  for k, v in arg_types.items()}
                     arg_types.update(SA="*fp32", SB="*fp32", stride_sbe="i32")
+                    if cfg["BLOCKWISE"]:  # scale_a (T, K/128), scale_b (E, K/128, N/128) by strides
+                        arg_types.update(stride_sam="i32", stride_sak="i32", stride_sbk="i32", stride_sbn="i32")
+                    else:
+                        constexprs.update(stride_sam=0, stride_sak=0, stride_sbk=0, stride_sbn=0)
                     if not tma:
                         arg_types["stride_bn"] = arg_types.pop("stride_bk")
                         constexprs.pop("stride_bn")
@@ -397,7 +469,8 @@ def test_kernels_compile_for_hopper_and_ampere():
                                      SA="*fp32", SB="*fp32")
                     constexprs = dict(cfg, stride_am=1, stride_dm=1, stride_bn=1)
                 elif name == "_grouped_mm_kernel":
-                    constexprs.update(SA=None, SB=None, stride_sbe=0, SCALED=False)
+                    constexprs.update(SA=None, SB=None, stride_sbe=0, SCALED=False, stride_sam=0, stride_sak=0,
+                                      stride_sbk=0, stride_sbn=0)
                 else:
                     constexprs.update(SA=None, SB=None, SCALED=False)
                 compiled = compile_kernel(getattr(kgm, name), arg_types, constexprs, warps, target,

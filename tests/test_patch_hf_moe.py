@@ -64,15 +64,16 @@ def test_moe_family_patched_matches_unpatched(family):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # interpreter e5m2 casts
-@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe"])
-def test_moe_family_fp8_experts(family):
-    """patch(fp8=...) runs the patched experts' grouped GEMMs in fp8 (widths multiples of 16): loss
-    and expert gradients within fp8's error of the unpatched model's, routers untouched, unpatch exact;
-    experts of other widths stay in high precision and the report says why."""
+@pytest.mark.parametrize("family,recipe", [("Mixtral", "rowwise"), ("Qwen3Moe", "rowwise"), ("Qwen3Moe", "blockwise")])
+def test_moe_family_fp8_experts(family, recipe):
+    """patch(fp8=...) runs the patched experts' grouped GEMMs in fp8 (widths multiples of 16; 128
+    for blockwise): loss and expert gradients within fp8's error of the unpatched model's, routers
+    untouched, unpatch exact; experts of other widths stay in high precision and the report says why."""
     import math
 
-    widths = dict(hidden_size=32, intermediate_size=64,
-                  **({"moe_intermediate_size": 32} if "moe_intermediate_size" in FAMILIES[family] else {}))
+    width = 128 if recipe == "blockwise" else 32
+    widths = dict(hidden_size=width, intermediate_size=2 * width,
+                  **({"moe_intermediate_size": width} if "moe_intermediate_size" in FAMILIES[family] else {}))
     cfg_cls, model_cls = getattr(transformers, f"{family}Config", None), getattr(transformers, f"{family}ForCausalLM", None)
     if cfg_cls is None or model_cls is None:
         pytest.skip(f"this transformers has no {family}")
@@ -81,9 +82,9 @@ def test_moe_family_fp8_experts(family):
     cfg._attn_implementation = "eager"
     plain = model_cls(cfg).float()
     patched = copy.deepcopy(plain)
-    report = tokenforge.patch(patched, fp8="rowwise", attention=False, rope=False, rms_norm=False, swiglu=False,
+    report = tokenforge.patch(patched, fp8=recipe, attention=False, rope=False, rms_norm=False, swiglu=False,
                               cross_entropy=False)
-    assert any("grouped_mm_float8 (rowwise)" in line for line in report.patched), report
+    assert any(f"grouped_mm_float8 ({recipe})" in line for line in report.patched), report
     ids = torch.randint(0, 128, (2, 12))
     a = plain(input_ids=ids, labels=ids)
     b = patched(input_ids=ids, labels=ids)
@@ -93,12 +94,18 @@ def test_moe_family_fp8_experts(family):
     experts = [(n, p) for n, p in plain.named_parameters() if "experts." in n and p.grad is not None]
     assert experts
     got = dict(patched.named_parameters())
+    # 17 dB at 32 wide; at 128 wide the attention projections are fp8 too and routing sees more
+    # noise: measured 10.4-12.3 dB rowwise, 11.8-20.5 blockwise (the expert GEMMs alone are held to
+    # the float64 emulation in test_fp8_grouped.py).
+    floor = 17 if width == 32 else 10
     for name, p in experts:
         err = rel_error(got[name].grad, p.grad)
-        assert -20 * math.log10(max(err, 1e-12)) >= 17, name
+        assert -20 * math.log10(max(err, 1e-12)) >= floor, name
     tokenforge.unpatch(patched)
     with torch.no_grad():
         assert torch.equal(patched(input_ids=ids).logits, plain(input_ids=ids).logits)
+    if recipe != "rowwise":
+        return
     # The tiny widths (24) of the other test stay in high precision, with the reason.
     narrow = _build(family)
     report = tokenforge.patch(narrow, fp8="rowwise", attention=False, rope=False, rms_norm=False, swiglu=False,

@@ -644,9 +644,10 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
         undo.steps.append(lambda moe=model.get_submodule(fqn): setattr(moe, "fp8", None))
     _hf_experts_fp8(model, undo, report, conversion.recipe)
     if conversion.experts:
+        others = f", {len(conversion.expert_notes)} of them rowwise (widths)" if conversion.expert_notes else ""
         report.patched.append(f"fp8: {len(conversion.experts)} MoE layers' expert GEMMs -> "
-                              f"tokenforge.fp8.grouped_mm_float8 ({conversion.expert_recipe}); routers kept in high "
-                              "precision")
+                              f"tokenforge.fp8.grouped_mm_float8 ({conversion.expert_recipe}{others}); routers kept "
+                              "in high precision")
     if conversion.converted:
         report.patched.append(f"fp8: {len(conversion.converted)} nn.Linear -> tokenforge.fp8.Float8Linear "
                               f"({conversion.recipe}); {len(conversion.skipped)} kept in high precision")
@@ -658,10 +659,11 @@ def _convert_fp8(model: nn.Module, undo: _Undo, report: PatchReport, recipe="ten
 def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport, linear_recipe: str) -> None:
     """Hugging Face *Experts modules already on the grouped path run it in fp8
     (tokenforge.fp8.grouped_mm_float8) where hidden and expert widths are multiples of 16."""
-    from tokenforge.fp8.grouped import expert_recipe_for
+    from tokenforge.fp8.grouped import expert_recipe_for, fit_expert_recipe
 
-    recipe = expert_recipe_for(linear_recipe)
-    done, left = 0, {}
+    asked = expert_recipe_for(linear_recipe)
+    done = {}
+    left = {}
     for m in model.modules():
         if getattr(getattr(m, "forward", None), "__func__", None) is not _grouped_experts_forward:
             continue
@@ -669,11 +671,13 @@ def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport, linear_r
         if hidden % 16 or (two_inter // 2) % 16:
             left[type(m).__name__] = f"hidden {hidden} / expert width {two_inter // 2} not multiples of 16"
             continue
+        recipe = fit_expert_recipe(asked, hidden, two_inter // 2)
         undo.set_attr(m, _EXPERTS_FP8_ATTR, recipe)
-        done += 1
-    if done:
-        report.patched.append(f"fp8: {done} expert modules' grouped GEMMs -> tokenforge.fp8.grouped_mm_float8 "
-                              f"({recipe}); routers kept in high precision")
+        done[recipe] = done.get(recipe, 0) + 1
+    for recipe, count in done.items():
+        why = "" if recipe == asked else " (widths not multiples of 128)"
+        report.patched.append(f"fp8: {count} expert modules' grouped GEMMs -> tokenforge.fp8.grouped_mm_float8 "
+                              f"({recipe}{why}); routers kept in high precision")
     for name, why in left.items():
         report.skipped.append(f"fp8: {name} experts stay in high precision: {why}")
 

@@ -17,8 +17,9 @@ Mixture-of-experts layers (:class:`tokenforge.nn.MoE`): their router stays an nn
 precision (routing decisions are what fp8 noise should not flip; DeepSeek-V3 keeps its gate in
 high precision too), and with ``moe_experts=True`` (the default) their two expert GEMMs run in
 fp8 through :func:`tokenforge.fp8.grouped_mm_float8` (listed in ``report.experts``; ``emulate``
-configs leave them): recipe ``rowwise_with_gw_hp`` for a model converted with that recipe, else
-``rowwise`` (axiswise scales are the grouped kernel's; see ``expert_recipe_for``).
+configs leave them): recipe ``rowwise_with_gw_hp`` for a model converted with that recipe,
+``blockwise`` for a blockwise model where the layer's widths are multiples of 128, else ``rowwise``
+(see ``expert_recipe_for``; ``report.expert_notes`` names the layers given another than asked).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class ConversionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     experts: list[str] = field(default_factory=list)  # MoE layers whose expert GEMMs now run in fp8
     expert_recipe: Optional[str] = None  # their grouped_mm_float8 recipe
+    expert_notes: dict[str, str] = field(default_factory=dict)  # layers given another recipe, and why
 
     def __str__(self) -> str:
         lines = [f"Float8 conversion ({self.recipe}): {len(self.converted)} converted, {len(self.skipped)} skipped"]
         lines += [f"  converted {name}" for name in self.converted]
-        lines += [f"  experts   {name}: grouped GEMMs in fp8 ({self.expert_recipe})" for name in self.experts]
+        lines += [f"  experts   {name}: grouped GEMMs in fp8 ({self.expert_notes.get(name, self.expert_recipe)})"
+                  for name in self.experts]
         lines += [f"  skipped   {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -119,7 +122,7 @@ def convert_to_float8(model: nn.Module, recipe="tensorwise",
 def _moe_experts(model: nn.Module, report: ConversionReport, convert: bool) -> set[str]:
     """Turn on fp8 expert GEMMs in the eligible tokenforge.nn.MoE layers (``convert``), noting each
     in the report; returns the names of every MoE layer's router."""
-    from tokenforge.fp8.grouped import expert_recipe_for
+    from tokenforge.fp8.grouped import expert_recipe_for, fit_expert_recipe
     from tokenforge.nn.moe import MoE
 
     report.expert_recipe = expert_recipe_for(report.recipe)
@@ -133,8 +136,11 @@ def _moe_experts(model: nn.Module, report: ConversionReport, convert: bool) -> s
         if module.dim % 16 or module.hidden_dim % 16:
             report.skipped[name] = f"MoE experts: dim {module.dim} / hidden_dim {module.hidden_dim} not multiples of 16"
             continue
-        module.fp8 = report.expert_recipe
+        module.fp8 = fit_expert_recipe(report.expert_recipe, module.dim, module.hidden_dim)
         report.experts.append(name)
+        if module.fp8 != report.expert_recipe:
+            report.expert_notes[name] = (f"{module.fp8}: dim {module.dim} / hidden_dim {module.hidden_dim} not "
+                                         f"multiples of 128 for {report.expert_recipe}")
     return routers
 
 

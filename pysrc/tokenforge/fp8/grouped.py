@@ -8,14 +8,22 @@
                                                   in the compute dtype
 
 Recipes, Float8Linear's of the same names: per-GEMM axiswise scales along each GEMM's reduction
-dim, recomputed from the current tensors every call. The forward and dA GEMMs are tokenforge's
-grouped kernel with FP8 wgmma (:func:`tokenforge.ops.grouped_mm_fp8`, both operands K-major): each
-GEMM's weight cast writes fp8 data whose reduced dim is unit-stride, rowwise where b's layout has
-it so, else transposed by the per-expert column quantizer (no bf16 copy of b either way). The fp8 dB GEMM reduces over
-each expert's tokens, so a scale may vary per expert and column but not along the tokens:
-:func:`tokenforge.kernels.fp8_quantize.quantize_expert_cols` writes a and dOut quantized that way
-and transposed (token-major, as FP8 wgmma wants them), and the grouped reduction kernel applies the
-scales to its fp32 sums. a and b are saved in the compute dtype (every GEMM casts them its own way).
+dim, recomputed from the current tensors every call. ``blockwise`` (DeepSeek-V3's, e4m3 for all):
+tokens and dOut in 1x128 blocks along each GEMM's reduction dim, each b[e] in 128x128 blocks (one
+quantization serves the forward and dA: a 128x128 block is its own transpose's block), and the dB
+operands per (column, 128 of an expert's tokens) (``fp8_quantize_expert_cols`` with token_block);
+every GEMM scales each K tile's fp32 partial product by its blocks. K and N multiples of 128.
+
+The forward and dA GEMMs are tokenforge's grouped kernel with FP8 wgmma
+(:func:`tokenforge.ops.grouped_mm_fp8`, both operands K-major): each GEMM's weight cast writes fp8
+data whose reduced dim is unit-stride, rowwise where b's layout has it so, else transposed by the
+per-expert column quantizer (no bf16 copy of b either way; blockwise weights keep their storage
+order and the launcher copies the fp8 data where a GEMM needs the other). The fp8 dB GEMM reduces
+over each expert's tokens, so a scale may vary per expert and column (and 128-token block) but not
+within what one step reduces: :func:`tokenforge.kernels.fp8_quantize.quantize_expert_cols` writes
+a and dOut quantized that way and transposed (token-major, as FP8 wgmma wants them), and the
+grouped reduction kernel applies the scales to its fp32 sums. a and b are saved in the compute
+dtype (every GEMM casts them its own way).
 
 Path of a call: :class:`tokenforge.nn.MoE` (``fp8=``) or a caller -> :func:`grouped_mm_float8`
 -> :class:`Float8GroupedMMFunction` -> the custom ops ``tokenforge::fp8_quantize``,
@@ -35,23 +43,37 @@ from tokenforge import backends
 from tokenforge.fp8.config import E4M3, E5M2
 from tokenforge.fp8.quantize import OP as QUANT_OP
 from tokenforge.fp8.quantize import cast_for_gemm
+from tokenforge.kernels.fp8_quantize import TOKEN_BLOCK
 from tokenforge.ops.grouped_mm import OP as GROUPED_OP
 from tokenforge.ops.grouped_mm import OP_FP8, check_inputs, grouped_mm, grouped_mm_fp8, grouped_mm_reference
 
-RECIPES = ("rowwise", "rowwise_with_gw_hp")
+RECIPES = ("rowwise", "rowwise_with_gw_hp", "blockwise")
 DEFAULT_RECIPE = "rowwise"
+BLOCKWISE_MULTIPLE = 128  # the blockwise recipe's K and N: whole 128x128 blocks in every b[e]
 # (input, weight, grad_output, weight for grad_input, input for grad_weight, grad_output for
 # grad_weight) casts, as Float8LinearConfig.casts(); None: that GEMM in the compute dtype.
-_AXIS4, _AXIS5 = ("axiswise", E4M3), ("axiswise", E5M2)
+_AXIS4, _AXIS5, _BLOCK4 = ("axiswise", E4M3), ("axiswise", E5M2), ("blockwise", E4M3)
 _CASTS = {"rowwise": (_AXIS4, _AXIS4, _AXIS5, _AXIS4, _AXIS4, _AXIS5),
-          "rowwise_with_gw_hp": (_AXIS4, _AXIS4, _AXIS5, _AXIS4, None, None)}
+          "rowwise_with_gw_hp": (_AXIS4, _AXIS4, _AXIS5, _AXIS4, None, None),
+          "blockwise": (_BLOCK4,) * 6}
 
 
 def expert_recipe_for(linear_recipe: str) -> str:
-    """The grouped recipe for a model converted with Float8Linear's ``linear_recipe``: the dB in
-    high precision when that recipe keeps it there, else all three GEMMs in fp8 (axiswise is the
-    grouped kernel's only scaling; tensorwise and blockwise models get it for their experts)."""
-    return "rowwise_with_gw_hp" if linear_recipe == "rowwise_with_gw_hp" else "rowwise"
+    """The grouped recipe for a model converted with Float8Linear's ``linear_recipe``: blockwise for
+    blockwise, the dB in high precision when that recipe keeps it there, else all three GEMMs in fp8
+    rowwise (tensorwise models too: one scale per expert weight is not a grouped scaling here).
+    :func:`fit_expert_recipe` then fits it to each layer's widths."""
+    if linear_recipe in ("blockwise", "rowwise_with_gw_hp"):
+        return linear_recipe
+    return "rowwise"
+
+
+def fit_expert_recipe(recipe: str, dim: int, hidden_dim: int) -> str:
+    """``recipe`` for experts of widths ``dim`` / ``hidden_dim``: ``blockwise`` needs both multiples
+    of 128 (the weights' 128x128 blocks must tile each expert), else such a layer gets ``rowwise``."""
+    if recipe == "blockwise" and (dim % BLOCKWISE_MULTIPLE or hidden_dim % BLOCKWISE_MULTIPLE):
+        return "rowwise"
+    return recipe
 
 
 def expert_gemm(recipe: Optional[str]):
@@ -69,8 +91,21 @@ def _expert_cols_backend(backend: str) -> str:
 def check_recipe(recipe: str, where: str) -> None:
     """A ValueError naming the recipes when ``recipe`` is not one of RECIPES."""
     if recipe not in RECIPES:
-        raise ValueError(f"{where}: recipe must be one of {RECIPES} (the grouped fp8 GEMM's axiswise recipes), "
+        raise ValueError(f"{where}: recipe must be one of {RECIPES} (the grouped fp8 GEMM's recipes), "
                          f"got {recipe!r}")
+
+
+def _weight_blocks(b: torch.Tensor, power_of_two: bool, backend: str):
+    """The expert weights b (E, K, N) in 128x128 blocks per expert (K and N multiples of 128): (data
+    as an (E, K, N) view of the storage's own major order, scale (E, K/128, N/128) as a view). Each
+    GEMM's launcher makes its reduced dim unit-stride (an fp8 copy where it is not)."""
+    E, K, N = b.shape
+    if b.stride(1) == 1 and b.stride(2) != 1:  # (E, N, K) stored: nn.Linear-style experts (Hugging Face)
+        bt = b.transpose(1, 2).contiguous()
+        data, scale = cast_for_gemm(bt.view(E * N, K), 1, _BLOCK4, True, power_of_two, backend)
+        return data.view(E, N, K).transpose(1, 2), scale.view(E, N // 128, K // 128).transpose(1, 2)
+    data, scale = cast_for_gemm(b.contiguous().view(E * K, N), 1, _BLOCK4, True, power_of_two, backend)
+    return data.view(E, K, N), scale.view(E, K // 128, N // 128)
 
 
 def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, backend: str):
@@ -100,7 +135,10 @@ class Float8GroupedMMFunction(torch.autograd.Function):
     def forward(ctx, a, b, offs, recipe, power_of_two, quant_backend, gemm_backend, wgrad_backend):
         c_a, c_b = _CASTS[recipe][:2]
         aq, sa = cast_for_gemm(a, 1, c_a, False, power_of_two, quant_backend)
-        bq, sb = _weight_cast(b, "k", c_b, power_of_two, quant_backend)
+        if recipe == "blockwise":
+            bq, sb = _weight_blocks(b, power_of_two, quant_backend)
+        else:
+            bq, sb = _weight_cast(b, "k", c_b, power_of_two, quant_backend)
         out = grouped_mm_fp8(aq, bq, offs, sa, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
         ctx.save_for_backward(a, b, offs)
         ctx.recipe, ctx.pow2 = recipe, power_of_two
@@ -114,16 +152,22 @@ class Float8GroupedMMFunction(torch.autograd.Function):
         _, _, c_dout, c_b_gi, c_a_gw, c_dout_gw = _CASTS[ctx.recipe]
         dout = dout.to(a.dtype).contiguous()
         da = db = None
+        blockwise = ctx.recipe == "blockwise"
         if ctx.needs_input_grad[0]:
             dq, sd = cast_for_gemm(dout, 1, c_dout, False, ctx.pow2, quant_backend)
-            bq, sb = _weight_cast(b, "n", c_b_gi, ctx.pow2, quant_backend)
+            if blockwise:  # the forward's blocks, transposed by strides (b^T's reduced dim N is unit-stride)
+                bq, sb = _weight_blocks(b, ctx.pow2, quant_backend)
+                bq, sb = bq.transpose(1, 2), sb.transpose(1, 2)
+            else:
+                bq, sb = _weight_cast(b, "n", c_b_gi, ctx.pow2, quant_backend)
             da = grouped_mm_fp8(dq, bq, offs, sd, sb, out_dtype=a.dtype, check_offs=False, backend=gemm_backend)
         if ctx.needs_input_grad[1]:
-            if c_a_gw is not None:  # fp8: per (expert, column) scales over the expert's tokens
+            if c_a_gw is not None:  # fp8: per (expert, column) scales over the expert's tokens (or 128 of them)
                 qb = _expert_cols_backend(quant_backend)
-                a_t, s_a = torch.ops.tokenforge.fp8_quantize_expert_cols(a, offs, c_a_gw[1], ctx.pow2, qb)
-                d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(dout, offs, c_dout_gw[1], ctx.pow2, qb)
-                db = torch.ops.tokenforge.grouped_mm_fp8_wgrad(a_t, d_t, offs, s_a, s_d, b.dtype, gemm_backend)
+                block = TOKEN_BLOCK if blockwise else 0
+                a_t, s_a = torch.ops.tokenforge.fp8_quantize_expert_cols(a, offs, c_a_gw[1], ctx.pow2, qb, block)
+                d_t, s_d = torch.ops.tokenforge.fp8_quantize_expert_cols(dout, offs, c_dout_gw[1], ctx.pow2, qb, block)
+                db = torch.ops.tokenforge.grouped_mm_fp8_wgrad(a_t, d_t, offs, s_a, s_d, b.dtype, gemm_backend, block)
             elif wgrad_backend == "torch":
                 with torch.enable_grad():  # dB of the reference loop, by torch autograd
                     a_, b_ = a.detach(), b.detach().requires_grad_()
@@ -139,7 +183,8 @@ def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, r
     """(T, N) = per-expert ``a[rows of e] @ b[e]`` as :func:`tokenforge.ops.grouped_mm` (a (T, K)
     sorted by expert, b (E, K, N), offs (E,) int32 cumulative row ends), its GEMMs in fp8 with
     dynamic axiswise scales: all three with ``recipe="rowwise"``, dB in a's dtype with
-    ``"rowwise_with_gw_hp"``. a and b bf16/fp16/fp32 alike, K and N multiples of 16.
+    ``"rowwise_with_gw_hp"``; or all three with 1x128 / 128x128 block scales, ``"blockwise"`` (K and
+    N multiples of 128). a and b bf16/fp16/fp32 alike, K and N multiples of 16.
     ``power_of_two``: scales rounded up to powers of two. ``backend``: triton
     (the kernels; the interpreter on CPU), torch (quantize, dequantize and loop: the same numbers
     by another route) or None (choose)."""
@@ -154,9 +199,12 @@ def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, r
     if bad:
         raise ValueError(f"{where}: K and N must be multiples of 16 (FP8 tensor cores), got {', '.join(bad)}; "
                          "use tokenforge.ops.grouped_mm for this layer")
+    if recipe == "blockwise" and (a.shape[1] % BLOCKWISE_MULTIPLE or b.shape[2] % BLOCKWISE_MULTIPLE):
+        raise ValueError(f"{where}: recipe 'blockwise' needs K and N multiples of {BLOCKWISE_MULTIPLE} (whole 128x128 "
+                         f"blocks in every expert's weight), got K={a.shape[1]}, N={b.shape[2]}; use recipe='rowwise'")
     if a.shape[0] == 0:
         return grouped_mm(a, b, offs, check_offs=False, backend="torch")
-    quant = backends.choose(QUANT_OP, a, E4M3, "rowwise", backend=backend)
+    quant = backends.choose(QUANT_OP, a, E4M3, "blockwise" if recipe == "blockwise" else "rowwise", backend=backend)
     gemm = backends.choose(OP_FP8, a.new_empty((16, 16), dtype=E5M2), b.new_empty((1, 16, 16), dtype=E4M3),
                            backend=backend)
     wgrad = backends.choose(GROUPED_OP, a, b, backend=backend)

@@ -292,35 +292,46 @@ def cast_for_gemm(t, reduce_dim, cast, is_weight, power_of_two, backend):
 
 
 def quantize_expert_cols_reference(x: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype,
-                                   power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data_t (C, T), scale (E, C)): each expert's rows of x (T, C) quantized colwise on their own
-    (rows grouped by expert, offs (E,) cumulative ends), the data transposed; empty experts scale 1."""
+                                   power_of_two: bool = False, token_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data_t (C, T), scale): each expert's rows of x (T, C) quantized colwise on their own (rows
+    grouped by expert, offs (E,) cumulative ends), the data transposed; scale (E, C). With
+    ``token_block`` (128): each block of that many of an expert's rows on its own, scale
+    (E + cdiv(T, 128), C), block j of expert e in row e + start_e // 128 + j. Unused scales are 1."""
+    from tokenforge.kernels.fp8_quantize import token_block_row_on_host, token_block_scale_rows
+
     T, C = x.shape
+    experts = offs.shape[0]
+    rows = token_block_scale_rows(T, experts) if token_block else experts
     data_t = torch.empty((C, T), dtype=dtype, device=x.device)
-    scale = torch.ones((offs.shape[0], C), dtype=torch.float32, device=x.device)
+    scale = torch.ones((rows, C), dtype=torch.float32, device=x.device)
     start = 0
     for e, end in enumerate(int(v) for v in offs.tolist()):
         end = max(end, start)
-        if end > start:
-            data, s = quantize_reference(x[start:end], dtype, "colwise", power_of_two)
-            data_t[:, start:end] = data.t()
-            scale[e] = s.reshape(-1)
+        step = token_block or max(end - start, 1)
+        for b0 in range(start, end, step):
+            b_end = min(b0 + step, end)
+            data, s = quantize_reference(x[b0:b_end], dtype, "colwise", power_of_two)
+            data_t[:, b0:b_end] = data.t()
+            scale[token_block_row_on_host(e, start, b0) if token_block else e] = s.reshape(-1)
         start = end
     return data_t, scale
 
 
 @torch.library.custom_op("tokenforge::fp8_quantize_expert_cols", mutates_args=())
 def quantize_expert_cols_op(x: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype, power_of_two: bool,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (T, C) with rows grouped by expert -> (data_t (C, T) fp8, scale (E, C) fp32)."""
+                            backend: str, token_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, C) with rows grouped by expert -> (data_t (C, T) fp8, scale fp32: (E, C), or per
+    ``token_block`` of an expert's rows (E + cdiv(T, token_block), C))."""
     if backend == "triton":
         from tokenforge.kernels import fp8_quantize as kernel
 
-        return kernel.quantize_expert_cols(x, offs, dtype, power_of_two)
-    return quantize_expert_cols_reference(x, offs, dtype, power_of_two)
+        return kernel.quantize_expert_cols(x, offs, dtype, power_of_two, token_block)
+    return quantize_expert_cols_reference(x, offs, dtype, power_of_two, token_block)
 
 
 @quantize_expert_cols_op.register_fake
-def _(x, offs, dtype, power_of_two, backend):
-    return x.new_empty((x.shape[1], x.shape[0]), dtype=dtype), x.new_empty((offs.shape[0], x.shape[1]),
-                                                                             dtype=torch.float32)
+def _(x, offs, dtype, power_of_two, backend, token_block=0):
+    from tokenforge.kernels.fp8_quantize import token_block_scale_rows
+
+    rows = token_block_scale_rows(x.shape[0], offs.shape[0]) if token_block else offs.shape[0]
+    return x.new_empty((x.shape[1], x.shape[0]), dtype=dtype), x.new_empty((rows, x.shape[1]), dtype=torch.float32)

@@ -189,12 +189,31 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, check_of
 OP_FP8 = "grouped_mm_fp8"
 
 
+SCALE_BLOCK = 128  # blockwise fp8: scales per 128 of K (a's 1x128 blocks) and per 128x128 block of b[e]
+
+
+def _blockwise(scale_b: torch.Tensor, n: int) -> bool:
+    """Blockwise scales (b's (E, cdiv(K, 128), N / 128)) rather than per column ((E, N) or (E, 1, N))."""
+    return scale_b.dim() == 3 and scale_b.shape[2] != n
+
+
+def _expand_blocks(scale: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Block scales repeated SCALE_BLOCK times along ``dim`` and cut to ``size``."""
+    return scale.repeat_interleave(SCALE_BLOCK, dim=dim).narrow(dim, 0, size)
+
+
 def grouped_mm_fp8_reference(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
                              scale_b: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The loop over experts on the dequantized operands, fp32 (float64 scales give the float64 oracle)."""
+    """The loop over experts on the dequantized operands, fp32 (float64 scales give the float64
+    oracle); rowwise / per-column or blockwise scales as :func:`grouped_mm_fp8` takes them."""
     compute = torch.float64 if scale_a.dtype == torch.float64 else torch.float32
-    a_deq = a.to(compute) * scale_a.reshape(-1, 1).to(compute)
-    b_deq = b.to(compute) * scale_b.reshape(b.shape[0], 1, b.shape[2]).to(compute)
+    K, N = a.shape[1], b.shape[2]
+    if _blockwise(scale_b, N):
+        a_deq = a.to(compute) * _expand_blocks(scale_a.to(compute), K, 1)
+        b_deq = b.to(compute) * _expand_blocks(_expand_blocks(scale_b.to(compute), K, 1), N, 2)
+    else:
+        a_deq = a.to(compute) * scale_a.reshape(-1, 1).to(compute)
+        b_deq = b.to(compute) * scale_b.reshape(b.shape[0], 1, N).to(compute)
     return grouped_mm_reference(a_deq, b_deq, offs).to(out_dtype)
 
 
@@ -212,12 +231,19 @@ def _check_fp8(a, b, offs, scale_a, scale_b, out_dtype, check_offs: bool) -> Non
                          f"{tuple(b.shape)}")
     T, K = a.shape
     E, _, N = b.shape
-    if tuple(scale_a.shape) not in ((T,), (T, 1)):
-        raise ValueError(f"grouped_mm_fp8: scale_a must be ({T},) or ({T}, 1): one scale per token row, got "
-                         f"{tuple(scale_a.shape)}")
-    if tuple(scale_b.shape) not in ((E, N), (E, 1, N)):
+    kb, nb = -(-K // SCALE_BLOCK), N // SCALE_BLOCK
+    if tuple(scale_b.shape) in ((E, N), (E, 1, N)):
+        if tuple(scale_a.shape) not in ((T,), (T, 1)):
+            raise ValueError(f"grouped_mm_fp8: scale_a must be ({T},) or ({T}, 1): one scale per token row (or "
+                             f"({T}, {kb}) with blockwise scale_b), got {tuple(scale_a.shape)}")
+    elif N % SCALE_BLOCK == 0 and tuple(scale_b.shape) == (E, kb, nb):
+        if tuple(scale_a.shape) != (T, kb):
+            raise ValueError(f"grouped_mm_fp8: with blockwise scale_b, scale_a must be ({T}, {kb}): one scale per "
+                             f"token and 128 of K (1x128 blocks), got {tuple(scale_a.shape)}")
+    else:
         raise ValueError(f"grouped_mm_fp8: scale_b must be ({E}, {N}) or ({E}, 1, {N}): one scale per expert and "
-                         f"output column (each b[e] quantized colwise), got {tuple(scale_b.shape)}")
+                         f"output column (each b[e] quantized colwise), or ({E}, {kb}, N / 128) per 128x128 block of "
+                         f"b[e] with N a multiple of 128; got {tuple(scale_b.shape)}")
     if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32:
         raise TypeError(f"grouped_mm_fp8: scales must be float32, got {scale_a.dtype} and {scale_b.dtype}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -260,6 +286,8 @@ def grouped_mm_fp8_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scal
     from tokenforge.kernels import grouped_mm as kernel
 
     out = torch.empty((a.shape[0], b.shape[2]), dtype=out_dtype, device=a.device)
+    if _blockwise(scale_b, b.shape[2]):  # the kernel reads both by strides
+        return kernel.grouped_mm_fp8_forward(a, b, offs, scale_a, scale_b, out)
     return kernel.grouped_mm_fp8_forward(a, b, offs, scale_a.reshape(-1).contiguous(),
                                          scale_b.reshape(b.shape[0], b.shape[2]).contiguous(), out)
 
@@ -275,7 +303,9 @@ def grouped_mm_fp8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a
     """(T, N) = per-expert ``(a[rows of e] @ b[e]) * scale_a[rows] * scale_b[e]`` for fp8 a (T, K)
     sorted by expert with rowwise scales (T,) / (T, 1), fp8 b (E, K, N) with per-expert column
     scales (E, N) / (E, 1, N) (each b[e] quantized colwise), offs as for :func:`grouped_mm`; K, N
-    multiples of 16. No autograd (fp8 inputs have no gradient): training in fp8 goes through
+    multiples of 16. Blockwise (DeepSeek-V3): scale_a (T, cdiv(K, 128)) per token and 128 of K,
+    scale_b (E, cdiv(K, 128), N / 128) per 128x128 block of b[e] (N a multiple of 128); each K
+    tile's fp32 partial product is scaled as it is added. No autograd (fp8 inputs have no gradient): training in fp8 goes through
     :func:`tokenforge.fp8.grouped_mm_float8`, which quantizes bf16 operands and calls this for its
     forward and dA GEMMs. ``backend``: triton (FP8 wgmma on sm_90, the persistent
     grouped kernel; the interpreter on CPU) or torch (the dequantized loop)."""
@@ -287,36 +317,45 @@ def grouped_mm_fp8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a
 
 
 def grouped_mm_fp8_wgrad_reference(a_t: torch.Tensor, dout_t: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
-                                   scale_d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                                   scale_d: torch.Tensor, out_dtype: torch.dtype, token_block: int = 0) -> torch.Tensor:
     """dB[e] = (a_t[:, rows of e] dequantized by scale_a[e]) @ (dout_t[:, rows of e] by scale_d[e])^T,
-    fp32 (float64 scales give the float64 oracle); zeros for an empty expert."""
+    fp32 (float64 scales give the float64 oracle); with ``token_block`` the scales change every
+    that many of the expert's tokens (the rows of tokenforge.fp8.quantize_expert_cols_reference).
+    Zeros for an empty expert."""
+    from tokenforge.kernels.fp8_quantize import token_block_row_on_host
+
     compute = torch.float64 if scale_a.dtype == torch.float64 else torch.float32
     experts = offs.shape[0]
     db = torch.zeros((experts, a_t.shape[0], dout_t.shape[0]), dtype=compute, device=a_t.device)
     start = 0
     for e, end in enumerate(int(v) for v in offs.tolist()):
         end = max(end, start)
-        if end > start:
-            a_e = a_t[:, start:end].to(compute) * scale_a[e].to(compute)[:, None]
-            d_e = dout_t[:, start:end].to(compute) * scale_d[e].to(compute)[:, None]
-            db[e] = a_e @ d_e.t()
+        step = token_block or max(end - start, 1)
+        for b0 in range(start, end, step):
+            b_end = min(b0 + step, end)
+            row = token_block_row_on_host(e, start, b0) if token_block else e
+            a_e = a_t[:, b0:b_end].to(compute) * scale_a[row].to(compute)[:, None]
+            d_e = dout_t[:, b0:b_end].to(compute) * scale_d[row].to(compute)[:, None]
+            db[e] += a_e @ d_e.t()
         start = end
     return db.to(out_dtype)
 
 
 @torch.library.custom_op("tokenforge::grouped_mm_fp8_wgrad", mutates_args=())
 def grouped_mm_fp8_wgrad_op(a_t: torch.Tensor, dout_t: torch.Tensor, offs: torch.Tensor, scale_a: torch.Tensor,
-                            scale_d: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+                            scale_d: torch.Tensor, out_dtype: torch.dtype, backend: str,
+                            token_block: int = 0) -> torch.Tensor:
     """The fp8 weight gradient of a grouped GEMM: token-major fp8 a_t (K, T) and dout_t (N, T), each
-    expert's tokens scaled per row (scale_a (E, K), scale_d (E, N) fp32) -> (E, K, N) in out_dtype."""
+    expert's tokens scaled per row (scale_a (E, K), scale_d (E, N) fp32; with ``token_block`` per
+    that many of its tokens: (E + cdiv(T, token_block), K) and (.., N)) -> (E, K, N) in out_dtype."""
     if backend != "triton":
-        return grouped_mm_fp8_wgrad_reference(a_t, dout_t, offs, scale_a, scale_d, out_dtype)
+        return grouped_mm_fp8_wgrad_reference(a_t, dout_t, offs, scale_a, scale_d, out_dtype, token_block)
     from tokenforge.kernels import grouped_mm as kernel
 
     db = torch.empty((offs.shape[0], a_t.shape[0], dout_t.shape[0]), dtype=out_dtype, device=a_t.device)
-    return kernel.grouped_mm_fp8_wgrad(a_t, dout_t, offs, scale_a.contiguous(), scale_d.contiguous(), db)
+    return kernel.grouped_mm_fp8_wgrad(a_t, dout_t, offs, scale_a.contiguous(), scale_d.contiguous(), db, token_block)
 
 
 @grouped_mm_fp8_wgrad_op.register_fake
-def _(a_t, dout_t, offs, scale_a, scale_d, out_dtype, backend):
+def _(a_t, dout_t, offs, scale_a, scale_d, out_dtype, backend, token_block=0):
     return a_t.new_empty((offs.shape[0], a_t.shape[0], dout_t.shape[0]), dtype=out_dtype)
