@@ -7,6 +7,8 @@ softmax top-k router, SwiGLU experts stored as 3-D tensors), forward and forward
     triton          the same block after ``tokenforge.patch``: the loop replaced by tokenforge's grouped
                     GEMMs (+ fused SwiGLU), the router untouched
     triton_fp8      ``tokenforge.patch(block, fp8="rowwise")``: the expert GEMMs in fp8 (all three)
+    triton_fp8_blockwise  ``fp8="blockwise"``: the same on 1x128 / 128x128 / 128-token blocks (widths
+                    multiples of 128: the GPU cases; the CPU's tiny block is too narrow)
 
 Every backend computes the same function of the same weights. The oracle is that block in float64
 with the routing the bf16 router chose (a near-tie top-k choice may flip between precisions; that
@@ -28,7 +30,8 @@ import harness
 from harness import BackendUnavailable, CaseId, Prepared
 
 OP = "moe_layer"
-BACKENDS = ("hf_eager", "hf_grouped", "triton", "triton_fp8")
+BACKENDS = ("hf_eager", "hf_grouped", "triton", "triton_fp8", "triton_fp8_blockwise")
+FP8_RECIPES = {"triton_fp8": "rowwise", "triton_fp8_blockwise": "blockwise"}
 BASELINES = ("hf_eager", "hf_grouped")
 FP8_TOL = 0.1  # 20 dB; the bf16 backends get harness.tolerance (a layer is several bf16 roundings deep)
 
@@ -112,16 +115,21 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     device = torch.device(device)
     if backend.startswith("triton") and harness.triton_needs_interpreter(device):
         raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    if backend == "triton_fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if backend in FP8_RECIPES and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise BackendUnavailable("FP8 tensor cores need sm_89+")
+    if backend == "triton_fp8_blockwise" and (case.dim % 128 or case.inter % 128):
+        raise BackendUnavailable(f"blockwise experts need widths multiples of 128, this case is {case.dim} x {case.inter}")
     if backend == "hf_grouped" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
         raise BackendUnavailable("transformers' grouped_mm experts run torch._grouped_mm: bf16 on CUDA sm_90+ only")
     block = _block(case, device, "grouped_mm" if backend == "hf_grouped" else "eager")
     if backend.startswith("triton"):
-        report = tokenforge.patch(block, fp8="rowwise" if backend == "triton_fp8" else False,
-                                  attention=False, rms_norm=False, rope=False, swiglu=False, cross_entropy=False)
+        recipe = FP8_RECIPES.get(backend, False)
+        report = tokenforge.patch(block, fp8=recipe, attention=False, rms_norm=False, rope=False, swiglu=False,
+                                  cross_entropy=False)
         if not any(line.startswith("moe: ") for line in report.patched):
             raise BackendUnavailable(f"tokenforge.patch left the experts alone: {report.skipped}")
+        if recipe and not any(f"grouped_mm_float8 ({recipe})" in line for line in report.patched):
+            raise RuntimeError(f"tokenforge.patch did not put the experts in fp8 {recipe}: {report}")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, case.tokens, case.dim, generator=g).to(device, case.dtype)
     dout = torch.randn(1, case.tokens, case.dim, generator=g).to(device, case.dtype)
@@ -145,7 +153,7 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         for name, got, want in zip(("dx", "d_router", "d_gate_up", "d_down"), (x.grad, *[p.grad for p in params]),
                                    ref[1:]):
             errs[name] = harness.rel_err(got.double(), want)
-    return Prepared(case, backend, device, fn, errs, FP8_TOL if backend == "triton_fp8" else harness.tolerance(case.dtype))
+    return Prepared(case, backend, device, fn, errs, FP8_TOL if backend in FP8_RECIPES else harness.tolerance(case.dtype))
 
 
 def make_record(prep: Prepared, stats: dict) -> dict:
