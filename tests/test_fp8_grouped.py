@@ -283,15 +283,16 @@ def test_blockwise_models_get_blockwise_experts_where_widths_tile():
     assert model["wide"].fp8 is None and model["narrow"].fp8 is None
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
+def test_torch_compile_fullgraph_matches_eager(recipe):
     """No graph breaks (offs unchecked, as MoE calls it), the same out and gradients as eager."""
-    counts = [0, 21, 11]
+    counts, k, n = ([0, 21, 11], 32, 16) if recipe == "rowwise" else ([0, 130, 3], 128, 128)
     offs = _offs(counts, "cpu")
-    a = torch.randn(32, 32, requires_grad=True)
-    b = torch.randn(3, 32, 16, requires_grad=True)
+    a = torch.randn(sum(counts), k, requires_grad=True)
+    b = torch.randn(3, k, n, requires_grad=True)
 
     def f(a, b):
-        return grouped_mm_float8(a, b, offs, check_offs=False, backend="triton")
+        return grouped_mm_float8(a, b, offs, check_offs=False, recipe=recipe, backend="triton")
 
     eager = f(a, b)
     eager.square().sum().backward()
