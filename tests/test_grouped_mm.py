@@ -152,14 +152,16 @@ def test_fp8_matches_the_dequantized_loop(device, a_dtype):
 
 def _fp8_block_operands(counts, k, n, device):
     """Tokens whose 128-wide K blocks sit at magnitudes 1e-3 .. 1e3 quantized in 1x128 blocks, each
-    expert's weight (its 128x128 blocks at 1e-2 .. 1e2) in 128x128 blocks: one scale per row or per
-    whole weight would flush the small blocks."""
+    expert's weight (its 128x128 blocks at 1e-2 .. 1e2, experts 1e-1 .. 1e1 apart) in 128x128
+    blocks: one scale per row or per whole weight would flush the small blocks, another expert's
+    scales are off by a factor."""
     from tokenforge import fp8
 
     t, kb, nb = sum(counts), -(-k // 128), n // 128
     x = torch.randn(t, k, device=device) * torch.logspace(-3, 3, kb, device=device).repeat_interleave(128)[:k]
     mags = torch.logspace(-2, 2, kb * nb, device=device).reshape(kb, nb)
-    w = torch.randn(len(counts), k, n, device=device) * mags.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)
+    w = torch.randn(len(counts), k, n, device=device) * mags.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1) \
+        * torch.logspace(-1, 1, len(counts), device=device)[:, None, None]
     a, sa = fp8.quantize(x, scaling="blockwise", block=(1, 128), backend="torch")
     parts = [fp8.quantize(w[e], scaling="blockwise", block=(128, 128), backend="torch") for e in range(len(counts))]
     return a, torch.stack([d for d, _ in parts]), sa, torch.stack([s for _, s in parts])
