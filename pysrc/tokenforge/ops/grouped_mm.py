@@ -305,9 +305,9 @@ def grouped_mm_fp8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, scale_a
     scales (E, N) / (E, 1, N) (each b[e] quantized colwise), offs as for :func:`grouped_mm`; K, N
     multiples of 16. Blockwise (DeepSeek-V3): scale_a (T, cdiv(K, 128)) per token and 128 of K,
     scale_b (E, cdiv(K, 128), N / 128) per 128x128 block of b[e] (N a multiple of 128); each K
-    tile's fp32 partial product is scaled as it is added. No autograd (fp8 inputs have no gradient): training in fp8 goes through
-    :func:`tokenforge.fp8.grouped_mm_float8`, which quantizes bf16 operands and calls this for its
-    forward and dA GEMMs. ``backend``: triton (FP8 wgmma on sm_90, the persistent
+    tile's fp32 partial product is scaled as it is added. No autograd (fp8 inputs have no
+    gradient): training in fp8 goes through :func:`tokenforge.fp8.grouped_mm_float8`, which
+    quantizes bf16 operands and calls this for its forward and dA GEMMs. ``backend``: triton (FP8 wgmma on sm_90, the persistent
     grouped kernel; the interpreter on CPU) or torch (the dequantized loop)."""
     _check_fp8(a, b, offs, scale_a, scale_b, out_dtype, check_offs)
     name = backends.choose(OP_FP8, a, b, backend=backend)
