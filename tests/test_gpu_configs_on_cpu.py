@@ -49,6 +49,22 @@ def test_attention_at_gpu_tiles(gpu_attention_configs, head_dim, causal):
     t.run_and_check(q, k, v, causal=causal, window=(-1, -1) if causal else (40, 20))
 
 
+@pytest.mark.parametrize("head_dim,deterministic", [(128, False), (64, False), (64, True)])
+def test_attention_backward_at_hopper_tiles(gpu_attention_configs, monkeypatch, head_dim, deterministic):
+    """The backward an sm_90 GPU runs: at d128 the two-pass 32x128 dk/dv and 128x64 dq tiles (64
+    whole rows per warpgroup), at d64 the one-pass tile (dq by atomics) or, deterministic, the
+    two-pass one; keys past one 128-key block and not a multiple of it, GQA 2, causal."""
+    import test_attention as t
+
+    ak = gpu_attention_configs
+    monkeypatch.setattr(ak, "arch_family", lambda device: "sm_90")
+    if head_dim == 128:
+        assert ak.candidates("_attn_bwd_dkdv", 128, "sm_90")[0]["BLOCK_N"] == 128
+        assert ak.candidates("_attn_bwd_dq", 128, "sm_90")[0]["BLOCK_M"] == 128
+    q, k, v = t.make_qkv(1, 150, 150, 4, 2, head_dim, torch.float16, "cpu")
+    t.run_and_check(q, k, v, causal=True, deterministic=deterministic)
+
+
 def test_fp8_gemm_at_gpu_tiles(monkeypatch):
     from tokenforge import fp8
     from tokenforge.kernels import fp8_gemm
