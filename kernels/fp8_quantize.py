@@ -481,7 +481,8 @@ def all_configs() -> list[tuple[str, dict]]:
         n *= 2
     out.append(("_quantize_rows_kernel", rows_config(MAX_ROW_N + 1)))
     out.append(("_quantize_cols_kernel", cols_config()))
-    out += [("_quantize_expert_cols_kernel", dict(expert_cols_config(), BLOCKWISE=blockwise)) for blockwise in (False, True)]
+    out += [("_quantize_expert_cols_kernel", dict(expert_cols_config(), BLOCKWISE=blockwise))
+            for blockwise in (False, True)]
     out.append(("_amax_partial_kernel", tile_config()))
     p = 16
     while p <= MAX_PARTIALS:
@@ -585,7 +586,8 @@ def quantize_expert_cols(x: torch.Tensor, offs: torch.Tensor, fp8_dtype: torch.d
     T, C = x.shape
     experts = offs.shape[0]
     if token_block not in (0, TOKEN_BLOCK):
-        raise ValueError(f"quantize_expert_cols: token_block must be 0 (per expert) or {TOKEN_BLOCK}, got {token_block}")
+        raise ValueError(f"quantize_expert_cols: token_block must be 0 (per expert) or {TOKEN_BLOCK}, "
+                         f"got {token_block}")
     rows = token_block_scale_rows(T, experts) if token_block else experts
     data_t = torch.empty((C, T), dtype=fp8_dtype, device=x.device)
     scale = torch.ones((rows, C), dtype=torch.float32, device=x.device)

@@ -103,9 +103,10 @@ def _weight_blocks(b: torch.Tensor, power_of_two: bool, backend: str):
     if b.stride(1) == 1 and b.stride(2) != 1:  # (E, N, K) stored: nn.Linear-style experts (Hugging Face)
         bt = b.transpose(1, 2).contiguous()
         data, scale = cast_for_gemm(bt.view(E * N, K), 1, _BLOCK4, True, power_of_two, backend)
-        return data.view(E, N, K).transpose(1, 2), scale.view(E, N // 128, K // 128).transpose(1, 2)
+        blocks = (E, N // BLOCKWISE_MULTIPLE, K // BLOCKWISE_MULTIPLE)
+        return data.view(E, N, K).transpose(1, 2), scale.view(blocks).transpose(1, 2)
     data, scale = cast_for_gemm(b.contiguous().view(E * K, N), 1, _BLOCK4, True, power_of_two, backend)
-    return data.view(E, K, N), scale.view(E, K // 128, N // 128)
+    return data.view(E, K, N), scale.view(E, K // BLOCKWISE_MULTIPLE, N // BLOCKWISE_MULTIPLE)
 
 
 def _weight_cast(b: torch.Tensor, reduce_over: str, cast, power_of_two: bool, backend: str):
@@ -199,7 +200,7 @@ def grouped_mm_float8(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, r
     if bad:
         raise ValueError(f"{where}: K and N must be multiples of 16 (FP8 tensor cores), got {', '.join(bad)}; "
                          "use tokenforge.ops.grouped_mm for this layer")
-    if recipe == "blockwise" and (a.shape[1] % BLOCKWISE_MULTIPLE or b.shape[2] % BLOCKWISE_MULTIPLE):
+    if fit_expert_recipe(recipe, a.shape[1], b.shape[2]) != recipe:
         raise ValueError(f"{where}: recipe 'blockwise' needs K and N multiples of {BLOCKWISE_MULTIPLE} (whole 128x128 "
                          f"blocks in every expert's weight), got K={a.shape[1]}, N={b.shape[2]}; use recipe='rowwise'")
     if a.shape[0] == 0:

@@ -67,7 +67,9 @@ class MoE(torch.nn.Module):
             if dim % 16 or hidden_dim % 16:
                 raise ValueError(f"MoE: fp8 experts need dim ({dim}) and hidden_dim ({hidden_dim}) multiples of 16 "
                                  "(FP8 tensor cores); leave fp8=None for this layer")
-            if fp8 == "blockwise" and (dim % 128 or hidden_dim % 128):
+            from tokenforge.fp8.grouped import fit_expert_recipe
+
+            if fit_expert_recipe(fp8, dim, hidden_dim) != fp8:
                 raise ValueError(f"MoE: fp8='blockwise' needs dim ({dim}) and hidden_dim ({hidden_dim}) multiples of 128 "
                                  "(128x128 weight blocks); use fp8='rowwise' for this layer")
         kw = dict(device=device, dtype=dtype)
