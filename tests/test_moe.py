@@ -59,18 +59,20 @@ def test_route_matches_brute_force(score, groups, with_bias):
 
 
 def test_permute_round_trip_and_gradients():
+    """The torch backend (the Triton kernels: tests/test_moe_permute.py)."""
     torch.manual_seed(0)
     x = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
     experts = torch.randint(0, 5, (23, 3))
-    xs, offs, order, counts = moe_permute(x, experts, 5)
+    xs, offs, order, counts = moe_permute(x, experts, 5, backend="torch")
     assert torch.equal(counts, torch.bincount(experts.reshape(-1), minlength=5))
     assert offs.dtype == torch.int32 and int(offs[-1]) == 69
     flat = experts.reshape(-1)[order]
     assert bool((flat[1:] >= flat[:-1]).all()), "rows are not in expert order"
     weights = torch.rand(23, 3, dtype=torch.float64, requires_grad=True)
-    y = moe_unpermute(xs * 2.0, order, weights)
+    y = moe_unpermute(xs * 2.0, order, weights, backend="torch")
     assert torch.allclose(y, 2.0 * x * weights.sum(1, keepdim=True))
-    assert torch.autograd.gradcheck(lambda a, w: moe_unpermute(moe_permute(a, experts, 5)[0] ** 2, order, w),
+    assert torch.autograd.gradcheck(lambda a, w: moe_unpermute(moe_permute(a, experts, 5, backend="torch")[0] ** 2, order, w,
+                                                               backend="torch"),
                                     (x, weights))
 
 

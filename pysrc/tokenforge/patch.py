@@ -309,7 +309,7 @@ def _patch_tokenforge_transformer(model, undo, report, opts) -> None:
             if m.shared_experts is not None:
                 undo.set_attr(m.shared_experts, "backend", None)
         report.patched.append(f"moe: {len(moes)} MoE layers: loop over experts -> tokenforge.ops.grouped_mm "
-                              "(+ swiglu_packed)")
+                              "(+ swiglu_packed, the moe_permute / moe_unpermute kernels)")
     if opts["cross_entropy"]:
         undo.set_attr(model, "loss_fn", _fused_linear_cross_entropy)
         report.patched.append("cross_entropy: Transformer.loss_fn -> tokenforge.ops.linear_cross_entropy (no logits)")
@@ -609,7 +609,8 @@ def _patch_hf_experts(model, undo, report, opts) -> None:
             undo.set_attr(m, "forward", types.MethodType(_grouped_experts_forward, m))
             patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
     for name, count in patched.items():
-        report.patched.append(f"moe: {count} {name}: loop over experts -> tokenforge.ops.grouped_mm (+ swiglu_packed)")
+        report.patched.append(f"moe: {count} {name}: loop over experts -> tokenforge.ops.grouped_mm "
+                              "(+ swiglu_packed, the moe_permute / moe_unpermute kernels)")
     for name, why in left.items():
         report.skipped.append(f"moe: {name} left alone: {why}")
 

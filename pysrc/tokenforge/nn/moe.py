@@ -80,12 +80,19 @@ class MoE(torch.nn.Module):
         self.shared_experts = None
         if num_shared_experts:
             width = (shared_hidden_dim or hidden_dim) * num_shared_experts
-            self.shared_experts = SwiGLU(dim, width, backend=backend, **kw)
+            self.shared_experts = SwiGLU(dim, width, backend=None if backend == "cuda" else backend, **kw)
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_expert_counts: Optional[torch.Tensor] = None
         self.ep_group = None
         self.local_experts = num_experts
         self.reset_parameters()
+
+    @property
+    def rows_backend(self) -> Optional[str]:
+        """The backend of the permutation and SwiGLU: ``backend``, except that "cuda" names the CUDA
+        C++ grouped GEMM; those ops have no CUDA C++ kernels and pick their own then (forcing "cuda"
+        on them would raise). Read per call: tokenforge.patch switches ``backend``."""
+        return None if self.backend == "cuda" else self.backend
 
     def shard_experts(self, group) -> "MoE":
         """Keep this rank's slice of the experts (see the module docstring); returns self."""
@@ -119,7 +126,7 @@ class MoE(torch.nn.Module):
         use_bias = self.bias_update_rate > 0
         weights, experts, scores = moe_route(self.router(h), self.top_k, bias=self.expert_bias if use_bias else None,
                                              **self.route_kw)
-        xs, offs, order, counts = moe_permute(h, experts, self.num_experts)
+        xs, offs, order, counts = moe_permute(h, experts, self.num_experts, backend=self.rows_backend)
         w_gate_up, w_down = self.w_gate_up, self.w_down
         # Custom ops are invisible to autocast: cast as nn.Linear would be under it (the expert
         # GEMMs in bf16, fp32 masters keep their gradients through the cast).
@@ -137,13 +144,13 @@ class MoE(torch.nn.Module):
 
         expert_mm = expert_gemm(self.fp8)
         gate_up = expert_mm(xs, w_gate_up, offs, check_offs=False, backend=self.backend)
-        ys = expert_mm(swiglu_packed(gate_up, backend=self.backend), w_down, offs, check_offs=False,
+        ys = expert_mm(swiglu_packed(gate_up, backend=self.rows_backend), w_down, offs, check_offs=False,
                        backend=self.backend)
         if plan is not None:
             from tokenforge.ops.moe_expert_parallel import ep_combine
 
             ys = ep_combine(ys, plan)
-        y = moe_unpermute(ys, order, weights)
+        y = moe_unpermute(ys, order, weights, backend=self.rows_backend)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         self.last_expert_counts = counts.detach()
