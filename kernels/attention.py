@@ -572,6 +572,14 @@ HEAD_DIM_BLOCKS = (32, 64, 128, 256)
 FUSED_TILES = {32: (64, 64, 4, 2), 64: (64, 64, 8, 2)}
 
 
+# Warp specialization, tried on the forward for sm_90 (tl.range(..., warp_specialize=True) over the
+# unmasked key blocks, dense TMA, d128) under triton 3.6 and 3.9: at 8 warps, every forward config
+# here, the compiler leaves the loop as it was (the same PTX: no setmaxnreg, no producer warp); at 4
+# warps its NVGPUWarpSpecialization pass fails on this kernel (PassManager::run failed) under both.
+# So there is no warp-specialized Triton variant to measure; the CUDA C++ backend
+# (csrc/attention_sm90.cu) is the producer/consumer design.
+
+
 def block_d(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 

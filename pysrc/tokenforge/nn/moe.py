@@ -57,7 +57,7 @@ class MoE(torch.nn.Module):
         self.route_kw = dict(score=score, normalize=normalize, n_groups=n_groups, topk_groups=topk_groups,
                              scaling=routed_scaling)
         # Validate the routing options once, here, with a dummy call.
-        moe_route(torch.zeros(1, num_experts), top_k, **self.route_kw)
+        moe_route(torch.zeros(1, num_experts), top_k, **self.route_kw, backend="torch")
         self.aux_loss_coef, self.bias_update_rate, self.backend = aux_loss_coef, bias_update_rate, backend
         self.fp8 = fp8
         if fp8 is not None:
@@ -125,7 +125,7 @@ class MoE(torch.nn.Module):
         h = x.reshape(-1, self.dim)
         use_bias = self.bias_update_rate > 0
         weights, experts, scores = moe_route(self.router(h), self.top_k, bias=self.expert_bias if use_bias else None,
-                                             **self.route_kw)
+                                             **self.route_kw, backend=self.rows_backend)
         xs, offs, order, counts = moe_permute(h, experts, self.num_experts, backend=self.rows_backend)
         w_gate_up, w_down = self.w_gate_up, self.w_down
         # Custom ops are invisible to autocast: cast as nn.Linear would be under it (the expert

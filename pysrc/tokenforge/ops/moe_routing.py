@@ -15,16 +15,19 @@
   fraction of routed slots on expert e, P_e the mean normalised score of e).
 
 All are differentiable where it means something (x through the permutation, the router through the
-combine weights and the auxiliary loss). Routing, the sort and the counts are torch ops (one kernel
-each, on (T, E) or (T*k,) integers). The rows themselves move on Triton kernels
-(tokenforge.kernels.moe_permute, ``backend="torch"`` for the plain gathers): the permutation writes
-each token's row to its k slots, and the combine reads each slot's row once and writes only the
-(T, D) result, where the torch backend materialises the gathered and weighted (T, k, D) copies in
-fp32 (about 8x the traffic at bf16); both gradients are sums in a fixed order, no atomics.
+combine weights and the auxiliary loss). On the Triton backend (``backend="torch"`` for the plain
+PyTorch ops) the router is one kernel per direction (tokenforge.kernels.moe_route: scores,
+selection bias, groups, k argmax passes and the weights in one pass over each token's row; the
+backward recomputes the scores from the logits), and the rows move on tokenforge.kernels.moe_permute:
+the permutation writes each token's row to its k slots, and the combine reads each slot's row once
+and writes only the (T, D) result, where the torch backend materialises the gathered and weighted
+(T, k, D) copies in fp32 (about 8x the traffic at bf16); both gradients are sums in a fixed order, no
+atomics. The sort and the counts are torch ops on (T*k,) integers.
 
-Path of a call: :func:`moe_permute` / :func:`moe_unpermute` validate and pick a backend ->
-:class:`MoEPermuteFunction` / :class:`MoEUnpermuteFunction` -> the custom ops
-``tokenforge::moe_scatter`` / ``moe_combine`` / ``moe_combine_bwd`` -> ``tokenforge.kernels.moe_permute``.
+Path of a call: :func:`moe_route` / :func:`moe_permute` / :func:`moe_unpermute` validate and pick a
+backend -> :class:`MoERouteFunction` / :class:`MoEPermuteFunction` / :class:`MoEUnpermuteFunction` ->
+the custom ops ``tokenforge::moe_route_fwd`` / ``_bwd``, ``moe_scatter`` / ``moe_combine`` /
+``moe_combine_bwd`` -> ``tokenforge.kernels.moe_route`` / ``tokenforge.kernels.moe_permute``.
 """
 
 from __future__ import annotations
@@ -59,11 +62,11 @@ def _check_route(logits, top_k, score, bias, n_groups, topk_groups) -> None:
                          f"({topk_groups * (experts // n_groups)})")
 
 
-def moe_route(logits: torch.Tensor, top_k: int, *, score: str = "softmax", bias: Optional[torch.Tensor] = None,
-              n_groups: int = 1, topk_groups: int = 1, normalize: bool = True,
-              scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights (T, k) fp32, experts (T, k) int64, scores (T, E) fp32) for router logits (T, E)."""
-    _check_route(logits, top_k, score, bias, n_groups, topk_groups)
+def moe_route_reference(logits: torch.Tensor, top_k: int, *, score: str = "softmax",
+                        bias: Optional[torch.Tensor] = None, n_groups: int = 1, topk_groups: int = 1,
+                        normalize: bool = True, scaling: float = 1.0
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch :func:`moe_route` (the torch backend), differentiated by autograd."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scores = torch.softmax(logits.to(compute), dim=-1) if score == "softmax" else torch.sigmoid(logits.to(compute))
     select = scores.detach() if bias is None else scores.detach() + bias.to(compute)
@@ -79,6 +82,24 @@ def moe_route(logits: torch.Tensor, top_k: int, *, score: str = "softmax", bias:
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     return weights * scaling, experts, scores
+
+
+def moe_route(logits: torch.Tensor, top_k: int, *, score: str = "softmax", bias: Optional[torch.Tensor] = None,
+              n_groups: int = 1, topk_groups: int = 1, normalize: bool = True,
+              scaling: float = 1.0, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights (T, k) fp32, experts (T, k) int64, scores (T, E) fp32) for router logits (T, E);
+    float64 logits give float64 weights and scores. Experts come largest selection score first.
+    The Triton kernel (``backend`` forces triton or torch) does the scores, the selection and the
+    weights in one pass over each token's row, and its backward recomputes the scores from the
+    logits (nothing (T, E) is saved)."""
+    _check_route(logits, top_k, score, bias, n_groups, topk_groups)
+    kw = dict(score=score, bias=bias, n_groups=n_groups, topk_groups=topk_groups, normalize=normalize,
+              scaling=scaling)
+    name = "torch" if logits.numel() == 0 else backends.choose(OP_ROUTE, logits, top_k, n_groups, backend=backend)
+    if name == "torch":
+        return moe_route_reference(logits, top_k, **kw)
+    return MoERouteFunction.apply(logits, None if bias is None else bias.detach(), top_k, score == "sigmoid",
+                                  n_groups, topk_groups, normalize, float(scaling), name)
 
 
 def _permute_backend(op: str, rows: torch.Tensor, k: int, backend: Optional[str]) -> str:
@@ -147,6 +168,88 @@ def moe_unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Te
     if name == "torch":
         return moe_unpermute_reference(y_sorted, order, weights)
     return MoEUnpermuteFunction.apply(y_sorted, inverse_permutation(order), weights, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends, custom ops and autograd of the routing (tokenforge.kernels.moe_route).
+# ---------------------------------------------------------------------------------------------
+
+OP_ROUTE = "moe_route"
+
+
+def _route_triton_supports(logits: torch.Tensor, top_k: int, n_groups: int) -> Optional[str]:
+    reason = backends.triton_unsupported_reason(logits.device)
+    if reason is not None:
+        return reason
+    from tokenforge.kernels import moe_route as kernel
+
+    return kernel.supports(logits, top_k, n_groups)
+
+
+backends.register_op(OP_ROUTE, cuda_preference=("triton",),
+                     supports={"triton": _route_triton_supports, "torch": lambda logits, top_k, n_groups: None},
+                     example_inputs=lambda device, dtype: (torch.empty(4, 8, device=device, dtype=dtype), 2, 1))
+
+ROUTE_LAUNCHERS = backends.Launchers(OP_ROUTE, triton="tokenforge.kernels.moe_route")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("tokenforge::moe_route_fwd", mutates_args=())
+def moe_route_fwd(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, sigmoid: bool, n_groups: int,
+                  topk_groups: int, normalize: bool, scaling: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ROUTE_LAUNCHERS[backend].moe_route_forward(logits, bias, top_k, sigmoid, n_groups, topk_groups,
+                                                      normalize, scaling)
+
+
+@moe_route_fwd.register_fake
+def _(logits, bias, top_k, sigmoid, n_groups, topk_groups, normalize, scaling, backend):
+    compute = _compute_dtype(logits.dtype)
+    tokens = logits.shape[0]
+    return (logits.new_empty((tokens, top_k), dtype=compute), logits.new_empty((tokens, top_k), dtype=torch.int64),
+            logits.new_empty(logits.shape, dtype=compute))
+
+
+@torch.library.custom_op("tokenforge::moe_route_bwd", mutates_args=())
+def moe_route_bwd(logits: torch.Tensor, dweights: torch.Tensor, experts: torch.Tensor,
+                  dscores: Optional[torch.Tensor], sigmoid: bool, normalize: bool, scaling: float,
+                  backend: str) -> torch.Tensor:
+    return ROUTE_LAUNCHERS[backend].moe_route_backward(logits, dweights, experts, dscores, sigmoid, normalize, scaling)
+
+
+@moe_route_bwd.register_fake
+def _(logits, dweights, experts, dscores, sigmoid, normalize, scaling, backend):
+    return logits.new_empty(logits.shape)
+
+
+class MoERouteFunction(torch.autograd.Function):
+    """logits -> (weights, experts, scores); the gradients of weights and scores flow back into the
+    logits (the bias only steers selection; experts are indices)."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, sigmoid, n_groups, topk_groups, normalize, scaling, backend):
+        l2 = logits if logits.stride(1) == 1 else logits.contiguous()
+        weights, experts, scores = torch.ops.tokenforge.moe_route_fwd(l2, bias, top_k, sigmoid, n_groups,
+                                                                      topk_groups, normalize, scaling, backend)
+        ctx.save_for_backward(l2, experts)
+        ctx.sigmoid, ctx.normalize, ctx.scaling, ctx.backend = sigmoid, normalize, scaling, backend
+        ctx.mark_non_differentiable(experts)
+        ctx.set_materialize_grads(False)  # an unused scores output adds nothing: no (T, E) zeros
+        return weights, experts, scores
+
+    @staticmethod
+    def backward(ctx, dweights, _dexperts, dscores):
+        l2, experts = ctx.saved_tensors
+        if dweights is None:
+            dweights = torch.zeros(experts.shape, dtype=_compute_dtype(l2.dtype), device=l2.device)
+        if dscores is not None and dscores.stride(-1) != 1:
+            dscores = dscores.contiguous()
+        dlogits = torch.ops.tokenforge.moe_route_bwd(l2, dweights.contiguous(), experts, dscores, ctx.sigmoid,
+                                                     ctx.normalize, ctx.scaling, ctx.backend)
+        return dlogits, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
