@@ -103,7 +103,9 @@ def _moe_route_fwd_kernel(
     idx = tl.zeros([BLOCK_T, KP], tl.int64)
     for j in range(top_k):
         best = tl.max(sel, 1)
-        pick = tl.min(tl.where(sel == best[:, None], col[None, :], BLOCK_E), 1)
+        # A row of NaN logits matches nothing: clamp, so the id stays a valid expert (a NaN weight
+        # then carries the NaN on, as the torch backend's would).
+        pick = tl.minimum(tl.min(tl.where(sel == best[:, None], col[None, :], BLOCK_E), 1), E - 1)
         hit = col[None, :] == pick[:, None]
         r = tl.sum(tl.where(hit, s, 0.0), 1)
         w = tl.where(kcol[None, :] == j, r[:, None], w)

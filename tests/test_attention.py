@@ -427,6 +427,37 @@ def test_flash_attn_keywords():
         attention_varlen(qv, kv, vv, cu, cu, 6, 6, 0.5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_packed_layouts(device):
+    """flash_attn's packed entry points read q/k/v in place from one qkv (or kv) tensor and give the
+    separate tensors' results, forward and gradient (the gradient packed the same way)."""
+    from tokenforge.ops import (attention_kvpacked, attention_qkvpacked, attention_varlen_kvpacked,
+                                attention_varlen_qkvpacked, attention_varlen)
+
+    qkv = torch.randn(2, 19, 3, 2, 32, device=device).to(torch.bfloat16).requires_grad_()
+    q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(2))
+    out = attention_qkvpacked(qkv, 0.0, None, True, window_size=(5, 0))
+    ref = attention(q, k, v, causal=True, window=(5, 0))
+    assert rel_error(out, ref) <= 1e-6
+    g = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, g)
+    dq, dk, dv = torch.autograd.grad(ref, (q, k, v), g)
+    assert dqkv.shape == qkv.shape and rel_error(dqkv, torch.stack((dq, dk, dv), 2)) <= 1e-6
+    kv = torch.stack((k.detach(), v.detach()), 2)
+    assert rel_error(attention_kvpacked(q.detach(), kv, causal=True), attention(q, k, v, causal=True)) <= 1e-6
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
+    flat = qkv.detach()[0]  # (19, 3, 2, 32): two documents of 7 and 12 tokens
+    a = attention_varlen_qkvpacked(flat, cu, 12, causal=True)
+    b = attention_varlen(*flat.unbind(1), cu, cu, 12, 12, causal=True)
+    assert rel_error(a, b) <= 1e-6
+    c = attention_varlen_kvpacked(flat[:, 0], flat[:, 1:], cu, cu, 12, 12, causal=True)
+    assert rel_error(c, b) <= 1e-6
+    with pytest.raises(ValueError, match="3 at dim -3"):
+        attention_qkvpacked(torch.randn(2, 5, 2, 2, 32, device=device))
+    with pytest.raises(ValueError, match="2 at dim -3"):
+        attention_varlen_kvpacked(flat[:, 0], flat, cu, cu, 12, 12)
+
+
 def _qkv(b=1, sq=4, sk=4, hq=2, hkv=2, d=32, dtype=torch.float16):
     return make_qkv(b, sq, sk, hq, hkv, d, dtype, "cpu")
 

@@ -218,3 +218,18 @@ def test_configs_compile_without_spills(arch):
                                   TARGETS[arch], unaligned_args=("k",))
         report = ptxas_report(compiled.asm["ptx"], arch)
         assert spill_bytes(report) == 0, f"{name} {config} spills on {arch}:\n{report}"
+
+
+def test_custom_ops_pass_opcheck():
+    from device_params import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("the custom ops wrap the kernel backend; it runs on CPU only under TRITON_INTERPRET=1")
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    inverse = torch.randperm(10)
+    w = torch.rand(5, 2)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.tokenforge.moe_scatter, (x, inverse, None, 2, "triton"), test_utils=checks)
+    ys = torch.ops.tokenforge.moe_scatter(x, inverse, w, 2, "triton")
+    torch.library.opcheck(torch.ops.tokenforge.moe_combine, (ys, inverse, w, 5, "triton"), test_utils=checks)
+    torch.library.opcheck(torch.ops.tokenforge.moe_combine_bwd, (x, ys, inverse, w, "triton"), test_utils=checks)

@@ -153,3 +153,20 @@ def test_configs_compile_without_spills(arch):
                                                                  "scaling"))
         report = ptxas_report(compiled.asm["ptx"], arch)
         assert spill_bytes(report) == 0, f"{name} {config} spills on {arch}:\n{report}"
+
+
+def test_custom_ops_pass_opcheck():
+    from device_params import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("the custom ops wrap the kernel backend; it runs on CPU only under TRITON_INTERPRET=1")
+    logits = torch.randn(7, 16, dtype=torch.bfloat16)
+    bias = torch.randn(16)
+    checks = ("test_schema", "test_faketensor")
+    args = (logits, bias, 3, True, 4, 2, True, 2.5, "triton")
+    torch.library.opcheck(torch.ops.tokenforge.moe_route_fwd, args, test_utils=checks)
+    w, e, s = torch.ops.tokenforge.moe_route_fwd(*args)
+    torch.library.opcheck(torch.ops.tokenforge.moe_route_bwd, (logits, torch.randn_like(w), e, torch.randn_like(s),
+                                                               True, True, 2.5, "triton"), test_utils=checks)
+    torch.library.opcheck(torch.ops.tokenforge.moe_route_bwd, (logits, torch.randn_like(w), e, None, False, False,
+                                                               1.0, "triton"), test_utils=checks)

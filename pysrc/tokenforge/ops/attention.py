@@ -448,6 +448,57 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _returns(out, lse, return_lse, return_attn_probs)
 
 
+def _unpack(name: str, packed, count: int, layout: str):
+    """The count tensors packed along dim -3 of ``packed`` (flash_attn's qkv / kv layout), as views."""
+    if not isinstance(packed, torch.Tensor) or packed.dim() != len(layout.split(",")) or packed.shape[-3] != count:
+        raise ValueError(f"{name}: expected a {layout} tensor with {count} at dim -3, got "
+                         f"{tuple(getattr(packed, 'shape', ())) or type(packed).__name__}")
+    return packed.unbind(-3)
+
+
+def attention_qkvpacked(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                        causal: bool = False, window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0,
+                        alibi_slopes=None, deterministic: bool = False, return_attn_probs: bool = False, **kw):
+    """flash_attn_qkvpacked_func: :func:`attention` of qkv (batch, seqlen, 3, heads, head_dim) = q, k, v
+    stacked at dim 2 (read in place, as views); the gradient comes back packed the same way."""
+    q, k, v = _unpack("attention_qkvpacked", qkv, 3, "(batch, seqlen, 3, heads, head_dim)")
+    return attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, **kw)
+
+
+def attention_kvpacked(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                       causal: bool = False, window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0,
+                       alibi_slopes=None, deterministic: bool = False, return_attn_probs: bool = False, **kw):
+    """flash_attn_kvpacked_func: :func:`attention` of q (batch, seqlen_q, heads, head_dim) over
+    kv (batch, seqlen_k, 2, kv_heads, head_dim) = k, v stacked at dim 2."""
+    k, v = _unpack("attention_kvpacked", kv, 2, "(batch, seqlen_k, 2, kv_heads, head_dim)")
+    return attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, **kw)
+
+
+def attention_varlen_qkvpacked(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                               softmax_scale: Optional[float] = None, causal: bool = False,
+                               window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0,
+                               alibi_slopes=None, deterministic: bool = False, return_attn_probs: bool = False, **kw):
+    """flash_attn_varlen_qkvpacked_func: :func:`attention_varlen` of qkv (total, 3, heads, head_dim),
+    the same documents for queries and keys."""
+    q, k, v = _unpack("attention_varlen_qkvpacked", qkv, 3, "(total_tokens, 3, heads, head_dim)")
+    return attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, **kw)
+
+
+def attention_varlen_kvpacked(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                              dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+                              window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, alibi_slopes=None,
+                              deterministic: bool = False, return_attn_probs: bool = False, **kw):
+    """flash_attn_varlen_kvpacked_func: :func:`attention_varlen` of q (total_q, heads, head_dim) over
+    kv (total_k, 2, kv_heads, head_dim)."""
+    k, v = _unpack("attention_varlen_kvpacked", kv, 2, "(total_tokens, 2, kv_heads, head_dim)")
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                            causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, **kw)
+
+
 def tune(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtype=torch.bfloat16,
          causal: bool = True, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
          device: Optional[torch.device] = None) -> dict:
