@@ -114,6 +114,18 @@ def _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_
 
 
 @triton.jit
+def _alibi(s, slope2, offs_m, offs_n, off, TRANSPOSED: tl.constexpr):
+    """s - slope * |i + off - j| for query i, key j (flash_attn's ALiBi bias, bottom-right aligned),
+    in the log2 domain (slope2 = slope * log2 e); TRANSPOSED for the (key, query) tiles of the
+    dk/dv pass. A masked -inf stays -inf."""
+    if TRANSPOSED:
+        dist = offs_m[None, :] + off - offs_n[:, None]
+    else:
+        dist = offs_m[:, None] + off - offs_n[None, :]
+    return s - slope2 * tl.abs(dist).to(tl.float32)
+
+
+@triton.jit
 def _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[lo, hi) of key positions that rows m_start .. m_start + BLOCK_M - 1 may see, lo a
@@ -169,7 +181,7 @@ def _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok, seqlen_k, off,
                qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs, kv_b, kv_h, HAS_LEFT: tl.constexpr,
                HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-               TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, slope2, HAS_ALIBI: tl.constexpr):
     """One key block of the online softmax. MASK: the block straddles a causal/window edge or the
     seqlen_k tail (key bounds checked, masked scores at -inf); else no mask math at all. TMA:
     k_base / v_base are tensor descriptors of the (batch, seq, kv heads, dim) K and V, read in
@@ -192,6 +204,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_
         s = tanh_fast(qk * (qk_scale / softcap)) * (softcap * 1.4426950408889634)
     else:
         s = qk * (qk_scale * 1.4426950408889634)
+    if HAS_ALIBI:  # a bias on every block, masked or not
+        s = _alibi(s, slope2, offs_m, offs_n, off, False)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so that
     # exp2(-inf - -inf) never makes a NaN.
@@ -244,7 +258,10 @@ def _attn_fwd(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
+    ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
 ):
+    # ALIBI: fp32 slopes, one per (batch or document, query head) at ALIBI + b * stride_alb + h
+    # (stride_alb 0: one per head), the bias -slope * |i + off - j| added to every score.
     # TMA (dense only): Q, K, V and O are tensor descriptors of the (batch, seq, heads, dim)
     # tensors: Q's block, every K/V block and the O block move by the copy engine
     # (cp.async.bulk.tensor on sm_90) instead of by every thread; past seqlen and the head dim a load
@@ -270,6 +287,9 @@ def _attn_fwd(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen_q
     rows_q = tl.cast(q_start + offs_m, tl.int64)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
 
     if TMA:
         q = Q.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -296,15 +316,18 @@ def _attn_fwd(
     for n_start in range(lo, whole_lo, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
-                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D)
+                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D,
+                                   slope2, HAS_ALIBI)
     for n_start in range(whole_lo, whole_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
-                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False, TMA, BLOCK_N, BLOCK_D)
+                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False, TMA, BLOCK_N, BLOCK_D,
+                                   slope2, HAS_ALIBI)
     for n_start in range(whole_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
-                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D)
+                                   b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D,
+                                   slope2, HAS_ALIBI)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -376,6 +399,7 @@ def _attn_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr = False,
+    ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
@@ -424,6 +448,9 @@ def _attn_bwd_dkdv(
             do_base = DO + b64 * stride_dob + h * stride_doh + q_row0 * stride_dos
         l_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
         dl_base = DELTA + b64 * stride_lb + h * stride_lh + q_row0
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
         for m_start in range(lo, hi, BLOCK_M):
             offs_m = m_start + offs_m0
             m_ok = offs_m < seqlen_q
@@ -439,6 +466,8 @@ def _attn_bwd_dkdv(
             # computing the mask on the transposed index grids.
             sT, tT = _scores_t(qkT, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT,
                                WIN_RIGHT, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+            if HAS_ALIBI:
+                sT = _alibi(sT, slope2, offs_m, offs_n, off, True)
             pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
             if TMA:
                 do = DO.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -498,6 +527,7 @@ def _attn_bwd_dq(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
+    ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
 ):
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
@@ -526,6 +556,9 @@ def _attn_bwd_dq(
     lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows_q, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + rows_q, mask=m_ok, other=0.0)
     lse2 = lse * 1.4426950408889634
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
     k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
     v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -543,6 +576,8 @@ def _attn_bwd_dq(
         qk = _dot(q, kt, UPCAST)
         s, t = _scores(qk, offs_m, offs_n, seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
                        HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+        if HAS_ALIBI:
+            s = _alibi(s, slope2, offs_m, offs_n, off, False)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, vt, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -905,11 +940,11 @@ def _scratch(launch, *outputs):
     return run
 
 
-def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch: int = 1) -> tuple:
+def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch: int = 1, alibi: bool = False) -> tuple:
     """dtype, features, GQA group, sequence buckets and a batch x heads bucket (how many programs
     share the GPU changes which tile wins)."""
     left, right = window
-    return (str(q.dtype).removeprefix("torch."), varlen, left >= 0, right >= 0, right == 0, softcap > 0,
+    return (str(q.dtype).removeprefix("torch."), varlen, left >= 0, right >= 0, right == 0, softcap > 0, alibi,
             q.shape[-2] // k.shape[-2], _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
             _seq_bucket(batch * q.shape[-2]))
 
@@ -996,12 +1031,20 @@ def _window_args(window: tuple[int, int]) -> dict:
 
 
 
+def _alibi_args(alibi) -> dict:
+    """The kernels' ALiBi arguments for fp32 slopes (heads,) or (batch, heads), or None."""
+    if alibi is None:
+        return {}
+    return dict(ALIBI=alibi, stride_alb=alibi.stride(0) if alibi.dim() == 2 else 0, HAS_ALIBI=True)
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      scale: float, window: tuple[int, int], softcap: float):
+                      scale: float, window: tuple[int, int], softcap: float, alibi=None):
     """(out, lse): out like q (contiguous), lse fp32 (batch, heads, seqlen_q) or (heads, total_q).
 
     Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
-    cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0)."""
+    cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0). ``alibi``:
+    contiguous fp32 slopes (hq,) or (batch, hq), or None."""
     varlen = cu_seqlens_q is not None
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
@@ -1038,11 +1081,11 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
             *_lse_strides(lse, varlen),
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
             GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
-            UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg,
+            UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg, **_alibi_args(alibi),
         )
 
     with launch_device(q):
-        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch)
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch, alibi is not None)
         cfg = _select("_attn_fwd", d, q.device, key, _scratch(launch, out, lse))
         launch(cfg)
     return out, lse
@@ -1050,7 +1093,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                        max_seqlen_k: int, scale: float, window: tuple[int, int], softcap: float,
-                       deterministic: bool = True):
+                       deterministic: bool = True, alibi=None):
     """(dq, dk, dv), contiguous, in q/k/v's dtype.
 
     deterministic=False (the API's default, as in flash_attn), where :func:`fused_backward_runs`:
@@ -1075,7 +1118,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
     lse_strides = _lse_strides(lse, varlen)
     wide = _head_i64(q, k, v, do, out, lse, dq, dk, dv)
     common = dict(GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, UPCAST=INTERPRETED,
-                  HEAD_I64=wide, **_window_args(window))
+                  HEAD_I64=wide, **_window_args(window), **_alibi_args(alibi))
     cap = softcap if softcap > 0 else 1.0
     sq_blocks = max(max_seqlen_q, 1)
     with launch_device(q):
@@ -1125,7 +1168,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
             )
 
         # Candidates are timed into scratch buffers; the winner then writes the real outputs.
-        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch)
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch, alibi is not None)
         if fused:
             launch_dkdv(_select("_attn_bwd_fused", d, q.device, key, _scratch(launch_dkdv, dk, dv, dq_acc)))
             dq.copy_(dq_acc)  # the kernel added scale * ds @ k: only the rounding to q's dtype is left

@@ -411,7 +411,8 @@ def test_flash_attn_keywords():
     assert torch.equal(attention(q, k, v, 0.0, None, True), attention(q, k, v, causal=True))
     for kwargs, match in ((dict(dropout_p=0.1), "dropout_p=0.1 is not supported.*dropout_p=0.0"),
                           (dict(dropout_p=1.5), r"dropout_p must be a float in \[0, 1\)"),
-                          (dict(alibi_slopes=torch.ones(4)), "alibi_slopes is not supported"),
+                          (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must be a float32 tensor of shape \(4,\)"),
+                          (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), "alibi_slopes must be a float32"),
                           (dict(window=(2, 0), window_size=(3, 0)), "disagree")):
         with pytest.raises(ValueError, match=match):
             attention(q, k, v, **kwargs)
@@ -425,6 +426,47 @@ def test_flash_attn_keywords():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="dropout_p"):
         attention_varlen(qv, kv, vv, cu, cu, 6, 6, 0.5)
+
+
+ALIBI_CASES = [  # batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal, window, slopes per batch entry
+    (2, 37, 37, 4, 2, 64, True, (-1, -1), False),
+    (2, 20, 45, 2, 1, 32, False, (-1, -1), True),   # more keys than queries: the bias is bottom-right aligned
+    (1, 33, 17, 2, 2, 64, True, (8, 0), False),     # rows past the keys' end see nothing
+    (1, 50, 50, 2, 2, 128, False, (5, 7), True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("case", ALIBI_CASES, ids=lambda c: f"{c[1]}x{c[2]}-h{c[3]}kv{c[4]}-d{c[5]}-{'causal' if c[6] else 'full'}"
+                         f"-w{c[7][0]}_{c[7][1]}")
+def test_alibi_matches_float64(device, deterministic, case):
+    """flash_attn's ALiBi: -slope * |i + sk - sq - j| added to every score, slopes (heads,) or
+    (batch, heads), forward and every gradient against float64, one-pass and two-pass backward; the
+    bias must matter (the same call without it is far off)."""
+    b, sq, sk, hq, hkv, d, causal, window, per_batch = case
+    q, k, v = (t.requires_grad_() for t in make_qkv(b, sq, sk, hq, hkv, d, torch.bfloat16, device))
+    slopes = torch.rand((b, hq) if per_batch else (hq,), device=device) * 0.5 + 0.05
+    out = attention(q, k, v, causal=causal, window=window, alibi_slopes=slopes, deterministic=deterministic)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=causal, window=window, alibi_slopes=slopes.double())
+    tol = TOLERANCE[torch.bfloat16]
+    assert rel_error(out, ref) <= tol
+    assert rel_error(attention(q.detach(), k.detach(), v.detach(), causal=causal, window=window), ref) > 10 * tol
+    g = torch.randn_like(out)
+    for name, got, want in zip("qkv", torch.autograd.grad(out, (q, k, v), g),
+                               torch.autograd.grad(ref, (q64, k64, v64), g.double())):
+        assert rel_error(got, want) <= tol, f"d{name}"
+
+
+def test_alibi_bad_input_and_torch_backend():
+    q, k, v = make_qkv(2, 9, 9, 4, 2, 32, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match=r"alibi_slopes must be a float32 tensor of shape \(4,\) or \(2, 4\)"):
+        attention(q, k, v, alibi_slopes=torch.ones(2, 2))
+    slopes = torch.rand(2, 4)
+    ours = attention(q, k, v, causal=True, alibi_slopes=slopes, backend="torch")
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True, alibi_slopes=slopes.double())
+    assert rel_error(ours, ref) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -552,12 +594,13 @@ def _attention_arg_types(dtype: str) -> dict:
     from compile_gate import TRITON_DTYPE
 
     t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32")
+    t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32",
+             ALIBI="*fp32")
     return t
 
 
 def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
-                      softcap=False, head_i64=False, fold=False, tma=False):
+                      softcap=False, head_i64=False, fold=False, tma=False, alibi=False):
     import inspect
 
     from compile_gate import TARGETS, compile_kernel
@@ -569,7 +612,7 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
     config = dict(config)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
     flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
-                 HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False))
+                 HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False), HAS_ALIBI=alibi)
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
     if tma:  # the launcher's tensor descriptors: Q, K, V, O in the forward; Q and dO in the dk/dv pass
@@ -755,6 +798,39 @@ def test_hopper_d128_backward_fits_registers(name):
     for kw, bound in [(kw, 0) for kw in clean] + [(kw, 32) for kw in near]:
         compiled = compile_attention(name, config, "sm_90", **kw)
         assert spill_bytes(ptxas_report(compiled.asm["ptx"], "sm_90")) <= bound, (name, config, kw)
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name", ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_fused"])
+def test_alibi_compiles(name):
+    """The ALiBi variant of every fixed config (dense and varlen + windows + softcap + GQA 4; the
+    descriptor path where sm_90 takes it) on each gated architecture. No spills, except: the d128
+    dk/dv pass on sm_90 with pointer loads (varlen, or layouts TMA cannot take) sits at 255
+    registers, where triton 3.6 spills 40 B dense and 112 B with every feature (the newest none;
+    dense TMA, what training layouts take, none under both); on sm_80 with every feature, d64 dk/dv
+    and d128 dq spill 24-76 B."""
+    import triton
+    from compile_gate import ptxas_report, spill_bytes
+
+    from tokenforge.kernels import attention as ak
+
+    old = triton.__version__.startswith("3.6")
+    for arch in GATE_ARCHS:
+        for hd in (64, 128, 256):
+            if name == "_attn_bwd_fused" and (arch != "sm_90" or ak.block_d(hd) not in ak.FUSED_TILES):
+                continue
+            config = ak._FIXED[name](hd, interpreted=False, arch=arch)
+            variants = [dict(), dict(group=4, varlen=True, left=True, right=True, softcap=True)]
+            if arch == "sm_90" and hd <= 128 and name != "_attn_bwd_dq":
+                variants.append(dict(tma=True))
+            for kw in variants:
+                report = ptxas_report(compile_attention(name, config, arch, alibi=True, **kw).asm["ptx"], arch)
+                bound = 0
+                if name == "_attn_bwd_dkdv" and hd == 128 and arch == "sm_90" and old and not kw.get("tma"):
+                    bound = 128
+                if arch == "sm_80" and kw.get("softcap") and (name, hd) in (("_attn_bwd_dkdv", 64), ("_attn_bwd_dq", 128)):
+                    bound = 96
+                assert spill_bytes(report) <= bound, (name, hd, arch, kw, report)
 
 
 @pytest.mark.compile_gate

@@ -50,8 +50,20 @@ def _keep_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int], device) ->
     return keep
 
 
-def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype):
-    """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``."""
+def _alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, compute: torch.dtype) -> torch.Tensor:
+    """(b or 1, hq, sq, sk): -slope * |i + seqlen_k - seqlen_q - j|, flash_attn's ALiBi bias, for
+    slopes (hq,) or (b, hq)."""
+    i = torch.arange(seqlen_q, device=slopes.device)[:, None]
+    j = torch.arange(seqlen_k, device=slopes.device)[None, :]
+    dist = (i + (seqlen_k - seqlen_q) - j).abs().to(compute)
+    per = slopes.to(compute).reshape(-1, slopes.shape[-1])
+    return -per[:, :, None, None] * dist
+
+
+def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype,
+                     alibi: Optional[torch.Tensor] = None):
+    """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``;
+    ``alibi`` slopes (hq,) or (b, hq) add their bias after the softcap."""
     group = q.shape[2] // k.shape[2]
     qc = q.to(compute).transpose(1, 2)
     kc = k.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
@@ -59,6 +71,8 @@ def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: fl
     s = (qc @ kc.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        s = s + _alibi_bias(alibi, q.shape[1], k.shape[1], compute)
     keep = _keep_mask(q.shape[1], k.shape[1], window, q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
@@ -109,20 +123,21 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
 
 def attention_reference(q, k, v, causal: bool = False, softmax_scale: Optional[float] = None,
                         window: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False,
-                        upcast: bool = True):
+                        upcast: bool = True, alibi_slopes: Optional[torch.Tensor] = None):
     """Plain PyTorch attention over q (b, sq, hq, d), k/v (b, sk, hkv, d): materialises the
     (sq, sk) scores. Math in fp32 (float64 for float64 inputs; the input dtype with upcast=False,
     the low-precision baseline of the error bounds). Returns out, or (out, lse (b, hq, sq))."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _reference_dense(q, k, v, scale, _fold_causal(causal, window), softcap,
-                                _compute_dtype(q.dtype, upcast))
+                                _compute_dtype(q.dtype, upcast), alibi_slopes)
     return (out, lse) if return_lse else out
 
 
 def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                                causal: bool = False, softmax_scale: Optional[float] = None,
                                window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                               return_lse: bool = False, upcast: bool = True):
+                               return_lse: bool = False, upcast: bool = True,
+                               alibi_slopes: Optional[torch.Tensor] = None):
     """:func:`attention_reference` per document of packed q (total_q, hq, d), k/v (total_k, hkv, d);
     lse is (hq, total_q). Reads cu_seqlens on the host (a sync: a reference, not a hot path)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -131,8 +146,9 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, l = _reference_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                scale, win, softcap, compute)
+                                scale, win, softcap, compute, slopes)
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs, 0) if outs else q.new_empty(q.shape)
@@ -257,9 +273,6 @@ def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slope
         raise ValueError(f"{name}: dropout_p={dropout_p} is not supported: the kernel has no attention dropout "
                          "(LLaMA-style pretraining uses none); pass dropout_p=0.0, or use "
                          "torch.nn.functional.scaled_dot_product_attention for attention dropout")
-    if alibi_slopes is not None:
-        raise ValueError(f"{name}: alibi_slopes is not supported (ALiBi biases are not implemented; "
-                         "LLaMA-style models use rotary embeddings): pass alibi_slopes=None")
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"{name}: return_attn_probs must be True or False, got {return_attn_probs!r}")
     if window_size is not None:
@@ -268,6 +281,22 @@ def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slope
                              "(window_size is flash_attn's name for window)")
         return window_size
     return window if window is not None else (-1, -1)
+
+
+def _check_alibi(name: str, alibi_slopes, heads: int, batch: int, device) -> Optional[torch.Tensor]:
+    """flash_attn's alibi_slopes: fp32 (heads,) or (batch, heads) on q's device, one slope per
+    query head (and batch entry, or document for varlen). Returns them contiguous, or None."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32 \
+            or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"{name}: alibi_slopes must be a float32 tensor of shape ({heads},) or ({batch}, {heads}) "
+                         f"(one slope per query head, optionally per batch entry), got "
+                         f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)} "
+                         f"{tuple(getattr(alibi_slopes, 'shape', ()))}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"{name}: alibi_slopes is on {alibi_slopes.device} but q is on {device}; move it")
+    return alibi_slopes.contiguous()
 
 
 def _cuda_supports(q, k, v) -> Optional[str]:
@@ -295,6 +324,12 @@ backends.register_op(
 LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.attention", cuda="tokenforge.cuda.attention")
 
 
+def _alibi_kwarg(alibi_slopes: Optional[torch.Tensor]) -> dict:
+    """The launcher keyword for ALiBi slopes: only the Triton launchers take one (the cuda backend
+    refuses ALiBi before it launches)."""
+    return {} if alibi_slopes is None else {"alibi": alibi_slopes}
+
+
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
@@ -302,15 +337,16 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 @torch.library.custom_op("tokenforge::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                   cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                  window_left: int, window_right: int, softcap: float, backend: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  window_left: int, window_right: int, softcap: float, backend: str,
+                  alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, (window_left, window_right), softcap)
+                                                 scale, (window_left, window_right), softcap,
+                                                 **_alibi_kwarg(alibi_slopes))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      softcap, backend):
+      softcap, backend, alibi_slopes=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -318,19 +354,19 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
-                  softcap: float, deterministic: bool, backend: str
+                  softcap: float, deterministic: bool, backend: str, alibi_slopes: Optional[torch.Tensor] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # deterministic=False lets a backward add dq with atomics in one pass (Triton on sm_90 at d <= 64,
     # always the cuda backend); True takes Triton's two-pass backward, bitwise reproducible (the op
     # layer refuses True for cuda: check_call).
     return LAUNCHERS[backend].attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, scale, (window_left, window_right), softcap,
-                                                  deterministic)
+                                                  deterministic, **_alibi_kwarg(alibi_slopes))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, softcap, deterministic, backend):
+      window_right, softcap, deterministic, backend, alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -344,32 +380,36 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap,
-                deterministic, backend):
+                deterministic, backend, alibi_slopes=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         out, lse = torch.ops.tokenforge.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, scale, window[0], window[1], softcap, backend)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+                                                      max_seqlen_k, scale, window[0], window[1], softcap, backend,
+                                                      alibi_slopes)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, window[0], window[1], softcap, deterministic, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
         dout = _unit_last(dout.to(q.dtype))
-        dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
-def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name):
+def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None):
     """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
     if name == "cuda":  # what the CUDA C++ kernels do not do, refused before anything runs
         from tokenforge.cuda import attention as cuda_attention
 
         cuda_attention.check_call(softcap, scale, deterministic)
+        if alibi is not None:
+            raise ValueError("attention: backend='cuda' has no ALiBi; use backend='triton' (the default) for "
+                             "alibi_slopes")
     qp, kp, vp, d = _pad_head_dim(q, k, v)
     out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
-                                       name)
+                                       name, alibi)
     return (out[..., :d] if out.shape[-1] != d else out), lse
 
 
@@ -388,12 +428,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     (any head_dim up to 256: one that is not a multiple of 8 in 32..256 is zero-padded to one).
     Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with return_lse. causal is bottom-right
     aligned; window (or flash_attn's window_size) = (left, right), -1 unbounded; softcap > 0 caps
-    scores at softcap * tanh(s / softcap). ``backend`` forces triton, cuda (CUDA C++, sm_90a: bf16,
-    d 64/128, no softcap, dq by atomics so deterministic=True is refused) or torch.
+    scores at softcap * tanh(s / softcap); alibi_slopes, fp32 (hq,) or (b, hq), add flash_attn's ALiBi
+    bias -slope * |i + sk - sq - j| to the (capped) score of query i and key j. ``backend`` forces
+    triton, cuda (CUDA C++, sm_90a: bf16, d 64/128, no softcap or ALiBi, dq by atomics so
+    deterministic=True is refused) or torch.
 
     The positional order and keywords are flash_attn_func's, so ported code runs unchanged:
-    dropout_p must be 0 and alibi_slopes None (refused otherwise, with what to do), and
-    return_attn_probs=True returns (out, lse, None) (flash_attn's third value is its dropout mask)."""
+    dropout_p must be 0 (refused otherwise, with what to do), and return_attn_probs=True returns
+    (out, lse, None) (flash_attn's third value is its dropout mask)."""
     window = _check_flash_attn_keywords("attention", dropout_p, window, window_size, alibi_slopes,
                                         return_attn_probs)
     _check_common("attention", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale, window,
@@ -402,17 +444,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         raise ValueError(f"attention: q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
     if k.shape[1] == 0 and q.shape[1] > 0:
         raise ValueError("attention: seqlen_k must be at least 1 (there is nothing to attend to)")
+    alibi = _check_alibi("attention", alibi_slopes, q.shape[2], q.shape[0], q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
     want_lse = return_lse or return_attn_probs
-    if name == "torch" and q.is_cuda and q.numel() and sdpa_can_run(q.shape[1], k.shape[1], win, softcap, want_lse):
+    if name == "torch" and q.is_cuda and q.numel() and alibi is None and sdpa_can_run(q.shape[1], k.shape[1], win,
+                                                                                      softcap, want_lse):
         return sdpa_dense(q, k, v, scale, win)
     if name == "torch" or q.numel() == 0:
-        out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True))
+        out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True), alibi)
     else:
         out, lse = _run_kernel(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
-                               bool(deterministic), name)
+                               bool(deterministic), name, alibi)
     return _returns(out, lse, return_lse, return_attn_probs)
 
 
@@ -436,15 +480,16 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              max_seqlen_q)
     cu_k = _check_cu_seqlens("attention_varlen", cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device,
                              max_seqlen_k)
+    alibi = _check_alibi("attention_varlen", alibi_slopes, q.shape[1], batch, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
     if name == "torch" or q.numel() == 0:
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
-                                              softcap=float(softcap), return_lse=True)
+                                              softcap=float(softcap), return_lse=True, alibi_slopes=alibi)
     else:
         out, lse = _run_kernel(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
-                               float(softcap), bool(deterministic), name)
+                               float(softcap), bool(deterministic), name, alibi)
     return _returns(out, lse, return_lse, return_attn_probs)
 
 
