@@ -233,3 +233,16 @@ def test_custom_ops_pass_opcheck():
     ys = torch.ops.tokenforge.moe_scatter(x, inverse, w, 2, "triton")
     torch.library.opcheck(torch.ops.tokenforge.moe_combine, (ys, inverse, w, 5, "triton"), test_utils=checks)
     torch.library.opcheck(torch.ops.tokenforge.moe_combine_bwd, (x, ys, inverse, w, "triton"), test_utils=checks)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_tokens(backend):
+    from device_params import INTERPRETING
+
+    if backend == "triton" and not INTERPRETING:
+        pytest.skip("CPU interpreter case")
+    x = torch.randn(0, 8, requires_grad=True)
+    xs, offs, order, counts = moe_permute(x, torch.zeros(0, 2, dtype=torch.long), 4, backend=backend)
+    assert xs.shape == (0, 8) and offs.tolist() == [0, 0, 0, 0] and counts.sum() == 0
+    out = moe_unpermute(xs, order, torch.rand(0, 2), backend=backend)
+    assert out.shape == (0, 8)

@@ -142,7 +142,7 @@ def moe_unpermute_reference(y_sorted: torch.Tensor, order: torch.Tensor, weights
     tokens, k = weights.shape
     inverse = inverse_permutation(order)
     compute = torch.float64 if y_sorted.dtype == torch.float64 else torch.float32
-    slots = y_sorted.index_select(0, inverse).view(tokens, k, -1).to(compute)
+    slots = y_sorted.index_select(0, inverse).view(tokens, k, y_sorted.shape[1]).to(compute)
     return (slots * weights.to(compute)[..., None]).sum(1).to(y_sorted.dtype)
 
 
