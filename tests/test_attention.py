@@ -459,6 +459,21 @@ def test_alibi_matches_float64(device, deterministic, case):
         assert rel_error(got, want) <= tol, f"d{name}"
 
 
+def test_alibi_paper_slopes_and_module():
+    from tokenforge.nn import Attention
+    from tokenforge.ops.attention import alibi_slopes
+
+    assert torch.equal(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    # 12 heads: the 8-head sequence, then the odd terms of the 16-head one (2^-0.5, 2^-1.5, ...).
+    assert torch.allclose(alibi_slopes(12)[8:], torch.tensor([2.0 ** -(i + 0.5) for i in range(4)]))
+    with pytest.raises(ValueError, match="positive int"):
+        alibi_slopes(0)
+    q, k, v = make_qkv(1, 12, 12, 4, 2, 32, torch.bfloat16, "cpu")
+    module = Attention(causal=True, alibi_slopes=alibi_slopes(4))
+    assert "alibi" in repr(module) and "alibi_slopes" not in module.state_dict()
+    assert torch.equal(module(q, k, v), attention(q, k, v, causal=True, alibi_slopes=alibi_slopes(4)))
+
+
 def test_alibi_bad_input_and_torch_backend():
     q, k, v = make_qkv(2, 9, 9, 4, 2, 32, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match=r"alibi_slopes must be a float32 tensor of shape \(4,\) or \(2, 4\)"):

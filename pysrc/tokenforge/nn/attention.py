@@ -16,21 +16,26 @@ from tokenforge.ops.attention import attention
 
 
 class Attention(torch.nn.Module):
-    """Fused attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d); fp16/bf16 on the kernel."""
+    """Fused attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d); fp16/bf16 on the kernel.
+    ``alibi_slopes``: fp32 (hq,) ALiBi slopes (``tokenforge.ops.alibi_slopes(heads)`` gives
+    the paper's), kept as a buffer so they follow the module's device."""
 
     def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None,
                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, deterministic: bool = False,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, alibi_slopes: Optional[torch.Tensor] = None):
         super().__init__()
         self.causal, self.softmax_scale, self.window = causal, softmax_scale, tuple(window)
         self.softcap, self.deterministic, self.backend = softcap, deterministic, backend
+        self.register_buffer("alibi_slopes", None if alibi_slopes is None else alibi_slopes.float(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale, window=self.window,
-                         softcap=self.softcap, deterministic=self.deterministic, backend=self.backend)
+                         softcap=self.softcap, alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
+                         backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, window={self.window}, softcap={self.softcap}"
+        alibi = ", alibi" if self.alibi_slopes is not None else ""
+        return f"causal={self.causal}, window={self.window}, softcap={self.softcap}{alibi}"
 
 
 class MultiHeadAttention(torch.nn.Module):

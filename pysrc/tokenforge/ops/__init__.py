@@ -1,9 +1,9 @@
 """Functional ops, one file each: validation, backend choice, autograd Function, custom ops."""
 
 from tokenforge.ops.add_rms_norm import add_rms_norm, add_rms_norm_reference
-from tokenforge.ops.attention import (attention, attention_kvpacked, attention_qkvpacked, attention_reference,
-                                     attention_varlen, attention_varlen_kvpacked, attention_varlen_qkvpacked,
-                                     attention_varlen_reference)
+from tokenforge.ops.attention import (alibi_slopes, attention, attention_kvpacked, attention_qkvpacked,
+                                     attention_reference, attention_varlen, attention_varlen_kvpacked,
+                                     attention_varlen_qkvpacked, attention_varlen_reference)
 from tokenforge.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tokenforge.ops.moe_routing import load_balancing_loss, moe_permute, moe_route, moe_unpermute
@@ -16,6 +16,7 @@ from tokenforge.ops.swiglu import geglu, swiglu, swiglu_packed, swiglu_packed_re
 __all__ = [
     "add_rms_norm",
     "add_rms_norm_reference",
+    "alibi_slopes",
     "attention",
     "attention_kvpacked",
     "attention_qkvpacked",

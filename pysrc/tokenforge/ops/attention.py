@@ -283,6 +283,18 @@ def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slope
     return window if window is not None else (-1, -1)
 
 
+def alibi_slopes(heads: int, device=None) -> torch.Tensor:
+    """The ALiBi paper's slopes for ``heads`` heads, fp32 (heads,): the geometric sequence
+    2^(-8 i / n), i = 1..n, for the nearest power of two n <= heads, then every other term of the
+    sequence for 2n for the heads beyond it (as BLOOM and MPT build them)."""
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"alibi_slopes: heads must be a positive int, got {heads!r}")
+    n = 2 ** int(math.floor(math.log2(heads)))
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * i / n) for i in range(1, 2 * (heads - n), 2)]  # odd terms of the 2n sequence
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 def _check_alibi(name: str, alibi_slopes, heads: int, batch: int, device) -> Optional[torch.Tensor]:
     """flash_attn's alibi_slopes: fp32 (heads,) or (batch, heads) on q's device, one slope per
     query head (and batch entry, or document for varlen). Returns them contiguous, or None."""
