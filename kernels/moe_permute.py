@@ -138,10 +138,6 @@ def supports(src: torch.Tensor, k: int) -> str | None:
     return None
 
 
-def _weights_arg(weights: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    return fallback if weights is None else weights
-
-
 def moe_scatter(src: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None, k: int) -> torch.Tensor:
     """dst (T*k, D) in src's dtype: dst[inverse[t*k + j]] = weights[t, j] * src[t] (src (T, D) with
     unit column stride; weights (T, k) contiguous, or None for a plain copy)."""
@@ -152,7 +148,7 @@ def moe_scatter(src: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor 
     cfg = tile_config(k, d)
     with launch_device(src):
         _moe_scatter_kernel[(tokens,)](
-            src, inverse, _weights_arg(weights, inverse), dst, dst, dst, k, d, src.stride(0), dst.stride(0), 0,
+            src, inverse, inverse if weights is None else weights, dst, dst, dst, k, d, src.stride(0), dst.stride(0), 0,
             **cfg, HAS_W=weights is not None, WANT_DW=False, F64=src.dtype == torch.float64,
         )
     return dst
@@ -189,7 +185,7 @@ def moe_combine(src: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor 
     cfg = tile_config(k, d)
     with launch_device(src):
         _moe_combine_kernel[(tokens,)](
-            src, inverse, _weights_arg(weights, inverse), out, k, d, src.stride(0), out.stride(0),
+            src, inverse, inverse if weights is None else weights, out, k, d, src.stride(0), out.stride(0),
             **cfg, HAS_W=weights is not None, F64=src.dtype == torch.float64,
         )
     return out

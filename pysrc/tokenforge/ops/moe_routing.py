@@ -62,12 +62,24 @@ def _check_route(logits, top_k, score, bias, n_groups, topk_groups) -> None:
                          f"({topk_groups * (experts // n_groups)})")
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 math for every input dtype but float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_or_torch(op: str, first: torch.Tensor, *args, backend: Optional[str]) -> str:
+    """The backend of a call: a kernel only where it can run these inputs; no tokens take the torch ops."""
+    if first.numel() == 0:
+        return "torch"
+    return backends.choose(op, first, *args, backend=backend)
+
+
 def moe_route_reference(logits: torch.Tensor, top_k: int, *, score: str = "softmax",
                         bias: Optional[torch.Tensor] = None, n_groups: int = 1, topk_groups: int = 1,
                         normalize: bool = True, scaling: float = 1.0
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain PyTorch :func:`moe_route` (the torch backend), differentiated by autograd."""
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(logits.dtype)
     scores = torch.softmax(logits.to(compute), dim=-1) if score == "softmax" else torch.sigmoid(logits.to(compute))
     select = scores.detach() if bias is None else scores.detach() + bias.to(compute)
     tokens, n_exp = scores.shape
@@ -95,18 +107,11 @@ def moe_route(logits: torch.Tensor, top_k: int, *, score: str = "softmax", bias:
     _check_route(logits, top_k, score, bias, n_groups, topk_groups)
     kw = dict(score=score, bias=bias, n_groups=n_groups, topk_groups=topk_groups, normalize=normalize,
               scaling=scaling)
-    name = "torch" if logits.numel() == 0 else backends.choose(OP_ROUTE, logits, top_k, n_groups, backend=backend)
+    name = _kernel_or_torch(OP_ROUTE, logits, top_k, n_groups, backend=backend)
     if name == "torch":
         return moe_route_reference(logits, top_k, **kw)
     return MoERouteFunction.apply(logits, None if bias is None else bias.detach(), top_k, score == "sigmoid",
                                   n_groups, topk_groups, normalize, float(scaling), name)
-
-
-def _permute_backend(op: str, rows: torch.Tensor, k: int, backend: Optional[str]) -> str:
-    """The backend of a permutation call: a kernel only where it can move these rows."""
-    if rows.numel() == 0:
-        return "torch"
-    return backends.choose(op, rows, k, backend=backend)
 
 
 def moe_permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int, *, backend: Optional[str] = None
@@ -126,7 +131,7 @@ def moe_permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int, *, bac
     order = torch.sort(flat, stable=True).indices
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
-    name = _permute_backend(OP_PERMUTE, x, k, backend)
+    name = _kernel_or_torch(OP_PERMUTE, x, k, backend=backend)
     if name == "torch":
         return x.index_select(0, order // k), offs, order, counts
     return MoEPermuteFunction.apply(x, inverse_permutation(order), k, name), offs, order, counts
@@ -141,7 +146,7 @@ def moe_unpermute_reference(y_sorted: torch.Tensor, order: torch.Tensor, weights
     """Plain PyTorch :func:`moe_unpermute` (the torch backend): gather, weight, sum over the slots."""
     tokens, k = weights.shape
     inverse = inverse_permutation(order)
-    compute = torch.float64 if y_sorted.dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(y_sorted.dtype)
     slots = y_sorted.index_select(0, inverse).view(tokens, k, y_sorted.shape[1]).to(compute)
     return (slots * weights.to(compute)[..., None]).sum(1).to(y_sorted.dtype)
 
@@ -164,7 +169,7 @@ def moe_unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Te
                          f"{tuple(order.shape)}")
     if not y_sorted.is_floating_point():
         raise TypeError(f"moe_unpermute: y_sorted must be floating point, got {y_sorted.dtype}")
-    name = _permute_backend(OP_UNPERMUTE, y_sorted, k, backend)
+    name = _kernel_or_torch(OP_UNPERMUTE, y_sorted, k, backend=backend)
     if name == "torch":
         return moe_unpermute_reference(y_sorted, order, weights)
     return MoEUnpermuteFunction.apply(y_sorted, inverse_permutation(order), weights, name)
@@ -174,27 +179,19 @@ def moe_unpermute(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Te
 # Backends, custom ops and autograd of the routing (tokenforge.kernels.moe_route).
 # ---------------------------------------------------------------------------------------------
 
+def _triton_supports(launchers: backends.Launchers):
+    """supports(first tensor, *args) of a Triton launcher module: the device rules, then the module's own."""
+    def check(first: torch.Tensor, *args) -> Optional[str]:
+        reason = backends.triton_unsupported_reason(first.device)
+        return reason if reason is not None else launchers["triton"].supports(first, *args)
+    return check
+
+
 OP_ROUTE = "moe_route"
-
-
-def _route_triton_supports(logits: torch.Tensor, top_k: int, n_groups: int) -> Optional[str]:
-    reason = backends.triton_unsupported_reason(logits.device)
-    if reason is not None:
-        return reason
-    from tokenforge.kernels import moe_route as kernel
-
-    return kernel.supports(logits, top_k, n_groups)
-
-
-backends.register_op(OP_ROUTE, cuda_preference=("triton",),
-                     supports={"triton": _route_triton_supports, "torch": lambda logits, top_k, n_groups: None},
-                     example_inputs=lambda device, dtype: (torch.empty(4, 8, device=device, dtype=dtype), 2, 1))
-
 ROUTE_LAUNCHERS = backends.Launchers(OP_ROUTE, triton="tokenforge.kernels.moe_route")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+backends.register_op(OP_ROUTE, cuda_preference=("triton",),
+                     supports={"triton": _triton_supports(ROUTE_LAUNCHERS), "torch": lambda logits, top_k, n_groups: None},
+                     example_inputs=lambda device, dtype: (torch.empty(4, 8, device=device, dtype=dtype), 2, 1))
 
 
 @torch.library.custom_op("tokenforge::moe_route_fwd", mutates_args=())
@@ -231,7 +228,7 @@ class MoERouteFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, bias, top_k, sigmoid, n_groups, topk_groups, normalize, scaling, backend):
-        l2 = logits if logits.stride(1) == 1 else logits.contiguous()
+        l2 = rows_view(logits)
         weights, experts, scores = torch.ops.tokenforge.moe_route_fwd(l2, bias, top_k, sigmoid, n_groups,
                                                                       topk_groups, normalize, scaling, backend)
         ctx.save_for_backward(l2, experts)
@@ -245,8 +242,8 @@ class MoERouteFunction(torch.autograd.Function):
         l2, experts = ctx.saved_tensors
         if dweights is None:
             dweights = torch.zeros(experts.shape, dtype=_compute_dtype(l2.dtype), device=l2.device)
-        if dscores is not None and dscores.stride(-1) != 1:
-            dscores = dscores.contiguous()
+        if dscores is not None:
+            dscores = rows_view(dscores)
         dlogits = torch.ops.tokenforge.moe_route_bwd(l2, dweights.contiguous(), experts, dscores, ctx.sigmoid,
                                                      ctx.normalize, ctx.scaling, ctx.backend)
         return dlogits, None, None, None, None, None, None, None, None
@@ -258,23 +255,11 @@ class MoERouteFunction(torch.autograd.Function):
 
 OP_PERMUTE = "moe_permute"
 OP_UNPERMUTE = "moe_unpermute"
-
-
-def _triton_supports(rows: torch.Tensor, k: int) -> Optional[str]:
-    reason = backends.triton_unsupported_reason(rows.device)
-    if reason is not None:
-        return reason
-    from tokenforge.kernels import moe_permute as kernel
-
-    return kernel.supports(rows, k)
-
-
+LAUNCHERS = backends.Launchers(OP_PERMUTE, triton="tokenforge.kernels.moe_permute")
 for _op in (OP_PERMUTE, OP_UNPERMUTE):
     backends.register_op(_op, cuda_preference=("triton",),
-                         supports={"triton": _triton_supports, "torch": lambda rows, k: None},
+                         supports={"triton": _triton_supports(LAUNCHERS), "torch": lambda rows, k: None},
                          example_inputs=lambda device, dtype: (torch.empty(4, 64, device=device, dtype=dtype), 2))
-
-LAUNCHERS = backends.Launchers(OP_PERMUTE, triton="tokenforge.kernels.moe_permute")
 
 
 @torch.library.custom_op("tokenforge::moe_scatter", mutates_args=())
