@@ -6,6 +6,10 @@ Notation (per batch b, query head h, kv head hk = h // GROUP):
     s[i, j] = -inf where key j is masked for query i     (beyond seqlen_k, causal, sliding window)
     p       = softmax_j(s),  o = p @ v,  lse[i] = log sum_j exp(s[i, j])
 
+Dropout (HAS_DROPOUT): o = (p * keep / (1 - p_drop)) @ v with lse that of the undropped scores;
+keep comes from Philox in registers (_dropout_keep), a function of (seed, head, query, key), so the
+backward passes redraw the forward's mask and nothing S x S is stored.
+
 Masks are bottom-right aligned as in flash_attn: with off = seqlen_k - seqlen_q, query i may see key
 j iff  i + off - left <= j <= i + off + right  (left/right = -1: unbounded). ``causal`` is the
 window (left, 0). A query that sees no key (causal with seqlen_q > seqlen_k) gets o = 0 and
@@ -126,6 +130,25 @@ def _alibi(s, slope2, offs_m, offs_n, off, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, bh, offs_m, n_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: True where attention dropout keeps the probability of query
+    offs_m[i] for key n_start + j (document-local positions) in head bh = batch * heads + head.
+    One Philox-4x32-10 call per 4 keys, counter (key // 4, query, bh, 0) and key ``seed``; key j
+    takes word j % 4 and is kept when that word >= threshold (round(p * 2^32)). The mask is a
+    function of (seed, bh, query, key) alone, never of the tiling, so the forward, both backward
+    passes and ops.attention's torch mirror (dropout_keep_reference) draw the same one. n_start
+    is a multiple of 4 (key blocks start on BLOCK_N >= 16)."""
+    groups = (n_start // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 4))
+    c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], (BLOCK_M, BLOCK_N // 4))
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, zero + tl.cast(bh, tl.uint32), zero)
+    # join(join(r0, r2), join(r1, r3))[.., a, b] is word 2a + b: flattened, key 4t + u takes word u.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return words >= tl.cast(threshold, tl.uint32)
+
+
+@triton.jit
 def _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[lo, hi) of key positions that rows m_start .. m_start + BLOCK_M - 1 may see, lo a
@@ -181,7 +204,8 @@ def _unmasked_range(lo, hi, m_start, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok, seqlen_k, off,
                qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs, kv_b, kv_h, HAS_LEFT: tl.constexpr,
                HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-               TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, slope2, HAS_ALIBI: tl.constexpr):
+               TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, slope2, HAS_ALIBI: tl.constexpr,
+               seed, bh, drop_threshold, BLOCK_M: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """One key block of the online softmax. MASK: the block straddles a causal/window edge or the
     seqlen_k tail (key bounds checked, masked scores at -inf); else no mask math at all. TMA:
     k_base / v_base are tensor descriptors of the (batch, seq, kv heads, dim) K and V, read in
@@ -213,6 +237,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if HAS_DROPOUT:  # the normaliser l_i sums every probability; only the output sees the mask
+        p = tl.where(_dropout_keep(seed, bh, offs_m, n_start, drop_threshold, BLOCK_M, BLOCK_N), p, 0.0)
     if TMA:
         v = v_base.load([kv_b, n_start, kv_h, 0]).reshape(BLOCK_N, BLOCK_D)
     elif MASK:
@@ -259,7 +285,10 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
+    SEED=0, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
 ):
+    # HAS_DROPOUT: attention dropout, probability p = DROP_THRESHOLD / 2^32; a kept probability
+    # is scaled by drop_scale = 1 / (1 - p) (see _dropout_keep); lse is that of the undropped scores.
     # ALIBI: fp32 slopes, one per (batch or document, query head) at ALIBI + b * stride_alb + h
     # (stride_alb 0: one per head), the bias -slope * |i + off - j| added to every score.
     # TMA (dense only): Q, K, V and O are tensor descriptors of the (batch, seq, heads, dim)
@@ -317,20 +346,22 @@ def _attn_fwd(
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
                                    b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D,
-                                   slope2, HAS_ALIBI)
+                                   slope2, HAS_ALIBI, SEED, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
     for n_start in range(whole_lo, whole_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
                                    b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False, TMA, BLOCK_N, BLOCK_D,
-                                   slope2, HAS_ALIBI)
+                                   slope2, HAS_ALIBI, SEED, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
     for n_start in range(whole_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
                                    b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D,
-                                   slope2, HAS_ALIBI)
+                                   slope2, HAS_ALIBI, SEED, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        acc = acc * drop_scale
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     if TMA:
         O.store([b, m_start, h32, 0], acc.to(q.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
@@ -400,6 +431,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
+    SEED=0, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
@@ -474,9 +506,16 @@ def _attn_bwd_dkdv(
             else:
                 do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
                              mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            dv += _dot(pT.to(do.dtype), do, UPCAST)
+            if HAS_DROPOUT:  # o used p * keep * scale: so do dv and dp (delta = do . o already does)
+                keepT = tl.trans(_dropout_keep(SEED, b * (KV_HEADS * GROUP) + h32, offs_m, n_start, DROP_THRESHOLD,
+                                               BLOCK_M, BLOCK_N))
+                dv += _dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, UPCAST)
+            else:
+                dv += _dot(pT.to(do.dtype), do, UPCAST)
             delta = tl.load(dl_base + rows, mask=m_ok, other=0.0)
             dpT = _dot(v, tl.trans(do), UPCAST)
+            if HAS_DROPOUT:
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
             dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)
@@ -528,6 +567,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
+    SEED=0, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
 ):
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
@@ -580,6 +620,9 @@ def _attn_bwd_dq(
             s = _alibi(s, slope2, offs_m, offs_n, off, False)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, vt, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(SEED, pid_bh, offs_m, n_start, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -940,13 +983,15 @@ def _scratch(launch, *outputs):
     return run
 
 
-def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch: int = 1, alibi: bool = False) -> tuple:
+def _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch: int = 1, alibi: bool = False,
+              dropout: bool = False) -> tuple:
     """dtype, features, GQA group, sequence buckets and a batch x heads bucket (how many programs
-    share the GPU changes which tile wins)."""
+    share the GPU changes which tile wins). Dropout enters the key only when on, so the cache
+    entries written before it existed still match."""
     left, right = window
     return (str(q.dtype).removeprefix("torch."), varlen, left >= 0, right >= 0, right == 0, softcap > 0, alibi,
-            q.shape[-2] // k.shape[-2], _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
-            _seq_bucket(batch * q.shape[-2]))
+            *(("dropout",) if dropout else ()), q.shape[-2] // k.shape[-2], _seq_bucket(max_seqlen_q),
+            _seq_bucket(max_seqlen_k), _seq_bucket(batch * q.shape[-2]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1038,13 +1083,23 @@ def _alibi_args(alibi) -> dict:
     return dict(ALIBI=alibi, stride_alb=alibi.stride(0) if alibi.dim() == 2 else 0, HAS_ALIBI=True)
 
 
+def _dropout_args(dropout) -> dict:
+    """The kernels' dropout arguments for ``dropout`` = (seed, threshold) (p = threshold / 2^32),
+    or None."""
+    if dropout is None:
+        return {}
+    seed, threshold = dropout
+    return dict(SEED=seed, DROP_THRESHOLD=threshold, drop_scale=2.0**32 / (2.0**32 - threshold), HAS_DROPOUT=True)
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      scale: float, window: tuple[int, int], softcap: float, alibi=None):
+                      scale: float, window: tuple[int, int], softcap: float, alibi=None, dropout=None):
     """(out, lse): out like q (contiguous), lse fp32 (batch, heads, seqlen_q) or (heads, total_q).
 
     Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
     cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0). ``alibi``:
-    contiguous fp32 slopes (hq,) or (batch, hq), or None."""
+    contiguous fp32 slopes (hq,) or (batch, hq), or None. ``dropout``: (seed, threshold) ints,
+    the probability p = threshold / 2^32 (see _dropout_keep), or None."""
     varlen = cu_seqlens_q is not None
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
@@ -1082,10 +1137,12 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
             GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
             UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg, **_alibi_args(alibi),
+            **_dropout_args(dropout),
         )
 
     with launch_device(q):
-        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch, alibi is not None)
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch, alibi is not None,
+                        dropout is not None)
         cfg = _select("_attn_fwd", d, q.device, key, _scratch(launch, out, lse))
         launch(cfg)
     return out, lse
@@ -1093,7 +1150,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                        max_seqlen_k: int, scale: float, window: tuple[int, int], softcap: float,
-                       deterministic: bool = True, alibi=None):
+                       deterministic: bool = True, alibi=None, dropout=None):
     """(dq, dk, dv), contiguous, in q/k/v's dtype.
 
     deterministic=False (the API's default, as in flash_attn), where :func:`fused_backward_runs`:
@@ -1118,7 +1175,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
     lse_strides = _lse_strides(lse, varlen)
     wide = _head_i64(q, k, v, do, out, lse, dq, dk, dv)
     common = dict(GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, UPCAST=INTERPRETED,
-                  HEAD_I64=wide, **_window_args(window), **_alibi_args(alibi))
+                  HEAD_I64=wide, **_window_args(window), **_alibi_args(alibi), **_dropout_args(dropout))
     cap = softcap if softcap > 0 else 1.0
     sq_blocks = max(max_seqlen_q, 1)
     with launch_device(q):
@@ -1168,7 +1225,8 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
             )
 
         # Candidates are timed into scratch buffers; the winner then writes the real outputs.
-        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch, alibi is not None)
+        key = _tune_key(q, k, window, softcap, varlen, max_seqlen_q, max_seqlen_k, batch, alibi is not None,
+                        dropout is not None)
         if fused:
             launch_dkdv(_select("_attn_bwd_fused", d, q.device, key, _scratch(launch_dkdv, dk, dv, dq_acc)))
             dq.copy_(dq_acc)  # the kernel added scale * ds @ k: only the rounding to q's dtype is left

@@ -231,7 +231,9 @@ def test_key_covers_flags_and_buckets():
               ak._tune_key(q, q, (-1, 0), 0.0, False, 1000, 1000),
               ak._tune_key(q.half(), k.half(), (-1, 0), 0.0, False, 1000, 1000),
               ak._tune_key(q, k, (-1, 0), 0.0, False, 3000, 1000),
-              ak._tune_key(q, k, (-1, 0), 0.0, False, 1000, 1000, batch=64)]  # batch x heads
+              ak._tune_key(q, k, (-1, 0), 0.0, False, 1000, 1000, batch=64),  # batch x heads
+              ak._tune_key(q, k, (-1, 0), 0.0, False, 1000, 1000, alibi=True),
+              ak._tune_key(q, k, (-1, 0), 0.0, False, 1000, 1000, dropout=True)]
     assert len({base, *others}) == len(others) + 1
     assert ak._tune_key(q, k, (-1, 0), 0.0, False, 10**6, 10**6)[-3:-1] == (ak.SEQ_BUCKET_CAP,) * 2
 

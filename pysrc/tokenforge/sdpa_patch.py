@@ -5,8 +5,9 @@
     tokenforge.sdpa_patch.install()        # or a whole script (uninstall() undoes it)
 
 A call is routed when the kernel computes exactly what SDPA would: 4-D (batch, heads, seq, dim)
-fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask; dropout_p == 0;
-is_causal only with seqlen_q == seqlen_k (SDPA aligns its causal mask to the top left, flash_attn
+fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask; dropout_p in [0, 1)
+(the kernel's own dropout: SDPA's semantics, tokenforge's Philox mask, so not SDPA's random
+numbers); is_causal only with seqlen_q == seqlen_k (SDPA aligns its causal mask to the top left, flash_attn
 and tokenforge to the bottom right: they agree only on square masks); heads_q == heads_kv, or
 heads_q % heads_kv == 0 with enable_gqa=True; a head dim the kernel has tiles for (no padding). Every other call goes
 to the original function untouched (same arguments, same errors). SDPA's layout is read through
@@ -37,8 +38,8 @@ def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         return "non-tensor inputs"
     if attn_mask is not None:
         return "attn_mask"
-    if dropout_p != 0.0:
-        return "dropout"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        return "dropout_p outside [0, 1)"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return "not 4-D"
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float16, torch.bfloat16):
@@ -73,8 +74,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     from tokenforge.ops.attention import attention
 
     stats["routed"] += 1
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),
-                    softmax_scale=None if scale is None else float(scale), backend="triton")
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), float(dropout_p),
+                    causal=bool(is_causal), softmax_scale=None if scale is None else float(scale), backend="triton")
     return out.transpose(1, 2)
 
 

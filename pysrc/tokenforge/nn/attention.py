@@ -18,24 +18,29 @@ from tokenforge.ops.attention import attention
 class Attention(torch.nn.Module):
     """Fused attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d); fp16/bf16 on the kernel.
     ``alibi_slopes``: fp32 (hq,) ALiBi slopes (``tokenforge.ops.alibi_slopes(heads)`` gives
-    the paper's), kept as a buffer so they follow the module's device."""
+    the paper's), kept as a buffer so they follow the module's device. ``dropout``: attention
+    dropout probability, applied in training mode only (as torch.nn.Dropout)."""
 
     def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None,
                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, deterministic: bool = False,
-                 backend: Optional[str] = None, alibi_slopes: Optional[torch.Tensor] = None):
+                 backend: Optional[str] = None, alibi_slopes: Optional[torch.Tensor] = None, dropout: float = 0.0):
         super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Attention: dropout must be a float in [0, 1), got {dropout!r}")
         self.causal, self.softmax_scale, self.window = causal, softmax_scale, tuple(window)
         self.softcap, self.deterministic, self.backend = softcap, deterministic, backend
+        self.dropout = float(dropout)
         self.register_buffer("alibi_slopes", None if alibi_slopes is None else alibi_slopes.float(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale, window=self.window,
-                         softcap=self.softcap, alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
-                         backend=self.backend)
+        return attention(q, k, v, self.dropout if self.training else 0.0, causal=self.causal,
+                         softmax_scale=self.softmax_scale, window=self.window, softcap=self.softcap,
+                         alibi_slopes=self.alibi_slopes, deterministic=self.deterministic, backend=self.backend)
 
     def extra_repr(self) -> str:
         alibi = ", alibi" if self.alibi_slopes is not None else ""
-        return f"causal={self.causal}, window={self.window}, softcap={self.softcap}{alibi}"
+        dropout = f", dropout={self.dropout:g}" if self.dropout else ""
+        return f"causal={self.causal}, window={self.window}, softcap={self.softcap}{alibi}{dropout}"
 
 
 class MultiHeadAttention(torch.nn.Module):

@@ -1,5 +1,6 @@
 """Fused scaled-dot-product attention (FlashAttention-2 style), dense and varlen, with GQA/MQA,
-bottom-right causal masks, sliding windows and softcapping; the API mirrors flash_attn.
+bottom-right causal masks, sliding windows, softcapping, ALiBi and attention dropout; the API
+mirrors flash_attn.
 
 Path of a call: :func:`attention` / :func:`attention_varlen` validate and pick a backend ->
 :class:`AttentionFunction` (autograd; saves q, k, v, out and the fp32 lse, never the scores) ->
@@ -60,14 +61,62 @@ def _alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, compute: tor
     return -per[:, :, None, None] * dist
 
 
-def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype,
-                     alibi: Optional[torch.Tensor] = None):
-    """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``;
-    ``alibi`` slopes (hq,) or (b, hq) add their bias after the softcap."""
+# Attention dropout: p is carried as threshold = round(p * 2^32); a probability is dropped when its
+# 32-bit Philox word is below the threshold, so the keep rate is exactly 1 - threshold / 2^32 and
+# kept probabilities are scaled by 2^32 / (2^32 - threshold). The Triton kernels draw the words in
+# kernels/attention.py (_dropout_keep); dropout_keep_reference below draws the same ones in torch.
+_U32 = 0xFFFFFFFF
+
+
+def dropout_threshold(p: float) -> int:
+    """The 32-bit threshold of dropout probability p in [0, 1)."""
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
+
+
+def _mul_u32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * b for uint32 values held in int64, from 16-bit pieces (no
+    int64 overflow, so the same on every device)."""
+    ah, al = a >> 16, a & 0xFFFF
+    bh, bl = b >> 16, b & 0xFFFF
+    mid = ah * bl + al * bh
+    low = al * bl
+    return (ah * bh + ((mid + (low >> 16)) >> 16)) & _U32, (((mid & 0xFFFF) << 16) + low) & _U32
+
+
+def _philox_4x32(seed: int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32-10 (Salmon et al., 2011) of int64 tensors holding uint32 counters, keyed by the
+    64-bit seed: Triton's tl.random.philox, bit for bit."""
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mul_u32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul_u32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_reference(seed: int, threshold: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+                           device=None, first_batch: int = 0) -> torch.Tensor:
+    """(batch, heads, seqlen_q, seqlen_k) bool, True where the kernels' dropout keeps a probability:
+    query i, key j of head h in batch entry (or varlen document) first_batch + b draws Philox word
+    j % 4 of counter (j // 4, i, (first_batch + b) * heads + h, 0) and keeps it when the word is
+    >= threshold."""
+    i = torch.arange(seqlen_q, device=device, dtype=torch.int64)[:, None]
+    j = torch.arange(seqlen_k, device=device, dtype=torch.int64)[None, :]
+    bh = (first_batch * heads + torch.arange(batch * heads, device=device, dtype=torch.int64))[:, None, None]
+    shape = (batch * heads, seqlen_q, seqlen_k)
+    words = torch.stack(_philox_4x32(seed, (j >> 2).expand(shape), i.expand(shape), bh.expand(shape),
+                                     torch.zeros(shape, dtype=torch.int64, device=device)), -1)
+    word = words.gather(-1, (j & 3).expand(shape)[..., None])[..., 0]
+    return (word >= threshold).view(batch, heads, seqlen_q, seqlen_k)
+
+
+def _reference_scores(q, k, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype,
+                      alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(b, hq, sq, sk) scores in ``compute``: scaled q.k, softcapped, ALiBi-biased, masked to -inf."""
     group = q.shape[2] // k.shape[2]
     qc = q.to(compute).transpose(1, 2)
     kc = k.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
-    vc = v.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
     s = (qc @ kc.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -76,6 +125,17 @@ def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: fl
     keep = _keep_mask(q.shape[1], k.shape[1], window, q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype,
+                     alibi: Optional[torch.Tensor] = None, dropout: Optional[tuple[int, int, int]] = None):
+    """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``;
+    ``alibi`` slopes (hq,) or (b, hq) add their bias after the softcap; ``dropout`` =
+    (seed, threshold, first batch index) drops probabilities as the kernels do (lse undropped)."""
+    group = q.shape[2] // k.shape[2]
+    vc = v.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
+    s = _reference_scores(q, k, scale, window, softcap, compute, alibi)
     # A row with every key masked has max -inf: subtract 0 instead so exp gives 0, not NaN.
     if s.shape[-1] == 0:  # a varlen document with no keys: every row is empty
         m = s.new_zeros(s.shape[:-1] + (1,))
@@ -86,10 +146,55 @@ def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: fl
     denom = p.sum(-1, keepdim=True)
     empty = denom == 0
     safe = torch.where(empty, torch.ones_like(denom), denom)
+    if dropout is not None:
+        seed, threshold, first = dropout
+        keep = dropout_keep_reference(seed, threshold, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device, first)
+        p = torch.where(keep, p * (2.0**32 / (2.0**32 - threshold)), torch.zeros_like(p))
     out = (p @ vc) / safe
     lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(safe)).squeeze(-1)
     lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
     return out.transpose(1, 2).to(q.dtype), lse.to(lse_dtype)
+
+
+def _fa2_block_n(head_dim: int, dropout: bool, causal: bool, device: torch.device) -> int:
+    """The key-block width of flash_attn 2's S_dmask layout on this device (its forward tile: the
+    running max a stored probability was scaled by changes from one such block to the next)."""
+    if head_dim <= 32:
+        return 128
+    if head_dim <= 64:
+        return 64 if dropout else 128
+    if head_dim <= 96 or head_dim > 128:
+        return 64
+    sm8x = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8 \
+        and torch.cuda.get_device_capability(device)[1] > 0
+    return 64 if not dropout and (causal or not sm8x) else 32
+
+
+def _attn_probs_fa2(q, k, scale: float, window: tuple[int, int], softcap: float, alibi, dropout, rows: int,
+                    cols: int) -> torch.Tensor:
+    """flash_attn's S_dmask for one dense call: (b, hq, rows, cols) in q's dtype, zero past
+    (seqlen_q, seqlen_k). Entry (i, j) is exp(s_ij - M), M the largest score of key blocks j's block
+    and after (flash_attn walks key blocks last to first, so that is the running max it scaled by),
+    negative where dropout dropped it. Normalising, as flash_attn's tests do, gives the softmax."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = _reference_scores(q, k, scale, window, softcap, compute, alibi)
+    sq, sk = s.shape[-2:]
+    out = torch.zeros(s.shape[:2] + (rows, cols), dtype=q.dtype, device=q.device)
+    if sk == 0 or sq == 0:
+        return out
+    width = _fa2_block_n(q.shape[-1], dropout is not None, window == (-1, 0), q.device)
+    nb = -(-sk // width)
+    padded = torch.nn.functional.pad(s, (0, nb * width - sk), value=float("-inf"))
+    block_max = padded.view(*s.shape[:-1], nb, width).amax(-1)
+    running = block_max.flip(-1).cummax(-1).values.flip(-1).repeat_interleave(width, -1)[..., :sk]
+    running = torch.where(torch.isfinite(running), running, torch.zeros_like(running))
+    a = torch.exp(s - running)
+    if dropout is not None:
+        seed, threshold, first = dropout
+        keep = dropout_keep_reference(seed, threshold, q.shape[0], q.shape[2], sq, sk, q.device, first)
+        a = torch.where(keep, a, -a)
+    out[:, :, :sq, :sk] = a.to(q.dtype)
+    return out
 
 
 def sdpa_can_run(seqlen_q: int, seqlen_k: int, window: tuple[int, int], softcap: float, return_lse: bool) -> bool:
@@ -101,17 +206,19 @@ def sdpa_can_run(seqlen_q: int, seqlen_k: int, window: tuple[int, int], softcap:
     return softcap <= 0 and not return_lse and seqlen_k > 0 and (right < 0 or seqlen_k - seqlen_q + right >= 0)
 
 
-def sdpa_dense(q, k, v, scale: float, window: tuple[int, int]) -> torch.Tensor:
+def sdpa_dense(q, k, v, scale: float, window: tuple[int, int], dropout_p: float = 0.0) -> torch.Tensor:
     """Attention through F.scaled_dot_product_attention on (b, s, h, d) tensors: causal as SDPA's
     own flag when the mask is its top-left one (seqlen_q == seqlen_k), any other window as a
-    bottom-right aligned boolean mask. Call only where :func:`sdpa_can_run` says so."""
+    bottom-right aligned boolean mask; dropout_p is SDPA's own (its RNG, not the kernels' mask).
+    Call only where :func:`sdpa_can_run` says so."""
     sq, sk = q.shape[1], k.shape[1]
     causal_square = window == (-1, 0) and sq == sk
     mask = None if causal_square else _keep_mask(sq, sk, window, q.device)
     # The builtin behind F.scaled_dot_product_attention, called directly: tokenforge.patch_sdpa
     # replaces the Python name and must never route this call back here.
     out = torch._C._nn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=causal_square, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+                                         dropout_p=dropout_p, is_causal=causal_square, scale=scale,
+                                         enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)
 
 
@@ -123,13 +230,17 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
 
 def attention_reference(q, k, v, causal: bool = False, softmax_scale: Optional[float] = None,
                         window: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False,
-                        upcast: bool = True, alibi_slopes: Optional[torch.Tensor] = None):
+                        upcast: bool = True, alibi_slopes: Optional[torch.Tensor] = None,
+                        dropout: Optional[tuple[int, int]] = None):
     """Plain PyTorch attention over q (b, sq, hq, d), k/v (b, sk, hkv, d): materialises the
     (sq, sk) scores. Math in fp32 (float64 for float64 inputs; the input dtype with upcast=False,
-    the low-precision baseline of the error bounds). Returns out, or (out, lse (b, hq, sq))."""
+    the low-precision baseline of the error bounds). ``dropout`` = (seed, threshold) drops
+    probabilities with the kernels' mask (:func:`dropout_keep_reference`). Returns out, or
+    (out, lse (b, hq, sq))."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _reference_dense(q, k, v, scale, _fold_causal(causal, window), softcap,
-                                _compute_dtype(q.dtype, upcast), alibi_slopes)
+                                _compute_dtype(q.dtype, upcast), alibi_slopes,
+                                None if dropout is None else (*dropout, 0))
     return (out, lse) if return_lse else out
 
 
@@ -137,9 +248,11 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                causal: bool = False, softmax_scale: Optional[float] = None,
                                window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                                return_lse: bool = False, upcast: bool = True,
-                               alibi_slopes: Optional[torch.Tensor] = None):
+                               alibi_slopes: Optional[torch.Tensor] = None,
+                               dropout: Optional[tuple[int, int]] = None):
     """:func:`attention_reference` per document of packed q (total_q, hq, d), k/v (total_k, hkv, d);
-    lse is (hq, total_q). Reads cu_seqlens on the host (a sync: a reference, not a hot path)."""
+    lse is (hq, total_q). Reads cu_seqlens on the host (a sync: a reference, not a hot path).
+    ``dropout`` = (seed, threshold): the kernels' dropout, document b drawing as batch entry b."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     compute = _compute_dtype(q.dtype, upcast)
@@ -148,7 +261,7 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     for b in range(len(cq) - 1):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, l = _reference_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                scale, win, softcap, compute, slopes)
+                                scale, win, softcap, compute, slopes, None if dropout is None else (*dropout, b))
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs, 0) if outs else q.new_empty(q.shape)
@@ -265,14 +378,9 @@ def _pad_head_dim(q, k, v):
 
 
 def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slopes, return_attn_probs):
-    """flash_attn's keywords, for code ported from it: window_size is window; what this attention
-    does not do is refused with what to do instead. Returns the window."""
+    """flash_attn's keywords, for code ported from it: window_size is window. Returns the window."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0.0:
-        raise ValueError(f"{name}: dropout_p={dropout_p} is not supported: the kernel has no attention dropout "
-                         "(LLaMA-style pretraining uses none); pass dropout_p=0.0, or use "
-                         "torch.nn.functional.scaled_dot_product_attention for attention dropout")
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"{name}: return_attn_probs must be True or False, got {return_attn_probs!r}")
     if window_size is not None:
@@ -336,10 +444,20 @@ backends.register_op(
 LAUNCHERS = backends.Launchers(OP, triton="tokenforge.kernels.attention", cuda="tokenforge.cuda.attention")
 
 
-def _alibi_kwarg(alibi_slopes: Optional[torch.Tensor]) -> dict:
-    """The launcher keyword for ALiBi slopes: only the Triton launchers take one (the cuda backend
-    refuses ALiBi before it launches)."""
-    return {} if alibi_slopes is None else {"alibi": alibi_slopes}
+def _feature_kwargs(alibi_slopes: Optional[torch.Tensor], dropout_p: float, dropout_seed: Optional[torch.Tensor]) -> dict:
+    """The launcher keywords of what only the Triton launchers take (the cuda backend refuses both
+    before it launches): ALiBi slopes, and dropout as (seed, threshold)."""
+    kw = {} if alibi_slopes is None else {"alibi": alibi_slopes}
+    if dropout_p > 0.0:
+        kw["dropout"] = (int(dropout_seed), dropout_threshold(dropout_p))
+    return kw
+
+
+def _dropout_seed() -> torch.Tensor:
+    """A fresh seed for one call's dropout mask, a CPU int64 scalar tensor (reading it is no device
+    sync) drawn from torch's default generator: torch.manual_seed makes masks reproducible, and
+    activation checkpointing, which restores that generator for its recompute, redraws the same one."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -350,15 +468,18 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                   cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   window_left: int, window_right: int, softcap: float, backend: str,
-                  alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                  dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # dropout_seed: the CPU int64 scalar of _dropout_seed (an input, so the op is a function of its
+    # arguments and the backward redraws the forward's mask).
     return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                  scale, (window_left, window_right), softcap,
-                                                 **_alibi_kwarg(alibi_slopes))
+                                                 **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      softcap, backend, alibi_slopes=None):
+      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -366,19 +487,21 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
-                  softcap: float, deterministic: bool, backend: str, alibi_slopes: Optional[torch.Tensor] = None
+                  softcap: float, deterministic: bool, backend: str, alibi_slopes: Optional[torch.Tensor] = None,
+                  dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # deterministic=False lets a backward add dq with atomics in one pass (Triton on sm_90 at d <= 64,
     # always the cuda backend); True takes Triton's two-pass backward, bitwise reproducible (the op
     # layer refuses True for cuda: check_call).
     return LAUNCHERS[backend].attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, scale, (window_left, window_right), softcap,
-                                                  deterministic, **_alibi_kwarg(alibi_slopes))
+                                                  deterministic,
+                                                  **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, softcap, deterministic, backend, alibi_slopes=None):
+      window_right, softcap, deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -392,42 +515,48 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap,
-                deterministic, backend, alibi_slopes=None):
+                deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         out, lse = torch.ops.tokenforge.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, scale, window[0], window[1], softcap, backend,
-                                                      alibi_slopes)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+                                                      alibi_slopes, dropout_p, dropout_seed)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, window[0], window[1], softcap, deterministic, backend)
+        ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, dropout_seed = ctx.saved_tensors
         dout = _unit_last(dout.to(q.dtype))
-        dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes,
+                                                        ctx.dropout_p, dropout_seed)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None):
+def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None,
+                dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None):
     """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
     if name == "cuda":  # what the CUDA C++ kernels do not do, refused before anything runs
         from tokenforge.cuda import attention as cuda_attention
 
         cuda_attention.check_call(softcap, scale, deterministic)
-        if alibi is not None:
-            raise ValueError("attention: backend='cuda' has no ALiBi; use backend='triton' (the default) for "
-                             "alibi_slopes")
+        for feature, used in (("ALiBi", alibi is not None), ("attention dropout", dropout_p > 0.0)):
+            if used:
+                raise ValueError(f"attention: backend='cuda' has no {feature}; use backend='triton' (the default) "
+                                 "for it")
     qp, kp, vp, d = _pad_head_dim(q, k, v)
     out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
-                                       name, alibi)
+                                       name, alibi, dropout_p, dropout_seed)
     return (out[..., :d] if out.shape[-1] != d else out), lse
 
 
-def _returns(out, lse, return_lse: bool, return_attn_probs: bool):
-    if return_attn_probs:  # flash_attn's (out, softmax_lse, S_dmask): no dropout, so no mask
-        return out, lse, None
+def _returns(out, lse, return_lse: bool, return_attn_probs: bool, attn_probs=None):
+    """flash_attn's return_attn_probs gives (out, softmax_lse, S_dmask), S_dmask None without
+    dropout (flash_attn returns no probabilities then either)."""
+    if return_attn_probs:
+        return out, lse, attn_probs
     return (out, lse) if return_lse else out
 
 
@@ -441,13 +570,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with return_lse. causal is bottom-right
     aligned; window (or flash_attn's window_size) = (left, right), -1 unbounded; softcap > 0 caps
     scores at softcap * tanh(s / softcap); alibi_slopes, fp32 (hq,) or (b, hq), add flash_attn's ALiBi
-    bias -slope * |i + sk - sq - j| to the (capped) score of query i and key j. ``backend`` forces
-    triton, cuda (CUDA C++, sm_90a: bf16, d 64/128, no softcap or ALiBi, dq by atomics so
-    deterministic=True is refused) or torch.
+    bias -slope * |i + sk - sq - j| to the (capped) score of query i and key j. dropout_p drops
+    each attention probability with that probability and scales the kept ones by 1 / (1 - p), as
+    flash_attn and SDPA do (lse stays the undropped one); the mask is Philox's, seeded from torch's
+    default generator (torch.manual_seed reproduces it; activation checkpointing redraws it).
+    ``backend`` forces triton, cuda (CUDA C++, sm_90a: bf16, d 64/128, no softcap, ALiBi or
+    dropout, dq by atomics so deterministic=True is refused) or torch (on CUDA that is SDPA, with
+    SDPA's own dropout mask, where SDPA can express the call).
 
     The positional order and keywords are flash_attn_func's, so ported code runs unchanged:
-    dropout_p must be 0 (refused otherwise, with what to do), and return_attn_probs=True returns
-    (out, lse, None) (flash_attn's third value is its dropout mask)."""
+    return_attn_probs=True returns (out, lse, S_dmask), S_dmask flash_attn 2's (b, hq, sq, sk)
+    probabilities (rounded up to 128) with the dropped ones negative, for testing (it materialises
+    the scores), or None when dropout_p is 0, as flash_attn."""
     window = _check_flash_attn_keywords("attention", dropout_p, window, window_size, alibi_slopes,
                                         return_attn_probs)
     _check_common("attention", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale, window,
@@ -461,15 +595,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
     want_lse = return_lse or return_attn_probs
+    p = float(dropout_p)
     if name == "torch" and q.is_cuda and q.numel() and alibi is None and sdpa_can_run(q.shape[1], k.shape[1], win,
                                                                                       softcap, want_lse):
-        return sdpa_dense(q, k, v, scale, win)
+        return sdpa_dense(q, k, v, scale, win, p)
+    seed = _dropout_seed() if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
-        out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True), alibi)
+        out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True), alibi,
+                                    _reference_dropout(p, seed, 0))
     else:
         out, lse = _run_kernel(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
-                               bool(deterministic), name, alibi)
-    return _returns(out, lse, return_lse, return_attn_probs)
+                               bool(deterministic), name, alibi, p, seed)
+    probs = None
+    if return_attn_probs and seed is not None:
+        probs = _attn_probs_fa2(q, k, scale, win, float(softcap), alibi, _reference_dropout(p, seed, 0),
+                                _round128(q.shape[1]), _round128(k.shape[1]))
+    return _returns(out, lse, return_lse, return_attn_probs, probs)
+
+
+def _round128(n: int) -> int:
+    return -(-n // 128) * 128
+
+
+def _reference_dropout(p: float, seed: Optional[torch.Tensor], first_batch: int):
+    """The torch reference's dropout argument (seed, threshold, first batch index), or None. Only
+    the reference paths read the seed as an int (the kernel path hands the tensor to the op, so
+    torch.compile sees no .item())."""
+    return None if seed is None else (int(seed), dropout_threshold(p), first_batch)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -496,13 +648,34 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
+    p = float(dropout_p)
+    seed = _dropout_seed() if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
+        drop = None if seed is None else _reference_dropout(p, seed, 0)[:2]
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
-                                              softcap=float(softcap), return_lse=True, alibi_slopes=alibi)
+                                              softcap=float(softcap), return_lse=True, alibi_slopes=alibi,
+                                              dropout=drop)
     else:
         out, lse = _run_kernel(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
-                               float(softcap), bool(deterministic), name, alibi)
-    return _returns(out, lse, return_lse, return_attn_probs)
+                               float(softcap), bool(deterministic), name, alibi, p, seed)
+    probs = None
+    if return_attn_probs and seed is not None:
+        probs = _attn_probs_varlen(q, k, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
+                                   float(softcap), alibi, _reference_dropout(p, seed, 0)[:2])
+    return _returns(out, lse, return_lse, return_attn_probs, probs)
+
+
+def _attn_probs_varlen(q, k, cu_q, cu_k, max_seqlen_q: int, max_seqlen_k: int, scale, win, softcap, alibi, drop):
+    """flash_attn's varlen S_dmask: (documents, hq, max_seqlen_q, max_seqlen_k) rounded up to 128,
+    document b's probabilities at its top left (:func:`_attn_probs_fa2` per document)."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    rows, cols = _round128(max_seqlen_q), _round128(max_seqlen_k)
+    docs = []
+    for b in range(len(cq) - 1):
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
+        docs.append(_attn_probs_fa2(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], scale, win, softcap, slopes,
+                                    (*drop, b), rows, cols))
+    return torch.cat(docs, 0)
 
 
 def _unpack(name: str, packed, count: int, layout: str):
