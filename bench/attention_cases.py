@@ -48,10 +48,12 @@ class Case(harness.CaseId):
     causal: bool
     dtype: torch.dtype = torch.bfloat16
     headline: bool = False
+    dropout: float = 0.0  # attention dropout_p (every backend draws its own mask)
 
     @property
     def shape(self) -> str:
-        return f"b{self.batch}-s{self.seqlen}-h{self.heads}-d{self.head_dim}" + ("-causal" if self.causal else "")
+        return (f"b{self.batch}-s{self.seqlen}-h{self.heads}-d{self.head_dim}" + ("-causal" if self.causal else "")
+                + (f"-drop{self.dropout:g}" if self.dropout else ""))
 
     def flops(self) -> float:
         f = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
@@ -63,8 +65,11 @@ class Case(harness.CaseId):
 def cases(device) -> list[Case]:
     """The headline (fwd bf16 d128 causal 16k) first, then seqlen 1k/4k/8k/16k x d 64/128 x causal."""
     if harness.sizes_mode(device) == "tiny":
-        return [Case("fwd_bwd", 1, 64, 2, 64, True, headline=True), Case("fwd", 1, 64, 2, 64, False)]
-    out = [Case("fwd", 1, 16384, 16, 128, True, headline=True), Case("fwd_bwd", 1, 16384, 16, 128, True)]
+        return [Case("fwd_bwd", 1, 64, 2, 64, True, headline=True), Case("fwd", 1, 64, 2, 64, False),
+                Case("fwd_bwd", 1, 64, 2, 64, True, dropout=0.1)]
+    out = [Case("fwd", 1, 16384, 16, 128, True, headline=True), Case("fwd_bwd", 1, 16384, 16, 128, True),
+           # attention dropout (fine-tuning recipes, nanoGPT's char model): the Philox mask's cost
+           Case("fwd_bwd", 4, 4096, 16, 128, True, dropout=0.1)]
     for seqlen in (1024, 4096, 8192, 16384):
         for d in (128, 64):
             for causal in (True, False):
@@ -80,8 +85,8 @@ def backends_for(device) -> tuple[str, ...]:
     return harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
 
 
-def make_op(backend: str, device: torch.device) -> Callable:
-    """``op(q, k, v, causal) -> out`` in (b, s, h, d) layout."""
+def make_op(backend: str, device: torch.device, dropout: float = 0.0) -> Callable:
+    """``op(q, k, v, causal) -> out`` in (b, s, h, d) layout, with attention dropout ``dropout``."""
     import torch.nn.functional as F
 
     if backend in ("triton", "triton_deterministic"):
@@ -90,17 +95,19 @@ def make_op(backend: str, device: torch.device) -> Callable:
         from tokenforge.ops.attention import attention
 
         deterministic = backend == "triton_deterministic"
-        return lambda q, k, v, causal: attention(q, k, v, causal=causal, deterministic=deterministic,
+        return lambda q, k, v, causal: attention(q, k, v, dropout, causal=causal, deterministic=deterministic,
                                                  backend="triton")
     if backend == "cuda":
         if device.type != "cuda":
             raise BackendUnavailable("the CUDA C++ attention needs an sm_90 GPU")
+        if dropout:
+            raise BackendUnavailable("the CUDA C++ attention has no dropout")
         from tokenforge.ops.attention import attention
 
         return lambda q, k, v, causal: attention(q, k, v, causal=causal, backend="cuda")
     if backend == "flash_attn":
         flash_attn_func = harness.peer_import("flash_attn", "flash_attn", "pip install flash-attn").flash_attn_func
-        return lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+        return lambda q, k, v, causal: flash_attn_func(q, k, v, dropout, causal=causal)
     if backend.startswith("sdpa"):
         kind = backend[len("sdpa_"):] if backend != "sdpa" else None
         if kind is not None and device.type != "cuda":
@@ -109,14 +116,14 @@ def make_op(backend: str, device: torch.device) -> Callable:
         def op(q, k, v, causal):
             args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             if kind is None:
-                return F.scaled_dot_product_attention(*args, is_causal=causal).transpose(1, 2)
+                return F.scaled_dot_product_attention(*args, dropout_p=dropout, is_causal=causal).transpose(1, 2)
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                      "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
             with sdpa_kernel([which]):
                 try:
-                    return F.scaled_dot_product_attention(*args, is_causal=causal).transpose(1, 2)
+                    return F.scaled_dot_product_attention(*args, dropout_p=dropout, is_causal=causal).transpose(1, 2)
                 except RuntimeError as exc:
                     # torch's own word that this SDPA backend does not take these inputs here
                     # (e.g. cuDNN missing from the build); any other error is a failure.
@@ -130,11 +137,14 @@ def make_op(backend: str, device: torch.device) -> Callable:
 
 def prepare(case: Case, backend: str, device) -> Prepared:
     """Inputs, one checked call, and the timed closure. Correctness: against SDPA in fp32 on the
-    same inputs (the float64 oracle is too big at these sizes; the test suite does that)."""
+    same inputs (the float64 oracle is too big at these sizes; the test suite does that). With
+    dropout, tokenforge's kernels against the fp32 reference dropping with their own mask (batch
+    entry 0); the baselines' masks are their own random numbers, so their results are not checked
+    (their libraries' tests do that), only timed."""
     device = torch.device(device)
     if backend == "triton_deterministic" and case.pass_ == "fwd":
         raise BackendUnavailable("deterministic changes the backward only; the forward is triton's")
-    op = make_op(backend, device)
+    op = make_op(backend, device, case.dropout)
     b, s, h, d = case.batch, case.seqlen, case.heads, case.head_dim
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=case.dtype) for _ in range(3))
     dout = torch.randn(b, s, h, d, device=device, dtype=case.dtype)
@@ -150,8 +160,14 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         out = op(qg, kg, vg, case.causal)
         return out, torch.autograd.grad(out, (qg, kg, vg), dout)
 
+    torch.manual_seed(0)  # the seed the first call's dropout draws (tokenforge takes it from this generator)
     out, grads = harness.first_call(first, device)
     peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else None
+    if case.dropout:
+        errs = _dropout_errors(case, backend, q, k, v, dout, out, grads) if backend.startswith("triton") else {}
+        del out, grads
+        return Prepared(case, backend, device, _timed(case, op, (q, k, v), (qg, kg, vg), dout), errs,
+                        harness.tolerance(case.dtype), {"peak_mem_bytes": peak})
 
     # Reference: fp32 math on a slice of heads (SDPA's math/efficient path in fp32).
     import torch.nn.functional as F
@@ -165,15 +181,37 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
             errs[name] = harness.rel_err(g[:, :, hs], r.transpose(1, 2))
     del ref, out
+    return Prepared(case, backend, device, _timed(case, op, (q, k, v), (qg, kg, vg), dout), errs,
+                    harness.tolerance(case.dtype), {"peak_mem_bytes": peak})
 
+
+def _timed(case: Case, op: Callable, inputs, leaves, dout) -> Callable:
+    """The timed closure: the forward, or forward + backward into the leaves' gradients."""
     if case.pass_ == "fwd":
-        def fn():
-            return op(q, k, v, case.causal)
-    else:
-        def fn():
-            o = op(qg, kg, vg, case.causal)
-            return torch.autograd.grad(o, (qg, kg, vg), dout)
-    return Prepared(case, backend, device, fn, errs, harness.tolerance(case.dtype), {"peak_mem_bytes": peak})
+        return lambda: op(*inputs, case.causal)
+
+    def fn():
+        o = op(*leaves, case.causal)
+        return torch.autograd.grad(o, leaves, dout)
+
+    return fn
+
+
+def _dropout_errors(case: Case, backend: str, q, k, v, dout, out, grads) -> dict:
+    """Relative errors of tokenforge's dropout call against the fp32 reference dropping the same
+    entries (:func:`tokenforge.ops.attention.dropout_keep_reference`), on batch entry 0."""
+    from tokenforge.ops.attention import _dropout_seed, attention_reference, dropout_threshold
+
+    torch.manual_seed(0)
+    seed = int(_dropout_seed())
+    leaves = [t[:1].float().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*leaves, causal=case.causal, dropout=(seed, dropout_threshold(case.dropout)))
+    errs = {"out": harness.rel_err(out[:1].detach(), ref.detach())}
+    if case.pass_ == "fwd_bwd":
+        ref_grads = torch.autograd.grad(ref, leaves, dout[:1].float())
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            errs[name] = harness.rel_err(g[:1], r)
+    return errs
 
 
 def make_record(prep: Prepared, stats: dict, matmul: Optional[float]) -> dict:

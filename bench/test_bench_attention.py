@@ -1,6 +1,7 @@
 """Attention microbenchmarks (pytest-benchmark): forward and forward+backward vs SDPA's flash,
 efficient and cuDNN backends and flash_attn (when installed), bf16, seqlen 1k-16k, head_dim 64/128,
-causal and not. Records TFLOP/s (flash_attn convention), the fraction of a bf16 matmul measured in
+causal and not, and one attention-dropout case (0.1; each library draws its own mask, so only
+tokenforge's result is checked, against the reference with its mask). Records TFLOP/s (flash_attn convention), the fraction of a bf16 matmul measured in
 the same run, peak memory, and speedups over the baselines. Tiny on CPU (proves the code runs).
 
     pytest bench/test_bench_attention.py --benchmark-json=bench.json
