@@ -203,7 +203,7 @@ def _dropout_errors(case: Case, backend: str, q, k, v, dout, out, grads) -> dict
     from tokenforge.ops.attention import _dropout_seed, attention_reference, dropout_threshold
 
     torch.manual_seed(0)
-    seed = int(_dropout_seed())
+    seed = int(_dropout_seed(q.device))
     leaves = [t[:1].float().requires_grad_() for t in (q, k, v)]
     ref = attention_reference(*leaves, causal=case.causal, dropout=(seed, dropout_threshold(case.dropout)))
     errs = {"out": harness.rel_err(out[:1].detach(), ref.detach())}

@@ -285,10 +285,11 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
-    SEED=0, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
+    SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
 ):
     # HAS_DROPOUT: attention dropout, probability p = DROP_THRESHOLD / 2^32; a kept probability
     # is scaled by drop_scale = 1 / (1 - p) (see _dropout_keep); lse is that of the undropped scores.
+    # SEED points at the call's int64 seed, drawn on q's device (read here: no host sync).
     # ALIBI: fp32 slopes, one per (batch or document, query head) at ALIBI + b * stride_alb + h
     # (stride_alb 0: one per head), the bias -slope * |i + off - j| added to every score.
     # TMA (dense only): Q, K, V and O are tensor descriptors of the (batch, seq, heads, dim)
@@ -319,6 +320,9 @@ def _attn_fwd(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     if TMA:
         q = Q.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -346,17 +350,17 @@ def _attn_fwd(
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
                                    b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D,
-                                   slope2, HAS_ALIBI, SEED, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
+                                   slope2, HAS_ALIBI, seed, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
     for n_start in range(whole_lo, whole_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
                                    b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, False, TMA, BLOCK_N, BLOCK_D,
-                                   slope2, HAS_ALIBI, SEED, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
+                                   slope2, HAS_ALIBI, seed, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
     for n_start in range(whole_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, n_start, offs_m, offs_n0, offs_d, d_ok,
                                    seqlen_k, off, qk_scale, softcap, WIN_LEFT, WIN_RIGHT, stride_ks, stride_vs,
                                    b, kv_h, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, UPCAST, True, TMA, BLOCK_N, BLOCK_D,
-                                   slope2, HAS_ALIBI, SEED, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
+                                   slope2, HAS_ALIBI, seed, pid_bh, DROP_THRESHOLD, BLOCK_M, HAS_DROPOUT)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -431,7 +435,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
-    SEED=0, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
+    SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
@@ -468,6 +472,9 @@ def _attn_bwd_dkdv(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     lo, hi = _q_range(n_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
                       HAS_LEFT, HAS_RIGHT)
@@ -507,7 +514,7 @@ def _attn_bwd_dkdv(
                 do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
                              mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             if HAS_DROPOUT:  # o used p * keep * scale: so do dv and dp (delta = do . o already does)
-                keepT = tl.trans(_dropout_keep(SEED, b * (KV_HEADS * GROUP) + h32, offs_m, n_start, DROP_THRESHOLD,
+                keepT = tl.trans(_dropout_keep(seed, b * (KV_HEADS * GROUP) + h32, offs_m, n_start, DROP_THRESHOLD,
                                                BLOCK_M, BLOCK_N))
                 dv += _dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, UPCAST)
             else:
@@ -567,7 +574,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
-    SEED=0, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
+    SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
 ):
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
@@ -599,6 +606,9 @@ def _attn_bwd_dq(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
     v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -621,7 +631,7 @@ def _attn_bwd_dq(
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, vt, UPCAST)
         if HAS_DROPOUT:
-            keep = _dropout_keep(SEED, pid_bh, offs_m, n_start, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, pid_bh, offs_m, n_start, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -1084,8 +1094,8 @@ def _alibi_args(alibi) -> dict:
 
 
 def _dropout_args(dropout) -> dict:
-    """The kernels' dropout arguments for ``dropout`` = (seed, threshold) (p = threshold / 2^32),
-    or None."""
+    """The kernels' dropout arguments for ``dropout`` = (seed, threshold): seed an int64 scalar
+    tensor on the inputs' device, p = threshold / 2^32; or None."""
     if dropout is None:
         return {}
     seed, threshold = dropout
@@ -1098,7 +1108,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
     Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
     cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0). ``alibi``:
-    contiguous fp32 slopes (hq,) or (batch, hq), or None. ``dropout``: (seed, threshold) ints,
+    contiguous fp32 slopes (hq,) or (batch, hq), or None. ``dropout``: (seed tensor, threshold),
     the probability p = threshold / 2^32 (see _dropout_keep), or None."""
     varlen = cu_seqlens_q is not None
     heads, d = q.shape[-2], q.shape[-1]

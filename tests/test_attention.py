@@ -609,7 +609,7 @@ def _attention_arg_types(dtype: str) -> dict:
 
     t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32",
-             ALIBI="*fp32", SEED="i64", DROP_THRESHOLD="i64", drop_scale="fp32")
+             ALIBI="*fp32", SEED="*i64", DROP_THRESHOLD="i64", drop_scale="fp32")
     return t
 
 

@@ -19,10 +19,10 @@ from tokenforge.ops.attention import (_dropout_seed, attention, attention_refere
 from tokenforge.testing import TOLERANCE, rel_error
 
 
-def _seed_after(manual_seed: int) -> int:
-    """The dropout seed the next attention call draws after torch.manual_seed(manual_seed)."""
+def _seed_after(manual_seed: int, device="cpu") -> int:
+    """The dropout seed the next attention call on ``device`` draws after torch.manual_seed(manual_seed)."""
     torch.manual_seed(manual_seed)
-    return int(_dropout_seed())
+    return int(_dropout_seed(device))
 
 
 def _ref(q, k, v, seed, p, **kw):
@@ -62,7 +62,7 @@ def test_dropout_matches_float64(device, deterministic, case):
     q, k, v = (t.requires_grad_() for t in make_qkv(b, sq, sk, hq, hkv, d, torch.float16, device))
     slopes = torch.rand(hq, device=device) * 0.5 + 0.25 if alibi else None
     kw = dict(causal=causal, window=window, softcap=cap, alibi_slopes=slopes)
-    seed = _seed_after(11)
+    seed = _seed_after(11, device)
     torch.manual_seed(11)
     out = attention(q, k, v, p, deterministic=deterministic, backend="triton", **kw)
     dout = torch.randn_like(out)
@@ -205,7 +205,7 @@ def test_return_attn_probs_is_flash_attn_s_dmask(device, head_dim):
     without dropout, None (as flash_attn)."""
     sq, sk, hq, hkv, p = 45, 70, 4, 2, 0.17
     q, k, v = make_qkv(2, sq, sk, hq, hkv, head_dim, torch.bfloat16, device)
-    seed = _seed_after(5)
+    seed = _seed_after(5, device)
     torch.manual_seed(5)
     out, lse, s_dmask = attention(q, k, v, p, None, True, return_attn_probs=True, backend="triton")
     assert s_dmask.shape == (2, hq, 128, 128) and s_dmask.dtype == q.dtype
@@ -233,7 +233,7 @@ def test_varlen_dropout_matches_float64(device, deterministic):
     k = torch.randn(sum(lens_k), hkv, d, device=device, dtype=torch.float16, requires_grad=True)
     v = torch.randn(sum(lens_k), hkv, d, device=device, dtype=torch.float16, requires_grad=True)
     cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
-    seed = _seed_after(9)
+    seed = _seed_after(9, device)
     torch.manual_seed(9)
     out, _, s_dmask = attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), p, causal=True,
                                        deterministic=deterministic, return_attn_probs=True, backend="triton")
@@ -342,7 +342,7 @@ def test_cuda_dropout_real_sizes(seqlen, head_dim):
     """At real sizes on the GPU (the tuned tiles, TMA, the one-pass backward at d64): the kernel
     against the fp32 reference dropping with the same mask, forward and gradients."""
     q, k, v = (t.requires_grad_() for t in make_qkv(2, seqlen, seqlen, 8, 2, head_dim, torch.bfloat16, "cuda"))
-    seed = _seed_after(0)
+    seed = _seed_after(0, "cuda")
     torch.manual_seed(0)
     out = attention(q, k, v, 0.1, causal=True, backend="triton")
     dout = torch.randn_like(out)
@@ -357,15 +357,15 @@ def test_cuda_dropout_real_sizes(seqlen, head_dim):
 
 
 # Spill bytes the dropout variants may have, per (target, kernel, head dim): the worst of the dense,
-# every-feature and descriptor variants under triton 3.6 and 3.9. The Philox words of a tile (four
-# per four scores) must live next to kernels that sit at 255 registers without them: the d128
-# dk/dv pass spills 112 B on the dense TMA path under 3.6 (0 under 3.9) and 168-332 B on the
-# pointer paths; the every-feature dq at d256 (and sm_80 d128) ~900 B. Without dropout all of
+# every-feature and descriptor variants under triton 3.6 and 3.9, rounded up. The Philox words of a
+# tile (four per four scores) must live next to kernels that sit at 255 registers without them:
+# under 3.6 (the GPU machine's) the d128 dk/dv pass spills 136 B on the dense TMA path, 128-236 B
+# on the pointer paths, the every-feature d128 dq 60 B and d256 dq ~950 B. Without dropout all of
 # these are 0 (test_attention.py's gate).
 DROPOUT_SPILL_BOUND = {
-    ("sm_90", "_attn_fwd", 128): 8, ("sm_90", "_attn_fwd", 256): 72,
+    ("sm_90", "_attn_fwd", 128): 16, ("sm_90", "_attn_fwd", 256): 72,
     ("sm_90", "_attn_bwd_dkdv", 128): 336, ("sm_90", "_attn_bwd_dkdv", 256): 32,
-    ("sm_90", "_attn_bwd_dq", 128): 56, ("sm_90", "_attn_bwd_dq", 256): 976,
+    ("sm_90", "_attn_bwd_dq", 128): 64, ("sm_90", "_attn_bwd_dq", 256): 976,
     ("sm_90", "_attn_bwd_fused", 64): 48,
     ("sm_80", "_attn_fwd", 128): 320,
     ("sm_80", "_attn_bwd_dkdv", 64): 64, ("sm_80", "_attn_bwd_dkdv", 256): 32,

@@ -449,15 +449,17 @@ def _feature_kwargs(alibi_slopes: Optional[torch.Tensor], dropout_p: float, drop
     before it launches): ALiBi slopes, and dropout as (seed, threshold)."""
     kw = {} if alibi_slopes is None else {"alibi": alibi_slopes}
     if dropout_p > 0.0:
-        kw["dropout"] = (int(dropout_seed), dropout_threshold(dropout_p))
+        kw["dropout"] = (dropout_seed, dropout_threshold(dropout_p))
     return kw
 
 
-def _dropout_seed() -> torch.Tensor:
-    """A fresh seed for one call's dropout mask, a CPU int64 scalar tensor (reading it is no device
-    sync) drawn from torch's default generator: torch.manual_seed makes masks reproducible, and
-    activation checkpointing, which restores that generator for its recompute, redraws the same one."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+def _dropout_seed(device=None) -> torch.Tensor:
+    """A fresh seed for one call's dropout mask: an int64 scalar tensor drawn by ``device``'s
+    default generator on that device (the kernels load it; no host sync). So torch.manual_seed
+    makes masks reproducible, activation checkpointing (which restores the RNG state for its
+    recompute) redraws the same one, CUDA graphs capture the draw, and a model-parallel RNG
+    tracker (Megatron's fork of the CUDA generator) gives each rank its own masks."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -470,8 +472,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   window_left: int, window_right: int, softcap: float, backend: str,
                   alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                   dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # dropout_seed: the CPU int64 scalar of _dropout_seed (an input, so the op is a function of its
-    # arguments and the backward redraws the forward's mask).
+    # dropout_seed: the int64 scalar tensor of _dropout_seed (an input, so the op is a function of
+    # its arguments and the backward redraws the forward's mask).
     return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                  scale, (window_left, window_right), softcap,
                                                  **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed))
@@ -572,8 +574,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     scores at softcap * tanh(s / softcap); alibi_slopes, fp32 (hq,) or (b, hq), add flash_attn's ALiBi
     bias -slope * |i + sk - sq - j| to the (capped) score of query i and key j. dropout_p drops
     each attention probability with that probability and scales the kept ones by 1 / (1 - p), as
-    flash_attn and SDPA do (lse stays the undropped one); the mask is Philox's, seeded from torch's
-    default generator (torch.manual_seed reproduces it; activation checkpointing redraws it).
+    flash_attn and SDPA do (lse stays the undropped one); the mask is Philox's, seeded from the default
+    generator of q's device (torch.manual_seed reproduces it; activation checkpointing redraws it).
     ``backend`` forces triton, cuda (CUDA C++, sm_90a: bf16, d 64/128, no softcap, ALiBi or
     dropout, dq by atomics so deterministic=True is refused) or torch (on CUDA that is SDPA, with
     SDPA's own dropout mask, where SDPA can express the call).
@@ -599,7 +601,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     if name == "torch" and q.is_cuda and q.numel() and alibi is None and sdpa_can_run(q.shape[1], k.shape[1], win,
                                                                                       softcap, want_lse):
         return sdpa_dense(q, k, v, scale, win, p)
-    seed = _dropout_seed() if p > 0.0 else None
+    seed = _dropout_seed(q.device) if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
         out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True), alibi,
                                     _reference_dropout(p, seed, 0))
@@ -619,8 +621,8 @@ def _round128(n: int) -> int:
 
 def _reference_dropout(p: float, seed: Optional[torch.Tensor], first_batch: int):
     """The torch reference's dropout argument (seed, threshold, first batch index), or None. Only
-    the reference paths read the seed as an int (the kernel path hands the tensor to the op, so
-    torch.compile sees no .item())."""
+    the reference paths read the seed as an int (a sync on CUDA; the kernel path hands the tensor
+    to the op, so torch.compile sees no .item())."""
     return None if seed is None else (int(seed), dropout_threshold(p), first_batch)
 
 
@@ -649,7 +651,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
     p = float(dropout_p)
-    seed = _dropout_seed() if p > 0.0 else None
+    seed = _dropout_seed(q.device) if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
         drop = None if seed is None else _reference_dropout(p, seed, 0)[:2]
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
