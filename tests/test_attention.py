@@ -40,7 +40,7 @@ def _cancelling_terms(q, k, v, dout, kw, rows: bool = False):
     times the unit roundoff even when the true gradient is ~0; their error is measured against
     max(||ref||, ||terms||), as test_rms_norm.py does for its dx."""
     q64, k64, v64, do64 = (t.detach().double() for t in (q, k, v, dout))
-    out = attention_reference(q64, k64, v64, **kw)[0]
+    out = attention_reference(q64, k64, v64, **{**kw, "return_lse": True})[0]  # [0]: out, whatever kw asks
     delta = (do64 * out).sum(-1)  # (b, sq, hq)
     scale = kw["softmax_scale"] or 1 / math.sqrt(q.shape[-1])
     group = q.shape[2] // k.shape[2]
