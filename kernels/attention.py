@@ -149,6 +149,24 @@ def _dropout_keep(seed, bh, offs_m, n_start, threshold, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
+def _alibi_slope2(ALIBI, b64, stride_alb, h, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope in the log2 domain (slope * log2 e), 0 without ALiBi."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
+    return slope2
+
+
+@triton.jit
+def _dropout_seed(SEED, HAS_DROPOUT: tl.constexpr):
+    """The call's dropout seed (an int64 on the device), 0 without dropout."""
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
+@triton.jit
 def _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[lo, hi) of key positions that rows m_start .. m_start + BLOCK_M - 1 may see, lo a
@@ -317,12 +335,8 @@ def _attn_fwd(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen_q
     rows_q = tl.cast(q_start + offs_m, tl.int64)
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    slope2 = _alibi_slope2(ALIBI, b64, stride_alb, h, HAS_ALIBI)
+    seed = _dropout_seed(SEED, HAS_DROPOUT)
 
     if TMA:
         q = Q.load([b, m_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -472,9 +486,7 @@ def _attn_bwd_dkdv(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    seed = _dropout_seed(SEED, HAS_DROPOUT)
 
     lo, hi = _q_range(n_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
                       HAS_LEFT, HAS_RIGHT)
@@ -487,9 +499,7 @@ def _attn_bwd_dkdv(
             do_base = DO + b64 * stride_dob + h * stride_doh + q_row0 * stride_dos
         l_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
         dl_base = DELTA + b64 * stride_lb + h * stride_lh + q_row0
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
+        slope2 = _alibi_slope2(ALIBI, b64, stride_alb, h, HAS_ALIBI)
         for m_start in range(lo, hi, BLOCK_M):
             offs_m = m_start + offs_m0
             m_ok = offs_m < seqlen_q
@@ -603,12 +613,8 @@ def _attn_bwd_dq(
     lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows_q, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + rows_q, mask=m_ok, other=0.0)
     lse2 = lse * 1.4426950408889634
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b64 * stride_alb + h) * 1.4426950408889634
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    slope2 = _alibi_slope2(ALIBI, b64, stride_alb, h, HAS_ALIBI)
+    seed = _dropout_seed(SEED, HAS_DROPOUT)
     k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
     v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

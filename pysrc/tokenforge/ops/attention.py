@@ -129,10 +129,12 @@ def _reference_scores(q, k, scale: float, window: tuple[int, int], softcap: floa
 
 
 def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype,
-                     alibi: Optional[torch.Tensor] = None, dropout: Optional[tuple[int, int, int]] = None):
+                     alibi: Optional[torch.Tensor] = None, dropout: Optional[tuple[int, int]] = None,
+                     first_batch: int = 0):
     """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``;
     ``alibi`` slopes (hq,) or (b, hq) add their bias after the softcap; ``dropout`` =
-    (seed, threshold, first batch index) drops probabilities as the kernels do (lse undropped)."""
+    (seed, threshold) drops probabilities as the kernels do (lse undropped), batch entry b drawing
+    as first_batch + b (a varlen document's index)."""
     group = q.shape[2] // k.shape[2]
     vc = v.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
     s = _reference_scores(q, k, scale, window, softcap, compute, alibi)
@@ -147,8 +149,9 @@ def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: fl
     empty = denom == 0
     safe = torch.where(empty, torch.ones_like(denom), denom)
     if dropout is not None:
-        seed, threshold, first = dropout
-        keep = dropout_keep_reference(seed, threshold, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device, first)
+        seed, threshold = dropout
+        keep = dropout_keep_reference(seed, threshold, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device,
+                                      first_batch)
         p = torch.where(keep, p * (2.0**32 / (2.0**32 - threshold)), torch.zeros_like(p))
     out = (p @ vc) / safe
     lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(safe)).squeeze(-1)
@@ -165,13 +168,12 @@ def _fa2_block_n(head_dim: int, dropout: bool, causal: bool, device: torch.devic
         return 64 if dropout else 128
     if head_dim <= 96 or head_dim > 128:
         return 64
-    sm8x = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8 \
-        and torch.cuda.get_device_capability(device)[1] > 0
-    return 64 if not dropout and (causal or not sm8x) else 32
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    return 64 if not dropout and (causal or not (major == 8 and minor > 0)) else 32  # sm_86/89 differ
 
 
 def _attn_probs_fa2(q, k, scale: float, window: tuple[int, int], softcap: float, alibi, dropout, rows: int,
-                    cols: int) -> torch.Tensor:
+                    cols: int, first_batch: int = 0) -> torch.Tensor:
     """flash_attn's S_dmask for one dense call: (b, hq, rows, cols) in q's dtype, zero past
     (seqlen_q, seqlen_k). Entry (i, j) is exp(s_ij - M), M the largest score of key blocks j's block
     and after (flash_attn walks key blocks last to first, so that is the running max it scaled by),
@@ -190,8 +192,8 @@ def _attn_probs_fa2(q, k, scale: float, window: tuple[int, int], softcap: float,
     running = torch.where(torch.isfinite(running), running, torch.zeros_like(running))
     a = torch.exp(s - running)
     if dropout is not None:
-        seed, threshold, first = dropout
-        keep = dropout_keep_reference(seed, threshold, q.shape[0], q.shape[2], sq, sk, q.device, first)
+        seed, threshold = dropout
+        keep = dropout_keep_reference(seed, threshold, q.shape[0], q.shape[2], sq, sk, q.device, first_batch)
         a = torch.where(keep, a, -a)
     out[:, :, :sq, :sk] = a.to(q.dtype)
     return out
@@ -240,7 +242,7 @@ def attention_reference(q, k, v, causal: bool = False, softmax_scale: Optional[f
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _reference_dense(q, k, v, scale, _fold_causal(causal, window), softcap,
                                 _compute_dtype(q.dtype, upcast), alibi_slopes,
-                                None if dropout is None else (*dropout, 0))
+                                dropout)
     return (out, lse) if return_lse else out
 
 
@@ -261,7 +263,7 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     for b in range(len(cq) - 1):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, l = _reference_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                scale, win, softcap, compute, slopes, None if dropout is None else (*dropout, b))
+                                scale, win, softcap, compute, slopes, dropout, b)
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs, 0) if outs else q.new_empty(q.shape)
@@ -604,13 +606,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     seed = _dropout_seed(q.device) if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
         out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True), alibi,
-                                    _reference_dropout(p, seed, 0))
+                                    _reference_dropout(p, seed))
     else:
         out, lse = _run_kernel(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
                                bool(deterministic), name, alibi, p, seed)
     probs = None
     if return_attn_probs and seed is not None:
-        probs = _attn_probs_fa2(q, k, scale, win, float(softcap), alibi, _reference_dropout(p, seed, 0),
+        probs = _attn_probs_fa2(q, k, scale, win, float(softcap), alibi, _reference_dropout(p, seed),
                                 _round128(q.shape[1]), _round128(k.shape[1]))
     return _returns(out, lse, return_lse, return_attn_probs, probs)
 
@@ -619,11 +621,11 @@ def _round128(n: int) -> int:
     return -(-n // 128) * 128
 
 
-def _reference_dropout(p: float, seed: Optional[torch.Tensor], first_batch: int):
-    """The torch reference's dropout argument (seed, threshold, first batch index), or None. Only
+def _reference_dropout(p: float, seed: Optional[torch.Tensor]):
+    """The torch reference's dropout argument (seed, threshold), or None. Only
     the reference paths read the seed as an int (a sync on CUDA; the kernel path hands the tensor
     to the op, so torch.compile sees no .item())."""
-    return None if seed is None else (int(seed), dropout_threshold(p), first_batch)
+    return None if seed is None else (int(seed), dropout_threshold(p))
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -653,17 +655,16 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     p = float(dropout_p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
-        drop = None if seed is None else _reference_dropout(p, seed, 0)[:2]
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
                                               softcap=float(softcap), return_lse=True, alibi_slopes=alibi,
-                                              dropout=drop)
+                                              dropout=_reference_dropout(p, seed))
     else:
         out, lse = _run_kernel(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
                                float(softcap), bool(deterministic), name, alibi, p, seed)
     probs = None
     if return_attn_probs and seed is not None:
         probs = _attn_probs_varlen(q, k, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
-                                   float(softcap), alibi, _reference_dropout(p, seed, 0)[:2])
+                                   float(softcap), alibi, _reference_dropout(p, seed))
     return _returns(out, lse, return_lse, return_attn_probs, probs)
 
 
@@ -676,7 +677,7 @@ def _attn_probs_varlen(q, k, cu_q, cu_k, max_seqlen_q: int, max_seqlen_k: int, s
     for b in range(len(cq) - 1):
         slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
         docs.append(_attn_probs_fa2(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], scale, win, softcap, slopes,
-                                    (*drop, b), rows, cols))
+                                    drop, rows, cols, first_batch=b))
     return torch.cat(docs, 0)
 
 
