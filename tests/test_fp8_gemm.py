@@ -1,9 +1,11 @@
 """tokenforge.fp8.scaled_mm against the float64 product of the dequantized operands.
 
 Tolerance: fp8 x fp8 products are exact in fp32 and accumulate in fp32 (~K * 2^-24 relative), so
-the error is one rounding to out_dtype: <= 2^-9 per element for bf16 on a GPU (RNE). Triton's
-interpreter converts fp32 -> bf16/fp16 by truncation (measured: 3.3e-3 vs 1.6e-3 for RNE), up to
-2^-8 per element, so the bound in norm is 2^-8 = 3.9e-3 for bf16 and 2^-11 for fp16."""
+the error is one rounding to out_dtype: <= 2^-9 per element for bf16 on a GPU (RNE), bounded in
+norm by 2^-8 (TOL). Triton's interpreter converts fp32 -> bf16/fp16 by truncation: up to one ulp,
+2^-7 relative for bf16 (2^-10 for fp16), and about 3.3e-3 in norm for bf16, too close to 2^-8 =
+3.9e-3 on a 16 x 16 output (one CI run in ~20 measured 3.95e-3): CPU cases are bounded by the
+ulp itself (tol())."""
 
 import pytest
 import torch
@@ -13,6 +15,13 @@ from tokenforge import backends, fp8
 from tokenforge.testing import rel_error
 
 TOL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 1e-5}
+TRUNCATED_TOL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 1e-5}
+
+
+def tol(out_dtype: torch.dtype, device) -> float:
+    """The norm-wise bound for an output in out_dtype: one rounding on a GPU, one truncation (the
+    interpreter's conversion) on the CPU."""
+    return (TRUNCATED_TOL if torch.device(device).type == "cpu" else TOL)[out_dtype]
 
 
 def pytest_generate_tests(metafunc):
@@ -69,7 +78,7 @@ def test_scaled_mm_matches_dequantized_product(device, sa_rows, sb_cols, out_dty
                 out = fp8.scaled_mm(a, b, sa, sb, out_dtype=out_dtype, bias=bias if with_bias else None, backend=backend)
                 assert out.dtype == out_dtype and out.shape == (M, N)
                 err = rel_error(out, reference(a, b, sa, sb, bias if with_bias else None))
-                assert err <= TOL[out_dtype], f"{backend} {M}x{K}x{N}: {err:.2e}"
+                assert err <= tol(out_dtype, device), f"{backend} {M}x{K}x{N}: {err:.2e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,10 +89,10 @@ def test_mixed_formats_layouts_and_scale_shapes(device):
     for backend in gemm_backends(device, a, b):
         for aa, bb in ((a, b), (a.t().contiguous().t(), b.contiguous())):
             out = fp8.scaled_mm(aa, bb, sa, sb, backend=backend)
-            assert rel_error(out, reference(a, b, sa, sb)) <= TOL[torch.bfloat16]
+            assert rel_error(out, reference(a, b, sa, sb)) <= tol(torch.bfloat16, device)
         one = torch.full((1, 1), 0.5, device=device)
         out = fp8.scaled_mm(a, b, one, sb, backend=backend)
-        assert rel_error(out, reference(a, b, one, sb)) <= TOL[torch.bfloat16]
+        assert rel_error(out, reference(a, b, one, sb)) <= tol(torch.bfloat16, device)
 
 
 def make_blockwise(M, K, N, device, a_block, b_block, mags=None):
@@ -126,7 +135,7 @@ def test_blockwise_scaled_mm_per_row_and_column(device, a_block, b_block, out_dt
             out = fp8.scaled_mm(a, b, sa, sb, out_dtype=out_dtype, backend=backend)
             assert out.dtype == out_dtype and out.shape == (M, N)
             err = (out.double() - ref).abs()
-            assert rel_error(out, ref) <= TOL[out_dtype]
+            assert rel_error(out, ref) <= tol(out_dtype, device)
             row_err = (err.norm(dim=1) / ref.norm(dim=1)).max().item()
             col_err = (err.norm(dim=0) / ref.norm(dim=0)).max().item()
             # A row of bf16 outputs may all round the same way: one ulp (2^-7) bounds it.
