@@ -21,7 +21,7 @@ def _tolerance(*tensors):
     return max(TOLERANCE[t.dtype] for t in tensors if t is not None)
 
 
-def _errors(x, r, w, dy, dh, eps, y, h, dx, dr, dw):
+def _errors(x, r, w, dy, dh, eps, y, h, dx, dr, dw, offset=0.0):
     """Relative errors of y, h, dx, dresidual, dw against float64 autograd of the reference.
 
     As in tests/test_rms_norm.py: the norm's dx subtracts two terms of size |rstd * g| that nearly
@@ -30,12 +30,12 @@ def _errors(x, r, w, dy, dh, eps, y, h, dx, dr, dw):
     root of its summed squares."""
     xd, rd = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_() if w is not None else None
-    ref_y, ref_h = add_rms_norm_reference(xd, rd, wd, eps)
+    ref_y, ref_h = add_rms_norm_reference(xd, rd, wd, eps, offset)
     grads = torch.autograd.grad((ref_y, ref_h), [t for t in (xd, rd, wd) if t is not None],
                                 (dy.double(), dh.double() if dh is not None else torch.zeros_like(ref_h)))
     hd = ref_h.detach()
     rstd = torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps)
-    g = dy.double() * (wd.detach() if w is not None else 1.0)
+    g = dy.double() * (wd.detach() + offset if w is not None else 1.0)
     scale = (g * rstd).norm().item() + (dh.double().norm().item() if dh is not None else 0.0)
     errs = {"y": rel_error(y, ref_y), "h": rel_error(h, ref_h)}
     for name, out, ref in (("dx", dx, grads[0]), ("dresidual", dr, grads[1])):
@@ -48,11 +48,11 @@ def _errors(x, r, w, dy, dh, eps, y, h, dx, dr, dw):
     return errs
 
 
-def check(x, r, w, eps=1e-6, dy=None, dh="random", backend="triton"):
+def check(x, r, w, eps=1e-6, dy=None, dh="random", backend="triton", offset=0.0):
     x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
     if w is not None:
         w = w.detach().requires_grad_()
-    y, h = add_rms_norm(x, r, w, eps, backend=backend)
+    y, h = add_rms_norm(x, r, w, eps, offset=offset, backend=backend)
     assert y.shape == h.shape == x.shape and y.dtype == x.dtype and h.dtype == r.dtype
     dy = torch.randn_like(y) if dy is None else dy
     dh = torch.randn_like(h) if isinstance(dh, str) else dh
@@ -61,7 +61,7 @@ def check(x, r, w, eps=1e-6, dy=None, dh="random", backend="triton"):
     else:
         torch.autograd.backward((y, h), (dy, dh))
     assert x.grad.dtype == x.dtype and r.grad.dtype == r.dtype
-    errs = _errors(x, r, w, dy, dh, eps, y, h, x.grad, r.grad, w.grad if w is not None else None)
+    errs = _errors(x, r, w, dy, dh, eps, y, h, x.grad, r.grad, w.grad if w is not None else None, offset)
     tol = _tolerance(x, r, w)
     for name, err in errs.items():
         assert err <= tol, f"{name}: {err:.2e} > {tol:.0e} ({tuple(x.shape)}, {x.dtype}, {r.dtype})"
@@ -95,6 +95,81 @@ def test_mixed_dtypes(device, x_dtype, r_dtype, w_dtype, n):
     """fp32 weights beside bf16 activations, and an fp32 residual stream beside bf16 sublayers."""
     check(torch.randn(5, n, device=device, dtype=x_dtype), torch.randn(5, n, device=device, dtype=r_dtype),
           torch.randn(n, device=device, dtype=w_dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("n", [300, 9000])
+def test_offset_is_gemmas_norm(device, x_dtype, w_dtype, n):
+    """offset=1 (Gemma's residual stream): y = x_hat * (1 + w) in fp32, against float64 with rows of
+    very different scales (each row's error is bounded on its own by the norm-wise check of a row
+    scaled 1e-3 next to one scaled 1e3), weights near 0 as Gemma initialises them."""
+    scales = torch.logspace(-3, 3, 7, device=device)[:, None]
+    x = (torch.randn(7, n, device=device) * scales).to(x_dtype)
+    r = (torch.randn(7, n, device=device) * scales).to(x_dtype)
+    w = (torch.randn(n, device=device) * 0.1).to(w_dtype)
+    for row in range(7):  # one row at a time: a wrong row cannot hide behind the others' norm
+        check(x[row:row + 1], r[row:row + 1], w, offset=1.0)
+    check(x, r, w, offset=1.0)
+
+
+@pytest.mark.parametrize("casting_mode", ["gemma", "llama", "none"])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_casting_modes(casting_mode, weight_dtype, offset):
+    """rms_norm's casting modes on the residual stream, each against its formula written out here
+    (Liger-Kernel's fused add-norm references): h = x + residual as stored, then gemma all fp32
+    rounded once; llama x_hat rounded to x's dtype then times the weight in the promoted dtype; none
+    every step in the stream's dtype. Outputs, dtypes and the three gradients; and the module."""
+    x, r = torch.randn(9, 200, dtype=torch.bfloat16) * 3, torch.randn(9, 200, dtype=torch.bfloat16)
+    w = (torch.randn(200) * 0.3 + (1 - offset)).to(weight_dtype)
+    eps = 1e-6
+
+    def formula(x, r, w):
+        h = x + r
+        if casting_mode == "none":
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (w.to(h.dtype) + offset), h
+        hf = h.float()
+        x_hat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        if casting_mode == "gemma":
+            return (x_hat * (w.float() + offset)).to(h.dtype), h
+        return (w + offset) * x_hat.to(h.dtype), h
+
+    ins = [(x.clone().requires_grad_(), r.clone().requires_grad_(), w.clone().requires_grad_()) for _ in range(2)]
+    ours = add_rms_norm(*ins[0], eps, offset=offset, casting_mode=casting_mode, backend="triton")
+    ref = formula(*ins[1])
+    assert [t.dtype for t in ours] == [t.dtype for t in ref]
+    g = [torch.randn_like(t) for t in ref]
+    torch.autograd.backward(ours, g)
+    torch.autograd.backward(ref, g)
+    # bf16 results a rounding or two apart (the interpreter truncates where torch rounds, h
+    # included); "none" runs that very formula on h as the kernel stored it.
+    tol = TOLERANCE[torch.bfloat16]
+    for a, b in zip(list(ours) + [t.grad for t in ins[0]], list(ref) + [t.grad for t in ins[1]]):
+        assert rel_error(a, b) <= tol
+    m = AddRMSNorm(200, offset=offset, casting_mode=casting_mode, dtype=weight_dtype, backend="triton")
+    with torch.no_grad():
+        m.weight.copy_(w)
+    assert rel_error(m(x, r)[0], ref[0].detach()) <= tol
+    if casting_mode != "gemma":
+        assert f"casting_mode='{casting_mode}'" in repr(m)
+    if offset:
+        assert "offset=1.0" in repr(m)
+    # No weight: offset has nothing to shift; every mode is x_hat (in its own rounding).
+    y_none, _ = add_rms_norm(x, r, None, eps, offset=offset, casting_mode=casting_mode, backend="triton")
+    assert rel_error(y_none, rms_norm_reference((x + r).double(), None, eps)) <= tol
+
+
+def test_module_offset_initialises_to_identity():
+    m = AddRMSNorm(16, offset=1.0)
+    assert torch.equal(m.weight.detach(), torch.zeros(16))  # 1 + 0
+    x, r = torch.randn(3, 16), torch.randn(3, 16)
+    assert rel_error(m(x, r)[0], rms_norm_reference(x + r, None, 1e-6)) <= 1e-6
+    with pytest.raises(ValueError, match="casting_mode must be one of"):
+        AddRMSNorm(16, casting_mode="fp32")
+    with pytest.raises(ValueError, match="offset must be a float"):
+        add_rms_norm(x, r, None, offset="1")
 
 
 @pytest.mark.parametrize("device", DEVICES)

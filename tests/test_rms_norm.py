@@ -353,8 +353,10 @@ def test_offset_module_and_refusals():
     x = torch.randn(3, 16)
     assert rel_error(m(x), rms_norm_reference(x, None, 1e-6)) <= 1e-6
     assert "offset=1.0" in repr(m)
-    with pytest.raises(ValueError, match="offset needs a weight"):
-        rms_norm(x, None, offset=1.0)
+    # No weight: offset has nothing to shift (Gemma's norm without an affine weight, Liger's too).
+    for mode in ("gemma", "llama", "none"):
+        assert rel_error(rms_norm(x, None, offset=1.0, casting_mode=mode), rms_norm_reference(x, None)) <= 1e-6
+    assert rel_error(tokenforge.nn.RMSNorm(16, offset=1.0, elementwise_affine=False)(x), rms_norm_reference(x, None)) <= 1e-6
     with pytest.raises(ValueError, match="offset must be a float"):
         rms_norm(x, torch.ones(16), offset="1")
 

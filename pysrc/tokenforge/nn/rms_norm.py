@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from tokenforge.ops.rms_norm import rms_norm
+from tokenforge.ops.rms_norm import check_offset_and_casting_mode, rms_norm
 
 
 class RMSNorm(torch.nn.Module):
@@ -38,11 +38,8 @@ class RMSNorm(torch.nn.Module):
             raise ValueError(f"RMSNorm: normalized_shape must be positive sizes, got {normalized_shape}")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
+        check_offset_and_casting_mode("RMSNorm", offset, casting_mode)
         self.offset = float(offset)
-        from tokenforge.ops.rms_norm import CASTING_MODES
-
-        if casting_mode not in CASTING_MODES:
-            raise ValueError(f"RMSNorm: casting_mode must be one of {', '.join(CASTING_MODES)}, got {casting_mode!r}")
         self.casting_mode = casting_mode
         self.backend = backend
         # A tokenforge.fp8.EmitCast when the next layer is a Float8Linear taking that input cast: the

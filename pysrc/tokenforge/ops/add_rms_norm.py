@@ -24,22 +24,22 @@ import torch
 from tokenforge.ops.layout import rows_view
 
 from tokenforge import backends
-from tokenforge.ops.rms_norm import emits_fp8
+from tokenforge.ops.rms_norm import check_offset_and_casting_mode, emits_fp8, rms_norm_cast_reference
 
 OP = "add_rms_norm"
 
 
 def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch (y, h): h = x + residual rounded to residual's dtype, y = RMSNorm(h) * weight
-    in x's dtype. The oracle of the tests, the CPU fallback and the eager baseline of the benchmarks.
-    Low-precision math is fp32; float64 stays float64."""
+                           eps: float = 1e-6, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch (y, h): h = x + residual rounded to residual's dtype, y = RMSNorm(h) * (offset +
+    weight) in x's dtype. The oracle of the tests, the CPU fallback and the eager baseline of the
+    benchmarks. Low-precision math is fp32; float64 stays float64."""
     compute = torch.float64 if torch.float64 in (x.dtype, residual.dtype) else torch.float32
     h = (x.to(compute) + residual.to(compute)).to(residual.dtype)
     hc = h.to(compute)
     y = hc * torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.to(compute)
+        y = y * (weight.to(compute) + offset)
     return y.to(x.dtype), h
 
 
@@ -205,18 +205,34 @@ class AddRMSNormFP8Function(torch.autograd.Function):
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6, *,
-                 backend: Optional[str] = None, fp8=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 offset: float = 0.0, casting_mode: str = "gemma", backend: Optional[str] = None,
+                 fp8=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, new_residual) for x, residual (..., n) and weight (n,) or None: new_residual = x +
     residual in residual's dtype, normed = RMSNorm(new_residual) * weight in x's dtype; fp32/fp16/bf16
-    (float64 on the torch backend). ``backend`` forces triton or torch. ``fp8``: a
+    (float64 on the torch backend). ``offset`` and ``casting_mode`` are :func:`tokenforge.ops.rms_norm`'s
+    (Gemma: ``offset=1.0``; ``"llama"`` rounds x_hat to x's dtype before the weight multiply, ``"none"``
+    computes in the stream's dtype). ``backend`` forces triton or torch. ``fp8``: a
     tokenforge.fp8.EmitCast to also emit normed in fp8 for the next Float8Linear where the Triton
-    row kernel runs (tokenforge.fp8.emit)."""
+    row kernel runs (tokenforge.fp8.emit; the fused "gemma" mode only)."""
     _check_inputs(x, residual, weight, eps)
+    check_offset_and_casting_mode("add_rms_norm", offset, casting_mode)
+    if weight is None:
+        offset = 0.0  # nothing to shift, as in rms_norm
+    if casting_mode == "none":
+        h = (x + residual).to(residual.dtype)
+        return rms_norm_cast_reference(h, weight, eps, offset, "none").to(x.dtype), h
+    if casting_mode == "llama":
+        # The kernel adds and normalises (x_hat rounded to x's dtype); the weight multiplies after.
+        x_hat, h = add_rms_norm(x, residual, None, eps, backend=backend)
+        return ((weight + offset) * x_hat if weight is not None else x_hat), h
     if x.numel() == 0:
-        return add_rms_norm_reference(x, residual, weight, eps)
+        return add_rms_norm_reference(x, residual, weight, eps, offset)
     name = backends.choose(OP, x, residual, weight, backend=backend)
     if name == "torch":
-        return add_rms_norm_reference(x, residual, weight, eps)
+        return add_rms_norm_reference(x, residual, weight, eps, offset)
+    if offset:
+        # As in rms_norm: an fp32 (offset + weight); autograd carries dweight back to weight's dtype.
+        weight = weight.float() + offset
     if emits_fp8(fp8, name, x):
         from tokenforge.fp8.emit import attach
 

@@ -11,6 +11,8 @@ Semantics follow ``torch.nn.functional.rms_norm``: y has x's dtype, the statisti
 fp32 (or in float64 for float64 inputs on the torch backend), dweight has weight's dtype.
 ``offset`` scales by ``(offset + weight)`` instead of ``weight``, the sum taken in fp32 (Gemma's
 RMSNorm: ``offset=1.0`` with zero-initialised weights, ``(x_hat * (1 + w.float())).to(x.dtype)``).
+With no weight there is nothing to shift and ``offset`` is ignored (Gemma's norm without an affine
+weight is plain ``x_hat``).
 
 ``casting_mode`` picks where the rounding to low precision happens, for exact parity with a model's
 own norm (Liger-Kernel's names): ``"gemma"`` (the default; all fp32, y rounded once to x's dtype:
@@ -221,6 +223,14 @@ def emits_fp8(fp8, backend: str, x: torch.Tensor) -> bool:
 CASTING_MODES = ("gemma", "llama", "none")
 
 
+def check_offset_and_casting_mode(name: str, offset, casting_mode) -> None:
+    """The refusals shared by rms_norm and add_rms_norm, each saying what to pass."""
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or offset != offset:
+        raise ValueError(f"{name}: offset must be a float (1.0 for Gemma's (1 + weight)), got {offset!r}")
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"{name}: casting_mode must be one of {', '.join(CASTING_MODES)}, got {casting_mode!r}")
+
+
 def rms_norm_cast_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
                             casting_mode: str) -> torch.Tensor:
     """The "llama" and "none" casting modes written out in torch (see the module docstring)."""
@@ -239,12 +249,9 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     ``backend`` forces triton, cuda or torch. ``fp8``: a tokenforge.fp8.EmitCast to also emit y
     in fp8 for the next Float8Linear where the Triton row kernel runs (tokenforge.fp8.emit)."""
     _check_inputs(x, weight, eps)
-    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or offset != offset:
-        raise ValueError(f"rms_norm: offset must be a float (1.0 for Gemma's (1 + weight)), got {offset!r}")
-    if offset and weight is None:
-        raise ValueError("rms_norm: offset needs a weight (it scales by offset + weight); pass weight or offset=0")
-    if casting_mode not in CASTING_MODES:
-        raise ValueError(f"rms_norm: casting_mode must be one of {', '.join(CASTING_MODES)}, got {casting_mode!r}")
+    check_offset_and_casting_mode("rms_norm", offset, casting_mode)
+    if weight is None:
+        offset = 0.0  # nothing to shift: y = x_hat (Gemma's norm without an affine weight)
     if casting_mode == "none":
         return rms_norm_cast_reference(x, weight, eps, offset, "none")
     if casting_mode == "llama":
