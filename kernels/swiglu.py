@@ -5,8 +5,13 @@
     "gelu_tanh"  GeGLU (Gemma):   act(g) = g/2 * (1 + tanh(c * (g + 0.044715 g^3))),  c = sqrt(2/pi)
     "gelu"       GeGLU, exact:    act(g) = g/2 * (1 + erf(g / sqrt(2)))
 
-math in fp32, y stored in the inputs' dtype. Backward, recomputing act and act' from gate (nothing
-but gate and up is saved): dup = dy * act(g), dgate = dy * up * act'(g), with
+math in fp32, written as eager PyTorch's GPU kernels write it (the same operations in the same
+order, and on a GPU libdevice's expf / tanhf / erff, the CUDA math library's functions they call),
+and rounded where eager ``act(gate) * up`` rounds: act(g) to the inputs' dtype, then the product.
+So in bf16/fp16 y is what the unfused code stores (up to fp32 contraction choices of the two
+compilers), and a patched model's MLP matches the unpatched one; fp32 inputs see no rounding in
+between. Backward, recomputing act from gate (nothing but gate and up is saved), with eager's
+roundings too: dup = dy * act(g) (act as rounded in the forward), dgate = rnd(dy * up) * act'(g):
 
     silu'(g)      = s * (1 + g * (1 - s))
     gelu_tanh'(g) = (1 + t) / 2 + g/2 * (1 - t^2) * c * (1 + 3 * 0.044715 g^2),  t the tanh above
@@ -24,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenforge.kernels import launch_device
+from triton.language.extra import libdevice
+
+from tokenforge.kernels import INTERPRETED, launch_device
 from tokenforge.kernels.fp8_quantize import EMIT_BLOCK, emission_buffers, emit_fp8_tile
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -37,34 +44,79 @@ NUM_WARPS = 4
 EMIT_ROW_MAX_N = 16384
 
 
+# GELU's constants below are written as eager PyTorch's kernels hold them in fp32: sqrt(2/pi)
+# 0.7978845608028654, 0.044715, 3 * 0.044715 multiplied in fp32 = 0.13414499163627625 (not the
+# decimal 0.134145), 1/sqrt(2) 0.7071067811865476, 1/sqrt(2 pi) 0.3989422804014327. Literals, not
+# tl.constexpr globals: the interpreter wraps constexpr * tensor into a constexpr that tl.exp refuses.
+
+
 @triton.jit
-def _activation_and_slope(g, ACTIVATION: tl.constexpr, WANT_SLOPE: tl.constexpr):
-    """act(g) and, when WANT_SLOPE, act'(g), in fp32 (the slope is 0.0 otherwise)."""
-    if ACTIVATION == "silu":
-        # exp(-g) overflows to inf for very negative g: s becomes 0 and silu 0, its limit.
-        s = 1.0 / (1.0 + tl.exp(-g))
-        act = g * s
-        slope = s * (1.0 + g * (1.0 - s)) if WANT_SLOPE else 0.0
-    elif ACTIVATION == "gelu_tanh":
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        # tanh(z) = 1 - 2 / (1 + exp(2z)): exp overflows to inf for large z (t -> 1) and underflows
-        # to 0 for very negative z (t -> -1), both the limits; no tanh in every Triton's tl.math.
-        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
-        act = 0.5 * g * (1.0 + t)
-        slope = (0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
-                 if WANT_SLOPE else 0.0)
+def _exp(x, LIBDEVICE: tl.constexpr):
+    # libdevice's expf, tanhf, erff are the CUDA math library's, which eager PyTorch's GPU kernels
+    # call: the same fp32 values, so the roundings after them agree too. Triton's interpreter has
+    # no libdevice (LIBDEVICE is False there).
+    if LIBDEVICE:
+        return libdevice.exp(x)
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        act = g * cdf
-        slope = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327 if WANT_SLOPE else 0.0
-    return act, slope
+        return tl.exp(x)
+
+
+@triton.jit
+def _tanh(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.tanh(x)
+    else:
+        # exp overflows to inf for large x (t -> 1) and underflows to 0 for very negative x (t -> -1).
+        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * x))
+
+
+@triton.jit
+def _erf(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.erf(x)
+    else:
+        return tl.math.erf(x)
+
+
+@triton.jit
+def _activation(g, ACTIVATION: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """act(g) in fp32, each written as eager PyTorch's GPU kernel writes it (same operations, same
+    order), so its fp32 value is theirs."""
+    if ACTIVATION == "silu":
+        # exp(-g) overflows to inf for very negative g: silu becomes -0.0, its limit.
+        return g / (1.0 + _exp(-g, LIBDEVICE))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g)), LIBDEVICE))
+    else:
+        return g * 0.5 * (1.0 + _erf(g * 0.7071067811865476, LIBDEVICE))
+
+
+@triton.jit
+def _activation_and_grad(g, dact, ACTIVATION: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """(act(g), dact * act'(g)) in fp32: act as :func:`_activation` computes it, the gradient in the
+    order of eager PyTorch's backward kernels; one transcendental shared by the two."""
+    if ACTIVATION == "silu":
+        denom = 1.0 + _exp(-g, LIBDEVICE)
+        s = 1.0 / denom
+        return g / denom, dact * s * (1.0 + g * (1.0 - s))
+    elif ACTIVATION == "gelu_tanh":
+        g_sq = g * g
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * (g_sq * g)), LIBDEVICE)
+        left_slope = 0.5 * (1.0 + t)
+        right_slope = (0.5 * g) * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 0.13414499163627625 * g_sq))
+        return 0.5 * g * (1.0 + t), dact * (left_slope + right_slope)
+    else:
+        e = _erf(g * 0.7071067811865476, LIBDEVICE)
+        cdf = 0.5 * (1.0 + e)
+        pdf = _exp(-0.5 * g * g, LIBDEVICE) * 0.3989422804014327
+        return g * 0.5 * (1.0 + e), dact * (cdf + g * pdf)
 
 
 @triton.jit
 def _swiglu_fwd_kernel(
     G, U, Y, DATA, SCALE,
     rows, n, stride_g, stride_u, stride_y, stride_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr, LIBDEVICE: tl.constexpr = True,
     EMIT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, FP8_MAX: tl.constexpr = 448.0,
     MBITS: tl.constexpr = 3, BIAS: tl.constexpr = 7, POW2: tl.constexpr = False, SOFT_CAST: tl.constexpr = False,
 ):
@@ -74,7 +126,7 @@ def _swiglu_fwd_kernel(
     mask = (row < rows)[:, None] & (col < n)[None, :]
     g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    act, _ = _activation_and_slope(g, ACTIVATION, False)
+    act = _activation(g, ACTIVATION, LIBDEVICE).to(Y.dtype.element_ty).to(tl.float32)  # eager rounds act(g)
     y_out = (act * u).to(Y.dtype.element_ty)
     tl.store(Y + row[:, None] * stride_y + col[None, :], y_out, mask=mask)
     if EMIT_FP8:  # y quantized for the down projection's Float8Linear, from the values just stored
@@ -86,7 +138,7 @@ def _swiglu_fwd_kernel(
 def _swiglu_bwd_kernel(
     DY, G, U, DG, DU,
     rows, n, stride_dy, stride_g, stride_u, stride_dg, stride_du,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr, LIBDEVICE: tl.constexpr = True,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,8 +146,11 @@ def _swiglu_bwd_kernel(
     dy = tl.load(DY + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    act, slope = _activation_and_slope(g, ACTIVATION, True)
-    tl.store(DG + row[:, None] * stride_dg + col[None, :], (dy * u * slope).to(DG.dtype.element_ty), mask=mask)
+    # Eager's roundings: the forward's rounded act(g); d act = dy * up rounded to the dtype.
+    dact = (dy * u).to(DG.dtype.element_ty).to(tl.float32)
+    act, dg = _activation_and_grad(g, dact, ACTIVATION, LIBDEVICE)
+    act = act.to(DU.dtype.element_ty).to(tl.float32)
+    tl.store(DG + row[:, None] * stride_dg + col[None, :], dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row[:, None] * stride_du + col[None, :], (dy * act).to(DU.dtype.element_ty), mask=mask)
 
 
@@ -117,14 +172,15 @@ def all_configs() -> list[tuple[str, dict]]:
     while block_n <= TILE:
         for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
             for activation in ACTIVATIONS:
-                out.append((name, dict(tile_config(block_n), ACTIVATION=activation)))
+                out.append((name, dict(tile_config(block_n), ACTIVATION=activation, LIBDEVICE=True)))
         block_n *= 2
     # With fp8 emission (swiglu_forward_fp8, silu): blockwise on every tile, rowwise on whole rows up
     # to EMIT_ROW_MAX_N; the gate sets the fp8 format.
     n = 16
     while n <= EMIT_ROW_MAX_N:
         for blockwise in (False, True) if n <= TILE else (False,):  # wider blockwise tiles are TILE's
-            out.append(("_swiglu_fwd_kernel", dict(emit_config(n, blockwise), ACTIVATION="silu", EMIT_FP8=True)))
+            out.append(("_swiglu_fwd_kernel", dict(emit_config(n, blockwise), ACTIVATION="silu", LIBDEVICE=True,
+                                                   EMIT_FP8=True)))
         n *= 2
     return out
 
@@ -175,6 +231,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
     with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
             gate, up, y, y, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), 0, **cfg, ACTIVATION=activation,
+            LIBDEVICE=not INTERPRETED,
         )
     return y
 
@@ -193,7 +250,7 @@ def swiglu_forward_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str, fp
     with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
             gate, up, y, data_arg, scale, rows, n, gate.stride(0), up.stride(0), y.stride(0), scale.stride(0),
-            **cfg, ACTIVATION=activation, EMIT_FP8=True, **fmt,
+            **cfg, ACTIVATION=activation, LIBDEVICE=not INTERPRETED, EMIT_FP8=True, **fmt,
         )
     return y, data, scale
 
@@ -208,5 +265,5 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         _swiglu_bwd_kernel[_grid(rows, n, cfg)](
             dy, gate, up, dgate, dup, rows, n,
             dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), **cfg,
-            ACTIVATION=activation,
+            ACTIVATION=activation, LIBDEVICE=not INTERPRETED,
         )

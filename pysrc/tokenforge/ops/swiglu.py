@@ -13,7 +13,9 @@ the first half of the last dim is gate, the second half up (``torch.cat([gate, u
 ``Linear`` weights stacked as ``torch.cat([w_gate, w_up], 0)``). Its gradient is one packed
 (..., 2*hidden) tensor, written by the kernel directly into its two halves.
 
-Outputs and gradients have the inputs' dtype; the math is fp32 (float64 on the torch backend).
+Outputs and gradients have the inputs' dtype; the math is fp32 (float64 on the torch backend),
+rounded where eager PyTorch's ``act(gate) * up`` rounds (act(gate), then the product), so a patched
+model's MLP activations are those of the unpatched one.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ ACTIVATIONS = {
 
 
 def gated_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """Plain PyTorch ``act(gate) * up`` (act from ACTIVATIONS): the oracle of the tests, the CPU
-    fallback and the eager baseline of the benchmarks. Low-precision inputs are computed in fp32;
-    float64 stays float64."""
+    """Plain PyTorch ``act(gate) * up`` (act from ACTIVATIONS), rounded as eager PyTorch rounds it:
+    act(gate) in fp32 rounded to the dtype, then the product in fp32 rounded (float64 stays float64):
+    the oracle of the tests, the CPU fallback and the eager baseline of the benchmarks."""
     compute = torch.float64 if gate.dtype == torch.float64 else torch.float32
-    return (ACTIVATIONS[activation](gate.to(compute)) * up.to(compute)).to(gate.dtype)
+    act = ACTIVATIONS[activation](gate.to(compute)).to(gate.dtype)
+    return (act.to(compute) * up.to(compute)).to(gate.dtype)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
