@@ -415,6 +415,16 @@ def test_flash_attn_keywords():
                           (dict(window=(2, 0), window_size=(3, 0)), "disagree")):
         with pytest.raises(ValueError, match=match):
             attention(q, k, v, **kwargs)
+    # window_size in the forms flash_attn takes: its own tests pass torch.randint(0, seqlen_k, (2,)).
+    import numpy as np
+
+    for form in (torch.tensor([4, 0]), [torch.tensor(4), torch.tensor(0)], (np.int64(4), np.int32(0)), [4, 0]):
+        out = attention(q, k, v, 0.0, 0.2, True, window_size=form, return_attn_probs=True)
+        assert torch.equal(out[0], ours[0]) and torch.equal(out[1], ours[1])
+    for bad in (torch.tensor([4.0, 0.0]), torch.tensor([True, False]), (True, 0), (4, 0, 1), torch.tensor([1, 2, 3]),
+                (2.5, 0), "4,0"):
+        with pytest.raises(ValueError, match=r"window must be \(left, right\) ints >= -1"):
+            attention(q, k, v, window_size=bad)
     # varlen, positionally as flash_attn_varlen_func.
     from tokenforge.ops import attention_varlen
 
@@ -425,6 +435,10 @@ def test_flash_attn_keywords():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="dropout_p"):
         attention_varlen(qv, kv, vv, cu, cu, 6, 6, 1.5)
+    # flash_attn_varlen_func's block_table: None is accepted (its tests pass it), pages are refused.
+    assert torch.equal(attention_varlen(qv, kv, vv, cu, cu, 6, 6, causal=True, window=(2, 0), block_table=None), b)
+    with pytest.raises(ValueError, match="block_table.*contiguous"):
+        attention_varlen(qv, kv, vv, cu, cu, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32))
 
 
 ALIBI_CASES = [  # batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal, window, slopes per batch entry

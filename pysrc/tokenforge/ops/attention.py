@@ -21,6 +21,7 @@ flash_attn.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -379,14 +380,36 @@ def _pad_head_dim(q, k, v):
     return pad(q), pad(k), pad(v), d
 
 
+def _as_window(window):
+    """(left, right) as Python ints when window is a pair of integers in any form flash_attn takes: a
+    tuple or list of ints or numpy / 0-d torch integers, or a 2-element integer tensor (flash_attn's
+    own tests pass ``torch.randint(0, seqlen_k, (2,))``). Anything else is returned unchanged, for
+    _check_common to refuse with what to pass."""
+    if isinstance(window, torch.Tensor):
+        if window.dtype == torch.bool or window.is_floating_point() or window.is_complex() or window.numel() != 2:
+            return window
+        return tuple(int(w) for w in window.reshape(2).tolist())
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        return window
+    try:
+        if any(isinstance(w, bool) or (isinstance(w, torch.Tensor) and w.dtype == torch.bool) for w in window):
+            return window
+        return tuple(operator.index(w) for w in window)
+    except TypeError:
+        return window
+
+
 def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slopes, return_attn_probs):
-    """flash_attn's keywords, for code ported from it: window_size is window. Returns the window."""
+    """flash_attn's keywords, for code ported from it: window_size is window. Returns the window,
+    as Python ints where it is a pair of integers (:func:`_as_window`)."""
+    window = _as_window(window) if window is not None else None
+    window_size = _as_window(window_size) if window_size is not None else None
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"{name}: return_attn_probs must be True or False, got {return_attn_probs!r}")
     if window_size is not None:
-        if window is not None and tuple(window) != tuple(window_size):
+        if window is not None and not (isinstance(window, tuple) and window == window_size):
             raise ValueError(f"{name}: window={window!r} and window_size={window_size!r} disagree; pass one "
                              "(window_size is flash_attn's name for window)")
         return window_size
@@ -632,13 +655,17 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, causal: bool = False,
                      window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, alibi_slopes=None,
-                     deterministic: bool = False, return_attn_probs: bool = False, *,
+                     deterministic: bool = False, return_attn_probs: bool = False, block_table=None, *,
                      window: Optional[tuple[int, int]] = None, return_lse: bool = False,
                      backend: Optional[str] = None):
     """Attention within each packed document: q (total_q, hq, d), k/v (total_k, hkv, d), document b is
     rows cu_seqlens[b]:cu_seqlens[b+1] (int32, batch + 1 entries); max_seqlen_* bound the document
     lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q).
-    Arguments in flash_attn_varlen_func's order, with :func:`attention`'s rules for them."""
+    Arguments in flash_attn_varlen_func's order, with :func:`attention`'s rules for them;
+    ``block_table`` (its paged KV cache, an inference feature) must be None."""
+    if block_table is not None:
+        raise ValueError("attention_varlen: block_table (a paged KV cache) is not supported; pass k and v as "
+                         "contiguous (total_k, heads, head_dim) rows, gathering each document's pages first")
     window = _check_flash_attn_keywords("attention_varlen", dropout_p, window, window_size, alibi_slopes,
                                         return_attn_probs)
     _check_common("attention_varlen", q, k, v, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale,
