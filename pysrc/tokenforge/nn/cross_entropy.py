@@ -12,7 +12,8 @@ from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
 
 class CrossEntropyLoss(torch.nn.Module):
     """Like torch.nn.CrossEntropyLoss (class dim last, int64 targets; ``weight`` class weights kept
-    as a buffer), plus z_loss and softcap; forward(logits (..., V), target (...)) -> fp32 loss, or
+    as a buffer), plus z_loss and softcap; forward(logits (..., V), target (...)) -> the loss in
+    torch's dtype (the logits', fp32 under autocast), or
     a CrossEntropyOutput (loss, z_loss, token_accuracy) with ``return_z_loss`` /
     ``return_token_accuracy``."""
 

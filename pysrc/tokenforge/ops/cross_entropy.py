@@ -19,9 +19,11 @@ reduction=..., label_smoothing=...)`` with the class dim last, plus:
   gradient). Token accuracy: the first argmax of the logits as given (before the softcap) equals
   the target; ignored tokens count as neither.
 
+The loss (and z-loss) has torch's dtype: the logits' dtype, but fp32 for fp16/bf16 logits under
+autocast (cross_entropy is on autocast's fp32 list); computed in fp32 and rounded once.
+
 Differences from torch, on purpose:
 
-- the loss is fp32 for fp16/bf16/fp32 logits (what autocast gives; float64 stays float64);
 - 'mean' with every target ignored is 0 with zero gradients (torch gives nan);
 - out-of-range targets: the torch backend and ``validate=True`` raise ValueError; the Triton
   kernel otherwise makes that token's loss and gradient NaN (checking needs a device sync).
@@ -386,7 +388,8 @@ def cross_entropy(
     backend: Optional[str] = None,
 ):
     """Cross-entropy of logits (..., V) fp32/fp16/bf16 (float64 on the torch backend) against int64
-    target (...); fp32 loss, scalar or target's shape for reduction='none'. ``weight``: torch's
+    target (...); the loss in torch's dtype (:func:`loss_dtype`: the logits', fp32 under autocast),
+    scalar or target's shape for reduction='none'. ``weight``: torch's
     class weights (V,). With ``return_z_loss`` / ``return_token_accuracy`` a
     :class:`CrossEntropyOutput` (loss, z_loss, token_accuracy). ``validate`` raises on
     out-of-range targets (a device sync; default: only on CPU). ``backend`` forces triton or torch."""
@@ -395,15 +398,33 @@ def cross_entropy(
     check_flags("cross_entropy", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy)
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap, weight, return_z_loss, return_token_accuracy)
     if logits.numel() == 0:
-        return cross_entropy_reference(logits, target, *options)
+        return _in_loss_dtype(cross_entropy_reference(logits, target, *options), logits)
     name = backends.choose(OP, logits, backend=backend)
     if name == "torch":
-        return cross_entropy_reference(logits, target, *options)
+        return _in_loss_dtype(cross_entropy_reference(logits, target, *options), logits)
     if validate is None:
         validate = logits.device.type == "cpu"
     loss, z_out, acc_out = CrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), float(softcap),
         return_z_loss, return_token_accuracy, bool(validate), name)
     if not (return_z_loss or return_token_accuracy):
-        return loss
-    return CrossEntropyOutput(loss, z_out if return_z_loss else None, acc_out if return_token_accuracy else None)
+        return _in_loss_dtype(loss, logits)
+    return _in_loss_dtype(CrossEntropyOutput(loss, z_out if return_z_loss else None,
+                                             acc_out if return_token_accuracy else None), logits)
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """torch's dtype for cross_entropy(logits): the logits' own, except fp32 for fp16/bf16 logits
+    under autocast (which runs cross_entropy in fp32)."""
+    if logits.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(logits.device.type):
+        return logits.dtype
+    return _compute_dtype(logits.dtype)
+
+
+def _in_loss_dtype(result, logits: torch.Tensor):
+    """The fp32 loss (and z-loss) rounded once to :func:`loss_dtype`; token accuracy stays fp32."""
+    dtype = loss_dtype(logits)
+    if isinstance(result, CrossEntropyOutput):
+        z = result.z_loss.to(dtype) if result.z_loss is not None else None
+        return CrossEntropyOutput(result.loss.to(dtype), z, result.token_accuracy)
+    return result.to(dtype)
