@@ -90,7 +90,12 @@ def test_swiglu_test_fails_one_wrong_row(monkeypatch):
 
     from tokenforge.kernels import swiglu as k
 
-    g, u = torch.randn(ROWS, N, dtype=torch.bfloat16), torch.randn(ROWS, N, dtype=torch.bfloat16)
+    # A fixed draw: on CPU the bf16 bound is two truncations (1.56e-2, test_swiglu.tolerance), so a
+    # 10% error hides in the per-row slack when BAD_ROW's output norm is under ~0.6x the typical
+    # row's (seen in CI). Seed 0 keeps that row typical; the checker's sensitivity is what is tested.
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(ROWS, N, generator=gen).to(torch.bfloat16)
+    u = torch.randn(ROWS, N, generator=gen).to(torch.bfloat16)
     t.check_swiglu(g, u, "triton")
     _wrap(monkeypatch, k, "swiglu_forward", _plant)
     with pytest.raises(AssertionError, match="y:"):
