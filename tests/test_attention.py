@@ -435,10 +435,55 @@ def test_flash_attn_keywords():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="dropout_p"):
         attention_varlen(qv, kv, vv, cu, cu, 6, 6, 1.5)
-    # flash_attn_varlen_func's block_table: None is accepted (its tests pass it), pages are refused.
+    # flash_attn_varlen_func's block_table: None is accepted (its tests pass it); pages: test below.
     assert torch.equal(attention_varlen(qv, kv, vv, cu, cu, 6, 6, causal=True, window=(2, 0), block_table=None), b)
-    with pytest.raises(ValueError, match="block_table.*contiguous"):
-        attention_varlen(qv, kv, vv, cu, cu, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_paged_kv_cache(backend):
+    """flash_attn_varlen_func's block_table: k/v as (num_blocks, page, hkv, d) pages, document b's
+    key i at page block_table[b, i // page], slot i % page (flash_attn's test layout: shuffled pages,
+    more pages than used). Same output and lse as the keys gathered by hand into contiguous rows,
+    and the gradient lands on exactly the pages that were read (unused pages get zero)."""
+    from tokenforge.ops import attention_varlen
+
+    torch.manual_seed(5)
+    page, hq, hkv, d, dtype = 4, 4, 2, 32, torch.bfloat16
+    lengths_q, lengths_k = [3, 0, 6, 5], [7, 0, 12, 4]  # an empty document; partial last pages
+    blocks_per_doc, num_blocks = 3, 15
+    k_pages = torch.randn(num_blocks, page, hkv, d, dtype=dtype, requires_grad=True)
+    v_pages = torch.randn(num_blocks, page, hkv, d, dtype=dtype, requires_grad=True)
+    block_table = torch.randperm(num_blocks, dtype=torch.int32)[:4 * blocks_per_doc].view(4, blocks_per_doc)
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), hq, d, dtype=dtype, requires_grad=True)
+    rows = [int(block_table[b, i // page]) * page + i % page for b, n in enumerate(lengths_k) for i in range(n)]
+    k_rows = k_pages.detach().flatten(0, 1)[rows].requires_grad_()
+    v_rows = v_pages.detach().flatten(0, 1)[rows].requires_grad_()
+    kwargs = dict(causal=True, return_lse=True, backend=backend)
+    out, lse = attention_varlen(q, k_pages, v_pages, cu_q, cu_k, 6, 12, block_table=block_table, **kwargs)
+    ref_out, ref_lse = attention_varlen(q, k_rows, v_rows, cu_q, cu_k, 6, 12, **kwargs)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    dout = torch.randn_like(out)
+    dq, dk_pages, dv_pages = torch.autograd.grad(out, (q, k_pages, v_pages), dout)
+    ref_dq, dk_rows, dv_rows = torch.autograd.grad(ref_out, (q, k_rows, v_rows), dout)
+    torch.testing.assert_close(dq, ref_dq, rtol=0, atol=0)
+    for got, per_row in ((dk_pages, dk_rows), (dv_pages, dv_rows)):
+        want = torch.zeros_like(got).flatten(0, 1).index_add_(0, torch.tensor(rows), per_row).view_as(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    unused = sorted(set(range(num_blocks)) - {r // page for r in rows})
+    assert unused and dk_pages[unused].abs().max() == 0
+    # refused with what is wrong
+    args = (q, k_pages, v_pages, cu_q, cu_k, 6, 12)
+    for table, match in ((block_table.float(), "block_table must be an int32"),
+                         (block_table[:3], "cu_seqlens_k must be an int32 tensor of batch \\+ 1 = 4"),
+                         (block_table[:, :2], "at most block_table.shape\\[1\\] x page_size = 8"),
+                         (block_table + num_blocks, "outside 0..14")):
+        with pytest.raises(ValueError, match=match):
+            attention_varlen(*args, block_table=table)
+    with pytest.raises(ValueError, match="paged caches"):
+        attention_varlen(q, k_rows, v_rows, cu_q, cu_k, 6, 12, block_table=block_table)
 
 
 ALIBI_CASES = [  # batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal, window, slopes per batch entry

@@ -661,11 +661,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Attention within each packed document: q (total_q, hq, d), k/v (total_k, hkv, d), document b is
     rows cu_seqlens[b]:cu_seqlens[b+1] (int32, batch + 1 entries); max_seqlen_* bound the document
     lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q).
-    Arguments in flash_attn_varlen_func's order, with :func:`attention`'s rules for them;
-    ``block_table`` (its paged KV cache, an inference feature) must be None."""
+    Arguments in flash_attn_varlen_func's order, with :func:`attention`'s rules for them.
+    ``block_table`` (batch, blocks per document), int32: flash_attn's paged KV cache, k/v then
+    (num_blocks, page_size, hkv, d) and document b's key i at page block_table[b, i // page_size],
+    row i % page_size; the pages are gathered into rows first (one host sync for the row count)."""
     if block_table is not None:
-        raise ValueError("attention_varlen: block_table (a paged KV cache) is not supported; pass k and v as "
-                         "contiguous (total_k, heads, head_dim) rows, gathering each document's pages first")
+        k, v = _gather_pages("attention_varlen", k, v, block_table, cu_seqlens_k)
     window = _check_flash_attn_keywords("attention_varlen", dropout_p, window, window_size, alibi_slopes,
                                         return_attn_probs)
     _check_common("attention_varlen", q, k, v, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale,
@@ -693,6 +694,43 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         probs = _attn_probs_varlen(q, k, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
                                    float(softcap), alibi, _reference_dropout(p, seed))
     return _returns(out, lse, return_lse, return_attn_probs, probs)
+
+
+def _gather_pages(name: str, k_pages, v_pages, block_table, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v as (total_k, hkv, d) rows from a paged cache: row j of document b (cu_seqlens_k[b] + i)
+    is page block_table[b, i // page_size], slot i % page_size. Gradients flow to the pages."""
+    shape = tuple(getattr(k_pages, "shape", ()))
+    if not (isinstance(k_pages, torch.Tensor) and isinstance(v_pages, torch.Tensor) and k_pages.dim() == 4
+            and v_pages.dim() == 4 and v_pages.shape[:2] == k_pages.shape[:2]):
+        raise ValueError(f"{name}: with block_table, k and v are paged caches (num_blocks, page_size, heads, "
+                         f"head_dim) with the same pages; got {shape} and {tuple(getattr(v_pages, 'shape', ()))}")
+    if not (isinstance(block_table, torch.Tensor) and block_table.dim() == 2
+            and block_table.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name}: block_table must be an int32 (batch, blocks per document) tensor, got "
+                         f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    if not (isinstance(cu_seqlens_k, torch.Tensor) and cu_seqlens_k.dim() == 1
+            and cu_seqlens_k.shape[0] == block_table.shape[0] + 1 and not cu_seqlens_k.is_floating_point()):
+        raise ValueError(f"{name}: with block_table (batch {block_table.shape[0]}), cu_seqlens_k must be an "
+                         f"int32 tensor of batch + 1 = {block_table.shape[0] + 1} document boundaries")
+    if block_table.device != k_pages.device or cu_seqlens_k.device != k_pages.device:
+        raise ValueError(f"{name}: block_table and cu_seqlens_k must be on k's device {k_pages.device}")
+    num_blocks, page = k_pages.shape[:2]
+    cu = cu_seqlens_k.long()
+    lengths = cu[1:] - cu[:-1]
+    total = int(cu[-1])  # the host sync: the number of rows to gather
+    capacity = block_table.shape[1] * page
+    if bool((lengths < 0).any()) or int(cu[0]) != 0 or (lengths.numel() and int(lengths.max()) > capacity):
+        raise ValueError(f"{name}: cu_seqlens_k must start at 0 and rise by at most block_table.shape[1] x "
+                         f"page_size = {capacity} keys per document, got {cu_seqlens_k.tolist()}")
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
+    pos = torch.arange(total, device=cu.device) - cu[doc]
+    blocks = block_table.long()[doc, pos // page]
+    if blocks.numel() and bool(((blocks < 0) | (blocks >= num_blocks)).any()):
+        raise ValueError(f"{name}: block_table names a page outside 0..{num_blocks - 1} for a key "
+                         "cu_seqlens_k says is in use")
+    rows = blocks * page + pos % page
+    return k_pages.flatten(0, 1)[rows], v_pages.flatten(0, 1)[rows]
 
 
 def _attn_probs_varlen(q, k, cu_q, cu_k, max_seqlen_q: int, max_seqlen_k: int, scale, win, softcap, alibi, drop):
