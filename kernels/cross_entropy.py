@@ -22,8 +22,8 @@ where 'mean' divides the cross-entropy part by the sum of w[t] over non-ignored 
 rule) and the z-loss part by their number (it is not a class loss); unweighted, both are the count
 and the formulas above reduce to the ones before. With ``SPLIT_Z`` the per-row z-loss term goes to
 its own output (for ``return_z_loss`` and for the two denominators) and LOSS holds the rest. With
-``HAS_ACC`` a per-row 1.0 / 0.0 says whether the first argmax of the logits (as given, before the
-softcap, which only adds ties) is the target.
+``HAS_PRED`` each row's predicted token is stored: the first argmax of the logits as given (before
+the softcap, which only adds ties), -1 for an ignored row; token accuracy is derived from it.
 
 Pass 1 reads the row once (max, sum of exponentials, sum of x); pass 2 reads it again (mostly from
 L2) and writes the gradient, so the backward never touches the logits: autograd only rescales the
@@ -69,10 +69,10 @@ def _sech2(y):
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    LOGITS, TARGET, LOSS, DLOGITS, N_VALID, ROW_SCALE, CLASS_WEIGHT, W_VALID, Z_ROWS, ACC_ROWS,
+    LOGITS, TARGET, LOSS, DLOGITS, N_VALID, ROW_SCALE, CLASS_WEIGHT, W_VALID, Z_ROWS, PRED_ROWS,
     V, stride_l, stride_d, ignore_index, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLIT_Z: tl.constexpr, HAS_ACC: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLIT_Z: tl.constexpr, HAS_PRED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -84,8 +84,8 @@ def _cross_entropy_fwd_kernel(
         tl.store(LOSS + row, 0.0)
         if SPLIT_Z:
             tl.store(Z_ROWS + row, 0.0)
-        if HAS_ACC:
-            tl.store(ACC_ROWS + row, 0.0)
+        if HAS_PRED:
+            tl.store(PRED_ROWS + row, -1)
         if COMPUTE_GRAD:
             for start in range(0, V, BLOCK_V):
                 col = start + tl.arange(0, BLOCK_V)
@@ -95,19 +95,19 @@ def _cross_entropy_fwd_kernel(
         safe_target = tl.where(in_range, target, 0)
 
         # Pass 1: online logsumexp, the sum of x (label smoothing), with class weights their sum and
-        # the weighted sum of x, and the first argmax of the raw logits (token accuracy).
+        # the weighted sum of x, and the first argmax of the raw logits (the predicted token).
         m = -float("inf")
         d = 0.0
         s = 0.0
         sw = 0.0
         swx = 0.0
         best = -float("inf")
-        best_col = V
+        best_col = 0  # torch.argmax's answer for a row of -inf
         for start in range(0, V, BLOCK_V):
             col = start + tl.arange(0, BLOCK_V)
             mask = col < V
             x = tl.load(l_row + col, mask=mask, other=-float("inf")).to(tl.float32)
-            if HAS_ACC:
+            if HAS_PRED:
                 blk_best = tl.max(x, axis=0)
                 blk_col = tl.min(tl.where(mask & (x == blk_best), col, V), axis=0)
                 best_col = tl.where(blk_best > best, blk_col, best_col)  # strict: earlier ties win
@@ -141,8 +141,8 @@ def _cross_entropy_fwd_kernel(
             tl.store(Z_ROWS + row, tl.where(in_range, zl, nan))
         else:
             tl.store(LOSS + row, tl.where(in_range, ce + zl, nan))
-        if HAS_ACC:
-            tl.store(ACC_ROWS + row, tl.where(in_range, tl.where(best_col == target, 1.0, 0.0), nan))
+        if HAS_PRED:
+            tl.store(PRED_ROWS + row, best_col.to(tl.int64))
 
         if COMPUTE_GRAD:
             scale = tl.where(in_range, 1.0, nan)
@@ -244,7 +244,7 @@ def cross_entropy_forward(
     class_weight: Optional[torch.Tensor] = None,
     weight_valid: Optional[torch.Tensor] = None,
     z_rows: Optional[torch.Tensor] = None,
-    acc_rows: Optional[torch.Tensor] = None,
+    pred_rows: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(loss, dlogits) for logits (rows, V) with unit column stride and int64 target (rows,).
 
@@ -256,7 +256,7 @@ def cross_entropy_forward(
     ``class_weight``: fp32 contiguous (V,) class weights; with ``n_valid``, ``weight_valid`` (fp32
     device scalar, the sum of w[t] over non-ignored rows) divides the cross-entropy part and
     ``n_valid`` the z-loss part. ``z_rows`` (fp32 (rows,)): when given, the z-loss term is written
-    there and left out of loss. ``acc_rows`` (fp32 (rows,)): 1.0 where the argmax is the target."""
+    there and left out of loss. ``pred_rows`` (int64 (rows,)): each row's first argmax, -1 if ignored."""
     rows, V = logits.shape
     loss = torch.empty((rows,), dtype=torch.float32, device=logits.device)
     if compute_grad and dlogits is None:
@@ -272,16 +272,16 @@ def cross_entropy_forward(
     cw = class_weight if class_weight is not None else loss
     wv = weight_valid if weight_valid is not None else loss
     zr = z_rows if z_rows is not None else loss
-    ar = acc_rows if acc_rows is not None else loss
+    pr = pred_rows if pred_rows is not None else target
     cfg = fwd_config(V)
     with launch_device(logits.device):
         _cross_entropy_fwd_kernel[(rows,)](
-            logits, target, loss, d, nv, rs, cw, wv, zr, ar,
+            logits, target, loss, d, nv, rs, cw, wv, zr, pr,
             V, logits.stride(0), d.stride(0), int(ignore_index),
             float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
             HAS_SOFTCAP=bool(softcap), MEAN=n_valid is not None, HAS_ROW_SCALE=row_scale is not None,
             COMPUTE_GRAD=compute_grad, HAS_WEIGHT=class_weight is not None, SPLIT_Z=z_rows is not None,
-            HAS_ACC=acc_rows is not None, **cfg,
+            HAS_PRED=pred_rows is not None, **cfg,
         )
     return loss, dlogits if compute_grad else None
 

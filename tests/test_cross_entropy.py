@@ -235,6 +235,57 @@ def test_class_weights_z_loss_and_accuracy(device, dtype, opts, reduction, V):
         assert not out.z_loss.requires_grad and not out.token_accuracy.requires_grad
 
 
+def _logits_with_ties(rows: int, V: int, device) -> torch.Tensor:
+    """(rows, V) logits whose argmax is awkward: row 0's maximum is in the last column, row 1's is
+    tied in two columns a vocab block apart (the first must win), row 2 is tied everywhere
+    (argmax 0), the other rows are random with their maximum anywhere."""
+    x = torch.randn(rows, V, device=device) * 3
+    x[0, -1] = 50.0
+    x[1, 3], x[1, V - 2] = 40.0, 40.0
+    x[2] = 1.5
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [7, 5000])  # one block; several (the argmax carried across blocks)
+def test_predicted_tokens(device, dtype, V):
+    """return_predicted_tokens: int64 per token in target's shape, torch.argmax of the logits as given
+    (first of ties, before the softcap), -1 where ignored (also with ignore_index=-1, where -1 is a
+    token id no row may match), for every reduction, both backends, the fused linear form and the
+    modules; token accuracy is the same as before (predicted == target over non-ignored tokens).
+    Compared whole with torch.equal: one wrong row fails."""
+    rows = 24
+    logits = _logits_with_ties(rows, V, device).to(dtype)
+    for ignore_index in (-100, -1):
+        target = make_target((4, 6), V, device, ignore_index=ignore_index)
+        target.view(-1)[:3] = torch.tensor([V - 1, 3, 0], device=device)  # the tie rows hit their argmax
+        t = target.reshape(-1)
+        want = torch.where(t != ignore_index, logits.float().argmax(-1), -1).view(4, 6)
+        assert want[0, 0] == V - 1 and want[0, 1] == 3 and want[0, 2] == 0
+        want_acc_rows = ((want.reshape(-1) == t) & (t != ignore_index)).double()
+        for backend in ("triton", "torch"):
+            for reduction in REDUCTIONS:
+                x = logits.detach().reshape(4, 6, V).requires_grad_()
+                out = cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction, softcap=2.0,
+                                    return_token_accuracy=True, return_predicted_tokens=True, backend=backend)
+                where = f"{backend} {dtype} V={V} ignore_index={ignore_index} {reduction}"
+                assert out.predicted_tokens.dtype == torch.int64 and not out.predicted_tokens.requires_grad, where
+                assert torch.equal(out.predicted_tokens, want), where
+                acc = want_acc_rows.view(4, 6) if reduction == "none" else want_acc_rows.sum() / (t != ignore_index).sum()
+                assert torch.allclose(out.token_accuracy.double(), acc, rtol=0, atol=1e-7), where
+                out.loss.sum().backward()  # the loss still carries its gradient
+                assert x.grad is not None and bool(torch.isfinite(x.grad).all()), where
+            only = cross_entropy(logits, t, ignore_index=ignore_index, return_predicted_tokens=True, backend=backend)
+            assert only.z_loss is None and only.token_accuracy is None and torch.equal(only.predicted_tokens,
+                                                                                      want.reshape(-1))
+            module = tf_nn.CrossEntropyLoss(ignore_index=ignore_index, return_predicted_tokens=True, backend=backend)
+            assert "return_predicted_tokens=True" in repr(module)
+            assert torch.equal(module(logits, t).predicted_tokens, want.reshape(-1))
+    with pytest.raises(TypeError, match="return_predicted_tokens must be True or False"):
+        cross_entropy(logits, t, return_predicted_tokens=1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_loss_dtype_is_torchs(device, reduction):
@@ -297,8 +348,8 @@ def test_module_and_refusals_for_the_new_options():
     t = make_target((12,), V, "cpu")
     w = torch.rand(V) + 0.5
     ours = tf_nn.CrossEntropyLoss(weight=w, label_smoothing=0.05, return_z_loss=True, z_loss=1e-3, backend="triton")
-    loss, z, acc = ours(x, t)
-    assert acc is None and rel_error(loss, weighted_oracle(x, t, w, "mean", 0.05, 1e-3)[0]) < 1e-5
+    loss, z, acc, predicted = ours(x, t)  # Liger-Kernel's fields, in its order
+    assert acc is None and predicted is None and rel_error(loss, weighted_oracle(x, t, w, "mean", 0.05, 1e-3)[0]) < 1e-5
     assert "weight" in dict(ours.named_buffers()) and "return_z_loss=True" in repr(ours)
     theirs = torch.nn.CrossEntropyLoss(weight=w)
     assert rel_error(tf_nn.CrossEntropyLoss(weight=w)(x, t), theirs(x, t)) < 1e-5
@@ -539,7 +590,7 @@ def _ce_arg_types(dtype: str) -> dict:
 
     t = "*" + TRITON_DTYPE[dtype]
     return dict(LOGITS=t, DLOGITS=t, D=t, TARGET="*i64", LOSS="*fp32", N_VALID="*fp32", ROW_SCALE="*fp32",
-                CLASS_WEIGHT="*fp32", W_VALID="*fp32", Z_ROWS="*fp32", ACC_ROWS="*fp32", G="*fp32", V="i32", stride_l="i32", stride_d="i32", stride_g="i32", ignore_index="i32",
+                CLASS_WEIGHT="*fp32", W_VALID="*fp32", Z_ROWS="*fp32", PRED_ROWS="*i64", G="*fp32", V="i32", stride_l="i32", stride_d="i32", stride_g="i32", ignore_index="i32",
                 label_smoothing="fp32", z_loss="fp32", softcap="fp32")
 
 
@@ -553,7 +604,7 @@ def _compile_ce(name, config, dtype, arch, aligned=True, **flags):
     if name == "_cross_entropy_fwd_kernel":
         # Default: every feature on (the most registers); callers turn some off.
         config.update(dict(HAS_SOFTCAP=True, MEAN=True, HAS_ROW_SCALE=True, COMPUTE_GRAD=True, HAS_WEIGHT=True,
-                           SPLIT_Z=True, HAS_ACC=True), **flags)
+                           SPLIT_Z=True, HAS_PRED=True), **flags)
     return compile_kernel(getattr(ce_kernels, name), _ce_arg_types(dtype), config, num_warps, TARGETS[arch],
                           aligned=aligned, unaligned_args=("V", "ignore_index", "stride_g"))
 
@@ -586,12 +637,12 @@ def test_variants_compile(arch, dtype):
     from tokenforge.kernels import cross_entropy as ce_kernels
 
     cfg = ce_kernels.fwd_config(128256)
-    off = dict(HAS_WEIGHT=False, SPLIT_Z=False, HAS_ACC=False)
+    off = dict(HAS_WEIGHT=False, SPLIT_Z=False, HAS_PRED=False)
     for flags in (dict(HAS_SOFTCAP=False, MEAN=False, HAS_ROW_SCALE=False, COMPUTE_GRAD=False, **off),
                   dict(HAS_SOFTCAP=False, MEAN=True, HAS_ROW_SCALE=False, COMPUTE_GRAD=True, **off),
                   dict(HAS_SOFTCAP=True, MEAN=False, HAS_ROW_SCALE=True, COMPUTE_GRAD=True, **off),
                   dict(HAS_SOFTCAP=False, MEAN=True, HAS_ROW_SCALE=False, COMPUTE_GRAD=True, HAS_WEIGHT=True,
-                       SPLIT_Z=False, HAS_ACC=True)):
+                       SPLIT_Z=False, HAS_PRED=True)):
         for aligned in (True, False):
             assert len(_compile_ce("_cross_entropy_fwd_kernel", cfg, dtype, arch, aligned, **flags).asm["cubin"]) > 0
 

@@ -225,17 +225,44 @@ def test_class_weights_z_loss_and_accuracy(backend, reduction, opts):
 
 
 @pytest.mark.parametrize("backend", CE_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_predicted_tokens(backend, reduction):
+    """return_predicted_tokens through the chunk loop (chunks of 4 over 3 x 7 tokens, the last one
+    short): each token's argmax of the logits the loop computes, -1 where ignored, in target's
+    shape, with the loss and its gradients unchanged; the module passes the flag on."""
+    h, w, b, t = make_inputs(21, 24, 300, torch.float32, "cpu")
+    t = t.view(3, 7)
+    leaves = [x.detach().requires_grad_() for x in (h.view(3, 7, 24), w, b)]
+    out = linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction, return_predicted_tokens=True,
+                               chunk_size=4, backend=backend)
+    want = torch.where(t != -100, torch.addmm(b, h, w.t()).argmax(-1).view(3, 7), -1)
+    assert out.z_loss is None and out.token_accuracy is None
+    assert out.predicted_tokens.dtype == torch.int64 and torch.equal(out.predicted_tokens, want)
+    plain = linear_cross_entropy(h.view(3, 7, 24), w, t, b, reduction=reduction, chunk_size=4, backend=backend)
+    assert torch.equal(out.loss, plain)
+    out.loss.sum().backward()
+    ref = [x.detach().requires_grad_() for x in (h.view(3, 7, 24), w, b)]
+    linear_cross_entropy(*ref[:2], t, ref[2], reduction=reduction, chunk_size=4, backend=backend).sum().backward()
+    for ours, theirs in zip(leaves, ref):
+        assert torch.equal(ours.grad, theirs.grad)
+    module = tf_nn.LinearCrossEntropyLoss(reduction=reduction, chunk_size=4, return_predicted_tokens=True,
+                                          backend=backend)
+    assert "return_predicted_tokens=True" in repr(module)
+    assert torch.equal(module(h.view(3, 7, 24), w, t, b).predicted_tokens, want)
+
+
+@pytest.mark.parametrize("backend", CE_BACKENDS)
 @pytest.mark.parametrize("mean", [True, False])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "weights-z-accuracy"])
 def test_chunk_loop_writes_every_output(backend, mean, extras):
     """The chunk loop under NaN-poisoned allocations (loss, grad_hidden, the logits buffer, the last
-    short chunk, the z-loss and accuracy rows): every element written, every gradient right."""
+    short chunk, the z-loss and predicted-token rows): every element written, every gradient right."""
     h, w, b, t = make_inputs(23, 32, 70, torch.bfloat16, "cpu")
     row_scale = torch.randn(23)
     z = 1e-2 if extras else 0.0
     cw = torch.rand(70) + 0.5 if extras else None
     with PoisonEmpty():
-        loss, n_valid, w_valid, z_rows, acc_rows, gh, gw, gb = chunked_forward(
+        loss, n_valid, w_valid, z_rows, pred_rows, gh, gw, gb = chunked_forward(
             h, w, t, b, row_scale, -100, 0.1, z, 0.0, mean, 5, True, True, backend, cw, extras, extras)
     refs = [x.double().requires_grad_() for x in (h, w, b)]
     logits = torch.nn.functional.linear(refs[0], refs[1], refs[2])
@@ -252,11 +279,11 @@ def test_chunk_loop_writes_every_output(backend, mean, extras):
         assert rel_error(loss / scale[0], ce) <= tol and rel_error(z_rows / scale[1], zr) <= tol
         # argmax of the bf16 logits the loop computes (torch.addmm, as it does), not of float64 ones.
         predicted = torch.addmm(b, h, w.t()).argmax(-1)
-        assert torch.equal(acc_rows, ((predicted == t) & (t != -100)).float())
+        assert torch.equal(pred_rows, torch.where(t != -100, predicted, -1))
         assert float(w_valid) == pytest.approx(float((cw[t.clamp(min=0)] * (t != -100)).sum()))
     else:
         assert rel_error(loss, ce.detach() * (n_valid.double() if mean else 1.0)) <= tol
-        assert w_valid is None and z_rows is None and acc_rows is None
+        assert w_valid is None and z_rows is None and pred_rows is None
     for ours, theirs in zip((gh, gw, gb), refs):
         assert rel_error(ours, theirs.grad) <= tol
 

@@ -139,3 +139,17 @@ def test_attention_test_fails_one_wrong_row(monkeypatch):
     _wrap(monkeypatch, k, "attention_forward", lambda out: _plant(out[0]))
     with pytest.raises(AssertionError):
         t.run_and_check(q, kk, v, causal=True)
+
+
+def test_poison_empty_marks_every_unwritten_element():
+    """PoisonEmpty fills what torch.empty* returns: NaN for floating point, the dtype's most negative
+    value for integers (a predicted-token or index row a kernel forgets shows up in torch.equal)."""
+    from tokenforge.testing import PoisonEmpty
+
+    with PoisonEmpty():
+        f, h = torch.empty(5), torch.empty((2, 3), dtype=torch.bfloat16)
+        i64, i32 = torch.empty(4, dtype=torch.int64), torch.empty_like(torch.zeros(3, dtype=torch.int32))
+        b = torch.empty(3, dtype=torch.bool)
+    assert f.isnan().all() and h.isnan().all()
+    assert (i64 == torch.iinfo(torch.int64).min).all() and (i32 == torch.iinfo(torch.int32).min).all()
+    assert b.shape == (3,)  # bools are left as they are

@@ -5,8 +5,8 @@ those classes, before Liger's tests import them, with adapters that take Liger's
 ``tokenforge.ops``. Liger's references (Hugging Face modules, plain torch) stay as they are, so
 every check in their suite compares our kernels with their reference at their tolerances.
 
-An option tokenforge does not have (Falcon-H1's SwiGLU multipliers, ``use_token_scaling``,
-``return_predicted_tokens``) skips the test with "not in tokenforge's API", so a gap is reported as
+An option tokenforge does not have (Falcon-H1's SwiGLU multipliers, ``use_token_scaling``) skips
+the test with "not in tokenforge's API", so a gap is reported as
 a gap and never passes on torch code written here. Loaded by bench/peers/run_peer_tests.sh with
 ``-p liger_shim`` (after ``-p liger_on_cpu``; PEER_BASELINE=1 leaves this plugin out, so Liger's own
 kernels run the same tests on the same machine: a failure both share is the machine's or the test's).
@@ -22,13 +22,12 @@ def _not_ours(option: str):
     pytest.skip(f"not in tokenforge's API: {option}")
 
 
-def _loss_outputs(result, return_predicted_tokens: bool):
-    """Liger's CE/FLCE Functions return (loss, z_loss, token_accuracy, predicted_tokens)."""
-    if return_predicted_tokens:
-        _not_ours("return_predicted_tokens")
+def _loss_outputs(result):
+    """Liger's CE/FLCE Functions return (loss, z_loss, token_accuracy, predicted_tokens): our
+    CrossEntropyOutput's fields, in that order."""
     if isinstance(result, torch.Tensor):
         return result, None, None, None
-    return result.loss, result.z_loss, result.token_accuracy, None
+    return tuple(result)
 
 
 class RMSNorm:
@@ -52,8 +51,9 @@ class CrossEntropy:
         result = ops.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
                                    label_smoothing=label_smoothing, z_loss=lse_square_scale,
                                    softcap=softcap or 0.0, return_z_loss=return_z_loss,
-                                   return_token_accuracy=return_token_accuracy)
-        return _loss_outputs(result, return_predicted_tokens)
+                                   return_token_accuracy=return_token_accuracy,
+                                   return_predicted_tokens=return_predicted_tokens)
+        return _loss_outputs(result)
 
 
 class FusedLinearCrossEntropy:
@@ -67,8 +67,9 @@ class FusedLinearCrossEntropy:
         result = ops.linear_cross_entropy(hidden, lm_weight, target, bias, ignore_index=ignore_index,
                                           reduction=reduction, label_smoothing=label_smoothing,
                                           z_loss=lse_square_scale, softcap=softcap or 0.0, class_weight=ce_weight,
-                                          return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy)
-        return _loss_outputs(result, return_predicted_tokens)
+                                          return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                                          return_predicted_tokens=return_predicted_tokens)
+        return _loss_outputs(result)
 
 
 class SiLUMul:

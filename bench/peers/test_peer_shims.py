@@ -61,6 +61,10 @@ def test_liger_adapters_call_our_ops_with_liger_argument_order(liger_shim):
     assert len(got) == 4 and got[3] is None
     for g, v in zip(got, (want.loss, want.z_loss, want.token_accuracy)):
         _same(g, v)
+    got = liger_ops.LigerCrossEntropyFunction.apply(logits, target, None, -100, 0.0, 0.0, "mean", None, False, False,
+                                                    True)
+    _same(got[3], ops.cross_entropy(logits, target, return_predicted_tokens=True).predicted_tokens)
+    assert got[1] is None and got[2] is None
     loss, z_loss, accuracy, predicted = liger_ops.LigerCrossEntropyFunction.apply(logits, target)
     _same(loss, ops.cross_entropy(logits, target))
     assert z_loss is None and accuracy is None and predicted is None
@@ -112,8 +116,6 @@ def test_liger_fused_moe_adapter_is_the_expert_sum(liger_shim):
 def test_liger_options_we_lack_skip_not_pass(liger_shim):
     liger_ops, _ = liger_shim
     logits, target = torch.randn(3, 10), torch.tensor([0, 1, 2])
-    with pytest.raises(pytest.skip.Exception, match="return_predicted_tokens"):
-        liger_ops.LigerCrossEntropyFunction.apply(logits, target, None, -100, 0.0, 0.0, "mean", None, False, False, True)
     with pytest.raises(pytest.skip.Exception, match="use_token_scaling"):
         liger_ops.LigerFusedLinearCrossEntropyFunction.apply(torch.randn(3, 4), torch.randn(10, 4), target,
                                                              use_token_scaling=True)

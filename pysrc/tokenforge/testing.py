@@ -100,15 +100,19 @@ def _empty_ops():
 
 
 class PoisonEmpty(TorchDispatchMode):
-    """Within this mode every floating-point ``torch.empty*`` comes back filled with NaN, so an
-    output element that a kernel never writes shows up as NaN instead of passing as stale memory.
+    """Within this mode every floating-point ``torch.empty*`` comes back filled with NaN (an integer
+    one with its dtype's most negative value), so an output element that a kernel never writes
+    shows up instead of passing as stale memory.
 
     Use it around direct calls of kernel launchers (a custom op's body runs outside the mode)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _empty_ops() and isinstance(out, torch.Tensor) and out.is_floating_point():
-            out.fill_(float("nan"))
+        if func in _empty_ops() and isinstance(out, torch.Tensor):
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            elif out.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+                out.fill_(torch.iinfo(out.dtype).min)
         return out
 
 

@@ -13,11 +13,13 @@ reduction=..., label_smoothing=...)`` with the class dim last, plus:
 - ``softcap > 0``: x = ``softcap * tanh(logits / softcap)`` first (Gemma 2), gradient included;
 - ``weight`` (V,): torch's class weights; 'mean' divides the cross-entropy part by the sum of
   weight[target] over non-ignored tokens (torch's rule) and the z-loss part by their count;
-- ``return_z_loss`` / ``return_token_accuracy``: a :class:`CrossEntropyOutput` (loss, z_loss,
-  token_accuracy) instead of the loss, the extras reduced like the loss ('mean': over non-ignored
-  tokens; 'none': per token) and without gradient (for logging; the loss carries the z-loss's
-  gradient). Token accuracy: the first argmax of the logits as given (before the softcap) equals
-  the target; ignored tokens count as neither.
+- ``return_z_loss`` / ``return_token_accuracy`` / ``return_predicted_tokens``: a
+  :class:`CrossEntropyOutput` (loss, z_loss, token_accuracy, predicted_tokens) instead of the loss,
+  z-loss and accuracy reduced like the loss ('mean': over non-ignored tokens; 'none': per token),
+  all without gradient (for logging; the loss carries the z-loss's gradient). The predicted token
+  is the first argmax of the logits as given (before the softcap), int64 in target's shape, -1 for
+  ignored tokens, found in the same pass as the loss (no logits-sized argmax afterwards). Token
+  accuracy: the predicted token equals the target; ignored tokens count as neither.
 
 The loss (and z-loss) has torch's dtype: the logits' dtype, but fp32 for fp16/bf16 logits under
 autocast (cross_entropy is on autocast's fp32 list); computed in fp32 and rounded once.
@@ -50,12 +52,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class CrossEntropyOutput(NamedTuple):
-    """What ``return_z_loss`` / ``return_token_accuracy`` give: the loss (with gradient), and the
-    requested extras (no gradient; None when not requested)."""
+    """What ``return_z_loss`` / ``return_token_accuracy`` / ``return_predicted_tokens`` give: the
+    loss (with gradient), and the requested extras (no gradient; None when not requested). The
+    fields and their order are Liger-Kernel's."""
 
     loss: torch.Tensor
     z_loss: Optional[torch.Tensor]
     token_accuracy: Optional[torch.Tensor]
+    predicted_tokens: Optional[torch.Tensor] = None
 
 
 def cross_entropy_reference(
@@ -69,6 +73,7 @@ def cross_entropy_reference(
     weight: Optional[torch.Tensor] = None,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
 ):
     """Plain PyTorch cross-entropy (class dim last): the oracle of the tests, the CPU fallback and the
     eager baseline of the benchmarks. fp32 math (float64 for float64 logits); fp32 loss."""
@@ -92,16 +97,27 @@ def cross_entropy_reference(
         w_valid = (w[torch.where(valid, t, 0)] * valid).sum() if w is not None else n_valid
         w_valid = torch.where(valid.any(), w_valid, torch.ones_like(w_valid))
         loss = ce.sum() / w_valid + z_rows.sum() / n_valid
-    if not (return_z_loss or return_token_accuracy):
+    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return loss
-    acc_rows = ((raw.argmax(dim=-1) == t) & valid).to(x.dtype) if return_token_accuracy else None
-    return with_extras(loss, z_rows if return_z_loss else None, acc_rows, n_valid, reduction, target.shape)
+    pred_rows = torch.where(valid, raw.argmax(dim=-1), -1)
+    acc_rows = accuracy_rows(pred_rows, t, ignore_index, V) if return_token_accuracy else None
+    return with_extras(loss, z_rows if return_z_loss else None, acc_rows, n_valid, reduction, target.shape,
+                       pred_rows if return_predicted_tokens else None)
 
 
-def with_extras(loss, z_rows, acc_rows, n_valid, reduction, shape) -> CrossEntropyOutput:
-    """The :class:`CrossEntropyOutput` of per-row z-loss terms and 1.0/0.0 accuracy flags (None:
-    not asked for): 'none' keeps them per token (in ``shape``); otherwise the z-loss is summed
-    ('sum') or averaged over non-ignored tokens ('mean'), and accuracy is always that fraction."""
+def accuracy_rows(pred_rows: torch.Tensor, target: torch.Tensor, ignore_index: int, V: int) -> torch.Tensor:
+    """Per-row fp32 token accuracy from the predicted tokens: 1.0 / 0.0, 0.0 for ignored rows, NaN
+    for a target outside [0, V) (the kernels' rule for a bad label: it never passes as a number)."""
+    valid = target != ignore_index
+    acc = ((pred_rows == target) & valid).float()
+    return torch.where(valid & ((target < 0) | (target >= V)), float("nan"), acc)
+
+
+def with_extras(loss, z_rows, acc_rows, n_valid, reduction, shape, pred_rows=None) -> CrossEntropyOutput:
+    """The :class:`CrossEntropyOutput` of per-row z-loss terms, 1.0/0.0 accuracy flags and predicted
+    tokens (None: not asked for): 'none' keeps z-loss and accuracy per token (in ``shape``);
+    otherwise the z-loss is summed ('sum') or averaged over non-ignored tokens ('mean'), and
+    accuracy is always that fraction. Predicted tokens stay per token (int64, in ``shape``)."""
     def per_token(rows):
         return rows.detach().to(loss.dtype).reshape(shape)
 
@@ -114,7 +130,8 @@ def with_extras(loss, z_rows, acc_rows, n_valid, reduction, shape) -> CrossEntro
         acc_out = per_token(acc_rows)
         if reduction != "none":
             acc_out = acc_out.sum() / n_valid.to(loss.dtype)
-    return CrossEntropyOutput(loss, z_out, acc_out)
+    pred_out = pred_rows.detach().reshape(shape) if pred_rows is not None else None
+    return CrossEntropyOutput(loss, z_out, acc_out, pred_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +257,11 @@ def class_weight_for_kernel(class_weight: Optional[torch.Tensor]) -> Optional[to
 def cross_entropy_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: float, mean: bool, compute_grad: bool, validate: bool, backend: str,
-    class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_accuracy: bool = False,
+    class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_predictions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row fp32 loss, dlogits or an empty tensor, n_valid fp32 scalar, weight_valid fp32 scalar
     (with class weights; else empty), per-row z-loss terms (``split_z``: then left out of the loss;
-    else empty), per-row 1.0/0.0 accuracy (``want_accuracy``; else empty))."""
+    else empty), per-row int64 predicted tokens, -1 if ignored (``want_predictions``; else empty))."""
     from tokenforge.kernels import cross_entropy as kernels_ce
 
     if validate:
@@ -255,28 +272,28 @@ def cross_entropy_fwd(
     w_valid = weight_valid_of(w, target, ignore_index) if w is not None else None
     f32 = dict(dtype=torch.float32, device=logits.device)
     z_rows = torch.empty((rows,), **f32) if split_z else None
-    acc_rows = torch.empty((rows,), **f32) if want_accuracy else None
+    pred_rows = torch.empty((rows,), dtype=torch.int64, device=logits.device) if want_predictions else None
     loss, dlogits = kernels_ce.cross_entropy_forward(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, n_valid=n_valid if mean else None, compute_grad=compute_grad, class_weight=w,
-        weight_valid=w_valid if mean else None, z_rows=z_rows, acc_rows=acc_rows,
+        weight_valid=w_valid if mean else None, z_rows=z_rows, pred_rows=pred_rows,
     )
     empty = lambda: torch.empty((0,), **f32)  # noqa: E731  custom ops return no None, no tensor twice
     return (loss, dlogits if dlogits is not None else logits.new_empty((0,)), n_valid,
             w_valid if w_valid is not None else empty(), z_rows if z_rows is not None else empty(),
-            acc_rows if acc_rows is not None else empty())
+            pred_rows if pred_rows is not None else target.new_empty((0,), dtype=torch.int64))
 
 
 @cross_entropy_fwd.register_fake
 def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad, validate, backend,
-      class_weight=None, split_z=False, want_accuracy=False):
+      class_weight=None, split_z=False, want_predictions=False):
     rows = logits.shape[0]
     dlogits = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
     f32 = dict(dtype=torch.float32)
     return (logits.new_empty((rows,), **f32), dlogits, logits.new_empty((), **f32),
             logits.new_empty(() if class_weight is not None else (0,), **f32),
             logits.new_empty((rows,) if split_z else (0,), **f32),
-            logits.new_empty((rows,) if want_accuracy else (0,), **f32))
+            logits.new_empty((rows,) if want_predictions else (0,), dtype=torch.int64))
 
 
 @torch.library.custom_op("tokenforge::cross_entropy_scale_", mutates_args=("dlogits",))
@@ -312,15 +329,20 @@ def reduce_loss(loss: torch.Tensor, n_valid: torch.Tensor, reduction: str, z_row
     return loss + z_rows
 
 
-def function_outputs(ctx, loss, z_rows, acc_rows, n_valid, reduction, shape, return_z_loss, return_accuracy):
-    """(loss, z-loss, accuracy) as an autograd Function returns them: the extras reduced (or the
-    empty placeholders the custom op gave when they were not asked for), marked non-differentiable."""
-    extras = with_extras(loss, z_rows if return_z_loss else None, acc_rows if return_accuracy else None,
-                         n_valid, reduction, shape)
+def function_outputs(ctx, loss, z_rows, pred_rows, target, n_valid, reduction, ignore_index: int, V: int,
+                     return_z_loss, return_accuracy, return_predictions):
+    """(loss, z-loss, accuracy, predicted tokens) as an autograd Function returns them: the extras
+    reduced (or the empty placeholders the custom op gave when they were not asked for), marked
+    non-differentiable. ``pred_rows``: the kernel's per-row predicted tokens (accuracy's source)."""
+    t = target.reshape(-1)
+    acc_rows = accuracy_rows(pred_rows, t, ignore_index, V) if return_accuracy else None
+    extras = with_extras(loss, z_rows if return_z_loss else None, acc_rows, n_valid, reduction, target.shape,
+                         pred_rows if return_predictions else None)
     z_out = extras.z_loss if return_z_loss else z_rows
-    acc_out = extras.token_accuracy if return_accuracy else acc_rows
-    ctx.mark_non_differentiable(z_out, acc_out)
-    return loss, z_out, acc_out
+    acc_out = extras.token_accuracy if return_accuracy else z_rows.new_empty((0,))
+    pred_out = extras.predicted_tokens if return_predictions else pred_rows.new_empty((0,))
+    ctx.mark_non_differentiable(z_out, acc_out, pred_out)
+    return loss, z_out, acc_out, pred_out
 
 
 def _is_one(grad_output: torch.Tensor) -> bool:
@@ -338,29 +360,30 @@ class CrossEntropyFunction(torch.autograd.Function):
     logits), and backward rescales them in place by grad_output (no logits-sized allocation in
     backward). A second backward through the same graph (retain_graph=True) is refused by
     autograd's version counter ("modified by an inplace operation"): the gradient was consumed.
-    Returns (loss, z_loss rows, accuracy rows); the last two are empty unless asked for and carry
-    no gradient."""
+    Returns (loss, z-loss, accuracy, predicted tokens); the last three are empty unless asked for
+    and carry no gradient."""
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                return_z_loss, return_accuracy, validate, backend):
+                return_z_loss, return_accuracy, return_predictions, validate, backend):
         x2 = rows_view(logits)
         compute_grad = bool(ctx.needs_input_grad[0])
         split_z = class_weight is not None or return_z_loss
-        loss, dlogits, n_valid, w_valid, z_rows, acc_rows = torch.ops.tokenforge.cross_entropy_fwd(
+        loss, dlogits, n_valid, w_valid, z_rows, pred_rows = torch.ops.tokenforge.cross_entropy_fwd(
             x2, target.reshape(-1).contiguous(), ignore_index, float(label_smoothing), float(z_loss), float(softcap),
-            reduction == "mean", compute_grad, validate, backend, class_weight, split_z, return_accuracy)
+            reduction == "mean", compute_grad, validate, backend, class_weight, split_z,
+            return_accuracy or return_predictions)
         ctx.save_for_backward(dlogits)
         ctx.logits_shape = logits.shape
         ctx.backend = backend
         out = reduce_loss(loss, n_valid, reduction, z_rows if split_z else None,
                           w_valid if class_weight is not None else None)
         out = out.reshape(target.shape) if reduction == "none" else out
-        return function_outputs(ctx, out, z_rows, acc_rows, n_valid, reduction, target.shape, return_z_loss,
-                                return_accuracy)
+        return function_outputs(ctx, out, z_rows, pred_rows, target, n_valid, reduction, ignore_index,
+                                logits.shape[-1], return_z_loss, return_accuracy, return_predictions)
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_z, _grad_accuracy):
+    def backward(ctx, grad_output, _grad_z, _grad_accuracy, _grad_predictions):
         (dlogits,) = ctx.saved_tensors
         if _is_one(grad_output):
             # loss.backward() of a 'mean'/'sum' loss: nothing to scale; skipping saves a read and
@@ -369,7 +392,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(dlogits)
         else:
             torch.ops.tokenforge.cross_entropy_scale_(dlogits, grad_output.reshape(-1), ctx.backend)
-        return (dlogits.view(ctx.logits_shape),) + (None,) * 11
+        return (dlogits.view(ctx.logits_shape),) + (None,) * 12
 
 
 def cross_entropy(
@@ -384,19 +407,23 @@ def cross_entropy(
     softcap: float = 0.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     validate: Optional[bool] = None,
     backend: Optional[str] = None,
 ):
     """Cross-entropy of logits (..., V) fp32/fp16/bf16 (float64 on the torch backend) against int64
     target (...); the loss in torch's dtype (:func:`loss_dtype`: the logits', fp32 under autocast),
     scalar or target's shape for reduction='none'. ``weight``: torch's
-    class weights (V,). With ``return_z_loss`` / ``return_token_accuracy`` a
-    :class:`CrossEntropyOutput` (loss, z_loss, token_accuracy). ``validate`` raises on
+    class weights (V,). With ``return_z_loss`` / ``return_token_accuracy`` /
+    ``return_predicted_tokens`` a :class:`CrossEntropyOutput` (loss, z_loss, token_accuracy,
+    predicted_tokens: int64 argmax per token, -1 where ignored). ``validate`` raises on
     out-of-range targets (a device sync; default: only on CPU). ``backend`` forces triton or torch."""
     _check_inputs(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
     check_class_weight("cross_entropy", "weight", weight, logits.shape[-1], logits.device)
-    check_flags("cross_entropy", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy)
-    options = (ignore_index, reduction, label_smoothing, z_loss, softcap, weight, return_z_loss, return_token_accuracy)
+    check_flags("cross_entropy", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                return_predicted_tokens=return_predicted_tokens)
+    options = (ignore_index, reduction, label_smoothing, z_loss, softcap, weight, return_z_loss, return_token_accuracy,
+               return_predicted_tokens)
     if logits.numel() == 0:
         return _in_loss_dtype(cross_entropy_reference(logits, target, *options), logits)
     name = backends.choose(OP, logits, backend=backend)
@@ -404,13 +431,14 @@ def cross_entropy(
         return _in_loss_dtype(cross_entropy_reference(logits, target, *options), logits)
     if validate is None:
         validate = logits.device.type == "cpu"
-    loss, z_out, acc_out = CrossEntropyFunction.apply(
+    loss, z_out, acc_out, pred_out = CrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), float(softcap),
-        return_z_loss, return_token_accuracy, bool(validate), name)
-    if not (return_z_loss or return_token_accuracy):
+        return_z_loss, return_token_accuracy, return_predicted_tokens, bool(validate), name)
+    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return _in_loss_dtype(loss, logits)
     return _in_loss_dtype(CrossEntropyOutput(loss, z_out if return_z_loss else None,
-                                             acc_out if return_token_accuracy else None), logits)
+                                             acc_out if return_token_accuracy else None,
+                                             pred_out if return_predicted_tokens else None), logits)
 
 
 def loss_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -426,5 +454,5 @@ def _in_loss_dtype(result, logits: torch.Tensor):
     dtype = loss_dtype(logits)
     if isinstance(result, CrossEntropyOutput):
         z = result.z_loss.to(dtype) if result.z_loss is not None else None
-        return CrossEntropyOutput(result.loss.to(dtype), z, result.token_accuracy)
+        return result._replace(loss=result.loss.to(dtype), z_loss=z)
     return result.to(dtype)

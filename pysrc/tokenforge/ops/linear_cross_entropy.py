@@ -30,7 +30,8 @@ are about the size of ``hidden`` (chunk * V ~ N * H, rounded to a power of two; 
 rule): 16384 tokens, H 4096, V 128256 -> chunks of 512 tokens.
 
 Semantics (ignore_index, reduction, label_smoothing, z_loss, softcap, class weights (here
-``class_weight``: ``weight`` is the lm_head's), ``return_z_loss`` / ``return_token_accuracy``, fp32
+``class_weight``: ``weight`` is the lm_head's), ``return_z_loss`` / ``return_token_accuracy`` /
+``return_predicted_tokens`` (the argmax of each chunk's logits, never the whole logits), fp32
 loss, all-ignored 'mean' = 0, out-of-range targets) are those of :func:`tokenforge.ops.cross_entropy`.
 """
 
@@ -75,12 +76,13 @@ def linear_cross_entropy_reference(
     class_weight: Optional[torch.Tensor] = None,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
 ):
     """Unfused: the full logits ``hidden @ weight.T + bias`` then :func:`cross_entropy_reference`
     (the oracle of the tests and the eager baseline of the benchmarks)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                   class_weight, return_z_loss, return_token_accuracy)
+                                   class_weight, return_z_loss, return_token_accuracy, return_predicted_tokens)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,13 +149,13 @@ backends.register_op(OP, cuda_preference=("triton",),
 
 
 def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softcap, n_valid, row_scale,
-                    compute_grad, class_weight=None, weight_valid=None, z_rows=None, acc_rows=None):
+                    compute_grad, class_weight=None, weight_valid=None, z_rows=None, pred_rows=None):
     """The cross-entropy kernel's contract (tokenforge.kernels.cross_entropy.cross_entropy_forward)
     in torch: per-row loss (z-loss term in ``z_rows`` when given), gradient written over logits."""
     V = logits.shape[1]
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    if acc_rows is not None:
-        acc_rows.copy_(logits.argmax(dim=1) == target)
+    if pred_rows is not None:
+        pred_rows.copy_(torch.where(target != ignore_index, logits.argmax(dim=1), -1))
     if softcap:
         c = torch.tanh(x / softcap)
         x = softcap * c
@@ -175,8 +177,6 @@ def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softc
     else:
         ce = ce + zl
     loss = torch.where(valid, ce, 0.0)
-    if acc_rows is not None:
-        acc_rows.mul_(valid)
     if compute_grad:
         scale = valid.to(x.dtype)
         if row_scale is not None:
@@ -198,13 +198,14 @@ def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softc
 
 def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
                     mean, chunk_size, need_grad_hidden, need_grad_weight, backend, class_weight=None,
-                    split_z=False, want_accuracy=False):
-    """(loss (N,), n_valid, weight_valid, z_rows, acc_rows, grad_hidden, grad_weight, grad_bias)
+                    split_z=False, want_predictions=False):
+    """(loss (N,), n_valid, weight_valid, z_rows, pred_rows, grad_hidden, grad_weight, grad_bias)
     for hidden (N, H) contiguous: the gradients of sum(loss * row_scale) / (n_valid if mean else 1)
     (with class weights and a mean: the class part over weight_valid, the z-loss part over
     n_valid); grad_weight and grad_bias (with a bias) fp32 when ``need_grad_weight``, grad_hidden
     when ``need_grad_hidden``, else None; weight_valid (with class weights), z_rows (``split_z``:
-    then left out of loss) and acc_rows (``want_accuracy``) None when not asked for. Allocates one
+    then left out of loss) and pred_rows (int64 argmax per token, -1 if ignored; ``want_predictions``)
+    None when not asked for. Allocates one
     (chunk, V) buffer, never (N, V)."""
     N, _ = hidden.shape
     V = weight.shape[0]
@@ -213,7 +214,7 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
     acc = accumulate_dtype(hidden.dtype)
     loss = torch.empty((N,), dtype=acc, device=hidden.device)
     z_rows = torch.empty((N,), dtype=acc, device=hidden.device) if split_z else None
-    acc_rows = torch.empty((N,), dtype=acc, device=hidden.device) if want_accuracy else None
+    pred_rows = torch.empty((N,), dtype=torch.int64, device=hidden.device) if want_predictions else None
     compute_grad = need_grad_hidden or need_grad_weight
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     grad_weight = grad_bias = None
@@ -236,16 +237,16 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
             torch.mm(h, weight.t(), out=logits)
         rs = row_scale[start:end] if row_scale is not None else None
         zr = z_rows[start:end] if z_rows is not None else None
-        ar = acc_rows[start:end] if acc_rows is not None else None
+        pr = pred_rows[start:end] if pred_rows is not None else None
         nv, wv = (n_valid, w_valid) if mean else (None, None)
         if backend == "triton":
             loss[start:end], _ = kernels_ce.cross_entropy_forward(
                 logits, target[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
                 z_loss=z_loss, softcap=softcap, n_valid=nv, row_scale=rs, dlogits=logits, compute_grad=compute_grad,
-                class_weight=class_weight, weight_valid=wv, z_rows=zr, acc_rows=ar)
+                class_weight=class_weight, weight_valid=wv, z_rows=zr, pred_rows=pr)
         else:
             loss[start:end] = _ce_chunk_torch(logits, target[start:end], ignore_index, label_smoothing, z_loss,
-                                              softcap, nv, rs, compute_grad, class_weight, wv, zr, ar)
+                                              softcap, nv, rs, compute_grad, class_weight, wv, zr, pr)
         # From here on ``logits`` holds dlogits.
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
@@ -253,7 +254,7 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
             accumulate_mm_(grad_weight, logits.t(), h)
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=acc)
-    return loss, n_valid, w_valid, z_rows, acc_rows, grad_hidden, grad_weight, grad_bias
+    return loss, n_valid, w_valid, z_rows, pred_rows, grad_hidden, grad_weight, grad_bias
 
 
 _ADDMM_OUT_DTYPE = {}  # device type -> whether torch.addmm(..., out_dtype=) runs there
@@ -277,27 +278,28 @@ def linear_cross_entropy_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: Optional[torch.Tensor],
     row_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
     mean: bool, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool, validate: bool, backend: str,
-    class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_accuracy: bool = False,
+    class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_predictions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """(loss fp32 (N,), n_valid fp32 (), weight_valid fp32 (), z_rows (N,), acc_rows (N,),
+    """(loss fp32 (N,), n_valid fp32 (), weight_valid fp32 (), z_rows (N,), pred_rows int64 (N,),
     grad_hidden, grad_weight fp32, grad_bias fp32); what is not computed comes back as an empty
     tensor."""
     if validate:
         _check_targets_in_range(target, weight.shape[0], ignore_index)
     outs = chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
                            mean, chunk_size, need_grad_hidden, need_grad_weight, backend,
-                           class_weight_for_kernel(class_weight), split_z, want_accuracy)
+                           class_weight_for_kernel(class_weight), split_z, want_predictions)
     acc = accumulate_dtype(hidden.dtype)
     # Custom ops cannot return None, nor one tensor twice: a fresh empty tensor per missing output,
     # of the dtype the output has when present (the device scalars are fp32).
-    dtypes = (acc, torch.float32, torch.float32, acc, acc, hidden.dtype, acc, acc)
+    dtypes = (acc, torch.float32, torch.float32, acc, torch.int64, hidden.dtype, acc, acc)
     return tuple(o if o is not None else hidden.new_empty((0,), dtype=dt) for o, dt in zip(outs, dtypes))
 
 
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, mean, chunk_size,
-      need_grad_hidden, need_grad_weight, validate, backend, class_weight=None, split_z=False, want_accuracy=False):
+      need_grad_hidden, need_grad_weight, validate, backend, class_weight=None, split_z=False,
+      want_predictions=False):
     N = hidden.shape[0]
     f32 = accumulate_dtype(hidden.dtype)
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
@@ -306,20 +308,20 @@ def _(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_
         else hidden.new_empty((0,), dtype=f32)
     wv = hidden.new_empty(() if class_weight is not None else (0,), dtype=torch.float32)
     zr = hidden.new_empty((N,) if split_z else (0,), dtype=f32)
-    ar = hidden.new_empty((N,) if want_accuracy else (0,), dtype=f32)
-    return hidden.new_empty((N,), dtype=f32), hidden.new_empty((), dtype=torch.float32), wv, zr, ar, gh, gw, gb
+    pr = hidden.new_empty((N,) if want_predictions else (0,), dtype=torch.int64)
+    return hidden.new_empty((N,), dtype=f32), hidden.new_empty((), dtype=torch.float32), wv, zr, pr, gh, gw, gb
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """'mean'/'sum': gradients computed in the forward, saved, scaled by grad_output in backward.
     'none': the forward saves its inputs; backward reruns the chunk loop with per-token scales.
     Only the gradients autograd asks for are computed (a frozen lm_head costs no grad_weight).
-    Returns (loss, z_loss, token accuracy); the last two are empty unless asked for and carry no
-    gradient."""
+    Returns (loss, z_loss, token accuracy, predicted tokens); the last three are empty unless asked
+    for and carry no gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, return_z_loss, return_accuracy, chunk_size, validate, backend):
+                softcap, return_z_loss, return_accuracy, return_predictions, chunk_size, validate, backend):
         H = hidden.shape[-1]
         h2 = hidden.reshape(-1, H).contiguous()
         t = target.reshape(-1).contiguous()
@@ -333,10 +335,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         w = weight.contiguous()
         eager_grads = reduction != "none"
         split_z = class_weight is not None or return_z_loss
-        loss, n_valid, w_valid, z_rows, acc_rows, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
+        loss, n_valid, w_valid, z_rows, pred_rows, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
             h2, w, t, bias, None, ignore_index, float(label_smoothing), float(z_loss), float(softcap),
             reduction == "mean", chunk_size, eager_grads and ctx.need_hidden, eager_grads and ctx.need_weight,
-            validate, backend, class_weight, split_z, return_accuracy)
+            validate, backend, class_weight, split_z, return_accuracy or return_predictions)
         out = reduce_loss(loss, n_valid, reduction, z_rows if split_z else None,
                           w_valid if class_weight is not None else None)
         if reduction == "none":
@@ -349,11 +351,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 gw = gw.to(ctx.weight_dtype)
                 gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
             ctx.save_for_backward(gh, gw, gb)
-        return function_outputs(ctx, out, z_rows, acc_rows, n_valid, reduction, target.shape, return_z_loss,
-                                return_accuracy)
+        return function_outputs(ctx, out, z_rows, pred_rows, target, n_valid, reduction, ignore_index,
+                                weight.shape[0], return_z_loss, return_accuracy, return_predictions)
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_z, _grad_accuracy):
+    def backward(ctx, grad_output, _grad_z, _grad_accuracy, _grad_predictions):
         ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.opts
         if ctx.reduction == "none":
             h2, w, t, bias, class_weight = ctx.saved_tensors
@@ -371,7 +373,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
         grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
         grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None
-        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 11
+        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 12
 
 
 def linear_cross_entropy(
@@ -388,6 +390,7 @@ def linear_cross_entropy(
     class_weight: Optional[torch.Tensor] = None,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     chunk_size: Optional[int] = None,
     validate: Optional[bool] = None,
     backend: Optional[str] = None,
@@ -395,26 +398,30 @@ def linear_cross_entropy(
     """cross_entropy(hidden (..., H) @ weight (V, H).T + bias (V,), int64 target (...)) without the
     (tokens, V) logits; hidden/weight/bias share one dtype (fp32/fp16/bf16; float64 on torch); fp32
     loss. ``class_weight`` (V,): torch's cross-entropy ``weight``. With ``return_z_loss`` /
-    ``return_token_accuracy`` a :class:`~tokenforge.ops.cross_entropy.CrossEntropyOutput`.
+    ``return_token_accuracy`` / ``return_predicted_tokens`` a
+    :class:`~tokenforge.ops.cross_entropy.CrossEntropyOutput`.
     ``chunk_size`` tokens per chunk (None: logits chunk ~ hidden's size). ``backend`` forces
     triton or torch; ``validate`` as in :func:`tokenforge.ops.cross_entropy`."""
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                   chunk_size)
     check_class_weight(OP, "class_weight", class_weight, weight.shape[0], hidden.device)
-    check_flags(OP, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy)
+    check_flags(OP, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                return_predicted_tokens=return_predicted_tokens)
     N = hidden.numel() // hidden.shape[-1]
     if N == 0:
         return linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction,
                                               label_smoothing, z_loss, softcap, class_weight, return_z_loss,
-                                              return_token_accuracy)
+                                              return_token_accuracy, return_predicted_tokens)
     name = backends.choose(OP, hidden, backend=backend)
     if chunk_size is None:
         chunk_size = default_chunk_size(N, hidden.shape[-1], weight.shape[0])
     if validate is None:
         validate = hidden.device.type == "cpu"
-    loss, z_out, acc_out = LinearCrossEntropyFunction.apply(
+    loss, z_out, acc_out, pred_out = LinearCrossEntropyFunction.apply(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        float(softcap), return_z_loss, return_token_accuracy, int(min(chunk_size, N)), bool(validate), name)
-    if not (return_z_loss or return_token_accuracy):
+        float(softcap), return_z_loss, return_token_accuracy, return_predicted_tokens, int(min(chunk_size, N)),
+        bool(validate), name)
+    if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return loss
-    return CrossEntropyOutput(loss, z_out if return_z_loss else None, acc_out if return_token_accuracy else None)
+    return CrossEntropyOutput(loss, z_out if return_z_loss else None, acc_out if return_token_accuracy else None,
+                              pred_out if return_predicted_tokens else None)
