@@ -24,6 +24,9 @@ and the formulas above reduce to the ones before. With ``SPLIT_Z`` the per-row z
 its own output (for ``return_z_loss`` and for the two denominators) and LOSS holds the rest. With
 ``HAS_PRED`` each row's predicted token is stored: the first argmax of the logits as given (before
 the softcap, which only adds ties), -1 for an ignored row; token accuracy is derived from it.
+With ``TOKEN_SCALING`` the row's loss, z-loss and gradient are multiplied by p_t = softmax(x)[t],
+held constant (no gradient through it): Liger-Kernel's ``use_token_scaling``, the per-token
+weighting of dynamic fine-tuning.
 
 Pass 1 reads the row once (max, sum of exponentials, sum of x); pass 2 reads it again (mostly from
 L2) and writes the gradient, so the backward never touches the logits: autograd only rescales the
@@ -73,6 +76,7 @@ def _cross_entropy_fwd_kernel(
     V, stride_l, stride_d, ignore_index, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLIT_Z: tl.constexpr, HAS_PRED: tl.constexpr,
+    TOKEN_SCALING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -135,6 +139,11 @@ def _cross_entropy_fwd_kernel(
         else:
             ce = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * s
         zl = z_loss * lse * lse
+        p_t = 1.0
+        if TOKEN_SCALING:
+            p_t = tl.exp(x_t - lse)
+            ce = ce * p_t
+            zl = zl * p_t
         nan = float("nan")
         if SPLIT_Z:
             tl.store(LOSS + row, tl.where(in_range, ce, nan))
@@ -145,7 +154,7 @@ def _cross_entropy_fwd_kernel(
             tl.store(PRED_ROWS + row, best_col.to(tl.int64))
 
         if COMPUTE_GRAD:
-            scale = tl.where(in_range, 1.0, nan)
+            scale = tl.where(in_range, p_t, nan)
             if HAS_ROW_SCALE:
                 scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
             ce_scale = scale
@@ -245,6 +254,7 @@ def cross_entropy_forward(
     weight_valid: Optional[torch.Tensor] = None,
     z_rows: Optional[torch.Tensor] = None,
     pred_rows: Optional[torch.Tensor] = None,
+    token_scaling: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(loss, dlogits) for logits (rows, V) with unit column stride and int64 target (rows,).
 
@@ -256,7 +266,8 @@ def cross_entropy_forward(
     ``class_weight``: fp32 contiguous (V,) class weights; with ``n_valid``, ``weight_valid`` (fp32
     device scalar, the sum of w[t] over non-ignored rows) divides the cross-entropy part and
     ``n_valid`` the z-loss part. ``z_rows`` (fp32 (rows,)): when given, the z-loss term is written
-    there and left out of loss. ``pred_rows`` (int64 (rows,)): each row's first argmax, -1 if ignored."""
+    there and left out of loss. ``pred_rows`` (int64 (rows,)): each row's first argmax, -1 if ignored.
+    ``token_scaling``: each row's loss and gradient times its (constant) target probability."""
     rows, V = logits.shape
     loss = torch.empty((rows,), dtype=torch.float32, device=logits.device)
     if compute_grad and dlogits is None:
@@ -281,7 +292,7 @@ def cross_entropy_forward(
             float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
             HAS_SOFTCAP=bool(softcap), MEAN=n_valid is not None, HAS_ROW_SCALE=row_scale is not None,
             COMPUTE_GRAD=compute_grad, HAS_WEIGHT=class_weight is not None, SPLIT_Z=z_rows is not None,
-            HAS_PRED=pred_rows is not None, **cfg,
+            HAS_PRED=pred_rows is not None, TOKEN_SCALING=bool(token_scaling), **cfg,
         )
     return loss, dlogits if compute_grad else None
 

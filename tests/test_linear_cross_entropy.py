@@ -11,7 +11,7 @@ import tokenforge.nn.cross_entropy as tf_nn
 from tokenforge import backends, kernels
 from tokenforge.ops.linear_cross_entropy import (chunked_forward, default_chunk_size, linear_cross_entropy,
                                                 linear_cross_entropy_reference)
-from tokenforge.testing import TOLERANCE, PoisonEmpty, rel_error
+from tokenforge.testing import ROW_SLACK, TOLERANCE, PoisonEmpty, rel_error, row_errors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -222,6 +222,35 @@ def test_class_weights_z_loss_and_accuracy(backend, reduction, opts):
     assert rel_error(module(h, w, t, b), ref_loss.detach()) <= 1e-5
     with pytest.raises(ValueError, match=r"class_weight must have one entry per class, shape \(300,\)"):
         linear_cross_entropy(h, w, t, b, class_weight=torch.rand(24))
+
+
+@pytest.mark.parametrize("backend", CE_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-2, softcap=4.0)], ids=str)
+def test_token_scaling(backend, reduction, opts):
+    """token_scaling through the chunk loop (chunks of 4 over 17 tokens; 'none' reruns the loop in
+    backward with per-token scales) against the float64 oracle on the unfused logits: loss and the
+    gradients of hidden, weight and bias, per row too."""
+    from test_cross_entropy import token_scaled_oracle
+
+    h, w, b, t = make_inputs(17, 24, 300, torch.float32, "cpu")
+    h = h * 3  # spread the target probabilities: the scaling matters
+    cw = torch.rand(300) + 0.5
+    leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+    out = linear_cross_entropy(*leaves[:2], t, leaves[2], class_weight=cw, reduction=reduction, token_scaling=True,
+                               chunk_size=4, backend=backend, **opts)
+    refs = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    ref = token_scaled_oracle(F.linear(refs[0], refs[1], refs[2]), t, cw, reduction, **opts)
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    assert rel_error(out, ref) <= 1e-5
+    for ours, theirs in zip(leaves, refs):
+        assert rel_error(ours.grad, theirs.grad) <= 1e-5
+        assert max(row_errors(ours.grad, theirs.grad)) <= ROW_SLACK * 1e-5
+    module = tf_nn.LinearCrossEntropyLoss(reduction=reduction, chunk_size=4, class_weight=cw, token_scaling=True,
+                                          backend=backend, **opts)
+    assert "token_scaling=True" in repr(module) and rel_error(module(h, w, t, b), ref.detach()) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", CE_BACKENDS)

@@ -5,8 +5,7 @@ those classes, before Liger's tests import them, with adapters that take Liger's
 ``tokenforge.ops``. Liger's references (Hugging Face modules, plain torch) stay as they are, so
 every check in their suite compares our kernels with their reference at their tolerances.
 
-An option tokenforge does not have (Falcon-H1's SwiGLU multipliers, ``use_token_scaling``) skips
-the test with "not in tokenforge's API", so a gap is reported as
+An option tokenforge does not have (Falcon-H1's SwiGLU multipliers) skips the test with "not in tokenforge's API", so a gap is reported as
 a gap and never passes on torch code written here. Loaded by bench/peers/run_peer_tests.sh with
 ``-p liger_shim`` (after ``-p liger_on_cpu``; PEER_BASELINE=1 leaves this plugin out, so Liger's own
 kernels run the same tests on the same machine: a failure both share is the machine's or the test's).
@@ -61,14 +60,13 @@ class FusedLinearCrossEntropy:
     def apply(hidden, lm_weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
               label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, accum_dtype=None,
               use_token_scaling=False, return_token_accuracy=False, return_predicted_tokens=False):
-        if use_token_scaling:
-            _not_ours("use_token_scaling")
         # accum_dtype is Liger's choice of gradient accumulator; ours is always fp32.
         result = ops.linear_cross_entropy(hidden, lm_weight, target, bias, ignore_index=ignore_index,
                                           reduction=reduction, label_smoothing=label_smoothing,
                                           z_loss=lse_square_scale, softcap=softcap or 0.0, class_weight=ce_weight,
                                           return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
-                                          return_predicted_tokens=return_predicted_tokens)
+                                          return_predicted_tokens=return_predicted_tokens,
+                                          token_scaling=use_token_scaling)
         return _loss_outputs(result)
 
 

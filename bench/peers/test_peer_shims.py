@@ -74,6 +74,11 @@ def test_liger_adapters_call_our_ops_with_liger_argument_order(liger_shim):
                                                                 -100, 0.0, 0.05, "mean")
     _same(got[0], ops.linear_cross_entropy(hidden, lm_weight, target, class_weight=class_weight,
                                            label_smoothing=0.05))
+    got = liger_ops.LigerFusedLinearCrossEntropyFunction.apply(hidden, lm_weight, target, use_token_scaling=True,
+                                                                return_predicted_tokens=True)
+    want = ops.linear_cross_entropy(hidden, lm_weight, target, token_scaling=True, return_predicted_tokens=True)
+    _same(got[0], want.loss)
+    _same(got[3], want.predicted_tokens)
 
     gate, up = torch.randn(4, 24), torch.randn(4, 24)
     _same(liger_ops.LigerSiLUMulFunction.apply(gate, up), ops.swiglu(gate, up))
@@ -116,9 +121,6 @@ def test_liger_fused_moe_adapter_is_the_expert_sum(liger_shim):
 def test_liger_options_we_lack_skip_not_pass(liger_shim):
     liger_ops, _ = liger_shim
     logits, target = torch.randn(3, 10), torch.tensor([0, 1, 2])
-    with pytest.raises(pytest.skip.Exception, match="use_token_scaling"):
-        liger_ops.LigerFusedLinearCrossEntropyFunction.apply(torch.randn(3, 4), torch.randn(10, 4), target,
-                                                             use_token_scaling=True)
     with pytest.raises(pytest.skip.Exception, match="gate_multiplier"):
         liger_ops.LigerSiLUMulFunction.apply(torch.randn(2, 4), torch.randn(2, 4), 0.5)
 

@@ -15,16 +15,17 @@ class CrossEntropyLoss(torch.nn.Module):
     as a buffer), plus z_loss and softcap; forward(logits (..., V), target (...)) -> the loss in
     torch's dtype (the logits', fp32 under autocast), or
     a CrossEntropyOutput (loss, z_loss, token_accuracy, predicted_tokens) with ``return_z_loss`` /
-    ``return_token_accuracy`` / ``return_predicted_tokens``."""
+    ``return_token_accuracy`` / ``return_predicted_tokens``; ``token_scaling`` as in the op."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0, *,
                  return_z_loss: bool = False, return_token_accuracy: bool = False,
-                 return_predicted_tokens: bool = False, backend: Optional[str] = None) -> None:
+                 return_predicted_tokens: bool = False, token_scaling: bool = False,
+                 backend: Optional[str] = None) -> None:
         super().__init__()
         check_options("CrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap)
         check_flags("CrossEntropyLoss", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
-                    return_predicted_tokens=return_predicted_tokens)
+                    return_predicted_tokens=return_predicted_tokens, token_scaling=token_scaling)
         if weight is not None:
             check_class_weight("CrossEntropyLoss", "weight", weight, weight.shape[0] if weight.dim() else -1,
                                weight.device)
@@ -37,13 +38,15 @@ class CrossEntropyLoss(torch.nn.Module):
         self.return_z_loss = return_z_loss
         self.return_token_accuracy = return_token_accuracy
         self.return_predicted_tokens = return_predicted_tokens
+        self.token_scaling = token_scaling
         self.backend = backend
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor):
         return cross_entropy(logits, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                              label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
                              return_z_loss=self.return_z_loss, return_token_accuracy=self.return_token_accuracy,
-                             return_predicted_tokens=self.return_predicted_tokens, backend=self.backend)
+                             return_predicted_tokens=self.return_predicted_tokens,
+                             token_scaling=self.token_scaling, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
@@ -51,24 +54,27 @@ class CrossEntropyLoss(torch.nn.Module):
                 + (", weighted" if self.weight is not None else "")
                 + (", return_z_loss=True" if self.return_z_loss else "")
                 + (", return_token_accuracy=True" if self.return_token_accuracy else "")
-                + (", return_predicted_tokens=True" if self.return_predicted_tokens else ""))
+                + (", return_predicted_tokens=True" if self.return_predicted_tokens else "")
+                + (", token_scaling=True" if self.token_scaling else ""))
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Fused lm_head + cross-entropy: forward(hidden (..., H), weight (V, H), target (...), bias=None)
     -> fp32 loss, without materialising the (tokens, V) logits. Holds no parameters: pass the
     lm_head's weight (and bias). ``class_weight`` (a buffer), ``return_z_loss``,
-    ``return_token_accuracy`` and ``return_predicted_tokens`` as in :class:`CrossEntropyLoss`."""
+    ``return_token_accuracy``, ``return_predicted_tokens`` and ``token_scaling`` as in
+    :class:`CrossEntropyLoss`."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float = 0.0, chunk_size: Optional[int] = None, *,
                  class_weight: Optional[torch.Tensor] = None, return_z_loss: bool = False,
                  return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
-                 backend: Optional[str] = None) -> None:
+                 token_scaling: bool = False, backend: Optional[str] = None) -> None:
         super().__init__()
         check_options("LinearCrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap)
         check_flags("LinearCrossEntropyLoss", return_z_loss=return_z_loss,
-                    return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens)
+                    return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens,
+                    token_scaling=token_scaling)
         if class_weight is not None:
             check_class_weight("LinearCrossEntropyLoss", "class_weight", class_weight,
                                class_weight.shape[0] if class_weight.dim() else -1, class_weight.device)
@@ -82,6 +88,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.return_z_loss = return_z_loss
         self.return_token_accuracy = return_token_accuracy
         self.return_predicted_tokens = return_predicted_tokens
+        self.token_scaling = token_scaling
         self.backend = backend
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -91,7 +98,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     z_loss=self.z_loss, softcap=self.softcap, class_weight=self.class_weight,
                                     return_z_loss=self.return_z_loss,
                                     return_token_accuracy=self.return_token_accuracy,
-                                    return_predicted_tokens=self.return_predicted_tokens, chunk_size=self.chunk_size,
+                                    return_predicted_tokens=self.return_predicted_tokens,
+                                    token_scaling=self.token_scaling, chunk_size=self.chunk_size,
                                     backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -100,4 +108,5 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                 f"chunk_size={self.chunk_size}" + (", weighted" if self.class_weight is not None else "")
                 + (", return_z_loss=True" if self.return_z_loss else "")
                 + (", return_token_accuracy=True" if self.return_token_accuracy else "")
-                + (", return_predicted_tokens=True" if self.return_predicted_tokens else ""))
+                + (", return_predicted_tokens=True" if self.return_predicted_tokens else "")
+                + (", token_scaling=True" if self.token_scaling else ""))

@@ -20,6 +20,10 @@ reduction=..., label_smoothing=...)`` with the class dim last, plus:
   is the first argmax of the logits as given (before the softcap), int64 in target's shape, -1 for
   ignored tokens, found in the same pass as the loss (no logits-sized argmax afterwards). Token
   accuracy: the predicted token equals the target; ignored tokens count as neither.
+- ``token_scaling``: each token's loss (z-loss included) and gradient times its target
+  probability softmax(x)[t], held constant (no gradient through it): Liger-Kernel's
+  ``use_token_scaling``, the per-token weighting of dynamic fine-tuning (DFT). 'mean' still divides
+  by the non-ignored count (or the class weights' sum), as without it.
 
 The loss (and z-loss) has torch's dtype: the logits' dtype, but fp32 for fp16/bf16 logits under
 autocast (cross_entropy is on autocast's fp32 list); computed in fp32 and rounded once.
@@ -74,6 +78,7 @@ def cross_entropy_reference(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_predicted_tokens: bool = False,
+    token_scaling: bool = False,
 ):
     """Plain PyTorch cross-entropy (class dim last): the oracle of the tests, the CPU fallback and the
     eager baseline of the benchmarks. fp32 math (float64 for float64 logits); fp32 loss."""
@@ -87,7 +92,11 @@ def cross_entropy_reference(
     valid = t != ignore_index
     w = weight.to(x.dtype) if weight is not None else None
     ce = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-    z_rows = z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid
+    lse = torch.logsumexp(x, dim=-1)
+    z_rows = z_loss * lse.pow(2) * valid
+    if token_scaling:
+        p_t = torch.exp(x.gather(1, torch.where(valid, t, 0)[:, None])[:, 0] - lse).detach()
+        ce, z_rows = ce * p_t, z_rows * p_t
     n_valid = valid.sum().clamp(min=1).to(x.dtype)
     if reduction == "none":
         loss = (ce + z_rows).reshape(target.shape)
@@ -258,6 +267,7 @@ def cross_entropy_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: float, mean: bool, compute_grad: bool, validate: bool, backend: str,
     class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_predictions: bool = False,
+    token_scaling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row fp32 loss, dlogits or an empty tensor, n_valid fp32 scalar, weight_valid fp32 scalar
     (with class weights; else empty), per-row z-loss terms (``split_z``: then left out of the loss;
@@ -276,7 +286,7 @@ def cross_entropy_fwd(
     loss, dlogits = kernels_ce.cross_entropy_forward(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, n_valid=n_valid if mean else None, compute_grad=compute_grad, class_weight=w,
-        weight_valid=w_valid if mean else None, z_rows=z_rows, pred_rows=pred_rows,
+        weight_valid=w_valid if mean else None, z_rows=z_rows, pred_rows=pred_rows, token_scaling=token_scaling,
     )
     empty = lambda: torch.empty((0,), **f32)  # noqa: E731  custom ops return no None, no tensor twice
     return (loss, dlogits if dlogits is not None else logits.new_empty((0,)), n_valid,
@@ -286,7 +296,7 @@ def cross_entropy_fwd(
 
 @cross_entropy_fwd.register_fake
 def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad, validate, backend,
-      class_weight=None, split_z=False, want_predictions=False):
+      class_weight=None, split_z=False, want_predictions=False, token_scaling=False):
     rows = logits.shape[0]
     dlogits = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
     f32 = dict(dtype=torch.float32)
@@ -365,14 +375,14 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                return_z_loss, return_accuracy, return_predictions, validate, backend):
+                return_z_loss, return_accuracy, return_predictions, token_scaling, validate, backend):
         x2 = rows_view(logits)
         compute_grad = bool(ctx.needs_input_grad[0])
         split_z = class_weight is not None or return_z_loss
         loss, dlogits, n_valid, w_valid, z_rows, pred_rows = torch.ops.tokenforge.cross_entropy_fwd(
             x2, target.reshape(-1).contiguous(), ignore_index, float(label_smoothing), float(z_loss), float(softcap),
             reduction == "mean", compute_grad, validate, backend, class_weight, split_z,
-            return_accuracy or return_predictions)
+            return_accuracy or return_predictions, token_scaling)
         ctx.save_for_backward(dlogits)
         ctx.logits_shape = logits.shape
         ctx.backend = backend
@@ -392,7 +402,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(dlogits)
         else:
             torch.ops.tokenforge.cross_entropy_scale_(dlogits, grad_output.reshape(-1), ctx.backend)
-        return (dlogits.view(ctx.logits_shape),) + (None,) * 12
+        return (dlogits.view(ctx.logits_shape),) + (None,) * 13
 
 
 def cross_entropy(
@@ -408,6 +418,7 @@ def cross_entropy(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_predicted_tokens: bool = False,
+    token_scaling: bool = False,
     validate: Optional[bool] = None,
     backend: Optional[str] = None,
 ):
@@ -416,14 +427,15 @@ def cross_entropy(
     scalar or target's shape for reduction='none'. ``weight``: torch's
     class weights (V,). With ``return_z_loss`` / ``return_token_accuracy`` /
     ``return_predicted_tokens`` a :class:`CrossEntropyOutput` (loss, z_loss, token_accuracy,
-    predicted_tokens: int64 argmax per token, -1 where ignored). ``validate`` raises on
+    predicted_tokens: int64 argmax per token, -1 where ignored). ``token_scaling`` weights each
+    token by its (constant) target probability (Liger's use_token_scaling). ``validate`` raises on
     out-of-range targets (a device sync; default: only on CPU). ``backend`` forces triton or torch."""
     _check_inputs(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
     check_class_weight("cross_entropy", "weight", weight, logits.shape[-1], logits.device)
     check_flags("cross_entropy", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
-                return_predicted_tokens=return_predicted_tokens)
+                return_predicted_tokens=return_predicted_tokens, token_scaling=token_scaling)
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap, weight, return_z_loss, return_token_accuracy,
-               return_predicted_tokens)
+               return_predicted_tokens, token_scaling)
     if logits.numel() == 0:
         return _in_loss_dtype(cross_entropy_reference(logits, target, *options), logits)
     name = backends.choose(OP, logits, backend=backend)
@@ -433,7 +445,7 @@ def cross_entropy(
         validate = logits.device.type == "cpu"
     loss, z_out, acc_out, pred_out = CrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), float(softcap),
-        return_z_loss, return_token_accuracy, return_predicted_tokens, bool(validate), name)
+        return_z_loss, return_token_accuracy, return_predicted_tokens, token_scaling, bool(validate), name)
     if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return _in_loss_dtype(loss, logits)
     return _in_loss_dtype(CrossEntropyOutput(loss, z_out if return_z_loss else None,

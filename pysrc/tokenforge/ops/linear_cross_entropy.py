@@ -31,7 +31,8 @@ rule): 16384 tokens, H 4096, V 128256 -> chunks of 512 tokens.
 
 Semantics (ignore_index, reduction, label_smoothing, z_loss, softcap, class weights (here
 ``class_weight``: ``weight`` is the lm_head's), ``return_z_loss`` / ``return_token_accuracy`` /
-``return_predicted_tokens`` (the argmax of each chunk's logits, never the whole logits), fp32
+``return_predicted_tokens`` (the argmax of each chunk's logits, never the whole logits),
+``token_scaling`` (Liger-Kernel's ``use_token_scaling``), fp32
 loss, all-ignored 'mean' = 0, out-of-range targets) are those of :func:`tokenforge.ops.cross_entropy`.
 """
 
@@ -77,12 +78,14 @@ def linear_cross_entropy_reference(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_predicted_tokens: bool = False,
+    token_scaling: bool = False,
 ):
     """Unfused: the full logits ``hidden @ weight.T + bias`` then :func:`cross_entropy_reference`
     (the oracle of the tests and the eager baseline of the benchmarks)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return cross_entropy_reference(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                   class_weight, return_z_loss, return_token_accuracy, return_predicted_tokens)
+                                   class_weight, return_z_loss, return_token_accuracy, return_predicted_tokens,
+                                   token_scaling)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,7 +152,8 @@ backends.register_op(OP, cuda_preference=("triton",),
 
 
 def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softcap, n_valid, row_scale,
-                    compute_grad, class_weight=None, weight_valid=None, z_rows=None, pred_rows=None):
+                    compute_grad, class_weight=None, weight_valid=None, z_rows=None, pred_rows=None,
+                    token_scaling=False):
     """The cross-entropy kernel's contract (tokenforge.kernels.cross_entropy.cross_entropy_forward)
     in torch: per-row loss (z-loss term in ``z_rows`` when given), gradient written over logits."""
     V = logits.shape[1]
@@ -172,13 +176,15 @@ def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softc
         w, w_t = None, torch.ones_like(lse)
         ce = lse - (1.0 - eps) * x_t - eps / V * x.sum(1)
     zl = z_loss * lse * lse
+    p_t = torch.exp(x_t - lse) if token_scaling else torch.ones_like(lse)
+    ce, zl = ce * p_t, zl * p_t
     if z_rows is not None:
         z_rows.copy_(torch.where(valid, zl, 0.0))
     else:
         ce = ce + zl
     loss = torch.where(valid, ce, 0.0)
     if compute_grad:
-        scale = valid.to(x.dtype)
+        scale = valid.to(x.dtype) * p_t
         if row_scale is not None:
             scale = scale * row_scale
         ce_scale = z_scale = scale
@@ -198,7 +204,7 @@ def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softc
 
 def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
                     mean, chunk_size, need_grad_hidden, need_grad_weight, backend, class_weight=None,
-                    split_z=False, want_predictions=False):
+                    split_z=False, want_predictions=False, token_scaling=False):
     """(loss (N,), n_valid, weight_valid, z_rows, pred_rows, grad_hidden, grad_weight, grad_bias)
     for hidden (N, H) contiguous: the gradients of sum(loss * row_scale) / (n_valid if mean else 1)
     (with class weights and a mean: the class part over weight_valid, the z-loss part over
@@ -243,10 +249,10 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
             loss[start:end], _ = kernels_ce.cross_entropy_forward(
                 logits, target[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
                 z_loss=z_loss, softcap=softcap, n_valid=nv, row_scale=rs, dlogits=logits, compute_grad=compute_grad,
-                class_weight=class_weight, weight_valid=wv, z_rows=zr, pred_rows=pr)
+                class_weight=class_weight, weight_valid=wv, z_rows=zr, pred_rows=pr, token_scaling=token_scaling)
         else:
             loss[start:end] = _ce_chunk_torch(logits, target[start:end], ignore_index, label_smoothing, z_loss,
-                                              softcap, nv, rs, compute_grad, class_weight, wv, zr, pr)
+                                              softcap, nv, rs, compute_grad, class_weight, wv, zr, pr, token_scaling)
         # From here on ``logits`` holds dlogits.
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
@@ -279,6 +285,7 @@ def linear_cross_entropy_fwd(
     row_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
     mean: bool, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool, validate: bool, backend: str,
     class_weight: Optional[torch.Tensor] = None, split_z: bool = False, want_predictions: bool = False,
+    token_scaling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """(loss fp32 (N,), n_valid fp32 (), weight_valid fp32 (), z_rows (N,), pred_rows int64 (N,),
@@ -288,7 +295,7 @@ def linear_cross_entropy_fwd(
         _check_targets_in_range(target, weight.shape[0], ignore_index)
     outs = chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap,
                            mean, chunk_size, need_grad_hidden, need_grad_weight, backend,
-                           class_weight_for_kernel(class_weight), split_z, want_predictions)
+                           class_weight_for_kernel(class_weight), split_z, want_predictions, token_scaling)
     acc = accumulate_dtype(hidden.dtype)
     # Custom ops cannot return None, nor one tensor twice: a fresh empty tensor per missing output,
     # of the dtype the output has when present (the device scalars are fp32).
@@ -299,7 +306,7 @@ def linear_cross_entropy_fwd(
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, mean, chunk_size,
       need_grad_hidden, need_grad_weight, validate, backend, class_weight=None, split_z=False,
-      want_predictions=False):
+      want_predictions=False, token_scaling=False):
     N = hidden.shape[0]
     f32 = accumulate_dtype(hidden.dtype)
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
@@ -321,11 +328,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, return_z_loss, return_accuracy, return_predictions, chunk_size, validate, backend):
+                softcap, return_z_loss, return_accuracy, return_predictions, token_scaling, chunk_size, validate,
+                backend):
         H = hidden.shape[-1]
         h2 = hidden.reshape(-1, H).contiguous()
         t = target.reshape(-1).contiguous()
-        ctx.opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap), chunk_size, backend)
+        ctx.opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap), chunk_size, backend,
+                    token_scaling)
         ctx.reduction = reduction
         ctx.hidden_shape = hidden.shape
         ctx.has_bias = bias is not None
@@ -338,7 +347,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, n_valid, w_valid, z_rows, pred_rows, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
             h2, w, t, bias, None, ignore_index, float(label_smoothing), float(z_loss), float(softcap),
             reduction == "mean", chunk_size, eager_grads and ctx.need_hidden, eager_grads and ctx.need_weight,
-            validate, backend, class_weight, split_z, return_accuracy or return_predictions)
+            validate, backend, class_weight, split_z, return_accuracy or return_predictions, token_scaling)
         out = reduce_loss(loss, n_valid, reduction, z_rows if split_z else None,
                           w_valid if class_weight is not None else None)
         if reduction == "none":
@@ -356,13 +365,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_z, _grad_accuracy, _grad_predictions):
-        ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.opts
+        ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend, token_scaling = ctx.opts
         if ctx.reduction == "none":
             h2, w, t, bias, class_weight = ctx.saved_tensors
             row_scale = grad_output.reshape(-1).to(accumulate_dtype(h2.dtype)).contiguous()
             *_, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
                 h2, w, t, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, False, chunk_size,
-                ctx.need_hidden, ctx.need_weight, False, backend, class_weight)
+                ctx.need_hidden, ctx.need_weight, False, backend, class_weight, token_scaling=token_scaling)
         else:
             gh, gw, gb = ctx.saved_tensors
             if not _is_one(grad_output):  # loss.backward() skips these multiplications
@@ -373,7 +382,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
         grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
         grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None
-        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 12
+        return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 13
 
 
 def linear_cross_entropy(
@@ -391,6 +400,7 @@ def linear_cross_entropy(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_predicted_tokens: bool = False,
+    token_scaling: bool = False,
     chunk_size: Optional[int] = None,
     validate: Optional[bool] = None,
     backend: Optional[str] = None,
@@ -399,19 +409,20 @@ def linear_cross_entropy(
     (tokens, V) logits; hidden/weight/bias share one dtype (fp32/fp16/bf16; float64 on torch); fp32
     loss. ``class_weight`` (V,): torch's cross-entropy ``weight``. With ``return_z_loss`` /
     ``return_token_accuracy`` / ``return_predicted_tokens`` a
-    :class:`~tokenforge.ops.cross_entropy.CrossEntropyOutput`.
+    :class:`~tokenforge.ops.cross_entropy.CrossEntropyOutput`. ``token_scaling``: each token's loss and
+    gradient times its (constant) target probability, as :func:`tokenforge.ops.cross_entropy`.
     ``chunk_size`` tokens per chunk (None: logits chunk ~ hidden's size). ``backend`` forces
     triton or torch; ``validate`` as in :func:`tokenforge.ops.cross_entropy`."""
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                   chunk_size)
     check_class_weight(OP, "class_weight", class_weight, weight.shape[0], hidden.device)
     check_flags(OP, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
-                return_predicted_tokens=return_predicted_tokens)
+                return_predicted_tokens=return_predicted_tokens, token_scaling=token_scaling)
     N = hidden.numel() // hidden.shape[-1]
     if N == 0:
         return linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction,
                                               label_smoothing, z_loss, softcap, class_weight, return_z_loss,
-                                              return_token_accuracy, return_predicted_tokens)
+                                              return_token_accuracy, return_predicted_tokens, token_scaling)
     name = backends.choose(OP, hidden, backend=backend)
     if chunk_size is None:
         chunk_size = default_chunk_size(N, hidden.shape[-1], weight.shape[0])
@@ -419,8 +430,8 @@ def linear_cross_entropy(
         validate = hidden.device.type == "cpu"
     loss, z_out, acc_out, pred_out = LinearCrossEntropyFunction.apply(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        float(softcap), return_z_loss, return_token_accuracy, return_predicted_tokens, int(min(chunk_size, N)),
-        bool(validate), name)
+        float(softcap), return_z_loss, return_token_accuracy, return_predicted_tokens, token_scaling,
+        int(min(chunk_size, N)), bool(validate), name)
     if not (return_z_loss or return_token_accuracy or return_predicted_tokens):
         return loss
     return CrossEntropyOutput(loss, z_out if return_z_loss else None, acc_out if return_token_accuracy else None,
