@@ -10,7 +10,7 @@ from device_params import DEVICES, HAS_CUDA, kernel_backends
 from tokenforge import backends, kernels
 from tokenforge.nn.swiglu import SwiGLU
 from tokenforge.ops.swiglu import ACTIVATIONS, geglu, gated_reference, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
-from tokenforge.testing import TOLERANCE, PoisonEmpty, rel_error
+from tokenforge.testing import ROW_SLACK, TOLERANCE, PoisonEmpty, rel_error, row_errors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 17), (17, 96), (129, 1000), (1, 4096), (3, 5, 33), (2, 1, 7, 9), (31,), ()]
@@ -107,6 +107,38 @@ def test_saturated_sigmoid(device, dtype):
     g = g.to(dtype)
     check_swiglu(g, torch.randn(7, 300, device=device, dtype=dtype), "triton",
                  dy=torch.randn(7, 300, device=device, dtype=dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("multipliers", [(0.5, 3.0), (1.7, 1.0), (1.0, 0.25)], ids=str)
+def test_multipliers(device, dtype, multipliers):
+    """gate_multiplier / down_multiplier (Falcon-H1's mlp_multipliers, Liger-Kernel's SiLUMul
+    arguments): silu(gate * gm) * up * dm against float64, output and both gradients (the chain
+    rule's gm included), per row too, on every backend; (1, 1) is the plain call bit for bit."""
+    gm, dm = multipliers
+    gate = torch.randn(33, 257, device=device).to(dtype)
+    up, dy = torch.randn(33, 257, device=device).to(dtype), torch.randn(33, 257, device=device).to(dtype)
+    g, u = gate.double().requires_grad_(), up.double().requires_grad_()
+    ref = torch.nn.functional.silu(g * gm) * u * dm
+    ref.backward(dy.double())
+    tol = tolerance(gate) * 2  # the multiplied gate and the multiplied output are rounded once more each
+    for backend in kernel_backends(device):
+        if backend == "cuda":
+            continue  # swiglu has no CUDA C++ kernel
+        a, b = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        y = swiglu(a, b, gate_multiplier=gm, down_multiplier=dm, backend=backend)
+        assert y.dtype == dtype and y.shape == gate.shape
+        y.backward(dy)
+        for name, out, expect in (("y", y, ref), ("dgate", a.grad, g.grad), ("dup", b.grad, u.grad)):
+            where = f"{backend} {dtype} {multipliers} {name}"
+            assert rel_error(out, expect) <= tol, where
+            assert max(row_errors(out, expect)) <= ROW_SLACK * tol, where
+    assert torch.equal(swiglu(gate, up, gate_multiplier=1.0, down_multiplier=1.0, backend="triton"),
+                       swiglu(gate, up, backend="triton"))
+    for bad in (float("nan"), True, "2", None):
+        with pytest.raises(ValueError, match="gate_multiplier must be a finite number"):
+            swiglu(gate, up, gate_multiplier=bad)
 
 
 def check_geglu(gate, up, approximate, dy=None):

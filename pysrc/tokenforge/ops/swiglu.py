@@ -20,6 +20,8 @@ model's MLP activations are those of the unpatched one.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -265,12 +267,30 @@ class SwiGLUPackedFunction(torch.autograd.Function):
         return dgu.view(ctx.shape), None, None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None, fp8=None) -> torch.Tensor:
+def _check_multipliers(gate_multiplier, down_multiplier, fp8) -> None:
+    for what, m in (("gate_multiplier", gate_multiplier), ("down_multiplier", down_multiplier)):
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise ValueError(f"swiglu: {what} must be a finite number (Falcon-H1's mlp_multipliers), got {m!r}")
+    if fp8 is not None and down_multiplier != 1.0:
+        raise ValueError("swiglu: fp8 emission with a down_multiplier is not supported (the fp8 copy would "
+                         "miss it); apply the multiplier after the down projection instead")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, gate_multiplier: float = 1.0, down_multiplier: float = 1.0,
+           backend: Optional[str] = None, fp8=None) -> torch.Tensor:
     """``silu(gate) * up`` for gate and up of one shape and dtype (fp32/fp16/bf16; float64 on the
     torch backend); returns that shape and dtype. ``backend`` forces triton or torch. ``fp8``: a
     tokenforge.fp8.EmitCast to also emit the result in fp8 for the next Float8Linear where the
-    Triton kernel runs (tokenforge.fp8.emit)."""
+    Triton kernel runs (tokenforge.fp8.emit).
+
+    ``gate_multiplier`` / ``down_multiplier`` (Falcon-H1's ``mlp_multipliers``, Liger-Kernel's
+    arguments): ``silu(gate * gate_multiplier) * up * down_multiplier``. They run as PyTorch
+    elementwise ops around the kernel, rounded where eager rounds (one extra pass each when not 1)."""
     _check_inputs(gate, up)
+    _check_multipliers(gate_multiplier, down_multiplier, fp8)
+    if gate_multiplier != 1.0 or down_multiplier != 1.0:
+        y = swiglu(gate * gate_multiplier if gate_multiplier != 1.0 else gate, up, backend=backend, fp8=fp8)
+        return y * down_multiplier if down_multiplier != 1.0 else y
     if gate.numel() == 0:
         return swiglu_reference(gate, up)
     name = backends.choose(OP, gate, up, backend=backend)
