@@ -161,17 +161,23 @@ def test_compare_junit_lists_only_our_failures(tmp_path, capsys):
         sys.path.remove(_HERE)
 
     def junit(path, outcomes):
-        body = {"passed": "", "failed": "<failure message='x'/>", "skipped": "<skipped message='y'/>"}
-        cases = "".join(f"<testcase classname='t' name='{n}'>{body[o]}</testcase>" for n, o in outcomes.items())
+        def body(outcome):
+            if outcome.startswith("failed"):
+                return f"<failure message='{outcome.split(' ', 1)[1]}: it went wrong'/>"
+            return "<skipped message='y'/>" if outcome == "skipped" else ""
+        cases = "".join(f"<testcase classname='t' name='{n}'>{body(o)}</testcase>" for n, o in outcomes.items())
         path.write_text(f"<testsuites><testsuite name='pytest'>{cases}</testsuite></testsuites>")
         return str(path)
 
-    ours = junit(tmp_path / "ours.xml", {"a": "failed", "b": "failed", "c": "passed", "d": "skipped", "e": "failed"})
-    base = junit(tmp_path / "base.xml", {"a": "passed", "b": "failed", "c": "failed", "d": "passed"})
+    ours = junit(tmp_path / "ours.xml", {"a": "failed AssertionError", "b": "failed AssertionError", "c": "passed",
+                                         "d": "skipped", "e": "failed ValueError", "f": "failed AssertionError"})
+    base = junit(tmp_path / "base.xml", {"a": "passed", "b": "failed AssertionError", "c": "failed TypeError",
+                                         "d": "passed", "f": "failed RuntimeError"})
     assert compare_junit.main([ours, base]) == 1
     out = capsys.readouterr().out
-    assert "ours:     1 passed, 3 failed, 1 skipped" in out and "baseline: 2 passed, 2 failed, 0 skipped" in out
-    assert "failed with both: 1; failed with ours, not run by the baseline: 1" in out
+    assert "ours:     1 passed, 4 failed, 1 skipped" in out and "baseline: 2 passed, 3 failed, 0 skipped" in out
+    assert "failed with both, same exception type: 1; failed with ours, not run by the baseline: 1" in out
+    assert "different exception types (look by hand): 1\n  t::f: ours AssertionError / baseline RuntimeError" in out
     assert "failed only with ours: 1\n  t::a\n" in out
     assert compare_junit.main([base, base]) == 0
     assert compare_junit.main([ours]) == 2
