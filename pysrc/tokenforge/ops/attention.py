@@ -698,7 +698,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def _gather_pages(name: str, k_pages, v_pages, block_table, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v as (total_k, hkv, d) rows from a paged cache: row j of document b (cu_seqlens_k[b] + i)
-    is page block_table[b, i // page_size], slot i % page_size. Gradients flow to the pages."""
+    is page block_table[b, i // page_size], slot i % page_size. Gradients flow to the pages. Two host
+    syncs: the row count with the boundary checks, then the page-range check."""
     shape = tuple(getattr(k_pages, "shape", ()))
     if not (isinstance(k_pages, torch.Tensor) and isinstance(v_pages, torch.Tensor) and k_pages.dim() == 4
             and v_pages.dim() == 4 and v_pages.shape[:2] == k_pages.shape[:2]):
@@ -718,9 +719,11 @@ def _gather_pages(name: str, k_pages, v_pages, block_table, cu_seqlens_k) -> tup
     num_blocks, page = k_pages.shape[:2]
     cu = cu_seqlens_k.long()
     lengths = cu[1:] - cu[:-1]
-    total = int(cu[-1])  # the host sync: the number of rows to gather
     capacity = block_table.shape[1] * page
-    if bool((lengths < 0).any()) or int(cu[0]) != 0 or (lengths.numel() and int(lengths.max()) > capacity):
+    longest = lengths.max() if lengths.numel() else cu.new_zeros(())
+    shortest = lengths.min() if lengths.numel() else cu.new_zeros(())
+    total, first, shortest, longest = torch.stack((cu[-1], cu[0], shortest, longest)).tolist()  # one sync
+    if shortest < 0 or first != 0 or longest > capacity:
         raise ValueError(f"{name}: cu_seqlens_k must start at 0 and rise by at most block_table.shape[1] x "
                          f"page_size = {capacity} keys per document, got {cu_seqlens_k.tolist()}")
     doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)

@@ -176,15 +176,16 @@ def _ce_chunk_torch(logits, target, ignore_index, label_smoothing, z_loss, softc
         w, w_t = None, torch.ones_like(lse)
         ce = lse - (1.0 - eps) * x_t - eps / V * x.sum(1)
     zl = z_loss * lse * lse
-    p_t = torch.exp(x_t - lse) if token_scaling else torch.ones_like(lse)
-    ce, zl = ce * p_t, zl * p_t
+    p_t = torch.exp(x_t - lse) if token_scaling else None
+    if p_t is not None:
+        ce, zl = ce * p_t, zl * p_t
     if z_rows is not None:
         z_rows.copy_(torch.where(valid, zl, 0.0))
     else:
         ce = ce + zl
     loss = torch.where(valid, ce, 0.0)
     if compute_grad:
-        scale = valid.to(x.dtype) * p_t
+        scale = valid.to(x.dtype) if p_t is None else valid * p_t
         if row_scale is not None:
             scale = scale * row_scale
         ce_scale = z_scale = scale
