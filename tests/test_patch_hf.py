@@ -194,3 +194,26 @@ def test_checkout_kernels_folder_does_not_shadow_hf_kernels():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.find_spec("kernels")
     assert spec is None or not (spec.origin or "").startswith(os.path.join(root, "kernels")), spec.origin
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_on_a_patched_model_gives_the_unpatched_tokens(family):
+    """generate() in a training run (evaluation samples, RL rollouts) on a patched model: greedy
+    decoding with a KV cache, a left-padded batch and a single sequence, token for token as unpatched.
+    fp32, so exact ties cannot flip a token: the patched RMSNorm, RoPE (at the cache's positions),
+    MLP and loss modules run; SDPA keeps the fp32 attention (the kernel takes bf16/fp16)."""
+    model = _build(family).eval()
+    torch.manual_seed(3)
+    ids = torch.randint(3, 256, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 left-padded
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        ref_single = model.generate(input_ids=ids[1:], **kw)
+        tokenforge.patch(model)
+        try:
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw), ref)
+            assert torch.equal(model.generate(input_ids=ids[1:], **kw), ref_single)
+        finally:
+            tokenforge.unpatch(model)

@@ -2,6 +2,9 @@
 
 flash_attn's suite has about half a million cases; PEER_SAMPLE=N keeps a random N of the selected
 ones (PEER_SEED picks them), so a run fits a budget and a different seed covers different cases.
+Most of the cases belong to two test functions (test_flash_attn_output, test_flash_attn_varlen_output),
+so a plain sample rarely reaches the others: PEER_SAMPLE_PER_TEST=N instead keeps a random N cases of
+every test function (all of those with fewer).
 PEER_MAX_SEQLEN=L first drops cases whose seqlen / seqlen_q / seqlen_k parameter is above L (the
 runner sets 256 without a GPU: the interpreter needs minutes for one 2048-token case).
 Without a GPU the test file is run on CPU tensors (the runner rewrites its device) and asks for the
@@ -33,8 +36,22 @@ def pytest_collection_modifyitems(config, items):
         if too_long:
             config.hook.pytest_deselected(items=too_long)
             items[:] = [item for item in items if _longest_sequence(item) <= longest]
+    rng = random.Random(int(os.environ.get("PEER_SEED", "0")))
+    per_test = int(os.environ.get("PEER_SAMPLE_PER_TEST", "0"))
     keep = int(os.environ.get("PEER_SAMPLE", "0"))
-    if 0 < keep < len(items):
-        random.Random(int(os.environ.get("PEER_SEED", "0"))).shuffle(items)
-        config.hook.pytest_deselected(items=items[keep:])
-        items[:] = sorted(items[:keep], key=lambda item: item.nodeid)
+    if per_test > 0:
+        by_function: dict[str, list] = {}
+        for item in items:
+            by_function.setdefault(item.originalname, []).append(item)
+        kept = []
+        for cases in by_function.values():
+            rng.shuffle(cases)
+            kept += cases[:per_test]
+    elif 0 < keep < len(items):
+        rng.shuffle(items)
+        kept = items[:keep]
+    else:
+        return
+    kept_ids = {id(item) for item in kept}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+    items[:] = sorted(kept, key=lambda item: item.nodeid)

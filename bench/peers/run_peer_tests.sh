@@ -11,7 +11,8 @@
 #               rope, swiglu, geglu, cross_entropy, fused linear cross_entropy, fused MoE).
 #   flash_attn: flash_attn_shim/ is a `flash_attn` package whose functions are tokenforge.ops.attention*;
 #               the checkout's bert_padding.py is copied beside it. The suite is huge: PEER_SAMPLE=N
-#               (default 200; 0 = all) runs a random N cases, PEER_SEED picks which; PEER_MAX_SEQLEN=L
+#               (default 200; 0 = all) runs a random N cases, PEER_SEED picks which; PEER_SAMPLE_PER_TEST=N
+#               instead keeps N random cases of every test function; PEER_MAX_SEQLEN=L
 #               drops cases longer than L tokens first (default 256 without a GPU, else no limit).
 # Without a GPU, Triton runs under its interpreter (slow: minutes per hundred small cases) and
 # flash_attn's test file is copied with its device "cuda" rewritten to "cpu".
@@ -72,10 +73,10 @@ case "$PEER" in
     fi
     export PEER_SAMPLE="${PEER_SAMPLE:-200}"
     [ "$GPU" = 1 ] || export PEER_MAX_SEQLEN="${PEER_MAX_SEQLEN:-256}"
-    select=(-k "not kvcache and not splitkv")  # inference-only (KV cache, split-KV decoding)
+    select=()
     # race_condition / deterministic: 250 / 50 repeats of one case, looking for GPU races and
     # nondeterminism the interpreter cannot have; under it, an hour or more each
-    [ "$GPU" = 1 ] || select=(-k "not kvcache and not splitkv and not race_condition and not deterministic")
+    [ "$GPU" = 1 ] || select=(-k "not race_condition and not deterministic")
     [ $# -gt 0 ] && select=()
     cd "$WORK"
     PYTHONPATH="$WORK:$PYTHONPATH" "$PY" -m pytest -p no:cacheprovider -q -rfs -c "$WORK/pytest.ini" --rootdir="$WORK" \

@@ -130,7 +130,8 @@ def test_flash_attn_stand_in_exports_our_attention(monkeypatch):
     for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         monkeypatch.delitem(sys.modules, name)
     import flash_attn
-    from flash_attn.flash_attn_interface import _get_block_size_n
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_forward, _get_block_size_n, flash_attn_gpu
+    from flash_attn.layers.rotary import apply_rotary_emb
 
     assert flash_attn.__file__.startswith(os.path.join(_HERE, "flash_attn_shim"))
     assert flash_attn.flash_attn_func is ops.attention
@@ -138,8 +139,26 @@ def test_flash_attn_stand_in_exports_our_attention(monkeypatch):
     assert flash_attn.flash_attn_qkvpacked_func is ops.attention_qkvpacked
     assert flash_attn.flash_attn_varlen_kvpacked_func is ops.attention_varlen_kvpacked
     assert _get_block_size_n("cpu", 128, False, True) == 64 and _get_block_size_n("cpu", 64, True, False) == 64
-    with pytest.raises(pytest.skip.Exception, match="kvcache"):
-        flash_attn.flash_attn_with_kvcache()
+    assert flash_attn.flash_attn_with_kvcache is ops.attention_with_kvcache
+    for internal in (lambda: _flash_attn_varlen_forward(), lambda: flash_attn_gpu.fwd):
+        with pytest.raises(pytest.skip.Exception, match="internal"):
+            internal()
+    # flash_attn's rotary: (positions, rotary_dim / 2) tables, offsets per batch entry, dims past
+    # rotary_dim untouched; in float64 against the formula, interleaved and half-split
+    x = torch.randn(2, 3, 2, 8, dtype=torch.float64)
+    angle = torch.rand(9, 2, dtype=torch.float64)
+    offsets = torch.tensor([1, 5])
+    for interleaved in (False, True):
+        got = apply_rotary_emb(x, angle.cos(), angle.sin(), interleaved=interleaved, seqlen_offsets=offsets)
+        pos = offsets[:, None] + torch.arange(3)
+        c, s = angle.cos()[pos][:, :, None], angle.sin()[pos][:, :, None]
+        a, b = (x[..., 0:4:2], x[..., 1:4:2]) if interleaved else (x[..., :2], x[..., 2:4])
+        want = x.clone()
+        if interleaved:
+            want[..., 0:4:2], want[..., 1:4:2] = a * c - b * s, b * c + a * s
+        else:
+            want[..., :2], want[..., 2:4] = a * c - b * s, b * c + a * s
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_runner_refuses_a_wrong_checkout(tmp_path):

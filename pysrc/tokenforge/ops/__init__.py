@@ -4,6 +4,7 @@ from tokenforge.ops.add_rms_norm import add_rms_norm, add_rms_norm_reference
 from tokenforge.ops.attention import (alibi_slopes, attention, attention_kvpacked, attention_qkvpacked,
                                      attention_reference, attention_varlen, attention_varlen_kvpacked,
                                      attention_varlen_qkvpacked, attention_varlen_reference)
+from tokenforge.ops.attention_kvcache import attention_with_kvcache
 from tokenforge.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tokenforge.ops.moe_routing import load_balancing_loss, moe_permute, moe_route, moe_unpermute
@@ -25,6 +26,7 @@ __all__ = [
     "attention_varlen_kvpacked",
     "attention_varlen_qkvpacked",
     "attention_varlen_reference",
+    "attention_with_kvcache",
     "cross_entropy",
     "cross_entropy_reference",
     "linear_cross_entropy",

@@ -265,3 +265,21 @@ def rope(
     cos, sin, position_ids = _normalise_tables(cos, sin, position_ids)
     return RoPEFunction.apply(_unit_last_stride(q), _unit_last_stride(k), cos, sin, position_ids,
                               interleaved, layout, name)
+
+
+def rope_tables_from_frequencies(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False):
+    """flash_attn's and GPT-NeoX's (positions, rotary_dim / 2) tables, one entry per frequency, as
+    the (positions, rotary_dim) tables :func:`rope` takes: each frequency in both halves, or twice
+    side by side with ``interleaved`` (the pairs (2i, 2i+1))."""
+    if interleaved:
+        return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
+def rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
+             interleaved: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """RoPE of one tensor x (batch, seq, heads, head_dim) at position_ids (batch, seq) of the
+    (positions, rotary_dim) tables: for callers whose q and k sit at different positions (a KV cache
+    appends keys where the queries are not). :func:`rope` rotates a (q, k) pair in one launch, so x
+    goes as q with its first head as k, one head of extra work, dropped."""
+    return rope(x, x[:, :, :1], cos, sin, position_ids=position_ids, interleaved=interleaved, backend=backend)[0]

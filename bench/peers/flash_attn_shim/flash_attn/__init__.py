@@ -8,9 +8,4 @@ from tokenforge.ops import attention_qkvpacked as flash_attn_qkvpacked_func
 from tokenforge.ops import attention_varlen as flash_attn_varlen_func
 from tokenforge.ops import attention_varlen_kvpacked as flash_attn_varlen_kvpacked_func
 from tokenforge.ops import attention_varlen_qkvpacked as flash_attn_varlen_qkvpacked_func
-
-
-def flash_attn_with_kvcache(*args, **kwargs):
-    import pytest
-
-    pytest.skip("not in tokenforge's API: flash_attn_with_kvcache (inference KV cache)")
+from tokenforge.ops import attention_with_kvcache as flash_attn_with_kvcache

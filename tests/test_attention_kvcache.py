@@ -1,0 +1,198 @@
+"""attention_with_kvcache (flash_attn_with_kvcache's API) against a float64 oracle written from its
+documented semantics, loop by loop: the cache after the append (rotated keys, values, nothing else
+touched) and every query row's output and lse."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from device_params import DEVICES
+
+from tokenforge.ops import attention_with_kvcache
+from tokenforge.testing import TOLERANCE, rel_error
+
+
+def _rotate64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions, interleaved: bool) -> torch.Tensor:
+    """x (seq, heads, d) rotated in float64 at positions by (P, R/2) frequency tables."""
+    x = x.double().clone()
+    half = cos.shape[1]
+    for s, p in enumerate(positions):
+        c, n = cos[p].double(), sin[p].double()
+        if interleaved:
+            a, b = x[s, :, 0:2 * half:2].clone(), x[s, :, 1:2 * half:2].clone()
+            x[s, :, 0:2 * half:2], x[s, :, 1:2 * half:2] = a * c - b * n, b * c + a * n
+        else:
+            a, b = x[s, :, :half].clone(), x[s, :, half:2 * half].clone()
+            x[s, :, :half], x[s, :, half:2 * half] = a * c - b * n, b * c + a * n
+    return x
+
+
+def _oracle(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, leftpad, block_table, scale, causal, window,
+            softcap, slopes, interleaved):
+    """(expected k_cache, v_cache after the append, out, lse), float64, one query row at a time."""
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    batch, sq, heads, d = q.shape
+    group = heads // k_cache.shape[2]
+    new = 0 if k is None else k.shape[1]
+    per_query = causal or window != (-1, -1)
+
+    def slot(b, pos):
+        if block_table is None:
+            return int(batch_idx[b]) if batch_idx is not None else b, pos
+        page = k_cache.shape[1]
+        return int(block_table[b, pos // page]), pos % page
+
+    out = torch.zeros(batch, sq, heads, d, dtype=torch.float64)
+    lse = torch.full((batch, heads, sq), float("-inf"), dtype=torch.float64)
+    for b in range(batch):
+        start = int(seqlens[b])
+        if new:
+            knew = k[b] if cos is None else _rotate64(k[b], cos, sin, range(start, start + new), interleaved)
+            for i in range(new):
+                kc[slot(b, start + i)] = knew[i].double()
+                vc[slot(b, start + i)] = v[b, i].double()
+        qb = q[b].double() if cos is None else _rotate64(
+            q[b], cos, sin, [start + i if per_query else start for i in range(sq)], interleaved)
+        first = 0 if leftpad is None else int(leftpad[b])
+        keys = torch.stack([kc[slot(b, j)] for j in range(first, start + new)]) if start + new > first else None
+        vals = torch.stack([vc[slot(b, j)] for j in range(first, start + new)]) if keys is not None else None
+        sk = 0 if keys is None else keys.shape[0]
+        for h in range(heads):
+            for i in range(sq):
+                scores = []
+                for j in range(sk):
+                    diag = i + sk - sq
+                    if (causal and j > diag) or (window[0] >= 0 and j < diag - window[0]) or \
+                            (window[1] >= 0 and j > diag + window[1]):
+                        continue
+                    s = float(qb[i, h] @ keys[j, h // group]) * scale
+                    if softcap:
+                        s = softcap * math.tanh(s / softcap)
+                    if slopes is not None:
+                        s -= float(slopes[h]) * abs(diag - j)
+                    scores.append((s, j))
+                if not scores:
+                    continue
+                top = max(s for s, _ in scores)
+                weights = [(math.exp(s - top), j) for s, j in scores]
+                total = sum(w for w, _ in weights)
+                lse[b, h, i] = top + math.log(total)
+                out[b, i, h] = sum(w * vals[j, h // group] for w, j in weights) / total
+    return kc, vc, out, lse
+
+
+CASES = {
+    # name: cache layout and options (batch 3, heads 4, 2 kv heads unless said)
+    "dense-append-rotary-causal-leftpad-batchidx": dict(paged=False, new=3, sq=3, rotary=True, interleaved=True,
+                                                        causal=True, leftpad=True, batch_idx=True),
+    "dense-append-fewer-new-than-queries-full": dict(paged=False, new=2, sq=5, rotary=True, interleaved=False,
+                                                     causal=False),
+    "paged-append-rotary-window-alibi-softcap": dict(paged=True, new=2, sq=2, rotary=True, interleaved=False,
+                                                     window=(6, 0), alibi=True, softcap=8.0),
+    "paged-decode-no-append-causal": dict(paged=True, new=0, sq=1, causal=True),
+    "dense-no-append-whole-cache": dict(paged=False, new=0, sq=4, seqlens="none", causal=True, kv_heads=1),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_float64_oracle(device, backend, name):
+    case = CASES[name]
+    if backend == "torch" and device != "cpu":
+        pytest.skip("the torch backend's float64 case runs on CPU")
+    torch.manual_seed(sorted(CASES).index(name))
+    dtype = torch.float64 if backend == "torch" else torch.bfloat16
+    batch, heads, kv_heads, d, capacity, page = 3, 4, case.get("kv_heads", 2), 32, 24, 8
+    sq, new = case["sq"], case["new"]
+    q = torch.randn(batch, sq, heads, d, dtype=dtype, device=device)
+    k = torch.randn(batch, new, kv_heads, d, dtype=dtype, device=device) if new else None
+    v = torch.randn(batch, new, kv_heads, d, dtype=dtype, device=device) if new else None
+    if case["paged"]:
+        num_blocks = 11
+        k_cache = torch.randn(num_blocks, page, kv_heads, d, dtype=dtype, device=device)
+        block_table = torch.randperm(num_blocks, device=device)[:batch * (capacity // page)].view(batch, -1).int()
+    else:
+        k_cache = torch.randn(batch + 2, capacity, kv_heads, d, dtype=dtype, device=device)
+        block_table = None
+    v_cache = torch.randn_like(k_cache)
+    # an empty sequence (0 cached keys, its new ones only), a short one, one that fills the cache
+    seqlens = torch.tensor([0, 7, capacity - new], dtype=torch.int32, device=device)
+    if case.get("seqlens") == "none":
+        seqlens_arg, seqlens = None, torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    else:
+        seqlens_arg = seqlens
+    leftpad = torch.tensor([0, 3, 5], dtype=torch.int32, device=device) if case.get("leftpad") else None
+    batch_idx = torch.tensor([4, 0, 2], dtype=torch.int32, device=device) if case.get("batch_idx") else None
+    cos = sin = None
+    if case.get("rotary"):
+        angle = torch.rand(capacity + sq, 12, device=device, dtype=torch.float64) * 2 * math.pi  # rotary_dim 24 < d
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    slopes = torch.rand(heads, device=device) * 0.3 if case.get("alibi") else None
+    window, softcap = case.get("window", (-1, -1)), case.get("softcap", 0.0)
+    causal, interleaved = case.get("causal", False), case.get("interleaved", True)
+    scale = d ** -0.5
+    want_kc, want_vc, want_out, want_lse = _oracle(
+        q.cpu(), k_cache.cpu(), v_cache.cpu(), None if k is None else k.cpu(), None if v is None else v.cpu(),
+        None if cos is None else cos.cpu(), None if sin is None else sin.cpu(), seqlens.cpu(),
+        None if batch_idx is None else batch_idx.cpu(), None if leftpad is None else leftpad.cpu(),
+        None if block_table is None else block_table.cpu(), scale, causal, window, softcap,
+        None if slopes is None else slopes.cpu(), interleaved)
+    out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, seqlens_arg, batch_idx, leftpad,
+                                      block_table, None, causal, window, softcap, interleaved, slopes,
+                                      return_softmax_lse=True, backend=backend)
+    tol = TOLERANCE.get(dtype, 1e-12)
+    # the cache: values copied bit for bit, keys rotated to within a rounding, nothing else touched
+    assert torch.equal(v_cache.cpu().double(), want_vc)
+    assert rel_error(k_cache.cpu().flatten(0, 1), want_kc.flatten(0, 1)) <= tol
+    if cos is None:
+        assert torch.equal(k_cache.cpu().double(), want_kc)
+    # every query row: rows with no key in reach are 0 with lse -inf (a sequence of 0 keys included)
+    assert out.shape == q.shape and lse.shape == (batch, heads, sq)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_error(out.cpu().flatten(0, 1), want_out.flatten(0, 1)) <= tol
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), seen), "rows that see no key must have lse -inf"
+    assert (lse.cpu().double()[seen] - want_lse[seen]).abs().max() <= 4 * tol
+    assert (out.cpu()[~seen.permute(0, 2, 1)] == 0).all()
+    only_out = attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), None, None, None, None,
+                                      seqlens + new if new else seqlens_arg, batch_idx, leftpad, block_table,
+                                      None, causal, window, softcap, interleaved, slopes, backend=backend)
+    if cos is None:  # the same keys, read back from the cache this time: the same answer
+        assert torch.equal(only_out, out)
+
+
+def test_refuses_bad_input():
+    q = torch.randn(2, 1, 4, 16)
+    k_cache, v_cache = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    seqlens = torch.tensor([3, 7], dtype=torch.int32)
+    cos = torch.randn(8, 4)
+    before = k_cache.clone(), v_cache.clone()
+    cases = [
+        (dict(k=k, v=v, cache_seqlens=torch.tensor([3, 8], dtype=torch.int32)), "0..seqlen_cache = 8"),
+        (dict(k=k, v=v), "pass cache_seqlens"),
+        (dict(k=k), "both k and v"),
+        (dict(cache_seqlens=seqlens, rotary_cos=cos, rotary_sin=cos), "pass k and v too"),
+        (dict(k=k, v=v, cache_seqlens=seqlens, rotary_cos=cos), "both rotary_cos and rotary_sin"),
+        (dict(k=k, v=v, cache_seqlens=seqlens, rotary_cos=cos[:7], rotary_sin=cos[:7]), "7 positions"),
+        (dict(k=k, v=v, cache_seqlens=seqlens.float()), "cache_seqlens must be an int32"),
+        (dict(cache_seqlens=seqlens, cache_leftpad=torch.tensor([4, 0], dtype=torch.int32)), "cache_leftpad"),
+        (dict(cache_seqlens=seqlens, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)), "0..1"),
+        (dict(k=k.half(), v=v.half(), cache_seqlens=seqlens), "share one dtype"),
+        (dict(num_splits=-1), "num_splits"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            attention_with_kvcache(q, k_cache, v_cache, **kwargs)
+    pages = torch.randn(5, 4, 2, 16)
+    table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="outside 0..4"):
+        attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=seqlens, block_table=table)
+    with pytest.raises(RuntimeError, match="block_table.shape\\[1\\] x page_size = 8"):  # as flash_attn
+        attention_with_kvcache(q, pages, pages.clone(), k, v, cache_seqlens=seqlens + 1, block_table=table % 5)
+    with pytest.raises(ValueError, match="cache_batch_idx picks"):
+        attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=seqlens, block_table=table % 5,
+                               cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), "a refused call writes nothing"
