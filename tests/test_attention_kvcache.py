@@ -44,7 +44,7 @@ def _oracle(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, leftpad, bl
         return int(block_table[b, pos // page]), pos % page
 
     out = torch.zeros(batch, sq, heads, d, dtype=torch.float64)
-    lse = torch.full((batch, heads, sq), float("-inf"), dtype=torch.float64)
+    lse = torch.full((batch, heads, sq), float("inf"), dtype=torch.float64)  # no key: +inf, as flash_attn
     for b in range(batch):
         start = int(seqlens[b])
         if new:
@@ -148,12 +148,13 @@ def test_matches_float64_oracle(device, backend, name):
     assert rel_error(k_cache.cpu().flatten(0, 1), want_kc.flatten(0, 1)) <= tol
     if cos is None:
         assert torch.equal(k_cache.cpu().double(), want_kc)
-    # every query row: rows with no key in reach are 0 with lse -inf (a sequence of 0 keys included)
+    # every query row: rows with no key in reach are 0 with lse +inf (a sequence of 0 keys included)
     assert out.shape == q.shape and lse.shape == (batch, heads, sq)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert rel_error(out.cpu().flatten(0, 1), want_out.flatten(0, 1)) <= tol
     seen = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(lse.cpu()), seen), "rows that see no key must have lse -inf"
+    assert torch.equal(torch.isfinite(lse.cpu()), seen) and (lse.cpu()[~seen] == float("inf")).all(), \
+        "rows that see no key must have lse +inf"
     assert (lse.cpu().double()[seen] - want_lse[seen]).abs().max() <= 4 * tol
     assert (out.cpu()[~seen.permute(0, 2, 1)] == 0).all()
     only_out = attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), None, None, None, None,

@@ -108,7 +108,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
       cache_seqlens[b].
     - Sequence b attends to its keys cache_leftpad[b] (default 0) .. cache_seqlens[b] + seqlen_new - 1;
       causal and window_size are aligned to the bottom right of those keys, as in :func:`attention`,
-      and so are softcap and alibi_slopes ((heads,) or (batch, heads) fp32). A query with no key gets 0.
+      and so are softcap and alibi_slopes ((heads,) or (batch, heads) fp32). A query with no key gets
+      0 (lse +inf, as flash_attn).
     - num_splits is flash_attn's split-KV tuning knob: accepted (an int >= 0), no effect on the result.
     - ``backend`` forces the attention backend (triton, cuda or torch), as in :func:`attention`.
 
