@@ -9,6 +9,7 @@ PEER_MAX_SEQLEN=L first drops cases whose seqlen / seqlen_q / seqlen_k parameter
 runner sets 256 without a GPU: the interpreter needs minutes for one 2048-token case).
 Without a GPU the test file is run on CPU tensors (the runner rewrites its device) and asks for the
 GPU's capability and memory at import time, so those two answer as an 80 GB sm_90 would.
+TOKENFORGE_PEER_RNE_BF16=1 makes the interpreter round fp32 -> bf16 as a GPU does (interpreter_rne.py).
 """
 import os
 import random
@@ -16,6 +17,9 @@ import types
 
 import pytest
 import torch
+
+if os.environ.get("TOKENFORGE_PEER_RNE_BF16"):
+    import interpreter_rne  # noqa: F401
 
 if not torch.cuda.is_available():
     torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)

@@ -17,17 +17,4 @@ if not torch.cuda.is_available():
     liger_test_utils.supports_bfloat16 = lambda: True
 
 if os.environ.get("TOKENFORGE_PEER_RNE_BF16"):
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    _cast = interpreter.InterpreterBuilder.cast_impl
-
-    def _cast_rne(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = src.data.astype(np.float32).view(np.uint32).astype(np.uint64)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return interpreter.TensorHandle(bits.astype(np.uint16), dst_type.scalar)
-        return _cast(self, src, dst_type)
-
-    interpreter.InterpreterBuilder.cast_impl = _cast_rne
+    import interpreter_rne  # noqa: F401

@@ -78,9 +78,11 @@ case "$PEER" in
     # nondeterminism the interpreter cannot have; under it, an hour or more each
     [ "$GPU" = 1 ] || select=(-k "not race_condition and not deterministic")
     [ $# -gt 0 ] && select=()
+    files=(test_flash_attn.py)  # node ids (test_flash_attn.py::...) among the args name the cases instead
+    for arg in "$@"; do [[ "$arg" == test_flash_attn.py::* ]] && files=(); done
     cd "$WORK"
-    PYTHONPATH="$WORK:$PYTHONPATH" "$PY" -m pytest -p no:cacheprovider -q -rfs -c "$WORK/pytest.ini" --rootdir="$WORK" \
-      --junitxml="$OUT_DIR/flash_attn.xml" test_flash_attn.py "${select[@]}" "$@" 2>&1 | tee "$OUT_DIR/flash_attn.log"
+    PYTHONPATH="$WORK:$HERE:$PYTHONPATH" "$PY" -m pytest -p no:cacheprovider -q -rfs -c "$WORK/pytest.ini" --rootdir="$WORK" \
+      --junitxml="$OUT_DIR/flash_attn.xml" "${files[@]}" "${select[@]}" "$@" 2>&1 | tee "$OUT_DIR/flash_attn.log"
     ;;
   *) die "unknown peer '$PEER' (liger or flash_attn)" ;;
 esac

@@ -24,6 +24,7 @@ import torch
 from tokenforge.ops.layout import rows_view
 
 from tokenforge import backends
+from tokenforge.dtensor import any_dtensor, run_on_shards
 from tokenforge.ops.rms_norm import check_offset_and_casting_mode, emits_fp8, rms_norm_cast_reference
 
 OP = "add_rms_norm"
@@ -213,7 +214,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
     (Gemma: ``offset=1.0``; ``"llama"`` rounds x_hat to x's dtype before the weight multiply, ``"none"``
     computes in the stream's dtype). ``backend`` forces triton or torch. ``fp8``: a
     tokenforge.fp8.EmitCast to also emit normed in fp8 for the next Float8Linear where the Triton
-    row kernel runs (tokenforge.fp8.emit; the fused "gemma" mode only)."""
+    row kernel runs (tokenforge.fp8.emit; the fused "gemma" mode only). DTensor inputs: as
+    :func:`tokenforge.ops.rms_norm`, each output in its input's placements."""
+    if any_dtensor(x, residual, weight):
+        return run_on_shards("add_rms_norm", lambda x, r, w: add_rms_norm(x, r, w, eps, offset=offset,
+                                                                          casting_mode=casting_mode, backend=backend),
+                             [x, residual], [weight])
     _check_inputs(x, residual, weight, eps)
     check_offset_and_casting_mode("add_rms_norm", offset, casting_mode)
     if weight is None:

@@ -31,6 +31,7 @@ import torch
 from tokenforge.ops.layout import rows_view
 
 from tokenforge import backends
+from tokenforge.dtensor import any_dtensor, run_on_shards
 
 OP = "rms_norm"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -247,7 +248,12 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     when offset is given: Gemma's ``offset=1.0``); fp32/fp16/bf16 (float64 on the torch backend);
     returns x's shape and dtype (``casting_mode="llama"``: the promoted dtype of x and weight).
     ``backend`` forces triton, cuda or torch. ``fp8``: a tokenforge.fp8.EmitCast to also emit y
-    in fp8 for the next Float8Linear where the Triton row kernel runs (tokenforge.fp8.emit)."""
+    in fp8 for the next Float8Linear where the Triton row kernel runs (tokenforge.fp8.emit).
+    DTensor x / weight (tensor or sequence parallelism): each rank normalises its rows, the last dim
+    gathered first where it is sharded (:mod:`tokenforge.dtensor`)."""
+    if any_dtensor(x, weight):
+        return run_on_shards("rms_norm", lambda x, w: rms_norm(x, w, eps, offset=offset, casting_mode=casting_mode,
+                                                               backend=backend), [x], [weight])
     _check_inputs(x, weight, eps)
     check_offset_and_casting_mode("rms_norm", offset, casting_mode)
     if weight is None:

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
+from tokenforge.dtensor import any_dtensor, run_on_shards
 
 OP = "rope"
 LAYOUTS = ("bshd", "bhsd")
@@ -251,7 +252,17 @@ def rope(
     (never in place) in q's/k's dtype. fp32/fp16/bf16 (float64 on the torch backend), any strides
     with a contiguous last dim; R <= D even, dims past R pass through; cos/sin get no gradient.
     On the kernel backends an out-of-range position id on CUDA gives NaN outputs for that token
-    (checked and refused on CPU). ``backend`` forces triton or torch."""
+    (checked and refused on CPU). ``backend`` forces triton or torch. DTensor q / k (heads sharded
+    by tensor parallelism): each rank rotates its heads; the sequence and head_dim (and the batch,
+    with per-batch cos/sin or position_ids) are gathered where sharded, as cos/sin are whole
+    (:mod:`tokenforge.dtensor`)."""
+    if any_dtensor(q, k, cos, sin, position_ids):
+        per_batch = (cos.dim() == 3 and cos.shape[0] > 1) or (position_ids is not None and position_ids.dim() == 2
+                                                               and position_ids.shape[0] > 1)
+        whole = (-3 if layout == "bshd" else -2, -1) + ((-4,) if per_batch else ())
+        return run_on_shards("rope", lambda q, k, c, s, p: rope(q, k, c, s, position_ids=p, interleaved=interleaved,
+                                                               layout=layout, backend=backend),
+                             [q, k], [cos, sin, position_ids], whole_dims=whole)
     _check_inputs(q, k, cos, sin, position_ids, layout)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("rope: cos/sin require grad but rope computes no gradient for them; "

@@ -29,6 +29,7 @@ import torch
 from tokenforge.ops.layout import rows_view
 
 from tokenforge import backends
+from tokenforge.dtensor import any_dtensor, run_on_shards
 
 OP = "swiglu"
 OP_PACKED = "swiglu_packed"
@@ -285,7 +286,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, gate_multiplier: float = 1.0
 
     ``gate_multiplier`` / ``down_multiplier`` (Falcon-H1's ``mlp_multipliers``, Liger-Kernel's
     arguments): ``silu(gate * gate_multiplier) * up * down_multiplier``. They run as PyTorch
-    elementwise ops around the kernel, rounded where eager rounds (one extra pass each when not 1)."""
+    elementwise ops around the kernel, rounded where eager rounds (one extra pass each when not 1).
+    DTensor gate / up (tensor parallelism): each rank runs its shard, up aligned to gate's placements
+    (:mod:`tokenforge.dtensor`)."""
+    if any_dtensor(gate, up):
+        return run_on_shards("swiglu", lambda g, u: swiglu(g, u, gate_multiplier=gate_multiplier,
+                                                           down_multiplier=down_multiplier, backend=backend),
+                             [gate, up], whole_dims=())
     _check_inputs(gate, up)
     _check_multipliers(gate_multiplier, down_multiplier, fp8)
     if gate_multiplier != 1.0 or down_multiplier != 1.0:
@@ -307,7 +314,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, gate_multiplier: float = 1.0
 def swiglu_packed(gate_up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """``silu(gate) * up`` for gate_up (..., 2*hidden) = cat([gate, up], -1), the output of a fused
     gate/up projection; returns (..., hidden) in gate_up's dtype, and a packed (..., 2*hidden)
-    gradient. ``backend`` forces triton or torch."""
+    gradient. ``backend`` forces triton or torch. DTensor gate_up: per shard, its last dim whole."""
+    if any_dtensor(gate_up):
+        return run_on_shards("swiglu_packed", lambda t: swiglu_packed(t, backend=backend), [gate_up])
     _check_packed(gate_up)
     if gate_up.numel() == 0:
         return swiglu_packed_reference(gate_up)
@@ -323,7 +332,10 @@ GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu"}
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
           backend: Optional[str] = None) -> torch.Tensor:
     """``gelu(gate, approximate) * up`` (GeGLU; Gemma's MLP uses approximate='tanh', Hugging Face's
-    ``gelu_pytorch_tanh``), same shapes, dtypes and backends as :func:`swiglu`."""
+    ``gelu_pytorch_tanh``), same shapes, dtypes and backends (and DTensor inputs) as :func:`swiglu`."""
+    if any_dtensor(gate, up):
+        return run_on_shards("geglu", lambda g, u: geglu(g, u, approximate, backend=backend), [gate, up],
+                             whole_dims=())
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none' (as torch.nn.functional.gelu), got {approximate!r}")
     activation = GELU_APPROXIMATIONS[approximate]

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from tokenforge.dtensor import is_dtensor
+
 
 def local(t):
     """The local shard of a DTensor (FSDP2 params, grads and states), else t itself: the kernels
@@ -34,14 +36,6 @@ def local(t):
     if is_dtensor(t):
         t = t.to_local()
     return t._tensor if type(t).__name__ == "Float8AllGatherWeight" else t
-
-
-def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def global_offset(t) -> Optional[int]:
