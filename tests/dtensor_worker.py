@@ -114,6 +114,16 @@ def main():
           [[Shard(2)], [Shard(2)]], errors, mesh, param_grads=False)
     check("rope-shard-seq", rope, [q, k], [(cos, True), (sin, True)], [Shard(1), Shard(1)],
           [[Replicate()], [Replicate()]], errors, mesh, param_grads=False)
+    # Hugging Face's tensor parallelism: plain activations, a replicated DTensor weight: plain output
+    xg, wd = x.clone().requires_grad_(), distribute_tensor(w.clone(), mesh, [Replicate()]).requires_grad_()
+    wg = w.clone().requires_grad_()
+    y, want = rms(xg, wd), rms(x.clone(), wg)
+    dy = full(x.shape, 7)
+    (y * dy).sum().backward()
+    (want * dy).sum().backward()
+    errors["rms_norm-dtensor-weight-only"] = {
+        "out0": rel_error(y, want) if not isinstance(y, DTensor) else float("inf"),
+        "grad1": rel_error(wd.grad.full_tensor(), wg.grad)}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, errors)
     if dist.get_rank() == 0:

@@ -12,7 +12,8 @@ Roles of the inputs:
   placements first, so an elementwise op meets aligned shards.
 - parameters (a norm's weight, RoPE's cos/sin): used whole on every rank. A DTensor parameter's
   gradient is Partial on each mesh dim where activation 0 is sharded, because each rank saw only
-  its rows, and Replicate where it is not. A plain tensor is used as it is.
+  its rows, and Replicate where it is not. A plain tensor is used as it is. With only parameters
+  as DTensors (plain activations), the outputs stay plain tensors.
 
 Every autograd step is DTensor's own (``redistribute``, ``to_local``, ``from_local``), so gradients
 come back with the inputs' placements.
@@ -68,10 +69,15 @@ def run_on_shards(name: str, fn: Callable, activations: Sequence[torch.Tensor],
             raise ValueError(f"{name}: DTensor inputs live on different device meshes ({mesh} and {t.device_mesh}); "
                              "redistribute them onto one mesh first")
     first = activations[0]
-    if isinstance(first, DTensor):
-        base = _whole(first.placements, first.dim(), whole_dims)
-    else:  # plain activations beside a DTensor parameter: whole on every rank
-        base = tuple(Replicate() for _ in range(mesh.ndim))
+    if not any(isinstance(t, DTensor) for t in activations):
+        # Plain activations beside DTensor parameters (Hugging Face's tensor parallelism keeps
+        # activations local, a norm's weight may be a replicated DTensor): the whole parameter on
+        # every rank, its gradient whole too (each rank saw all the rows), plain outputs.
+        whole = [Replicate()] * mesh.ndim
+        return fn(*activations, *[p.redistribute(mesh, whole).to_local(grad_placements=whole)
+                                  if isinstance(p, DTensor) else p for p in params])
+    base = _whole(first.placements, first.dim(), whole_dims) if isinstance(first, DTensor) else \
+        tuple(Replicate() for _ in range(mesh.ndim))
     local_acts, out_meta = [], []
     for t in activations:
         if isinstance(t, DTensor):
