@@ -124,6 +124,17 @@ def main():
     errors["rms_norm-dtensor-weight-only"] = {
         "out0": rel_error(y, want) if not isinstance(y, DTensor) else float("inf"),
         "grad1": rel_error(wd.grad.full_tensor(), wg.grad)}
+    # Attention takes local tensors: a clear refusal, and patch_sdpa leaves DTensor calls to SDPA
+    from tokenforge import sdpa_patch
+
+    dq = distribute_tensor(full((2, 4, 4, 16), 8).to(torch.bfloat16), mesh, [Shard(1)])
+    try:
+        ops.attention(dq, dq, dq)
+        refused = False
+    except TypeError as exc:
+        refused = "local tensors" in str(exc)
+    reason = sdpa_patch._route_reason(dq, dq, dq, None, 0.0, True, None, False, {}) or ""
+    errors["attention-refuses-dtensor"] = {"placement0": refused, "placement1": "DTensor" in reason}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, errors)
     if dist.get_rank() == 0:

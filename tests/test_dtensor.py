@@ -12,7 +12,8 @@ from tokenforge.dtensor import any_dtensor
 CASES = ["rms_norm-shard-last", "rms_norm-shard-rows", "rms_norm-plain-weight", "rms_norm-gemma-llama-cast",
          "add_rms_norm-residual-replicated", "add_rms_norm-partial-x", "swiglu-shard-hidden", "swiglu-up-replicated",
          "swiglu-up-plain", "swiglu-partial-gate", "swiglu-multipliers", "geglu-shard-rows",
-         "swiglu_packed-shard-last", "rope-shard-heads", "rope-shard-seq", "rms_norm-dtensor-weight-only"]
+         "swiglu_packed-shard-last", "rope-shard-heads", "rope-shard-seq", "rms_norm-dtensor-weight-only",
+         "attention-refuses-dtensor"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

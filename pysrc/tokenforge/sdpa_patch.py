@@ -30,12 +30,15 @@ stats = {"routed": 0, "passed": 0}
 def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra) -> Optional[str]:
     """None when the call can go to the kernel, else why not."""
     from tokenforge import backends
+    from tokenforge.dtensor import any_dtensor
     from tokenforge.ops import attention as _registers_the_op  # noqa: F401
 
     if extra:
         return f"unknown arguments {sorted(extra)}"
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "non-tensor inputs"
+    if any_dtensor(query, key, value):
+        return "DTensor inputs (SDPA shards them itself; the kernel takes local tensors)"
     if attn_mask is not None:
         return "attn_mask"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
+from tokenforge.dtensor import any_dtensor
 
 OP = "attention"
 
@@ -285,6 +286,9 @@ def _fold_causal(causal: bool, window: tuple[int, int]) -> tuple[int, int]:
 
 
 def _check_common(name, q, k, v, dims: int, layout: str, causal, softmax_scale, window, softcap) -> None:
+    if any_dtensor(q, k, v):
+        raise TypeError(f"{name}: DTensor inputs are not supported; pass each rank's local tensors (x.to_local(), "
+                        "q and k/v heads sharded alike), as tensor parallelism runs attention on local heads")
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
