@@ -37,3 +37,27 @@ def test_sharded_inputs_match_whole_tensors(tmp_path, backend):
 def test_plain_tensors_take_no_detour():
     x = torch.randn(2, 3)
     assert not any_dtensor(x, None, x)
+
+
+def test_hf_tensor_parallel_model_patched_matches_unpatched(tmp_path):
+    """Hugging Face's own tensor parallelism (tp_plan="auto": projections sharded as DTensors over 2
+    gloo ranks, activations local) with tokenforge.patch on top: the unpatched TP model's loss and
+    every gradient (norms, attention, MLP, the fused loss head)."""
+    from torchrun import run_worker
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # norms away from their init, so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "tp.json"
+    run_worker("hf_tp_worker.py", str(tmp_path / "model"), str(out), nproc=2, timeout=300)
+    for rank, result in enumerate(json.loads(out.read_text())):
+        assert result["sharded_params"] >= 14 and result["patched"] >= 4, (rank, result)  # 7 per layer
+        assert not result["grads_missing"], (rank, result)
+        assert result["loss"] <= 1e-6 and result["grad"] <= 1e-5, (rank, result)
