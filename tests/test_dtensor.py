@@ -39,10 +39,11 @@ def test_plain_tensors_take_no_detour():
     assert not any_dtensor(x, None, x)
 
 
-def test_hf_tensor_parallel_model_patched_matches_unpatched(tmp_path):
-    """Hugging Face's own tensor parallelism (tp_plan="auto": projections sharded as DTensors over 2
-    gloo ranks, activations local) with tokenforge.patch on top: the unpatched TP model's loss and
-    every gradient (norms, attention, MLP, the fused loss head)."""
+@pytest.mark.parametrize("mode", ["tp", "fsdp", "fsdp-head"])
+def test_hf_model_sharded_then_patched_matches_unpatched(tmp_path, mode):
+    """Hugging Face's tensor parallelism (tp_plan="auto") and FSDP2 (layers and root, and lm_head as a
+    unit of its own, whose weight exists whole only inside its forward) under tokenforge.patch, in
+    training mode: the loss and every gradient of the unpatched model (see tests/hf_tp_worker.py)."""
     from torchrun import run_worker
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,9 +56,9 @@ def test_hf_tensor_parallel_model_patched_matches_unpatched(tmp_path):
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(tmp_path / "model")
-    out = tmp_path / "tp.json"
-    run_worker("hf_tp_worker.py", str(tmp_path / "model"), str(out), nproc=2, timeout=300)
+    out = tmp_path / "result.json"
+    run_worker("hf_tp_worker.py", mode, str(tmp_path / "model"), str(out), nproc=2, timeout=300)
     for rank, result in enumerate(json.loads(out.read_text())):
-        assert result["sharded_params"] >= 14 and result["patched"] >= 4, (rank, result)  # 7 per layer
+        assert result["sharded_params"] >= 14 and result["patched"] >= 4, (rank, result)
         assert not result["grads_missing"], (rank, result)
         assert result["loss"] <= 1e-6 and result["grad"] <= 1e-5, (rank, result)

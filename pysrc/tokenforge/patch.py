@@ -431,6 +431,31 @@ def _field_names(output_cls) -> set:
     return {f.name for f in dataclasses.fields(output_cls)}
 
 
+def _gathers_in_forward(head: torch.nn.Module) -> bool:
+    """Whether the head's weight exists whole only inside its own forward: FSDP2 (fully_shard on the
+    head) all-gathers it in a pre-forward hook and reduce-scatters its gradient from hooks set up
+    there; DeepSpeed ZeRO-3 gathers partitioned parameters around forward the same way."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        FSDPModule = ()
+    return isinstance(head, FSDPModule) or hasattr(getattr(head, "weight", None), "ds_id")
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, fused_loss):
+    """``fused_loss(hidden, weight, bias)`` on the LM head's parameters. Where the head is sharded by
+    FSDP2 or ZeRO-3 it runs as the head's forward (swapped in for this call), so their hooks gather
+    the weight first and reduce its gradient after, as around the unfused matmul; the hooks' version
+    of hidden is the one used, as their backward bookkeeping hangs on it."""
+    if not _gathers_in_forward(head):
+        return fused_loss(hidden, head.weight, getattr(head, "bias", None))
+    head.forward = lambda h: fused_loss(h, head.weight, getattr(head, "bias", None))
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
+
+
 def _hf_causal_lm_forward(self, *args, **kwargs):
     """CausalLM forward that, while training with labels, computes the shifted next-token loss from
     the final hidden states with the fused linear cross-entropy (no logits are returned then);
@@ -462,16 +487,20 @@ def _hf_causal_lm_forward(self, *args, **kwargs):
     if shift_labels is None:
         # Hugging Face's ForCausalLMLoss: position t predicts labels[t + 1]; the last has none.
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    h, weight = _matching_dtypes(hidden, self.lm_head.weight)
-    bias = getattr(self.lm_head, "bias", None)
     from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
 
     reduction = "sum" if num_items_in_batch is not None else "mean"
     softcap = getattr(self.config, "final_logit_softcapping", None) or 0.0
+    targets = shift_labels.to(hidden.device).flatten()
+
+    def fused_loss(hidden, weight, bias):
+        h, weight = _matching_dtypes(hidden, weight)
+        return linear_cross_entropy(h.flatten(0, -2), weight, targets,
+                                    bias=bias.to(weight.dtype) if bias is not None else None,
+                                    ignore_index=ignore_index, reduction=reduction, softcap=float(softcap))
+
     count_call("linear_cross_entropy")
-    loss = linear_cross_entropy(h.flatten(0, -2), weight, shift_labels.to(hidden.device).flatten(),
-                                bias=bias.to(weight.dtype) if bias is not None else None,
-                                ignore_index=ignore_index, reduction=reduction, softcap=float(softcap))
+    loss = _head_loss(self.lm_head, hidden, fused_loss)
     if num_items_in_batch is not None:
         loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
     # Everything the base model returned (the cache under its name in this version, hidden states,
