@@ -134,7 +134,14 @@ def main():
     except TypeError as exc:
         refused = "local tensors" in str(exc)
     reason = sdpa_patch._route_reason(dq, dq, dq, None, 0.0, True, None, False, {}) or ""
-    errors["attention-refuses-dtensor"] = {"placement0": refused, "placement1": "DTensor" in reason}
+    try:  # a vocab-sharded weight's gradient depends on how hidden is laid out: refused
+        ops.linear_cross_entropy(full((6, 8), 9), distribute_tensor(full((10, 8), 10), mesh, [Shard(0)]),
+                                 torch.randint(0, 10, (6,)))
+        lce_refused = False
+    except TypeError as exc:
+        lce_refused = "full_tensor" in str(exc)
+    errors["attention-refuses-dtensor"] = {"placement0": refused, "placement1": "DTensor" in reason,
+                                           "placement2": lce_refused}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, errors)
     if dist.get_rank() == 0:

@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from tokenforge.dtensor import is_dtensor
+
 # transformers versions whose model classes this file was written against and is tested with.
 TRANSFORMERS_TESTED = ">=4.50,<5.26"
 
@@ -446,9 +448,16 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, fused_loss):
     """``fused_loss(hidden, weight, bias)`` on the LM head's parameters. Where the head is sharded by
     FSDP2 or ZeRO-3 it runs as the head's forward (swapped in for this call), so their hooks gather
     the weight first and reduce its gradient after, as around the unfused matmul; the hooks' version
-    of hidden is the one used, as their backward bookkeeping hangs on it."""
+    of hidden is the one used, as their backward bookkeeping hangs on it. A tensor-parallel head's
+    DTensor weight is gathered whole for the call (its gradient goes back to the shards)."""
     if not _gathers_in_forward(head):
-        return fused_loss(hidden, head.weight, getattr(head, "bias", None))
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if is_dtensor(weight):
+            # Hugging Face's tensor parallelism ("colwise_gather_output"): a vocab-sharded head and
+            # the same hidden on every rank, so each rank's whole-weight gradient is the gradient.
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if is_dtensor(bias) else bias
+        return fused_loss(hidden, weight, bias)
     head.forward = lambda h: fused_loss(h, head.weight, getattr(head, "bias", None))
     try:
         return head(hidden)

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from tokenforge import backends
-from tokenforge.dtensor import any_dtensor, run_on_shards
+from tokenforge.dtensor import any_dtensor
 from tokenforge.ops.cross_entropy import _triton_supports as _ce_triton_supports
 from tokenforge.ops.cross_entropy import (
     CrossEntropyOutput,
@@ -415,21 +415,12 @@ def linear_cross_entropy(
     gradient times its (constant) target probability, as :func:`tokenforge.ops.cross_entropy`.
     ``chunk_size`` tokens per chunk (None: logits chunk ~ hidden's size). ``backend`` forces
     triton or torch; ``validate`` as in :func:`tokenforge.ops.cross_entropy`.
-
-    A DTensor weight / bias (tensor parallelism's vocab-sharded head, Hugging Face's ``lm_head``
-    "colwise_gather_output"), with plain hidden and target the same on every rank: the weight is
-    gathered whole on every rank for the call (V x H, where the unfused head gathers the logits,
-    tokens x V) and its gradient goes back to the shards (:mod:`tokenforge.dtensor`)."""
+    DTensors are refused: a vocab-sharded weight's gradient depends on whether hidden is the same on
+    every rank (tensor parallelism) or not (FSDP), which the tensors do not say."""
     if any_dtensor(hidden, weight, target, bias, class_weight):
-        if any_dtensor(hidden, target):
-            raise TypeError(f"{OP}: DTensor hidden/target are not supported; pass each rank's local tokens "
-                            "(hidden.to_local()); a DTensor weight (a vocab-sharded head) is gathered whole")
-        return run_on_shards(OP, lambda h, w, b, cw: linear_cross_entropy(
-            h, w, target, b, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, class_weight=cw, return_z_loss=return_z_loss,
-            return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens,
-            token_scaling=token_scaling, chunk_size=chunk_size, validate=validate, backend=backend),
-            [hidden], [weight, bias, class_weight])
+        raise TypeError(f"{OP}: DTensor inputs are not supported; pass local tensors, and a sharded weight whole "
+                        "(weight.full_tensor() where hidden is the same on every rank, as in tensor parallelism; "
+                        "under FSDP call it inside the head module's forward, where FSDP gathers the weight)")
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                   chunk_size)
     check_class_weight(OP, "class_weight", class_weight, weight.shape[0], hidden.device)
