@@ -217,3 +217,23 @@ def test_generate_on_a_patched_model_gives_the_unpatched_tokens(family):
             assert torch.equal(model.generate(input_ids=ids[1:], **kw), ref_single)
         finally:
             tokenforge.unpatch(model)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_patched_matches_unpatched(reentrant):
+    """Trainer's gradient_checkpointing=True: every decoder layer's forward runs again in backward,
+    through the patched norms, RoPE and MLP; the loss and every gradient as unpatched, both kinds of
+    torch.utils.checkpoint."""
+    model = _build("llama").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 256, (2, 13))
+    ref_loss, ref_grads = _loss_and_grads(model, ids, ids)
+    tokenforge.patch(model)
+    try:
+        loss, grads = _loss_and_grads(model, ids, ids)
+    finally:
+        tokenforge.unpatch(model)
+    assert set(grads) == set(ref_grads)
+    assert rel_error(loss, ref_loss) <= TOL
+    for name in ref_grads:
+        assert rel_error(grads[name], ref_grads[name]) <= TOL, name
