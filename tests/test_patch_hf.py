@@ -2,6 +2,7 @@
 download): same loss and gradients as the unpatched model, and unpatch restores it exactly."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -237,3 +238,43 @@ def test_gradient_checkpointing_patched_matches_unpatched(reentrant):
     assert rel_error(loss, ref_loss) <= TOL
     for name in ref_grads:
         assert rel_error(grads[name], ref_grads[name]) <= TOL, name
+
+
+def test_lora_model_patches_through_peft():
+    """LoRA fine-tuning: tokenforge.patch on PEFT's wrapper patches the Llama inside (its LoRA'd
+    projections still run their adapters through the patched MLP): the loss and every trainable
+    (LoRA) gradient as unpatched, the fused loss head used, and unpatch on the wrapper restores it.
+    A LoRA'd lm_head (an adapter added after patch, as under `tokenforge run`) makes the fused head
+    step aside: the loss is the adapter's."""
+    from peft import LoraConfig, get_peft_model
+
+    counters = sys.modules["tokenforge.patch"].calls  # the module (tokenforge.patch is the function)
+    base = _build("llama").train()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                                            target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
+    ids = torch.randint(0, 256, (2, 13))
+    ref_loss, ref_grads = _loss_and_grads(model, ids, ids)
+    report = tokenforge.patch(model)
+    assert report.family == "llama" and report.model == "PeftModelForCausalLM > LlamaForCausalLM" and len(report.patched) >= 4
+    counters.clear()
+    loss, grads = _loss_and_grads(model, ids, ids)
+    assert counters.get("linear_cross_entropy") == 1 and counters.get("swiglu") == 2
+    assert set(grads) == set(ref_grads) and all("lora_" in name for name in grads)
+    assert rel_error(loss, ref_loss) <= TOL
+    for name in ref_grads:
+        assert rel_error(grads[name], ref_grads[name]) <= TOL, name
+    with pytest.raises(RuntimeError, match="already patched"):
+        tokenforge.patch(model)
+    tokenforge.unpatch(model)
+    again, _ = _loss_and_grads(model, ids, ids)
+    assert torch.equal(again, ref_loss)
+
+    # an adapter on lm_head after patching: the original head runs (the fused one reads a plain weight)
+    base = _build("llama").train()
+    tokenforge.patch(base)
+    with_head = get_peft_model(base, LoraConfig(r=4, init_lora_weights=False, target_modules=["lm_head"]))
+    counters.clear()
+    loss, _ = _loss_and_grads(with_head, ids, ids)
+    assert "linear_cross_entropy" not in counters
+    tokenforge.unpatch(with_head)  # through the wrapper to the model patched before it came
+    assert rel_error(loss, _loss_and_grads(with_head, ids, ids)[0]) <= TOL

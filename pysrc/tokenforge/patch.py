@@ -70,6 +70,12 @@ _HF_FAMILIES = {
 }
 _UNDO_ATTR = "_tokenforge_undo"
 
+
+def _own(model: nn.Module, name: str):
+    """An attribute set on this very object (object.__setattr__), never one a wrapper forwards: PEFT's
+    PeftModel answers unknown attributes from the model it wraps."""
+    return vars(model).get(name)
+
 # How many times each patched-in kernel path ran (eager calls; traced calls under torch.compile are
 # not counted) since the process started: `tokenforge run`'s report, tests, debugging.
 calls: dict[str, int] = {}
@@ -424,6 +430,11 @@ def _fused_loss_unusable(model, arguments: dict, skip_logits: Optional[bool]) ->
         return "logits_to_keep"
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return "a custom loss_function"
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        # A LoRA layer or another wrapper computes more than weight @ h: the fused loss reads only
+        # a plain Linear's weight (an adapter may be added after patch, as under `tokenforge run`).
+        return f"lm_head is a {type(head).__name__}, not a plain Linear"
     return None
 
 
@@ -775,6 +786,27 @@ def _fused_optimizer(optimizer, report: PatchReport):
     return fused
 
 
+# Wrappers patch() looks through to the model they hold: PEFT's PeftModel (LoRA and the other
+# adapters: its forward calls the wrapped model's), and DistributedDataParallel / DataParallel /
+# FSDP1's ``.module``.
+_MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The model the wrappers around ``model`` hold, and the wrappers' class names, outermost first."""
+    wrappers = []
+    while True:
+        cls = type(model)
+        if cls.__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        elif cls.__name__ in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        else:
+            return model, wrappers
+        wrappers.append(cls.__name__)
+        model = inner
+
+
 def _family(model: nn.Module) -> str:
     from tokenforge.models.transformer import Transformer
 
@@ -790,28 +822,36 @@ def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, ro
           cross_entropy: bool = True, moe: bool = True, fp8=False, optimizer=None) -> PatchReport:
     """Swap tokenforge's kernels into ``model`` in place (same parameters and state_dict keys) and
     return a report of what was patched and what was skipped, and why. ``fp8``: False, True (the
-    tensorwise recipe), a recipe name in tokenforge.fp8.RECIPES or a Float8LinearConfig."""
+    tensorwise recipe), a recipe name in tokenforge.fp8.RECIPES or a Float8LinearConfig. A PEFT model
+    (LoRA...) or a DDP / DataParallel / FSDP1 wrapper is patched through to the model it holds;
+    ``unpatch`` takes the same object."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tokenforge.patch expects an nn.Module, got {type(model).__name__}")
-    if getattr(model, "_tokenforge_auto_patched", False):
-        # Patched by `tokenforge run` when it was built: the script's own call, with its options, wins.
-        unpatch(model)
-        object.__delattr__(model, "_tokenforge_auto_patched")
-    if getattr(model, _UNDO_ATTR, None) is not None:
+    inner, wrappers = _unwrap(model)
+    for held in dict.fromkeys((model, inner)):
+        if _own(held, "_tokenforge_auto_patched"):
+            # Patched by `tokenforge run` when it was built (a wrapper such as PEFT's may have come
+            # after): the script's own call, with its options, wins.
+            unpatch(held)
+            object.__delattr__(held, "_tokenforge_auto_patched")
+    if _own(model, _UNDO_ATTR) is not None:
         raise RuntimeError("tokenforge.patch: this model is already patched; call tokenforge.unpatch(model) first")
+    if wrappers and _own(inner, _UNDO_ATTR) is not None:
+        raise RuntimeError(f"tokenforge.patch: the {type(inner).__name__} inside this {wrappers[0]} is already "
+                           "patched; call tokenforge.unpatch on it first")
     opts = dict(attention=attention, rms_norm=rms_norm, rope=rope, swiglu=swiglu, cross_entropy=cross_entropy, moe=moe)
-    family = _family(model)
-    report = PatchReport(model=type(model).__name__, family=family)
+    family = _family(inner)
+    report = PatchReport(model=" > ".join(wrappers + [type(inner).__name__]), family=family)
     undo = _Undo()
     try:
         if family == "tokenforge":
-            _patch_tokenforge_transformer(model, undo, report, opts)
+            _patch_tokenforge_transformer(inner, undo, report, opts)
         elif family == "generic":
-            _patch_generic(model, undo, report, opts)
+            _patch_generic(inner, undo, report, opts)
         else:
-            _patch_hf(model, family, undo, report, opts)
+            _patch_hf(inner, family, undo, report, opts)
         if fp8 is not False and fp8 is not None:
-            _convert_fp8(model, undo, report, "tensorwise" if fp8 is True else fp8)
+            _convert_fp8(inner, undo, report, "tensorwise" if fp8 is True else fp8)
         if optimizer is not None:
             report.optimizer = _fused_optimizer(optimizer, report)
     except BaseException:
@@ -823,8 +863,11 @@ def patch(model: nn.Module, *, attention: bool = True, rms_norm: bool = True, ro
 
 def unpatch(model: nn.Module) -> None:
     """Undo ``tokenforge.patch(model)``: every module, function and forward goes back as it was."""
-    undo = getattr(model, _UNDO_ATTR, None)
+    undo = _own(model, _UNDO_ATTR)
     if undo is None:
+        inner, _ = _unwrap(model)
+        if inner is not model and _own(inner, _UNDO_ATTR) is not None:
+            return unpatch(inner)  # patched before a wrapper came (`tokenforge run` patches models as built)
         raise RuntimeError("tokenforge.unpatch: this model was not patched by tokenforge.patch")
     undo.run()
     object.__delattr__(model, _UNDO_ATTR)

@@ -217,9 +217,9 @@ class Session:
         """Patch ``model`` when it is a family tokenforge knows; otherwise remember it (the report
         names the top-level models left alone)."""
         import tokenforge
-        from tokenforge.patch import _UNDO_ATTR, _family
+        from tokenforge.patch import _UNDO_ATTR, _family, _own
 
-        if getattr(model, _UNDO_ATTR, None) is not None:
+        if _own(model, _UNDO_ATTR) is not None:
             return
         family = _family(model)
         if family == "generic":
@@ -235,8 +235,10 @@ class Session:
                              "patched": list(report.patched), "skipped": list(report.skipped)})
 
     def _unpatched_top_level(self) -> list[str]:
+        from tokenforge.patch import _UNDO_ATTR, _own
+
         alive = [r() for r in self._candidates]
-        alive = [m for m in alive if m is not None and getattr(m, "_tokenforge_undo", None) is None]
+        alive = [m for m in alive if m is not None and _own(m, _UNDO_ATTR) is None]
         inner = set()
         for m in alive:
             for sub in list(m.modules())[1:]:
