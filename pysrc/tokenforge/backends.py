@@ -21,8 +21,6 @@ from typing import Callable, Optional
 
 import torch
 
-from tokenforge.dtensor import any_dtensor
-
 BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "TOKENFORGE_BACKEND"
 
@@ -208,11 +206,6 @@ def why_not(op: str, backend: str, *tensors) -> Optional[str]:
     check = spec.supports.get(backend)
     if check is None:
         return f"{op} has no {backend} backend"
-    if backend != "torch" and any_dtensor(*tensors):
-        # The ops that take DTensors run their kernels on the local shards (tokenforge.dtensor);
-        # the rest leave a DTensor to the torch backend, whose ops DTensor shards itself.
-        return (f"DTensor inputs: {op}'s kernels take local tensors (pass .to_local() or .full_tensor(), "
-                "or let the torch backend run the DTensor)")
     return check(*tensors)
 
 
