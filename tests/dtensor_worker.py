@@ -140,8 +140,13 @@ def main():
         lce_refused = False
     except TypeError as exc:
         lce_refused = "full_tensor" in str(exc)
+    try:
+        ops.cross_entropy(distribute_tensor(full((6, 10), 11), mesh, [Shard(1)]), torch.randint(0, 10, (6,)))
+        ce_refused = False
+    except TypeError as exc:
+        ce_refused = "loss_parallel" in str(exc)
     errors["attention-refuses-dtensor"] = {"placement0": refused, "placement1": "DTensor" in reason,
-                                           "placement2": lce_refused}
+                                           "placement2": lce_refused, "placement3": ce_refused}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, errors)
     if dist.get_rank() == 0:

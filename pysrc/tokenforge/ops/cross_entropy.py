@@ -46,6 +46,7 @@ from tokenforge.ops.layout import rows_view
 import torch.nn.functional as F
 
 from tokenforge import backends
+from tokenforge.dtensor import any_dtensor
 
 OP = "cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -430,6 +431,9 @@ def cross_entropy(
     predicted_tokens: int64 argmax per token, -1 where ignored). ``token_scaling`` weights each
     token by its (constant) target probability (Liger's use_token_scaling). ``validate`` raises on
     out-of-range targets (a device sync; default: only on CPU). ``backend`` forces triton or torch."""
+    if any_dtensor(logits, target, weight):
+        raise TypeError("cross_entropy: DTensor inputs are not supported; pass local tensors (x.to_local()), or for "
+                        "vocab-sharded logits torch's loss_parallel() with F.cross_entropy")
     _check_inputs(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap)
     check_class_weight("cross_entropy", "weight", weight, logits.shape[-1], logits.device)
     check_flags("cross_entropy", return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
