@@ -5,7 +5,6 @@ same op on the whole tensors: the output (its placements too) and every gradient
     torchrun --nproc_per_node 2 tests/dtensor_worker.py BACKEND OUT.json
 """
 
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 from tokenforge import ops  # noqa: E402
 from tokenforge.testing import rel_error  # noqa: E402
+from torchrun import write_per_rank  # noqa: E402
 
 DTYPE = torch.float64 if BACKEND == "torch" else torch.float32
 
@@ -147,12 +147,7 @@ def main():
         ce_refused = "loss_parallel" in str(exc)
     errors["attention-refuses-dtensor"] = {"placement0": refused, "placement1": "DTensor" in reason,
                                            "placement2": lce_refused, "placement3": ce_refused}
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, errors)
-    if dist.get_rank() == 0:
-        with open(OUT, "w") as fh:
-            json.dump(per_rank, fh)
-    dist.destroy_process_group()
+    write_per_rank(errors, OUT)
 
 
 if __name__ == "__main__":

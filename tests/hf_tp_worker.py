@@ -14,7 +14,6 @@ training mode, against the same model unpatched:
 
     torchrun --nproc_per_node 2 tests/hf_tp_worker.py MODE MODEL_DIR OUT.json
 """
-import json
 import os
 import sys
 
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 import tokenforge  # noqa: E402
 from tokenforge.dtensor import is_dtensor  # noqa: E402
 from tokenforge.testing import rel_error  # noqa: E402
+from torchrun import write_per_rank  # noqa: E402
 
 MODE, MODEL, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -80,12 +80,7 @@ def main():
               "grads_missing": sorted(set(ref_grads) ^ set(grads)),
               "grad": max(rel_error(grads[n], ref_grads[n]) for n in ref_grads),
               "worst": max(ref_grads, key=lambda n: rel_error(grads[n], ref_grads[n]))}
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, result)
-    if dist.get_rank() == 0:
-        with open(OUT, "w") as fh:
-            json.dump(per_rank, fh)
-    dist.destroy_process_group()
+    write_per_rank(result, OUT)
 
 
 if __name__ == "__main__":

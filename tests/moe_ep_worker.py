@@ -7,7 +7,6 @@ every expert (the loss: the sum of the ranks' losses), and keep the selection bi
     torchrun --nproc_per_node P tests/moe_ep_worker.py BACKEND OUT.json
 """
 
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ if BACKEND == "triton":
 
 from tokenforge.nn import MoE  # noqa: E402
 from tokenforge.testing import rel_error  # noqa: E402
+from torchrun import write_per_rank  # noqa: E402
 
 E, K, D, H = 8, 2, 16, 24
 
@@ -73,13 +73,7 @@ def main():
     biases = [torch.empty_like(layer.expert_bias) for _ in range(world)]
     dist.all_gather(biases, layer.expert_bias)
     errors["bias_equal"] = all(torch.equal(b, whole.expert_bias) for b in biases) and bool(whole.expert_bias.any())
-    gathered = [None] * world
-    dist.all_gather_object(gathered, errors)
-    if rank == 0:
-        with open(OUT, "w") as f:
-            json.dump(gathered, f)
-    dist.barrier()  # no rank tears the group down while another still uses it (gloo can hang)
-    dist.destroy_process_group()
+    write_per_rank(errors, OUT)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,20 @@ def _run_as_group(cmd: list, timeout: int, **kwargs) -> subprocess.CompletedProc
 def run_worker(name: str, *args: str, nproc: int = 2, timeout: int = 300) -> str:
     """torchrun tests/<name> with ``args``."""
     return torchrun([os.path.join(TESTS_DIR, name), *args], nproc=nproc, timeout=timeout)
+
+
+def write_per_rank(result, path: str) -> None:
+    """The end of a worker: every rank's ``result`` gathered to rank 0, written there as a JSON list
+    (one entry per rank); then a barrier, so no rank tears the group down while another still uses
+    it (gloo can hang), and the group is destroyed."""
+    import json
+
+    import torch.distributed as dist
+
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, result)
+    if dist.get_rank() == 0:
+        with open(path, "w") as fh:
+            json.dump(per_rank, fh)
+    dist.barrier()
+    dist.destroy_process_group()

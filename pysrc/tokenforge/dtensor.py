@@ -103,8 +103,9 @@ def run_on_shards(name: str, fn: Callable, activations: Sequence[torch.Tensor],
     for j, out in enumerate(outputs):
         placements, shape = out_meta[j] if j < len(out_meta) else out_meta[0]
         if not isinstance(out, torch.Tensor) or out.dim() != len(shape):
-            raise NotImplementedError(f"{name}: output {j} does not follow an activation's layout; the DTensor "
-                                      "path cannot place it")
+            # Every op routed here returns activation-shaped outputs; anything else is a caller's bug.
+            raise RuntimeError(f"{name}: output {j} does not follow an activation's layout, so run_on_shards "
+                               "cannot place it; route only ops whose outputs are shaped like their inputs")
         # A sharded dim keeps the activation's global size; a whole one is the local size (a packed
         # SwiGLU halves its last dim).
         sharded = {p.dim % len(shape) for p in placements if p.is_shard()}

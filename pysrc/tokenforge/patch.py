@@ -469,11 +469,15 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, fused_loss):
             weight = weight.full_tensor()
             bias = bias.full_tensor() if is_dtensor(bias) else bias
         return fused_loss(hidden, weight, bias)
+    own = vars(head).get("forward")  # a forward set on the instance by someone else stays theirs
     head.forward = lambda h: fused_loss(h, head.weight, getattr(head, "bias", None))
     try:
         return head(hidden)
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _hf_causal_lm_forward(self, *args, **kwargs):

@@ -171,9 +171,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not paged and (first_row < 0 or last_row >= k_cache.shape[0]):
         raise ValueError(f"{NAME}: cache_batch_idx must lie in 0..{k_cache.shape[0] - 1} (the cache's batch), "
                          f"got {first_row}..{last_row}")
+    per_query = _rotates_per_query(causal, window_size)
     if tables is not None:
         # keys at cache_seqlens .. ends - 1; queries at cache_seqlens (+ i when causal or local)
-        reach = max(furthest, most + (seqlen_q if _rotates_per_query(causal, window_size) else 1))
+        reach = max(furthest, most + (seqlen_q if per_query else 1))
         if reach > tables[0].shape[0]:
             raise ValueError(f"{NAME}: rotary_cos/rotary_sin have {tables[0].shape[0]} positions but this call "
                              f"rotates up to position {reach - 1}; pass longer tables")
@@ -195,7 +196,6 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         slot0, slot1 = cache_slots(seq, pos)
         if paged and total and bool(((slot0 < 0) | (slot0 >= k_cache.shape[0])).any()):  # the second sync
             raise ValueError(f"{NAME}: block_table names a page outside 0..{k_cache.shape[0] - 1} for a key in use")
-        per_query = _rotates_per_query(causal, window_size)
         if k is not None and seqlen_new:
             positions = seqlens[:, None] + torch.arange(seqlen_new, device=device)
             new0, new1 = cache_slots(torch.arange(batch, device=device).repeat_interleave(seqlen_new),
