@@ -113,3 +113,41 @@ def test_moe_family_fp8_experts(family, recipe):
     if family != "Mixtral":  # Mixtral's tiny experts are 48 wide: multiples of 16, converted
         assert any("experts stay in high precision" in line for line in report.skipped), report
     tokenforge.unpatch(narrow)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_moe_family_attention_on_padded_and_packed_batches(family):
+    """The generic patch gives these families tokenforge's Hugging Face attention implementation
+    (DeepSeek-V3's MLA: narrower values, padded for the kernel and cropped): a right- and a
+    left-padded batch and a packed one (DataCollatorWithFlattening) give the unpatched (eager)
+    loss and every gradient."""
+    model = _build(family)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 128, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    mask[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 3] = -100  # predicted from a padding position (eager averages there; SDPA and flash give 0)
+    collator = transformers.DataCollatorWithFlattening(return_tensors="pt")
+    packed = dict(collator([{"input_ids": torch.randint(1, 128, (n,)).tolist()} for n in (4, 9, 6)]))
+    packed.pop("seq_idx", None)
+    for batch in (dict(input_ids=ids, attention_mask=mask, labels=labels), dict(packed, use_cache=False)):
+        model.zero_grad(set_to_none=True)
+        ref = model(**batch).loss
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        report = tokenforge.patch(model, rope=False, rms_norm=False, swiglu=False, cross_entropy=False, moe=False)
+        assert any(line.startswith("attention: attn_implementation 'eager' -> 'tokenforge_flash'")
+                   for line in report.patched), report
+        try:
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+        finally:
+            tokenforge.unpatch(model)
+        assert model.config._attn_implementation == "eager"
+        assert rel_error(loss.detach(), ref.detach()) <= 1e-5
+        for name, p in model.named_parameters():
+            if name in ref_grads:
+                assert rel_error(p.grad, ref_grads[name]) <= 1e-4, name

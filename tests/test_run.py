@@ -44,16 +44,22 @@ def _script_result(prefix, script, tmp_path, *extra):
     return json.loads(out_json.read_text()), proc
 
 
-def test_hf_trainer_script_same_metrics_under_tokenforge_run(tmp_path):
-    plain, _ = _script_result([sys.executable], HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "plain"))
+@pytest.mark.parametrize("collator", ["blocks", "padded", "packed"])
+def test_hf_trainer_script_same_metrics_under_tokenforge_run(tmp_path, collator):
+    """Equal blocks, right-padded documents, and documents packed by DataCollatorWithFlattening:
+    the padded and packed batches run attention as varlen documents (not SDPA's dense masks)."""
+    plain, _ = _script_result([sys.executable], HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "plain"),
+                              "--collator", collator)
     report_path = tmp_path / "report.json"
     routed, proc = _script_result([sys.executable, "-m", "tokenforge.run", "--optimizer", "--report", str(report_path)],
-                                  HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "routed"))
+                                  HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "routed"), "--collator", collator)
     # fp32 end to end: the fused loss, norm, SwiGLU and AdamW agree with PyTorch's to rounding.
     assert routed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
     assert routed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-4)
     # evaluate() got every logit (the fused loss did not swallow them) and the same predictions.
-    assert routed["eval_n_predictions"] == plain["eval_n_predictions"] == 8 * 24 * 128
+    assert routed["eval_n_predictions"] == plain["eval_n_predictions"]
+    if collator == "blocks":
+        assert plain["eval_n_predictions"] == 8 * 24 * 128
     assert routed["eval_accuracy"] == pytest.approx(plain["eval_accuracy"], abs=1.5 / (8 * 23))
     assert plain["optimizer"].startswith("torch") and routed["optimizer"].startswith("tokenforge")
 
@@ -67,6 +73,9 @@ def test_hf_trainer_script_same_metrics_under_tokenforge_run(tmp_path):
     calls = report["calls"]
     for op in ("linear_cross_entropy", "rms_norm", "swiglu", "rope"):
         assert calls.get(op, 0) > 0, (op, calls)
+    # 3 training steps and 2 evaluation batches, 2 layers each.
+    attention = "attention" if collator == "blocks" else "attention_varlen"
+    assert calls.get(attention) == (3 + 2) * 2, calls
     assert report["optimizers"] == {"tokenforge.optim.AdamW": 1}
     # The same report on stderr, for a person.
     assert "patched LlamaForCausalLM" in proc.stderr and "calls  linear_cross_entropy" in proc.stderr

@@ -10,7 +10,9 @@ Three families of model are recognised:
   ``(1 + weight)``), the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU),
   rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary included), and,
   while training, the causal-LM loss through the fused linear cross-entropy (logits never
-  materialised; Gemma2/3's final logit softcap inside it). In eval mode, or whenever the fused loss
+  materialised; Gemma2/3's final logit softcap inside it), and attention: ``attn_implementation``
+  "sdpa" / "eager" -> tokenforge's Hugging Face implementation (``tokenforge/hf_attention.py``:
+  padded and packed batches as varlen documents; SDPA routing on transformers before 4.53). In eval mode, or whenever the fused loss
   would not compute what the model's own loss does, the original forward runs: logits come back
   for ``Trainer.evaluate(compute_metrics=...)``, and ``return_dict=False`` and ``use_cache`` behave
   as unpatched. ``model(..., skip_logits=False)`` asks for logits while training (the original
@@ -23,8 +25,8 @@ Parameters are never copied or re-created: a patched model has the same paramete
 keys. ``tokenforge.unpatch(model)`` undoes every change, in reverse order. Each change and each
 skipped option is listed in the returned :class:`PatchReport`; nothing is skipped silently.
 
-One caveat: Hugging Face's rotary function and ``F.scaled_dot_product_attention`` are module-level
-functions, so patching them affects every model of that architecture (every SDPA call) in the
+One caveat: Hugging Face's rotary function and ``F.scaled_dot_product_attention`` (the generic
+patch's) are module-level functions, so patching them affects every model of that architecture (every SDPA call) in the
 process while at least one patched model exists (reference counted; the last ``unpatch`` restores
 them). SDPA calls the kernel does not support pass through to PyTorch unchanged.
 """
@@ -68,6 +70,10 @@ _HF_FAMILIES = {
     "Gemma2ForCausalLM": HFFamily("gemma2", norm="offset"),
     "Gemma3ForCausalLM": HFFamily("gemma3", norm="offset"),
 }
+# Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
+# transformers' attention functions as Llama's do, with masks from masking_utils: they get
+# tokenforge's Hugging Face attention implementation (tests/test_patch_hf_moe.py checks each).
+_HF_MOE_ATTENTION = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
 _UNDO_ATTR = "_tokenforge_undo"
 
 
@@ -598,14 +604,7 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
         report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
                               "(module-level: all models of this family while patched)")
     if opts["attention"]:
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl != "sdpa":
-            report.skipped.append(f"attention: the model uses attn_implementation={impl!r}; load it with "
-                                  "attn_implementation='sdpa' to route attention to tokenforge")
-        else:
-            _use_sdpa_routing(undo)
-            report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the calls "
-                                  "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
+        _patch_hf_attention(model, modeling, undo, report)
     if opts["cross_entropy"]:
         undo.set_attr(model, "_tokenforge_original_forward", model.forward)
         undo.set_attr(model, "_tokenforge_forward_signature", inspect.signature(model.forward))
@@ -615,6 +614,43 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
                               "while training with labels (no logits then; eval mode returns logits)"
                               + (f", final logit softcap {softcap} fused" if softcap else ""))
     _patch_hf_experts(model, undo, report, opts)
+
+
+def _patch_hf_attention(model, modeling, undo, report) -> None:
+    """"sdpa" or "eager" -> tokenforge's Hugging Face attention implementation (padded and packed
+    batches on the varlen kernel); on a transformers without masking_utils, SDPA routing."""
+    from tokenforge import hf_attention
+
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        report.skipped.append(f"attention: the model uses attn_implementation={impl!r} (another fused kernel); load "
+                              "it with attn_implementation='sdpa' to route attention to tokenforge")
+        return
+    if getattr(config, "output_attentions", False):
+        report.skipped.append("attention: config.output_attentions is set, which needs the eager attention weights")
+        return
+    if not (hf_attention.available() and hasattr(modeling, "create_causal_mask")):
+        if impl == "eager":
+            report.skipped.append(f"attention: transformers {_transformers_version()} builds 4-D masks in the model; "
+                                  "load it with attn_implementation='sdpa' to route its unmasked calls to tokenforge")
+            return
+        _use_sdpa_routing(undo)
+        report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the calls "
+                              "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
+        return
+    hf_attention.register()
+    config._attn_implementation = hf_attention.NAME
+    undo.steps.append(lambda: setattr(config, "_attn_implementation", impl))
+    report.patched.append(f"attention: attn_implementation {impl!r} -> {hf_attention.NAME!r}: tokenforge.ops.attention, "
+                          "padded batches (2-D mask) and packed ones (position ids or cu_seq_lens) as "
+                          "tokenforge.ops.attention_varlen documents")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 # A patched Hugging Face *Experts module with this attribute runs its GEMMs by grouped_mm_float8 with that recipe.
@@ -676,9 +712,12 @@ def _patch_generic(model, undo, report, opts) -> None:
     if opts["rms_norm"]:
         _replace_rms_norms(model, undo, report, (nn.RMSNorm,), RMSNorm.from_torch)
     if opts["attention"]:
-        _use_sdpa_routing(undo)
-        report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the calls "
-                              "it supports (fp16/bf16, causal or no mask; process-wide while patched)")
+        if getattr(getattr(model, "config", None), "model_type", None) in _HF_MOE_ATTENTION:
+            _patch_hf_attention(model, importlib.import_module(type(model).__module__), undo, report)
+        else:
+            _use_sdpa_routing(undo)
+            report.patched.append("attention: F.scaled_dot_product_attention -> tokenforge.ops.attention for the "
+                                  "calls it supports (fp16/bf16, causal or no mask; process-wide while patched)")
     _patch_hf_experts(model, undo, report, opts)
 
 

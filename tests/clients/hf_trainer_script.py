@@ -1,29 +1,45 @@
 """A small, unmodified Hugging Face Trainer script (no tokenforge in it): a tiny Llama built from a
 config, three training steps, then evaluate() with an accuracy compute_metrics. It prints one JSON
 line of metrics (and writes it to --out): tests/test_run.py runs it plain and under
-`tokenforge run` and compares the two."""
+`tokenforge run` and compares the two. ``--collator`` picks how examples become batches: equal
+blocks (Trainer's default collator), documents of varied lengths right-padded with an attention
+mask, or packed into one row by transformers' DataCollatorWithFlattening (position ids restart)."""
 
 import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, LlamaConfig, Trainer, TrainingArguments
 
 
 class TokenBlocks(torch.utils.data.Dataset):
-    def __init__(self, n, seq_len, vocab, seed):
+    def __init__(self, n, seq_len, vocab, seed, varied=False):
         g = torch.Generator().manual_seed(seed)
         # A learnable pattern (each token is the previous plus one) with a little noise.
-        start = torch.randint(0, vocab, (n, 1), generator=g)
-        self.ids = (start + torch.arange(seq_len)) % vocab
+        start = torch.randint(1, vocab, (n, 1), generator=g)
+        self.ids = (start + torch.arange(seq_len)) % (vocab - 1) + 1
         noise = torch.rand(n, seq_len, generator=g) < 0.1
-        self.ids[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+        self.ids[noise] = torch.randint(1, vocab, (int(noise.sum()),), generator=g)
+        self.lengths = (torch.randint(seq_len // 3, seq_len + 1, (n,), generator=g) if varied
+                        else torch.full((n,), seq_len)).tolist()
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+        ids = self.ids[i, :self.lengths[i]]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def pad_right(features):
+    """Documents right-padded with token 0 to the longest one; padding masked out and not scored."""
+    longest = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, f in enumerate(features):
+        ids[row, :len(f["input_ids"])] = f["input_ids"]
+        mask[row, :len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def compute_metrics(eval_pred):
@@ -38,6 +54,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--collator", choices=["blocks", "padded", "packed"], default="blocks")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -50,8 +67,11 @@ def main():
         per_device_eval_batch_size=4, learning_rate=3e-3, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=TokenBlocks(32, 24, 128, 1),
-                      eval_dataset=TokenBlocks(8, 24, 128, 2), compute_metrics=compute_metrics)
+    varied = args.collator != "blocks"
+    collator = {"blocks": None, "padded": pad_right, "packed": DataCollatorWithFlattening()}[args.collator]
+    trainer = Trainer(model=model, args=training_args, train_dataset=TokenBlocks(32, 24, 128, 1, varied),
+                      eval_dataset=TokenBlocks(8, 24, 128, 2, varied), compute_metrics=compute_metrics,
+                      data_collator=collator)
     train = trainer.train()
     metrics = trainer.evaluate()
     result = {"train_loss": train.training_loss, "eval_loss": metrics["eval_loss"],

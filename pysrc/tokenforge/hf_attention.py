@@ -1,0 +1,226 @@
+"""A Hugging Face attention implementation that runs padded and packed batches on tokenforge's kernel.
+
+``tokenforge.patch(model)`` switches a known Hugging Face family (transformers >= 4.53, whose models
+build their masks through ``masking_utils``) from ``attn_implementation="sdpa"`` or ``"eager"`` to
+:data:`NAME`; ``unpatch`` switches it back. Why not just route SDPA: under ``"sdpa"`` a padded batch
+(Trainer's default collator) or a packed one (``DataCollatorWithFlattening``) reaches SDPA with a
+dense (batch, 1, q, k) mask, which the kernel cannot take, so those batches never reached it. Under
+:data:`NAME` the model hands over what FlashAttention-2's integration gets instead:
+
+- a 2-D padding mask (batch, keys): the live tokens are gathered into one document per sequence and
+  run through :func:`tokenforge.ops.attention_varlen`, the output scattered back (padding rows 0);
+- packed sequences, as ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords
+  (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) or as position ids that restart
+  (a new document wherever a position is not the previous one + 1, in any row: the rule
+  transformers' SDPA masks use): one document each;
+- otherwise no mask: :func:`tokenforge.ops.attention`, causal aligned bottom-right, so decoding
+  with a KV cache (fewer queries than keys) is right.
+
+Sliding windows follow transformers' flash rule (``window = (w - 1, w - 1)`` when there are more
+than w keys), softcap (Gemma2) is the kernel's, dropout the kernel's Philox mask. fp32 and float64
+inputs run on the ops' torch path (SDPA on CUDA where it can express the call), so every dtype is
+right, only bf16/fp16 reach the kernel. A ready-made 4-D mask (a caller's own) goes to transformers'
+SDPA function (the model's eager function when the layer has a softcap), as unpatched.
+
+The unpadding plan (which rows are live, the document offsets, the longest document) costs a host
+sync; it is built once per mask or position-id tensor and reused by every layer of the forward
+(and by gradient checkpointing's recompute), where transformers' flash path syncs in every layer.
+
+The name holds "flash" on purpose: transformers keys flash-only behaviour on that substring, and
+one of them is needed here: generate() with a static cache keeps the padding mask, which is how
+the unfilled cache slots are left out.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tokenforge_flash"
+
+
+def available() -> bool:
+    """Whether this transformers builds masks through ``masking_utils`` (4.53 and later)."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+        from transformers.modeling_utils import AttentionInterface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register() -> None:
+    """Make :data:`NAME` a valid ``config._attn_implementation`` (idempotent, process-wide; a name
+    nobody uses costs nothing, so it is never unregistered)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(NAME, hf_attention_forward)
+    AttentionMaskInterface.register(NAME, padding_mask)
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """The mask transformers builds for :data:`NAME`: the 2-D (batch, keys) bool padding mask, its
+    last ``kv_length`` columns (sliding-window caches keep the last keys), or None when no token is
+    padding and the mask covers every key (a static cache's mask is longer than its filled part,
+    and kept). Causality, windows and packing are the attention function's, not the mask's."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpadding plans, built once per mask / position-id tensor.
+# ---------------------------------------------------------------------------------------------
+
+# (tensor, (its version, tag), plan) for the last few tensors seen: a forward alternates between at most
+# a full-attention and a sliding-window mask, so a handful of entries never thrash.
+_PLANS: list = []
+_PLANS_KEPT = 4
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _memoised(t: torch.Tensor, tag, build):
+    """build(t), reused while ``t`` is the same unmodified tensor asked for the same ``tag`` (not
+    while torch.compile traces)."""
+    version = _version(t)
+    if version is None or torch.compiler.is_compiling():
+        return build(t)
+    for entry in _PLANS:
+        if entry[0] is t and entry[1] == (version, tag):
+            return entry[2]
+    plan = build(t)
+    _PLANS.insert(0, (t, (version, tag), plan))
+    del _PLANS[_PLANS_KEPT:]
+    return plan
+
+
+def _plan_from_mask(mask: torch.Tensor):
+    """(live row indices into the flattened (batch * len) rows, int32 document offsets, longest)."""
+    lengths = mask.sum(dim=-1, dtype=torch.int32)
+    rows = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    cu = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return rows, cu, int(lengths.max()) if lengths.numel() else 0
+
+
+def _plan_from_positions(positions: torch.Tensor):
+    """(int32 document offsets over the flattened rows, longest) when the position ids restart
+    somewhere inside a row (packed documents), else None. Each row starts a document too."""
+    step = torch.diff(positions, dim=-1) != 1
+    if not bool(step.any()):
+        return None
+    starts = F.pad(step, (1, 0), value=True).reshape(-1)
+    total = starts.numel()
+    cu = torch.cat([torch.nonzero(starts).reshape(-1), torch.tensor([total], device=positions.device)])
+    cu = cu.to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention function transformers calls.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(batch, len, heads, dim) -> the listed rows of its (batch * len, heads, dim) flattening."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, rows)
+
+
+def _ready_mask_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal,
+                         kwargs):
+    """A ready-made 4-D mask: the function the model would have used unpatched."""
+    if softcap is not None:  # SDPA has no softcap; the modeling file's eager function does
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"tokenforge attention: {type(module).__name__} passed a 4-D attention mask with a "
+                             "softcap, which neither the kernel nor SDPA takes; load the model with "
+                             "attn_implementation='eager' and patch it with attention=False")
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap,
+                     **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                         scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                         softcap: Optional[float] = None, is_causal: Optional[bool] = None, s_aux=None,
+                         cu_seq_lens_q: Optional[torch.Tensor] = None, cu_seq_lens_k: Optional[torch.Tensor] = None,
+                         max_length_q=None, max_length_k=None, position_ids: Optional[torch.Tensor] = None,
+                         **kwargs):
+    """transformers' attention-function contract: query (batch, heads_q, q_len, dim), key/value
+    (batch, heads_kv, kv_len, dim); returns ((batch, q_len, heads_q, dim), None)."""
+    from tokenforge.ops.attention import attention, attention_varlen
+    from tokenforge.patch import count_call
+
+    if s_aux is not None:
+        raise ValueError(f"tokenforge attention: {type(module).__name__} uses attention sinks (s_aux), which the "
+                         "kernel does not have; patch the model with tokenforge.patch(model, attention=False)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return _ready_mask_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap,
+                                    is_causal, dict(kwargs, position_ids=position_ids))
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    batch, _, q_len, head_dim = query.shape
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    v_dim = v.shape[-1]
+    if v_dim != head_dim:  # MLA's narrower values: one head dim for the kernel, the zero columns cropped
+        v = F.pad(v, (0, head_dim - v_dim))
+    if attention_mask is not None and k.shape[1] > attention_mask.shape[1]:
+        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]  # a static cache's unfilled tail
+    kv_len = k.shape[1]
+    window = (-1, -1)
+    if sliding_window is not None and kv_len > sliding_window:
+        window = (int(sliding_window) - 1, int(sliding_window) - 1)
+    options = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=causal, window=window,
+                   softcap=float(softcap or 0.0))
+
+    if attention_mask is not None:
+        rows_k, cu_k, longest_k = _memoised(attention_mask, "mask", _plan_from_mask)
+        if q_len == kv_len:
+            rows_q, cu_q, longest_q = rows_k, cu_k, longest_k
+        elif q_len == 1:  # one new token per sequence, never padding
+            rows_q = torch.arange(batch, device=q.device)
+            cu_q, longest_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
+        else:  # the queries are the last q_len positions (left padding)
+            rows_q, cu_q, longest_q = _plan_from_mask(attention_mask[:, -q_len:])
+        count_call("attention_varlen")
+        out_rows = attention_varlen(_rows(q, rows_q), _rows(k, rows_k), _rows(v, rows_k), cu_q, cu_k, longest_q,
+                                    longest_k, **options)
+        out = out_rows.new_zeros(batch * q_len, *out_rows.shape[1:]).index_copy(0, rows_q, out_rows)
+        out = out.view(batch, q_len, *out_rows.shape[1:])
+    else:
+        documents = None
+        if all(x is not None for x in (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)):
+            documents = (cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), int(max_length_q),
+                         int(max_length_k))
+        elif position_ids is not None and q_len == kv_len and q_len > 1:
+            # Positions given for one row are broadcast over the batch.
+            plan = _memoised(position_ids, ("positions", batch),
+                             lambda p: _plan_from_positions(p.expand(batch, -1)))
+            if plan is not None:
+                documents = (plan[0], plan[0], plan[1], plan[1])
+        if documents is not None:
+            flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+            count_call("attention_varlen")
+            out = attention_varlen(*flat, *documents, **options).view(batch, q_len, *q.shape[2:])
+        else:
+            count_call("attention")
+            out = attention(q, k, v, **options)
+    if v_dim != head_dim:
+        out = out[..., :v_dim]
+    return out, None
