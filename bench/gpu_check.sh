@@ -200,13 +200,17 @@ step_install() {
   return $rc
 }
 
+count_collected() {  # pytest --co output: "path::id" lines (-q) or "path: N" lines (-qq)
+  awk '/::/ {n++; next} /: [0-9]+$/ {n += $NF} END {print n + 0}' "$1"
+}
+
 step_tests() {
   mapfile -t ids < <(ids_of "$ROOT/bench/gpu_tests.txt")
   echo "${#ids[@]} ids from bench/gpu_tests.txt"
   if [[ "$DRY" == 1 ]]; then
     # Every id must exist (pytest exits 4 on one that does not); then the CPU-runnable ones run.
     "$PY" -m pytest -qq -p no:cacheprovider --co "${ids[@]}" >"$TMPD/tests.co" || { tail -n 20 "$TMPD/tests.co"; return 1; }
-    echo "collected: $(grep -c '::' "$TMPD/tests.co") test cases, every id exists"
+    echo "collected: $(count_collected "$TMPD/tests.co") test cases, every id exists"
     # The same command line as on the GPU; here the CUDA cases skip ("no CUDA GPU"), which proves
     # the invocation, not the kernels (CI's interpreter cases do that).
     "$PY" -m pytest -q -p no:cacheprovider -rfE --junitxml="$OUT/tests.xml" "${ids[@]}"
@@ -230,7 +234,7 @@ step_headline() {
     mapfile -t ids < <(ids_of "$ROOT/bench/gpu_headlines.txt")
     TOKENFORGE_BENCH_DEVICE=cuda "$PY" -m pytest -qq -p no:cacheprovider --co "${ids[@]}" >"$TMPD/headline.co" \
       || { tail -n 20 "$TMPD/headline.co"; return 1; }
-    echo "collected: $(grep -c '::' "$TMPD/headline.co") GPU benchmark ids, every id exists"
+    echo "collected: $(count_collected "$TMPD/headline.co") GPU benchmark ids, every id exists"
     # Here: the same benchmarks at tiny sizes on the CPU (headline cases of each op).
     TOKENFORGE_BENCH_JSONL="$OUT/bench.jsonl" "$PY" -m pytest -q -p no:cacheprovider -rfEs bench -m headline \
       --benchmark-disable -k "not compile"
@@ -268,7 +272,7 @@ step_report() {
   "$PY" "$ROOT/bench/report.py" "$OUT/bench.jsonl" --out-dir "$OUT" --summary-out "$TMPD/summary.txt" --no-json
 }
 
-export -f step_install step_tests step_headline step_e2e step_rest step_report
+export -f count_collected step_install step_tests step_headline step_e2e step_rest step_report
 
 #        name      max reserve
 run_step install   120  330 step_install
