@@ -13,8 +13,8 @@ Backends (baselines first, so our ratios are known when it runs):
 
 Decoding is memory-bound: the floor is reading each sequence's live keys and values once
 (``Case.bytes``; q, the new token and the output are noise), at the copy bandwidth measured in the
-same run. tokenforge gathers the live keys into rows before its kernel (one more read and a write of
-them), so expect it well off the floor until a kernel reads the cache in place.
+same run. tokenforge's kernel reads a dense cache where it is; a paged one it gathers into rows first
+(one more read and a write of the live keys), so expect the paged case further off the floor.
 """
 
 from __future__ import annotations

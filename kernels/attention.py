@@ -304,7 +304,11 @@ def _attn_fwd(
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
     SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
+    SEQUSED_K=None, HAS_SEQUSED: tl.constexpr = False,
 ):
+    # HAS_SEQUSED (varlen): document b's keys are the SEQUSED_K[b] rows from CU_K[b], not up to
+    # CU_K[b + 1]: the documents may sit anywhere in K, apart, in any order (a KV cache read in place,
+    # flattened to rows: sequence b's live keys are a stretch of its cache row).
     # HAS_DROPOUT: attention dropout, probability p = DROP_THRESHOLD / 2^32; a kept probability
     # is scaled by drop_scale = 1 / (1 - p) (see _dropout_keep); lse is that of the undropped scores.
     # SEED points at the call's int64 seed, drawn on q's device (read here: no host sync).
@@ -323,6 +327,8 @@ def _attn_fwd(
         h = tl.cast(h, tl.int64)
     hk = h // GROUP
     q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    if HAS_SEQUSED:
+        seqlen_k = tl.load(SEQUSED_K + b)
     m_start = pid_m * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -1109,13 +1115,16 @@ def _dropout_args(dropout) -> dict:
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      scale: float, window: tuple[int, int], softcap: float, alibi=None, dropout=None):
+                      scale: float, window: tuple[int, int], softcap: float, alibi=None, dropout=None,
+                      seqused_k=None):
     """(out, lse): out like q (contiguous), lse fp32 (batch, heads, seqlen_q) or (heads, total_q).
 
     Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
     cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0). ``alibi``:
     contiguous fp32 slopes (hq,) or (batch, hq), or None. ``dropout``: (seed tensor, threshold),
-    the probability p = threshold / 2^32 (see _dropout_keep), or None."""
+    the probability p = threshold / 2^32 (see _dropout_keep), or None. ``seqused_k`` (varlen, int32
+    (batch,)): document b's keys are rows cu_seqlens_k[b] .. + seqused_k[b] (only cu_seqlens_k[:batch]
+    is read), so the documents can lie anywhere in k/v: a KV cache read where it is."""
     varlen = cu_seqlens_q is not None
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
@@ -1153,7 +1162,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
             GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
             UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg, **_alibi_args(alibi),
-            **_dropout_args(dropout),
+            **_dropout_args(dropout), **({} if seqused_k is None else dict(SEQUSED_K=seqused_k, HAS_SEQUSED=True)),
         )
 
     with launch_device(q):

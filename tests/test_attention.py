@@ -668,12 +668,13 @@ def _attention_arg_types(dtype: str) -> dict:
 
     t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32",
-             ALIBI="*fp32", SEED="*i64", DROP_THRESHOLD="i64", drop_scale="fp32")
+             ALIBI="*fp32", SEED="*i64", DROP_THRESHOLD="i64", drop_scale="fp32", SEQUSED_K="*i32")
     return t
 
 
 def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
-                      softcap=False, head_i64=False, fold=False, tma=False, alibi=False, dropout=False):
+                      softcap=False, head_i64=False, fold=False, tma=False, alibi=False, dropout=False,
+                      seqused=False):
     import inspect
 
     from compile_gate import TARGETS, compile_kernel
@@ -686,7 +687,7 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
     flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
                  HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False), HAS_ALIBI=alibi,
-                 HAS_DROPOUT=dropout)
+                 HAS_DROPOUT=dropout, HAS_SEQUSED=seqused)
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
     if tma:  # the launcher's tensor descriptors: Q, K, V, O in the forward; Q and dO in the dk/dv pass
@@ -872,6 +873,25 @@ def test_hopper_d128_backward_fits_registers(name):
     for kw, bound in [(kw, 0) for kw in clean] + [(kw, 32) for kw in near]:
         compiled = compile_attention(name, config, "sm_90", **kw)
         assert spill_bytes(ptxas_report(compiled.asm["ptx"], "sm_90")) <= bound, (name, config, kw)
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kvcache_read_in_place_compiles(head_dim):
+    """The forward attention_with_kvcache runs on a dense cache read where it is (varlen with a key
+    count per sequence, HAS_SEQUSED), at the fixed config of every gated target: no spills, wgmma
+    on sm_90; causal GQA 4, and with a window, softcap and ALiBi."""
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    from tokenforge.kernels import attention as ak
+
+    for arch in GATE_ARCHS:
+        config = ak.fwd_config(head_dim, interpreted=False, arch=arch)
+        for kw in (dict(), dict(left=True, softcap=True, alibi=True)):
+            compiled = compile_attention("_attn_fwd", config, arch, group=4, varlen=True, seqused=True, **kw)
+            assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (arch, config, kw)
+            if arch == "sm_90":
+                assert uses_wgmma(compiled), (config, kw)
 
 
 @pytest.mark.compile_gate

@@ -10,6 +10,7 @@ import torch
 from device_params import DEVICES
 
 from tokenforge.ops import attention_with_kvcache
+from tokenforge.ops.attention import LAUNCHERS
 from tokenforge.testing import TOLERANCE, rel_error
 
 
@@ -92,13 +93,16 @@ CASES = {
                                                      window=(6, 0), alibi=True, softcap=8.0),
     "paged-decode-no-append-causal": dict(paged=True, new=0, sq=1, causal=True),
     "dense-no-append-whole-cache": dict(paged=False, new=0, sq=4, seqlens="none", causal=True, kv_heads=1),
+    # the cache a slice of a longer one (rows 31 apart): still read in place on the kernel
+    "dense-sliced-cache-append-causal-batchidx": dict(paged=False, new=1, sq=1, causal=True, batch_idx=True,
+                                                      sliced=True),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_float64_oracle(device, backend, name):
+def test_matches_float64_oracle(device, backend, name, monkeypatch):
     case = CASES[name]
     if backend == "torch" and device != "cpu":
         pytest.skip("the torch backend's float64 case runs on CPU")
@@ -114,9 +118,11 @@ def test_matches_float64_oracle(device, backend, name):
         k_cache = torch.randn(num_blocks, page, kv_heads, d, dtype=dtype, device=device)
         block_table = torch.randperm(num_blocks, device=device)[:batch * (capacity // page)].view(batch, -1).int()
     else:
-        k_cache = torch.randn(batch + 2, capacity, kv_heads, d, dtype=dtype, device=device)
+        extra = 7 if case.get("sliced") else 0
+        k_cache = torch.randn(batch + 2, capacity + extra, kv_heads, d, dtype=dtype, device=device)[:, :capacity]
         block_table = None
-    v_cache = torch.randn_like(k_cache)
+    v_cache = torch.randn(k_cache.shape[0], k_cache.stride(0) // k_cache.stride(1), *k_cache.shape[2:], dtype=dtype,
+                          device=device)[:, :k_cache.shape[1]]  # laid out as k_cache
     # an empty sequence (0 cached keys, its new ones only), a short one, one that fills the cache
     seqlens = torch.tensor([0, 7, capacity - new], dtype=torch.int32, device=device)
     if case.get("seqlens") == "none":
@@ -139,9 +145,15 @@ def test_matches_float64_oracle(device, backend, name):
         None if batch_idx is None else batch_idx.cpu(), None if leftpad is None else leftpad.cpu(),
         None if block_table is None else block_table.cpu(), scale, causal, window, softcap,
         None if slopes is None else slopes.cpu(), interleaved)
+    launcher = LAUNCHERS["triton"]
+    real, read = launcher.attention_forward, []
+    monkeypatch.setattr(launcher, "attention_forward",
+                        lambda q_, k_, *a, **kw: read.append(k_.untyped_storage().data_ptr()) or real(q_, k_, *a, **kw))
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, seqlens_arg, batch_idx, leftpad,
                                       block_table, None, causal, window, softcap, interleaved, slopes,
                                       return_softmax_lse=True, backend=backend)
+    if backend == "triton":  # a dense cache is read where it is; pages are gathered first
+        assert (read[0] == k_cache.untyped_storage().data_ptr()) == (not case["paged"]), read
     tol = TOLERANCE.get(dtype, 1e-12)
     # the cache: values copied bit for bit, keys rotated to within a rounding, nothing else touched
     assert torch.equal(v_cache.cpu().double(), want_vc)

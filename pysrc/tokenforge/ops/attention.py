@@ -500,17 +500,21 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   window_left: int, window_right: int, softcap: float, backend: str,
                   alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  dropout_seed: Optional[torch.Tensor] = None,
+                  seqused_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # dropout_seed: the int64 scalar tensor of _dropout_seed (an input, so the op is a function of
-    # its arguments and the backward redraws the forward's mask).
+    # its arguments and the backward redraws the forward's mask). seqused_k (Triton, varlen): each
+    # document's key count, its keys starting at cu_seqlens_k[b] (attention_over_cache_rows).
+    kw = _feature_kwargs(alibi_slopes, dropout_p, dropout_seed)
+    if seqused_k is not None:
+        kw["seqused_k"] = seqused_k
     return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, (window_left, window_right), softcap,
-                                                 **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed))
+                                                 scale, (window_left, window_right), softcap, **kw)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_k=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -698,6 +702,29 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         probs = _attn_probs_varlen(q, k, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
                                    float(softcap), alibi, _reference_dropout(p, seed))
     return _returns(out, lse, return_lse, return_attn_probs, probs)
+
+
+def attention_over_cache_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              starts_k: torch.Tensor, used_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                              softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
+                              alibi_slopes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of :func:`attention_varlen`'s forward on the Triton kernel, except that document
+    b's keys are rows starts_k[b] .. starts_k[b] + used_k[b] - 1 of k_rows/v_rows (int32 (batch,)
+    each): anywhere, apart, in any order. A dense KV cache (batch_cache, seqlen_cache, heads, d)
+    flattened to rows is read where it is, with no gather (attention_with_kvcache's dense caches).
+    No autograd. The caller has checked that the rows exist and that the kernel takes these inputs
+    (head dim a kernel tile, unit stride); the options are checked here as attention_varlen does."""
+    window = _check_flash_attn_keywords("attention_with_kvcache", 0.0, None, window_size, alibi_slopes, False)
+    _check_common("attention_with_kvcache", q, k_rows, v_rows, 3, "(total_tokens, heads, head_dim)", causal,
+                  softmax_scale, window, softcap)
+    batch = starts_k.shape[0]
+    alibi = _check_alibi("attention_with_kvcache", alibi_slopes, q.shape[1], batch, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    win = _fold_causal(causal, window)
+    starts_k = torch.cat((starts_k, starts_k.new_zeros(1)))  # the kernel also reads entry b + 1 (unused)
+    return torch.ops.tokenforge.attention_fwd(q, k_rows, v_rows, cu_seqlens_q, starts_k, int(max_seqlen_q),
+                                              int(max_seqlen_k), scale, win[0], win[1], float(softcap), "triton",
+                                              alibi, 0.0, None, used_k)
 
 
 def _gather_pages(name: str, k_pages, v_pages, block_table, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,10 +3,12 @@ for the generation a training run does (evaluation samples, RL rollouts), on the
 
 Path of a call: :func:`attention_with_kvcache` validates (one host sync reads the cache lengths), then
 under ``torch.no_grad``: the new keys are rotated by :func:`tokenforge.ops.rope.rope_one` and written
-with the new values into the cache in place -> each sequence's live keys are gathered into packed rows
--> :func:`tokenforge.ops.attention_varlen` (its backends and kernels). No kernel of its own: the gather
-copies the live part of the cache once per call, which a decoding step that reads the whole cache
-anyway pays about twice over; reading the cache in place needs a kernel that indexes it (not built).
+with the new values into the cache in place -> on the Triton backend a dense cache is read where it is:
+flattened to rows (a view), each sequence's live keys a stretch of them, by the varlen forward kernel
+with per-sequence key starts and counts (:func:`tokenforge.ops.attention.attention_over_cache_rows`);
+otherwise (a paged cache, the torch or cuda backend, a head dim the kernel pads) each sequence's live
+keys are gathered into packed rows first -> :func:`tokenforge.ops.attention_varlen`. The gather copies
+the live part of the cache once per call, which a decoding step pays about twice over.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-from tokenforge.ops.attention import _as_window, attention_varlen
+from tokenforge.ops.attention import _as_window, attention_over_cache_rows, attention_varlen
 from tokenforge.ops.rope import rope_one, rope_tables_from_frequencies
 
 NAME = "attention_with_kvcache"
@@ -186,16 +188,19 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         page = k_cache.shape[1]
         return block_table.long()[seq, pos // page], pos % page
 
+    pitch = _in_place_pitch(q, k_cache, v_cache, paged, backend)
     with torch.no_grad():
-        # Every key this call reads, appended ones included (they sit at the end of each sequence's
-        # keys): found and page-checked before anything is written.
-        cu_k = torch.zeros(batch + 1, dtype=torch.long, device=device)
-        torch.cumsum(lengths, 0, out=cu_k[1:])
-        seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=total)
-        pos = leftpad[seq] + torch.arange(total, device=device) - cu_k[seq]
-        slot0, slot1 = cache_slots(seq, pos)
-        if paged and total and bool(((slot0 < 0) | (slot0 >= k_cache.shape[0])).any()):  # the second sync
-            raise ValueError(f"{NAME}: block_table names a page outside 0..{k_cache.shape[0] - 1} for a key in use")
+        if pitch is None:
+            # Every key this call reads, appended ones included (they sit at the end of each sequence's
+            # keys): found and page-checked before anything is written.
+            cu_k = torch.zeros(batch + 1, dtype=torch.long, device=device)
+            torch.cumsum(lengths, 0, out=cu_k[1:])
+            seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=total)
+            pos = leftpad[seq] + torch.arange(total, device=device) - cu_k[seq]
+            slot0, slot1 = cache_slots(seq, pos)
+            if paged and total and bool(((slot0 < 0) | (slot0 >= k_cache.shape[0])).any()):  # the second sync
+                raise ValueError(f"{NAME}: block_table names a page outside 0..{k_cache.shape[0] - 1} for a key "
+                                 "in use")
         if k is not None and seqlen_new:
             positions = seqlens[:, None] + torch.arange(seqlen_new, device=device)
             new0, new1 = cache_slots(torch.arange(batch, device=device).repeat_interleave(seqlen_new),
@@ -208,15 +213,58 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             steps = torch.arange(seqlen_q, device=device) if per_query else torch.zeros(seqlen_q, dtype=torch.long,
                                                                                        device=device)
             q = rope_one(q, tables[0], tables[1], seqlens[:, None] + steps, bool(rotary_interleaved), backend)
-        keys, values = k_cache[slot0, slot1], v_cache[slot0, slot1]
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
-        out, lse = attention_varlen(q.reshape(batch * seqlen_q, heads, head_dim), keys, values, cu_q,
-                                    cu_k.to(torch.int32), seqlen_q, longest, 0.0, softmax_scale, causal,
-                                    window_size, softcap, alibi_slopes, return_lse=True, backend=backend)
+        q_rows = q.reshape(batch * seqlen_q, heads, head_dim)
+        if pitch is not None:  # sequence b's live keys: a stretch of cache sequence rows[b], read in place
+            starts = (rows * pitch + leftpad).to(torch.int32)
+            out, lse = attention_over_cache_rows(q_rows, _as_rows(k_cache, pitch), _as_rows(v_cache, pitch), cu_q,
+                                                 starts, lengths.to(torch.int32), seqlen_q, longest, softmax_scale,
+                                                 causal, window_size, softcap, alibi_slopes)
+        else:
+            keys, values = k_cache[slot0, slot1], v_cache[slot0, slot1]
+            out, lse = attention_varlen(q_rows, keys, values, cu_q, cu_k.to(torch.int32), seqlen_q, longest, 0.0,
+                                        softmax_scale, causal, window_size, softcap, alibi_slopes, return_lse=True,
+                                        backend=backend)
     out = out.view(batch, seqlen_q, heads, head_dim)
     if not return_softmax_lse:
         return out
     return out, lse.view(heads, batch, seqlen_q).transpose(0, 1).contiguous()
+
+
+def _in_place_pitch(q, k_cache, v_cache, paged: bool, backend) -> Optional[int]:
+    """The row pitch (flattened rows from one cache sequence to the next: seqlen_cache for a
+    contiguous cache, more for a slice of a longer one) at which the Triton kernel reads this cache
+    where it is, with no gather; or None: a paged cache, the torch and cuda backends, a head dim the
+    kernel pads, a non-unit-stride head dim, k and v caches laid out differently, or 2^31 rows or
+    more (int32 row offsets). Those gather each sequence's live keys into rows first."""
+    from tokenforge import backends
+    from tokenforge.ops.attention import OP, kernel_head_dim
+
+    if paged or backends.choose(OP, q, k_cache, v_cache, backend=backend) != "triton":
+        return None
+    if kernel_head_dim(q.shape[-1]) != q.shape[-1] or q.stride(-1) != 1:
+        return None
+    pitches = set()
+    for c in (k_cache, v_cache):
+        s0, s1 = c.stride(0), c.stride(1)
+        if c.stride(-1) != 1 or s1 <= 0:
+            return None
+        if c.shape[0] == 1:
+            pitches.add(c.shape[1])
+        elif s0 % s1 or s0 // s1 < c.shape[1]:
+            return None
+        else:
+            pitches.add(s0 // s1)
+    if len(pitches) > 1 or k_cache.shape[0] * max(pitches) >= 2**31:
+        return None
+    return pitches.pop()
+
+
+def _as_rows(cache: torch.Tensor, pitch: int) -> torch.Tensor:
+    """(batch_cache, seqlen_cache, heads, d) -> (rows, heads, d), a view: key i of cache sequence c
+    is row c * pitch + i."""
+    rows = (cache.shape[0] - 1) * pitch + cache.shape[1]
+    return cache.as_strided((rows, *cache.shape[2:]), cache.stride()[1:], cache.storage_offset())
 
 
 def _rotates_per_query(causal: bool, window_size) -> bool:
