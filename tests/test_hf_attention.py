@@ -148,6 +148,39 @@ def test_attention_function_matches_the_masks_transformers_means(scenario, windo
         assert not dk[:, :, used:].any() and not dv[:, :, used:].any()
 
 
+@pytest.mark.parametrize("dtype,device", KINDS[1:])
+@pytest.mark.parametrize("scenario", ["right_padded", "left_padded", "decode", "chunk", "static_cache", "holes"])
+def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch):
+    """Without autograd (generate()), a padding mask whose live keys are one stretch per row (left
+    or right padding) has the kernel read the keys where they are, in the cache's own storage; a
+    mask with holes gathers them. Both as the oracle."""
+    from tokenforge.ops.attention import LAUNCHERS
+
+    if scenario == "holes":
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        mask[0, 3:5] = False
+        q_len, kv_len = 1, 12
+        visible, live = _padded_visibility(mask, 1, None)
+        visible[0] = mask[0]  # the one query sees every live key
+    else:
+        q_len, kv_len, mask, _, visible, live = _scenario(scenario, None)
+    launcher = LAUNCHERS["triton"]
+    real, read = launcher.attention_forward, []
+    monkeypatch.setattr(launcher, "attention_forward",
+                        lambda q_, k_, *a, **kw: read.append(k_.untyped_storage().data_ptr()) or real(q_, k_, *a, **kw))
+    torch.manual_seed(5)
+    batch = mask.shape[0]
+    q = torch.randn(batch, HEADS_Q, q_len, HEAD_DIM, dtype=dtype, device=device)
+    k = torch.randn(batch, HEADS_KV, kv_len, HEAD_DIM, dtype=dtype, device=device)
+    v = torch.randn(batch, HEADS_KV, kv_len, HEAD_DIM, dtype=dtype, device=device)
+    with torch.no_grad():
+        out, _ = hf_attention.hf_attention_forward(_Layer(), q, k, v, mask.to(device), scaling=0.3)
+    used = visible.shape[-1]
+    ref = _oracle(q, k[:, :, :used], v[:, :, :used], visible.to(device), live.to(device), 0.3, None)
+    assert rel_error(out, ref) <= TOLERANCE[dtype]
+    assert (read == [k.untyped_storage().data_ptr()]) == (scenario != "holes"), read
+
+
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("packed", [False, True])
 def test_bidirectional_layers(packed, window):

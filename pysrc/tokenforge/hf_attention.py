@@ -8,7 +8,10 @@ dense (batch, 1, q, k) mask, which the kernel cannot take, so those batches neve
 :data:`NAME` the model hands over what FlashAttention-2's integration gets instead:
 
 - a 2-D padding mask (batch, keys): the live tokens are gathered into one document per sequence and
-  run through :func:`tokenforge.ops.attention_varlen`, the output scattered back (padding rows 0);
+  run through :func:`tokenforge.ops.attention_varlen`, the output scattered back (padding rows 0).
+  Without autograd (generate()), when each row's live keys are one stretch (left or right padding),
+  the kernel reads them where they are in the KV cache instead of gathering them
+  (:func:`tokenforge.ops.attention.attention_over_cache_rows`);
 - packed sequences, as ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords
   (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) or as position ids that restart
   (a new document wherever a position is not the previous one + 1, in any row: the rule
@@ -34,7 +37,7 @@ the unfilled cache slots are left out.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +111,25 @@ def _memoised(t: torch.Tensor, tag, build):
     return plan
 
 
-def _plan_from_mask(mask: torch.Tensor):
-    """(live row indices into the flattened (batch * len) rows, int32 document offsets, longest)."""
+class _Unpadding(NamedTuple):
+    rows: torch.Tensor    # the live rows of the flattened (batch * len) rows
+    cu: torch.Tensor      # int32 (batch + 1,) document offsets over the live rows
+    longest: int          # the longest document
+    starts: torch.Tensor  # int32 (batch,) each row's first live position
+    one_stretch: bool     # every row's live positions are one stretch (left or right padding)
+
+
+def _plan_from_mask(mask: torch.Tensor) -> _Unpadding:
     lengths = mask.sum(dim=-1, dtype=torch.int32)
     rows = torch.nonzero(mask.reshape(-1)).reshape(-1)
     cu = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
-    return rows, cu, int(lengths.max()) if lengths.numel() else 0
+    starts = mask.int().argmax(dim=-1).to(torch.int32)
+    last = mask.shape[-1] - 1 - mask.int().flip(-1).argmax(dim=-1)
+    stretch = (lengths == 0) | (last - starts + 1 == lengths)
+    if not lengths.numel():
+        return _Unpadding(rows, cu, 0, starts, True)
+    longest, one_stretch = torch.stack([lengths.max(), stretch.all().int()]).tolist()  # the host sync
+    return _Unpadding(rows, cu, longest, starts, bool(one_stretch))
 
 
 def _plan_from_positions(positions: torch.Tensor):
@@ -156,6 +172,18 @@ def _ready_mask_fallback(module, query, key, value, attention_mask, dropout, sca
                                   is_causal=is_causal, **kwargs)
 
 
+def _cache_pitch(q, k, v, keys: _Unpadding, dropout, *inputs) -> Optional[int]:
+    """The row pitch at which the Triton kernel reads the keys where they are (no gather of the
+    live ones), or None: only without autograd (generation; the in-place forward has no backward),
+    without dropout, when every row's live keys are one stretch (left or right padding) and the
+    layout suits the kernel (tokenforge.ops.attention_kvcache's rule for dense caches)."""
+    from tokenforge.ops.attention_kvcache import _in_place_pitch
+
+    if dropout or not keys.one_stretch or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return None
+    return _in_place_pitch(q, k, v, False, None)
+
+
 def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                          scaling: Optional[float] = None, sliding_window: Optional[int] = None,
@@ -190,17 +218,27 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                    softcap=float(softcap or 0.0))
 
     if attention_mask is not None:
-        rows_k, cu_k, longest_k = _memoised(attention_mask, "mask", _plan_from_mask)
+        keys = _memoised(attention_mask, "mask", _plan_from_mask)
         if q_len == kv_len:
-            rows_q, cu_q, longest_q = rows_k, cu_k, longest_k
+            rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
         elif q_len == 1:  # one new token per sequence, never padding
             rows_q = torch.arange(batch, device=q.device)
             cu_q, longest_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
         else:  # the queries are the last q_len positions (left padding)
-            rows_q, cu_q, longest_q = _plan_from_mask(attention_mask[:, -q_len:])
+            rows_q, cu_q, longest_q = _plan_from_mask(attention_mask[:, -q_len:])[:3]
         count_call("attention_varlen")
-        out_rows = attention_varlen(_rows(q, rows_q), _rows(k, rows_k), _rows(v, rows_k), cu_q, cu_k, longest_q,
-                                    longest_k, **options)
+        pitch = _cache_pitch(q, k, v, keys, dropout, query, key, value)
+        if pitch is not None:  # generation: each row's live keys read where they are in the cache
+            from tokenforge.ops.attention import attention_over_cache_rows
+            from tokenforge.ops.attention_kvcache import _as_rows
+
+            starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts
+            out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), _as_rows(k, pitch), _as_rows(v, pitch), cu_q,
+                                                    starts, keys.cu.diff(), longest_q, keys.longest, scaling, causal,
+                                                    window, options["softcap"], None)
+        else:
+            out_rows = attention_varlen(_rows(q, rows_q), _rows(k, keys.rows), _rows(v, keys.rows), cu_q, keys.cu,
+                                        longest_q, keys.longest, **options)
         out = out_rows.new_zeros(batch * q_len, *out_rows.shape[1:]).index_copy(0, rows_q, out_rows)
         out = out.view(batch, q_len, *out_rows.shape[1:])
     else:
