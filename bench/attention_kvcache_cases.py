@@ -8,13 +8,13 @@ Backends (baselines first, so our ratios are known when it runs):
                 new key/value copied into the cache, then F.scaled_dot_product_attention over the
                 whole cache with a boolean mask of each sequence's live keys
     flash_attn  flash_attn.flash_attn_with_kvcache, when installed (CUDA)
-    triton      tokenforge.ops.attention_with_kvcache(backend="triton")
+    triton      tokenforge.ops.attention_with_kvcache(backend="triton"): the split-KV decoding kernel
     torch       tokenforge.ops.attention_with_kvcache(backend="torch")   (CPU runs only)
 
 Decoding is memory-bound: the floor is reading each sequence's live keys and values once
 (``Case.bytes``; q, the new token and the output are noise), at the copy bandwidth measured in the
-same run. tokenforge's kernel reads a dense cache where it is; a paged one it gathers into rows first
-(one more read and a write of the live keys), so expect the paged case further off the floor.
+same run. tokenforge's decoding kernel (tokenforge/kernels/attention_kvcache.py) reads dense and paged
+caches where they are, each key block once per GQA group, in key splits sized to the GPU.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ import torch
 from device_params import DEVICES
 
 from tokenforge.ops import attention_with_kvcache
+from tokenforge.kernels import attention_kvcache as decode_kernels
 from tokenforge.ops.attention import LAUNCHERS
+from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS
 from tokenforge.testing import TOLERANCE, rel_error
 
 
@@ -93,6 +95,14 @@ CASES = {
                                                      window=(6, 0), alibi=True, softcap=8.0),
     "paged-decode-no-append-causal": dict(paged=True, new=0, sq=1, causal=True),
     "dense-no-append-whole-cache": dict(paged=False, new=0, sq=4, seqlens="none", causal=True, kv_heads=1),
+    # 20 queries x 4 heads a kv head: past the decoding kernel's tile, the varlen kernel (in place; pages gathered)
+    "dense-long-query-block-causal": dict(paged=False, new=0, sq=20, seqlens="none", causal=True, kv_heads=1),
+    "paged-long-query-block-window": dict(paged=True, new=2, sq=20, kv_heads=1, window=(5, 0)),
+    # key splits: each split's own softmax, merged
+    "paged-decode-three-splits-softcap": dict(paged=True, new=1, sq=1, causal=True, softcap=4.0, splits=3),
+    "paged-sliced-pages-decode-window": dict(paged=True, new=1, sq=3, causal=True, window=(6, 0), sliced=True),
+    "dense-decode-two-splits-alibi-leftpad": dict(paged=False, new=1, sq=2, causal=True, alibi=True, leftpad=True,
+                                                  splits=2),
     # the cache a slice of a longer one (rows 31 apart): still read in place on the kernel
     "dense-sliced-cache-append-causal-batchidx": dict(paged=False, new=1, sq=1, causal=True, batch_idx=True,
                                                       sliced=True),
@@ -115,7 +125,8 @@ def test_matches_float64_oracle(device, backend, name, monkeypatch):
     v = torch.randn(batch, new, kv_heads, d, dtype=dtype, device=device) if new else None
     if case["paged"]:
         num_blocks = 11
-        k_cache = torch.randn(num_blocks, page, kv_heads, d, dtype=dtype, device=device)
+        k_cache = torch.randn(num_blocks, page + (3 if case.get("sliced") else 0), kv_heads, d, dtype=dtype,
+                              device=device)[:, :page]
         block_table = torch.randperm(num_blocks, device=device)[:batch * (capacity // page)].view(batch, -1).int()
     else:
         extra = 7 if case.get("sliced") else 0
@@ -145,15 +156,21 @@ def test_matches_float64_oracle(device, backend, name, monkeypatch):
         None if batch_idx is None else batch_idx.cpu(), None if leftpad is None else leftpad.cpu(),
         None if block_table is None else block_table.cpu(), scale, causal, window, softcap,
         None if slopes is None else slopes.cpu(), interleaved)
-    launcher = LAUNCHERS["triton"]
-    real, read = launcher.attention_forward, []
-    monkeypatch.setattr(launcher, "attention_forward",
-                        lambda q_, k_, *a, **kw: read.append(k_.untyped_storage().data_ptr()) or real(q_, k_, *a, **kw))
+    read = []  # (kernel, the storage its keys came from)
+    for module, fn in ((LAUNCHERS["triton"], "attention_forward"), (decode_kernels, "attention_decode")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda q_, k_, *a, _fn=fn, _real=real, **kw:
+                            read.append((_fn, k_.untyped_storage().data_ptr())) or _real(q_, k_, *a, **kw))
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, seqlens_arg, batch_idx, leftpad,
                                       block_table, None, causal, window, softcap, interleaved, slopes,
-                                      return_softmax_lse=True, backend=backend)
-    if backend == "triton":  # a dense cache is read where it is; pages are gathered first
-        assert (read[0] == k_cache.untyped_storage().data_ptr()) == (not case["paged"]), read
+                                      return_softmax_lse=True, backend=backend, num_splits=case.get("splits", 0))
+    if backend == "triton":
+        # A few query rows per kv head: the decoding kernel, dense or paged cache read in place; more: the
+        # varlen kernel, reading a dense cache in place and gathered pages.
+        decoding = heads // kv_heads * sq <= DECODE_MAX_ROWS
+        in_place = decoding or not case["paged"]
+        want = "attention_decode" if decoding else "attention_forward"
+        assert read == [(want, read[0][1])] and (read[0][1] == k_cache.untyped_storage().data_ptr()) == in_place, read
     tol = TOLERANCE.get(dtype, 1e-12)
     # the cache: values copied bit for bit, keys rotated to within a rounding, nothing else touched
     assert torch.equal(v_cache.cpu().double(), want_vc)
@@ -171,7 +188,8 @@ def test_matches_float64_oracle(device, backend, name, monkeypatch):
     assert (out.cpu()[~seen.permute(0, 2, 1)] == 0).all()
     only_out = attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), None, None, None, None,
                                       seqlens + new if new else seqlens_arg, batch_idx, leftpad, block_table,
-                                      None, causal, window, softcap, interleaved, slopes, backend=backend)
+                                      None, causal, window, softcap, interleaved, slopes, backend=backend,
+                                      num_splits=case.get("splits", 0))
     if cos is None:  # the same keys, read back from the cache this time: the same answer
         assert torch.equal(only_out, out)
 
@@ -209,3 +227,42 @@ def test_refuses_bad_input():
         attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=seqlens, block_table=table % 5,
                                cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32))
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), "a refused call writes nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile gate: the decoding kernel for sm_90 and sm_80, every tile shape it launches.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_decode_kernel_compiles_without_spills(head_dim, rows):
+    """The decoding kernel at the GPU config for d64/d128/d256 and tiles of 1 (MQA, one query), 8
+    (GQA 8) and 64 query rows, dense and paged, with window, softcap and ALiBi: compiles for every
+    gated target with no spills. On sm_90 the 64-row tile is a warpgroup's and issues wgmma."""
+    import triton
+
+    from compile_gate import TARGETS, TRITON_DTYPE, compile_kernel, ptxas_report, spill_bytes, uses_wgmma
+
+    cfg = decode_kernels.config(head_dim, rows, interpreted=False)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    bf16 = "*" + TRITON_DTYPE["bfloat16"]
+    types = dict(Q=bf16, K=bf16, V=bf16, O=bf16, LSE="*fp32", O_PART="*fp32", LSE_PART="*fp32", START="*i32",
+                 USED="*i32", BLOCK_TABLE="*i32", ALIBI="*fp32", qk_scale="fp32", softcap="fp32")
+    for name in ("stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh", "stride_or",
+                 "stride_oh", "stride_bt", "stride_alb", "stride_ps", "stride_pr", "stride_ph", "stride_ls",
+                 "stride_lh", "SEQ_Q", "KV_HEADS", "HEAD_DIM", "SPLIT", "PAGE", "PITCH", "WIN_LEFT", "WIN_RIGHT"):
+        types[name] = "i32"
+    for arch, target in TARGETS.items():
+        for paged, features in ((False, False), (True, True)):
+            constexprs = dict(cfg, GROUP=rows, PAGED=paged, SINGLE=not paged, HAS_LEFT=features, HAS_RIGHT=True,
+                              HAS_SOFTCAP=features, HAS_ALIBI=features, BLOCK_M=decode_kernels.block_m(rows),
+                              BLOCK_D=triton.next_power_of_2(head_dim), UPCAST=False)
+            compiled = compile_kernel(decode_kernels._decode_fwd, types, constexprs, num_warps, target,
+                                      unaligned_args=("SEQ_Q", "KV_HEADS", "HEAD_DIM", "SPLIT", "PAGE", "PITCH",
+                                                      "WIN_LEFT", "WIN_RIGHT", "qk_scale", "softcap"),
+                                      num_stages=num_stages)
+            assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (arch, head_dim, rows, paged)
+            if arch == "sm_90" and rows == 64:
+                assert uses_wgmma(compiled), (head_dim, paged)

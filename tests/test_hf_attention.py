@@ -154,6 +154,7 @@ def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch
     """Without autograd (generate()), a padding mask whose live keys are one stretch per row (left
     or right padding) has the kernel read the keys where they are, in the cache's own storage; a
     mask with holes gathers them. Both as the oracle."""
+    from tokenforge.kernels import attention_kvcache as decode_kernels
     from tokenforge.ops.attention import LAUNCHERS
 
     if scenario == "holes":
@@ -164,10 +165,11 @@ def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch
         visible[0] = mask[0]  # the one query sees every live key
     else:
         q_len, kv_len, mask, _, visible, live = _scenario(scenario, None)
-    launcher = LAUNCHERS["triton"]
-    real, read = launcher.attention_forward, []
-    monkeypatch.setattr(launcher, "attention_forward",
-                        lambda q_, k_, *a, **kw: read.append(k_.untyped_storage().data_ptr()) or real(q_, k_, *a, **kw))
+    read = []  # the storage each kernel launch read its keys from
+    for module, fn in ((LAUNCHERS["triton"], "attention_forward"), (decode_kernels, "attention_decode")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda q_, k_, *a, _fn=fn, _real=real, **kw:
+                            read.append((_fn, k_.untyped_storage().data_ptr())) or _real(q_, k_, *a, **kw))
     torch.manual_seed(5)
     batch = mask.shape[0]
     q = torch.randn(batch, HEADS_Q, q_len, HEAD_DIM, dtype=dtype, device=device)
@@ -178,7 +180,9 @@ def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch
     used = visible.shape[-1]
     ref = _oracle(q, k[:, :, :used], v[:, :, :used], visible.to(device), live.to(device), 0.3, None)
     assert rel_error(out, ref) <= TOLERANCE[dtype]
-    assert (read == [k.untyped_storage().data_ptr()]) == (scenario != "holes"), read
+    # one launch: a decoding step (one query) on the decoding kernel, longer blocks on the varlen one
+    assert [fn for fn, _ in read] == ["attention_decode" if q_len == 1 and scenario != "holes" else "attention_forward"]
+    assert (read[0][1] == k.untyped_storage().data_ptr()) == (scenario != "holes"), read
 
 
 @pytest.mark.parametrize("window", [None, 4])

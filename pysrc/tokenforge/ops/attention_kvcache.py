@@ -3,12 +3,17 @@ for the generation a training run does (evaluation samples, RL rollouts), on the
 
 Path of a call: :func:`attention_with_kvcache` validates (one host sync reads the cache lengths), then
 under ``torch.no_grad``: the new keys are rotated by :func:`tokenforge.ops.rope.rope_one` and written
-with the new values into the cache in place -> on the Triton backend a dense cache is read where it is:
-flattened to rows (a view), each sequence's live keys a stretch of them, by the varlen forward kernel
-with per-sequence key starts and counts (:func:`tokenforge.ops.attention.attention_over_cache_rows`);
-otherwise (a paged cache, the torch or cuda backend, a head dim the kernel pads) each sequence's live
-keys are gathered into packed rows first -> :func:`tokenforge.ops.attention_varlen`. The gather copies
-the live part of the cache once per call, which a decoding step pays about twice over.
+with the new values into the cache in place -> on the Triton backend the cache is read where it is:
+
+- a few queries per sequence (GQA group x seqlen_q <= DECODE_MAX_ROWS: decoding, speculative steps):
+  the custom op ``tokenforge::attention_kvcache_decode`` -> ``tokenforge.kernels.attention_kvcache``,
+  split-KV with the group's query rows in one tile, dense or paged cache;
+- longer query blocks on a dense cache: the varlen forward kernel with per-sequence key starts and
+  counts (:func:`tokenforge.ops.attention.attention_over_cache_rows`);
+
+otherwise (longer query blocks on a paged cache, the torch or cuda backend, a head dim the kernel
+pads) each sequence's live keys are gathered into packed rows first ->
+:func:`tokenforge.ops.attention_varlen`; the gather copies the live part of the cache once per call.
 """
 
 from __future__ import annotations
@@ -112,7 +117,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
       causal and window_size are aligned to the bottom right of those keys, as in :func:`attention`,
       and so are softcap and alibi_slopes ((heads,) or (batch, heads) fp32). A query with no key gets
       0 (lse +inf, as flash_attn).
-    - num_splits is flash_attn's split-KV tuning knob: accepted (an int >= 0), no effect on the result.
+    - num_splits: flash_attn's split-KV knob: the decoding kernel's key splits (0: chosen from the
+      GPU's SM count and the longest sequence); the result is the same up to rounding.
     - ``backend`` forces the attention backend (triton, cuda or torch), as in :func:`attention`.
 
     One host sync reads the cache lengths (to check they fit and to size the gather), and a paged
@@ -188,19 +194,23 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         page = k_cache.shape[1]
         return block_table.long()[seq, pos // page], pos % page
 
-    pitch = _in_place_pitch(q, k_cache, v_cache, paged, backend)
+    pitch = _in_place_pitch(q, k_cache, v_cache, backend)
+    # The decoding kernel (a few queries per sequence: the GQA group's query rows in one tile) reads
+    # dense and paged caches in place; longer query blocks of a dense cache take the varlen kernel
+    # in place; everything else gathers the live keys.
+    decode = pitch is not None and (heads // k_cache.shape[2]) * seqlen_q <= DECODE_MAX_ROWS
+    gather = pitch is None or (paged and not decode)
     with torch.no_grad():
-        if pitch is None:
+        if paged and total and not _pages_in_range(block_table, leftpad, ends, k_cache.shape[1], k_cache.shape[0]):
+            raise ValueError(f"{NAME}: block_table names a page outside 0..{k_cache.shape[0] - 1} for a key in use")
+        if gather:
             # Every key this call reads, appended ones included (they sit at the end of each sequence's
-            # keys): found and page-checked before anything is written.
+            # keys), found before anything is written.
             cu_k = torch.zeros(batch + 1, dtype=torch.long, device=device)
             torch.cumsum(lengths, 0, out=cu_k[1:])
             seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=total)
             pos = leftpad[seq] + torch.arange(total, device=device) - cu_k[seq]
             slot0, slot1 = cache_slots(seq, pos)
-            if paged and total and bool(((slot0 < 0) | (slot0 >= k_cache.shape[0])).any()):  # the second sync
-                raise ValueError(f"{NAME}: block_table names a page outside 0..{k_cache.shape[0] - 1} for a key "
-                                 "in use")
         if k is not None and seqlen_new:
             positions = seqlens[:, None] + torch.arange(seqlen_new, device=device)
             new0, new1 = cache_slots(torch.arange(batch, device=device).repeat_interleave(seqlen_new),
@@ -215,8 +225,14 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             q = rope_one(q, tables[0], tables[1], seqlens[:, None] + steps, bool(rotary_interleaved), backend)
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
         q_rows = q.reshape(batch * seqlen_q, heads, head_dim)
-        if pitch is not None:  # sequence b's live keys: a stretch of cache sequence rows[b], read in place
-            starts = (rows * pitch + leftpad).to(torch.int32)
+        # Where sequence b's live keys start: a row of the dense cache as rows, or a logical
+        # position in its pages.
+        starts = (leftpad if paged else rows * pitch + leftpad).to(torch.int32) if not gather else None
+        if decode:
+            out, lse = _decode(q_rows, k_cache, v_cache, starts, lengths.to(torch.int32), block_table, pitch,
+                               seqlen_q, longest, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               num_splits)
+        elif not gather:  # a dense cache, read in place by the varlen kernel
             out, lse = attention_over_cache_rows(q_rows, _as_rows(k_cache, pitch), _as_rows(v_cache, pitch), cu_q,
                                                  starts, lengths.to(torch.int32), seqlen_q, longest, softmax_scale,
                                                  causal, window_size, softcap, alibi_slopes)
@@ -231,16 +247,16 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out, lse.view(heads, batch, seqlen_q).transpose(0, 1).contiguous()
 
 
-def _in_place_pitch(q, k_cache, v_cache, paged: bool, backend) -> Optional[int]:
-    """The row pitch (flattened rows from one cache sequence to the next: seqlen_cache for a
-    contiguous cache, more for a slice of a longer one) at which the Triton kernel reads this cache
-    where it is, with no gather; or None: a paged cache, the torch and cuda backends, a head dim the
-    kernel pads, a non-unit-stride head dim, k and v caches laid out differently, or 2^31 rows or
-    more (int32 row offsets). Those gather each sequence's live keys into rows first."""
+def _in_place_pitch(q, k_cache, v_cache, backend) -> Optional[int]:
+    """The row pitch (flattened rows from one cache sequence, or page, to the next: dim 1's length
+    for a contiguous cache, more for a slice of a longer one) at which the Triton kernels read this
+    cache where it is, with no gather; or None: the torch and cuda backends, a head dim the kernel
+    pads, a non-unit-stride head dim, k and v caches laid out differently, or 2^31 rows or more
+    (int32 row offsets). Those gather each sequence's live keys into rows first."""
     from tokenforge import backends
     from tokenforge.ops.attention import OP, kernel_head_dim
 
-    if paged or backends.choose(OP, q, k_cache, v_cache, backend=backend) != "triton":
+    if backends.choose(OP, q, k_cache, v_cache, backend=backend) != "triton":
         return None
     if kernel_head_dim(q.shape[-1]) != q.shape[-1] or q.stride(-1) != 1:
         return None
@@ -260,11 +276,60 @@ def _in_place_pitch(q, k_cache, v_cache, paged: bool, backend) -> Optional[int]:
     return pitches.pop()
 
 
+def _pages_in_range(block_table, leftpad, ends, page: int, num_blocks: int) -> bool:
+    """Whether every page a sequence reads (positions leftpad[b] .. ends[b] - 1) is a real one
+    (a host sync)."""
+    index = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+    needed = (index >= (leftpad // page)[:, None]) & (index * page < ends[:, None])
+    bad = needed & ((block_table < 0) | (block_table >= num_blocks))
+    return not bool(bad.any())
+
+
 def _as_rows(cache: torch.Tensor, pitch: int) -> torch.Tensor:
     """(batch_cache, seqlen_cache, heads, d) -> (rows, heads, d), a view: key i of cache sequence c
     is row c * pitch + i."""
     rows = (cache.shape[0] - 1) * pitch + cache.shape[1]
     return cache.as_strided((rows, *cache.shape[2:]), cache.stride()[1:], cache.storage_offset())
+
+
+# The most query rows (GQA group x seqlen_q) the decoding kernel puts in one tile.
+DECODE_MAX_ROWS = 64
+
+
+@torch.library.custom_op("tokenforge::attention_kvcache_decode", mutates_args=())
+def attention_kvcache_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, starts: torch.Tensor,
+                             used: torch.Tensor, block_table: Optional[torch.Tensor], page: int, pitch: int,
+                             seqlen_q: int, longest: int, scale: float, window_left: int, window_right: int,
+                             softcap: float, alibi_slopes: Optional[torch.Tensor],
+                             num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from tokenforge.kernels.attention_kvcache import attention_decode
+
+    return attention_decode(q, k_rows, v_rows, starts, used, block_table, page, pitch, seqlen_q, longest, scale,
+                            (window_left, window_right), softcap, alibi_slopes, num_splits)
+
+
+@attention_kvcache_decode.register_fake
+def _(q, k_rows, v_rows, starts, used, block_table, page, pitch, seqlen_q, longest, scale, window_left,
+      window_right, softcap, alibi_slopes, num_splits):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _decode(q_rows, k_cache, v_cache, starts, used, block_table, pitch: int, seqlen_q: int, longest: int,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits: int):
+    """(out rows, lse (heads, rows)) by the decoding kernel, the options checked as
+    :func:`attention_varlen` checks them."""
+    from tokenforge.ops.attention import _check_alibi, _check_common, _check_flash_attn_keywords, _fold_causal
+
+    window = _check_flash_attn_keywords(NAME, 0.0, None, window_size, alibi_slopes, False)
+    k_rows, v_rows = _as_rows(k_cache, pitch), _as_rows(v_cache, pitch)
+    _check_common(NAME, q_rows, k_rows, v_rows, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale, window,
+                  softcap)
+    alibi = _check_alibi(NAME, alibi_slopes, q_rows.shape[1], starts.shape[0], q_rows.device)
+    scale = float(softmax_scale) if softmax_scale is not None else q_rows.shape[-1] ** -0.5
+    left, right = _fold_causal(causal, window)
+    return torch.ops.tokenforge.attention_kvcache_decode(q_rows, k_rows, v_rows, starts, used, block_table,
+                                                        k_cache.shape[1], pitch, seqlen_q, longest, scale, left,
+                                                        right, float(softcap), alibi, num_splits)
 
 
 def _rotates_per_query(causal: bool, window_size) -> bool:
