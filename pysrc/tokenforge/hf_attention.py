@@ -177,11 +177,11 @@ def _cache_pitch(q, k, v, keys: _Unpadding, dropout, *inputs) -> Optional[int]:
     live ones), or None: only without autograd (generation; the in-place forward has no backward),
     without dropout, when every row's live keys are one stretch (left or right padding) and the
     layout suits the kernel (tokenforge.ops.attention_kvcache's rule for dense caches)."""
-    from tokenforge.ops.attention_kvcache import _in_place_pitch
+    from tokenforge.ops.attention_kvcache import cache_row_pitch
 
     if dropout or not keys.one_stretch or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return None
-    return _in_place_pitch(q, k, v, None)
+    return cache_row_pitch(q, k, v, None)
 
 
 def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -230,16 +230,17 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         pitch = _cache_pitch(q, k, v, keys, dropout, query, key, value)
         if pitch is not None:  # generation: each row's live keys read where they are in the cache
             from tokenforge.ops.attention import attention_over_cache_rows
-            from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, _as_rows, _decode
+            from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, cache_as_rows, decode_over_cache
 
             starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts
             if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # a decoding step
-                out_rows, _ = _decode(_rows(q, rows_q), k, v, starts, keys.cu.diff(), None, pitch, 1, keys.longest,
-                                      scaling, causal, window, options["softcap"], None, 0)
+                out_rows, _ = decode_over_cache(_rows(q, rows_q), k, v, starts, keys.cu.diff(), None, pitch, 1,
+                                                keys.longest, scaling, causal, window, options["softcap"], None, 0)
             else:
-                out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), _as_rows(k, pitch), _as_rows(v, pitch),
-                                                        cu_q, starts, keys.cu.diff(), longest_q, keys.longest, scaling,
-                                                        causal, window, options["softcap"], None)
+                out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), cache_as_rows(k, pitch),
+                                                        cache_as_rows(v, pitch), cu_q, starts, keys.cu.diff(),
+                                                        longest_q, keys.longest, scaling, causal, window,
+                                                        options["softcap"], None)
         else:
             out_rows = attention_varlen(_rows(q, rows_q), _rows(k, keys.rows), _rows(v, keys.rows), cu_q, keys.cu,
                                         longest_q, keys.longest, **options)

@@ -194,7 +194,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         page = k_cache.shape[1]
         return block_table.long()[seq, pos // page], pos % page
 
-    pitch = _in_place_pitch(q, k_cache, v_cache, backend)
+    pitch = cache_row_pitch(q, k_cache, v_cache, backend)
     # The decoding kernel (a few queries per sequence: the GQA group's query rows in one tile) reads
     # dense and paged caches in place; longer query blocks of a dense cache take the varlen kernel
     # in place; everything else gathers the live keys.
@@ -229,13 +229,13 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # position in its pages.
         starts = (leftpad if paged else rows * pitch + leftpad).to(torch.int32) if not gather else None
         if decode:
-            out, lse = _decode(q_rows, k_cache, v_cache, starts, lengths.to(torch.int32), block_table, pitch,
-                               seqlen_q, longest, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                               num_splits)
+            out, lse = decode_over_cache(q_rows, k_cache, v_cache, starts, lengths.to(torch.int32), block_table,
+                                         pitch, seqlen_q, longest, softmax_scale, causal, window_size, softcap,
+                                         alibi_slopes, num_splits)
         elif not gather:  # a dense cache, read in place by the varlen kernel
-            out, lse = attention_over_cache_rows(q_rows, _as_rows(k_cache, pitch), _as_rows(v_cache, pitch), cu_q,
-                                                 starts, lengths.to(torch.int32), seqlen_q, longest, softmax_scale,
-                                                 causal, window_size, softcap, alibi_slopes)
+            out, lse = attention_over_cache_rows(q_rows, cache_as_rows(k_cache, pitch), cache_as_rows(v_cache, pitch),
+                                                 cu_q, starts, lengths.to(torch.int32), seqlen_q, longest,
+                                                 softmax_scale, causal, window_size, softcap, alibi_slopes)
         else:
             keys, values = k_cache[slot0, slot1], v_cache[slot0, slot1]
             out, lse = attention_varlen(q_rows, keys, values, cu_q, cu_k.to(torch.int32), seqlen_q, longest, 0.0,
@@ -247,7 +247,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out, lse.view(heads, batch, seqlen_q).transpose(0, 1).contiguous()
 
 
-def _in_place_pitch(q, k_cache, v_cache, backend) -> Optional[int]:
+def cache_row_pitch(q, k_cache, v_cache, backend) -> Optional[int]:
     """The row pitch (flattened rows from one cache sequence, or page, to the next: dim 1's length
     for a contiguous cache, more for a slice of a longer one) at which the Triton kernels read this
     cache where it is, with no gather; or None: the torch and cuda backends, a head dim the kernel
@@ -285,7 +285,7 @@ def _pages_in_range(block_table, leftpad, ends, page: int, num_blocks: int) -> b
     return not bool(bad.any())
 
 
-def _as_rows(cache: torch.Tensor, pitch: int) -> torch.Tensor:
+def cache_as_rows(cache: torch.Tensor, pitch: int) -> torch.Tensor:
     """(batch_cache, seqlen_cache, heads, d) -> (rows, heads, d), a view: key i of cache sequence c
     is row c * pitch + i."""
     rows = (cache.shape[0] - 1) * pitch + cache.shape[1]
@@ -314,14 +314,14 @@ def _(q, k_rows, v_rows, starts, used, block_table, page, pitch, seqlen_q, longe
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-def _decode(q_rows, k_cache, v_cache, starts, used, block_table, pitch: int, seqlen_q: int, longest: int,
-            softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits: int):
+def decode_over_cache(q_rows, k_cache, v_cache, starts, used, block_table, pitch: int, seqlen_q: int,
+                      longest: int, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits: int):
     """(out rows, lse (heads, rows)) by the decoding kernel, the options checked as
     :func:`attention_varlen` checks them."""
     from tokenforge.ops.attention import _check_alibi, _check_common, _check_flash_attn_keywords, _fold_causal
 
     window = _check_flash_attn_keywords(NAME, 0.0, None, window_size, alibi_slopes, False)
-    k_rows, v_rows = _as_rows(k_cache, pitch), _as_rows(v_cache, pitch)
+    k_rows, v_rows = cache_as_rows(k_cache, pitch), cache_as_rows(v_cache, pitch)
     _check_common(NAME, q_rows, k_rows, v_rows, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale, window,
                   softcap)
     alibi = _check_alibi(NAME, alibi_slopes, q_rows.shape[1], starts.shape[0], q_rows.device)
