@@ -149,7 +149,8 @@ def test_attention_function_matches_the_masks_transformers_means(scenario, windo
 
 
 @pytest.mark.parametrize("dtype,device", KINDS[1:])
-@pytest.mark.parametrize("scenario", ["right_padded", "left_padded", "decode", "chunk", "static_cache", "holes"])
+@pytest.mark.parametrize("scenario", ["right_padded", "left_padded", "decode", "chunk", "static_cache", "holes",
+                                      "cache_no_mask"])
 def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch):
     """Without autograd (generate()), a padding mask whose live keys are one stretch per row (left
     or right padding) has the kernel read the keys where they are, in the cache's own storage; a
@@ -171,17 +172,20 @@ def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch
         monkeypatch.setattr(module, fn, lambda q_, k_, *a, _fn=fn, _real=real, **kw:
                             read.append((_fn, k_.untyped_storage().data_ptr())) or _real(q_, k_, *a, **kw))
     torch.manual_seed(5)
-    batch = mask.shape[0]
+    batch = visible.shape[0]
     q = torch.randn(batch, HEADS_Q, q_len, HEAD_DIM, dtype=dtype, device=device)
     k = torch.randn(batch, HEADS_KV, kv_len, HEAD_DIM, dtype=dtype, device=device)
     v = torch.randn(batch, HEADS_KV, kv_len, HEAD_DIM, dtype=dtype, device=device)
     with torch.no_grad():
-        out, _ = hf_attention.hf_attention_forward(_Layer(), q, k, v, mask.to(device), scaling=0.3)
+        out, _ = hf_attention.hf_attention_forward(_Layer(), q, k, v, None if mask is None else mask.to(device),
+                                                   scaling=0.3)
     used = visible.shape[-1]
     ref = _oracle(q, k[:, :, :used], v[:, :, :used], visible.to(device), live.to(device), 0.3, None)
     assert rel_error(out, ref) <= TOLERANCE[dtype]
-    # one launch: a decoding step (one query) on the decoding kernel, longer blocks on the varlen one
-    assert [fn for fn, _ in read] == ["attention_decode" if q_len == 1 and scenario != "holes" else "attention_forward"]
+    # one launch: a decoding step (one query; a few without padding) on the decoding kernel, longer
+    # blocks of a padded batch on the varlen one
+    decoding = scenario == "cache_no_mask" or (q_len == 1 and scenario != "holes")
+    assert [fn for fn, _ in read] == ["attention_decode" if decoding else "attention_forward"], read
     assert (read[0][1] == k.untyped_storage().data_ptr()) == (scenario != "holes"), read
 
 

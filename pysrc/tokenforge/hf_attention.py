@@ -172,14 +172,16 @@ def _ready_mask_fallback(module, query, key, value, attention_mask, dropout, sca
                                   is_causal=is_causal, **kwargs)
 
 
-def _cache_pitch(q, k, v, keys: _Unpadding, dropout, *inputs) -> Optional[int]:
+def _cache_pitch(q, k, v, keys: Optional[_Unpadding], dropout, *inputs) -> Optional[int]:
     """The row pitch at which the Triton kernel reads the keys where they are (no gather of the
     live ones), or None: only without autograd (generation; the in-place forward has no backward),
-    without dropout, when every row's live keys are one stretch (left or right padding) and the
-    layout suits the kernel (tokenforge.ops.attention_kvcache's rule for dense caches)."""
+    without dropout, when every row's live keys are one stretch (left or right padding; ``keys``
+    None: no padding) and the layout suits the kernel (tokenforge.ops.attention_kvcache's rule)."""
     from tokenforge.ops.attention_kvcache import cache_row_pitch
 
-    if dropout or not keys.one_stretch or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+    if dropout or (keys is not None and not keys.one_stretch):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return None
     return cache_row_pitch(q, k, v, None)
 
@@ -194,6 +196,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     """transformers' attention-function contract: query (batch, heads_q, q_len, dim), key/value
     (batch, heads_kv, kv_len, dim); returns ((batch, q_len, heads_q, dim), None)."""
     from tokenforge.ops.attention import attention, attention_varlen
+    from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, decode_over_cache
     from tokenforge.patch import count_call
 
     if s_aux is not None:
@@ -230,7 +233,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         pitch = _cache_pitch(q, k, v, keys, dropout, query, key, value)
         if pitch is not None:  # generation: each row's live keys read where they are in the cache
             from tokenforge.ops.attention import attention_over_cache_rows
-            from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, cache_as_rows, decode_over_cache
+            from tokenforge.ops.attention_kvcache import cache_as_rows
 
             starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts
             if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # a decoding step
@@ -263,7 +266,17 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
             out = attention_varlen(*flat, *documents, **options).view(batch, q_len, *q.shape[2:])
         else:
             count_call("attention")
-            out = attention(q, k, v, **options)
+            pitch = None
+            if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS:
+                pitch = _cache_pitch(q, k, v, None, dropout, query, key, value)
+            if pitch is not None:  # a decoding step, unpadded: the decoding kernel, one tile per GQA group
+                starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch
+                used = torch.full((batch,), kv_len, device=q.device, dtype=torch.int32)
+                out, _ = decode_over_cache(q.reshape(batch * q_len, *q.shape[2:]), k, v, starts, used, None, pitch,
+                                           q_len, kv_len, scaling, causal, window, options["softcap"], None, 0)
+                out = out.view(batch, q_len, *q.shape[2:])
+            else:
+                out = attention(q, k, v, **options)
     if v_dim != head_dim:
         out = out[..., :v_dim]
     return out, None
