@@ -15,7 +15,9 @@ Backends (baselines first, so our ratios are known when it runs):
 
 The FLOPs counted are the useful ones: causal attention within each document (flash_attn's
 convention, 2 * h * d * n^2 per document of n tokens forward, 3.5x that forward + backward), so
-time spent on padding or across documents shows as a lower rate. tokenforge's unpadding plan
+time spent on padding or across documents shows as a lower rate. The decoding step (pass
+``decode``: one query per left-padded sequence, no autograd, as generate() runs it) is memory-bound:
+its floor is reading the live keys and values once, at the copy bandwidth measured in the run. tokenforge's unpadding plan
 (which rows are live; one host sync) is built once per forward and shared by every layer; it is
 built before the timing, as the layers after the first find it, and its own cost is recorded as
 ``plan_ms``.
@@ -77,19 +79,29 @@ class Case(harness.CaseId):
         return [sizes]
 
     def flops(self) -> float:
-        """Useful causal FLOPs (flash_attn's convention), forward + backward."""
+        """Useful causal FLOPs (flash_attn's convention), forward + backward; a decoding step's one
+        query per sequence against its live keys."""
         per_token_pair = 2.0 * self.heads_q * self.head_dim
+        if self.pass_ == "decode":
+            return sum(2 * per_token_pair * n for row in self.documents() for n in row)
         fwd = sum(per_token_pair * n * n for row in self.documents() for n in row)
         return fwd * (3.5 if self.pass_ == "fwd_bwd" else 1.0)
 
+    def bytes(self) -> int:
+        """A decoding step's floor: every live key and value read once."""
+        live = sum(n for row in self.documents() for n in row)
+        return 2 * live * self.heads_k * self.head_dim * torch.finfo(self.dtype).bits // 8
+
 
 def cases(device) -> list[Case]:
-    """Llama-3-8B's attention (32 q / 8 kv heads, d128): 8 right-padded rows of 4k, then 16k tokens
-    packed into one row."""
+    """Llama-3-8B's attention (32 q / 8 kv heads, d128): 8 right-padded rows of 4k, 16k tokens
+    packed into one row, and a decoding step of 16 left-padded sequences over a 4k cache (what
+    generate() does in RL rollouts and evaluation)."""
     if harness.sizes_mode(device) == "tiny":
-        return [Case("fwd_bwd", "padded", 2, 64, 4, 2, 32, headline=True), Case("fwd_bwd", "packed", 1, 64, 4, 2, 32)]
+        return [Case("fwd_bwd", "padded", 2, 64, 4, 2, 32, headline=True), Case("fwd_bwd", "packed", 1, 64, 4, 2, 32),
+                Case("decode", "padded", 2, 64, 4, 2, 32)]
     return [Case("fwd_bwd", "padded", 8, 4096, 32, 8, 128, headline=True),
-            Case("fwd_bwd", "packed", 1, 16384, 32, 8, 128)]
+            Case("fwd_bwd", "packed", 1, 16384, 32, 8, 128), Case("decode", "padded", 16, 4096, 32, 8, 128)]
 
 
 def backends_for(device) -> tuple[str, ...]:
@@ -114,6 +126,9 @@ def _batch_inputs(case: Case, device):
     causal = j[None, :] <= j[:, None]
     if case.batch_kind == "padded":
         lengths = torch.tensor([row[0] for row in docs], device=device)
+        if case.pass_ == "decode":  # generate() pads on the left; the one query sees every live key
+            live = j[None, :] >= s - lengths[:, None]
+            return live, None, live[:, None, None, :], torch.ones(case.batch, 1, dtype=torch.bool, device=device)
         live = j[None, :] < lengths[:, None]
         dense = causal[None] & live[:, None, :]
         return live, None, dense[:, None], live
@@ -167,6 +182,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
     device = torch.device(device)
     mask2d, positions, dense, live = _batch_inputs(case, device)
     op = harness.first_call(lambda: make_op(backend, case, device, mask2d, positions, dense), device)
+    if case.pass_ == "decode":
+        return _prepare_decode(case, backend, device, op, mask2d, dense)
     b, s = case.batch, case.seqlen
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -212,10 +229,37 @@ def prepare(case: Case, backend: str, device) -> Prepared:
                     harness.tolerance(case.dtype), extra)
 
 
-def make_record(prep: Prepared, stats: dict, matmul: Optional[float]) -> dict:
+def _prepare_decode(case: Case, backend: str, device, op, mask2d, dense) -> Prepared:
+    """A decoding step under no_grad: one query per sequence (transformers' (b, heads, 1, d) view)
+    over a (b, kv heads, seqlen, d) cache as transformers' DynamicCache holds it. Correctness: SDPA
+    in fp32 with the same mask on the first kv head's query heads."""
+    import torch.nn.functional as F
+
+    b, s, d = case.batch, case.seqlen, case.head_dim
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(b, 1, case.heads_q, d, generator=g).to(device=device, dtype=case.dtype).transpose(1, 2)
+    k, v = (torch.randn(b, case.heads_k, s, d, generator=g).to(device=device, dtype=case.dtype) for _ in range(2))
+    with torch.no_grad():
+        out = harness.first_call(lambda: op(q, k, v), device)
+        group = case.heads_q // case.heads_k
+        ref = F.scaled_dot_product_attention(q[:, :group].float(), k[:, :1].float().expand(-1, group, -1, -1),
+                                             v[:, :1].float().expand(-1, group, -1, -1), attn_mask=dense)
+    errs = {"out": harness.rel_err(out[:, :, :group], ref.transpose(1, 2))}
+    extra = {"plan_ms": _plan_ms(mask2d, None, device)} if backend == "tokenforge" else {}
+
+    def step():
+        with torch.no_grad():
+            return op(q, k, v)
+
+    return Prepared(case, backend, device, step, errs, harness.tolerance(case.dtype), extra)
+
+
+def make_record(prep: Prepared, stats: dict, matmul: Optional[float], copy_gbps: Optional[float] = None) -> dict:
     case = prep.case
     dims = {"batch_kind": case.batch_kind, "batch": case.batch, "seqlen": case.seqlen, "heads_q": case.heads_q,
             "heads_k": case.heads_k, "head_dim": case.head_dim,
             "live_tokens": sum(n for row in case.documents() for n in row)}
-    return harness.make_record(prep, stats, op=OP, dims=dims, impl=BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend),
-                               flops=case.flops(), matmul_tflops=matmul)
+    impl = BACKEND_DESCRIPTIONS.get(prep.backend, prep.backend)
+    if case.pass_ == "decode":  # memory-bound: the live keys and values against the copy bandwidth
+        return harness.make_record(prep, stats, op=OP, dims=dims, impl=impl, nbytes=case.bytes(), copy_gbps=copy_gbps)
+    return harness.make_record(prep, stats, op=OP, dims=dims, impl=impl, flops=case.flops(), matmul_tflops=matmul)

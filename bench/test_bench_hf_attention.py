@@ -1,6 +1,6 @@
 """Hugging Face attention microbenchmarks (pytest-benchmark): one Llama-3-8B layer's attention, forward
 + backward, as transformers calls it on a right-padded batch (8 x 4k) and on 16k tokens of packed
-documents: transformers' SDPA with the dense mask it builds, its flash_attention_2 path (when
+documents, and one decoding step of 16 left-padded sequences over a 4k cache: transformers' SDPA with the dense mask it builds, its flash_attention_2 path (when
 flash_attn is installed), and what a tokenforge-patched model runs. Records the useful TFLOP/s
 (causal within each document), the fraction of a bf16 matmul measured in the same run, peak memory
 and the speedups.
@@ -31,7 +31,8 @@ pytest.importorskip("transformers")
 def test_hf_attention(benchmark, bench_recorder, request, case, backend):
     harness.run_benchmark(benchmark, bench_recorder, request, op=hc.OP, case=case, backend=backend, device=DEVICE,
                           prepare=hc.prepare, baselines=hc.BASELINES,
-                          make_record=lambda prep, stats: hc.make_record(prep, stats, bw.matmul_tflops(DEVICE)))
+                          make_record=lambda prep, stats: hc.make_record(prep, stats, bw.matmul_tflops(DEVICE),
+                                                                         bench_recorder.copy_gbps))
 
 
 def test_documents_and_flops():
