@@ -1,7 +1,7 @@
 """Decoding attention over a KV cache in Triton (split-KV, FlashDecoding style): the kernel of
 :func:`tokenforge.ops.attention_with_kvcache` for a few queries per sequence.
 
-One program per (key split, sequence b, kv head hk). Its tile's rows are every query of hk's GQA
+One program per (sequence b, kv head hk, key split). Its tile's rows are every query of hk's GQA
 group: row m is query head hk * GROUP + m // seqlen_q, query m % seqlen_q, so each key and value
 block is read once for the whole group (the prefill kernel, one program per query head, would read it
 GROUP times) and a decoding step's single query does not waste a 64-row tile. Keys are read where they
@@ -41,18 +41,20 @@ def _decode_fwd(
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
+    # (sequence x kv head) on axis 0 (2^31 - 1 programs), the splits (at most 64) on axis 1.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
     b = pid // KV_HEADS
-    hk = pid % KV_HEADS
+    hk = tl.cast(pid % KV_HEADS, tl.int64)  # hk * stride_kh passes 2^31 on a (b, heads, 128k, d128) cache view
     b64 = tl.cast(b, tl.int64)
+    split64 = tl.cast(split, tl.int64)
     seqlen_k = tl.load(USED + b)
     start = tl.load(START + b)
     off = seqlen_k - SEQ_Q
 
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < GROUP * SEQ_Q
-    head = hk * GROUP + offs_m // SEQ_Q
+    head = hk * GROUP + offs_m // SEQ_Q  # int64 (hk is)
     query = offs_m % SEQ_Q  # the query's index among this sequence's seqlen_q
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -64,7 +66,7 @@ def _decode_fwd(
         slope2 = tl.load(ALIBI + b64 * stride_alb + head, mask=m_ok, other=0.0) * 1.4426950408889634
 
     # This split's keys, narrowed to those some query of the tile can see.
-    lo = split * SPLIT
+    lo = split * SPLIT  # keys of one sequence: int32
     hi = tl.minimum(lo + SPLIT, seqlen_k)
     if HAS_RIGHT:
         hi = tl.minimum(hi, SEQ_Q + off + WIN_RIGHT)
@@ -110,9 +112,9 @@ def _decode_fwd(
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         tl.store(LSE + head * stride_lh + q_rows, tl.where(empty, float("inf"), lse), mask=m_ok)
     else:
-        part = O_PART + split * stride_ps + q_rows[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :]
+        part = O_PART + split64 * stride_ps + q_rows[:, None] * stride_pr + head[:, None] * stride_ph + offs_d[None, :]
         tl.store(part, acc, mask=m_ok[:, None] & d_ok[None, :])
-        tl.store(LSE_PART + split * stride_ls + head * stride_lh + q_rows, tl.where(empty, float("-inf"), lse),
+        tl.store(LSE_PART + split64 * stride_ls + head * stride_lh + q_rows, tl.where(empty, float("-inf"), lse),
                  mask=m_ok)
 
 
@@ -181,7 +183,7 @@ def attention_decode(q, k_rows, v_rows, starts, used, block_table, page: int, pi
         o_part, lse_part = out, lse  # never written
     left, right = window
     with launch_device(q):
-        _decode_fwd[(splits, batch * kv_heads)](
+        _decode_fwd[(batch * kv_heads, splits)](
             q, k_rows, v_rows, out, lse, o_part, lse_part, starts, used,
             block_table if block_table is not None else starts, alibi if alibi is not None else lse,
             q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),

@@ -266,3 +266,25 @@ def test_decode_kernel_compiles_without_spills(head_dim, rows):
             assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (arch, head_dim, rows, paged)
             if arch == "sm_90" and rows == 64:
                 assert uses_wgmma(compiled), (head_dim, paged)
+
+
+def test_decode_grid_stays_within_cuda_limits(monkeypatch):
+    """4100 sequences x 16 kv heads = 65600 programs: past axis 1's 65535, so (sequence x kv head)
+    goes on axis 0 (2^31 - 1) and the key splits (at most 64) on axis 1."""
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(decode_kernels, "_decode_fwd", Recorder())
+    batch, heads_k, d, keys = 4100, 16, 32, 64
+    q = torch.zeros(batch, heads_k, d, dtype=torch.bfloat16)
+    cache = torch.zeros(batch * keys, heads_k, d, dtype=torch.bfloat16)
+    starts = torch.arange(batch, dtype=torch.int32) * keys
+    used = torch.full((batch,), keys, dtype=torch.int32)
+    for splits in (1, 3):
+        decode_kernels.attention_decode(q, cache, cache, starts, used, None, keys, keys, 1, keys, 0.1, (-1, 0), 0.0,
+                                        num_splits=splits)
+    assert grids == [(batch * heads_k, 1), (batch * heads_k, 3)]

@@ -198,7 +198,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # The decoding kernel (a few queries per sequence: the GQA group's query rows in one tile) reads
     # dense and paged caches in place; longer query blocks of a dense cache take the varlen kernel
     # in place; everything else gathers the live keys.
-    decode = pitch is not None and (heads // k_cache.shape[2]) * seqlen_q <= DECODE_MAX_ROWS
+    decode = pitch is not None and 0 < (heads // k_cache.shape[2]) * seqlen_q <= DECODE_MAX_ROWS
     gather = pitch is None or (paged and not decode)
     with torch.no_grad():
         if paged and total and not _pages_in_range(block_table, leftpad, ends, k_cache.shape[1], k_cache.shape[0]):
