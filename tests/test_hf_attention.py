@@ -150,7 +150,7 @@ def test_attention_function_matches_the_masks_transformers_means(scenario, windo
 
 @pytest.mark.parametrize("dtype,device", KINDS[1:])
 @pytest.mark.parametrize("scenario", ["right_padded", "left_padded", "decode", "chunk", "static_cache", "holes",
-                                      "cache_no_mask"])
+                                      "cache_no_mask", "single_token"])
 def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch):
     """Without autograd (generate()), a padding mask whose live keys are one stretch per row (left
     or right padding) has the kernel read the keys where they are, in the cache's own storage; a
@@ -158,7 +158,11 @@ def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch
     from tokenforge.kernels import attention_kvcache as decode_kernels
     from tokenforge.ops.attention import LAUNCHERS
 
-    if scenario == "holes":
+    if scenario == "single_token":  # one-token prompts, one of them padding: a sequence with no key
+        mask = torch.tensor([[True], [False], [True]])
+        q_len, kv_len = 1, 1
+        visible, live = _padded_visibility(mask, 1, None)
+    elif scenario == "holes":
         mask = torch.ones(2, 12, dtype=torch.bool)
         mask[0, 3:5] = False
         q_len, kv_len = 1, 12

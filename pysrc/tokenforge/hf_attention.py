@@ -186,6 +186,68 @@ def _cache_pitch(q, k, v, keys: Optional[_Unpadding], dropout, *inputs) -> Optio
     return cache_row_pitch(q, k, v, None)
 
 
+def _decode_step(q, k, v, starts, used, pitch: int, longest: int, options: dict) -> torch.Tensor:
+    """q (batch, q_len, heads, d) against each sequence's used[b] keys from row starts[b] of the
+    cache k/v (batch, kv_len, kv heads, d) viewed as rows, by the decoding kernel; out like q."""
+    from tokenforge.ops.attention_kvcache import decode_over_cache
+
+    batch, q_len = q.shape[:2]
+    out, _ = decode_over_cache(q.reshape(batch * q_len, *q.shape[2:]), k, v, starts, used, None, pitch, q_len,
+                               longest, options["softmax_scale"], options["causal"], options["window"],
+                               options["softcap"], None, 0)
+    return out.view(q.shape)
+
+
+def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor:
+    """Attention under a 2-D padding mask (batch, kv_len): the live queries and keys of each row as
+    one document (varlen), the output scattered back with padding rows 0. Without autograd, keys
+    that are one stretch per row are read in place: a decoding step (one query) by the decoding
+    kernel, longer blocks by the varlen kernel with key starts and counts."""
+    from tokenforge.ops.attention import attention_over_cache_rows, attention_varlen
+    from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, cache_as_rows
+    from tokenforge.patch import count_call
+
+    batch, q_len = q.shape[:2]
+    kv_len = k.shape[1]
+    keys = _memoised(attention_mask, "mask", _plan_from_mask)
+    count_call("attention_varlen")
+    pitch = _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
+    if pitch is not None:
+        starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts
+        if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # every sequence's one query
+            return _decode_step(q, k, v, starts, keys.cu.diff(), pitch, keys.longest, options)
+    if q_len == kv_len:
+        rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
+    elif q_len == 1:  # one new token per sequence, never padding
+        rows_q = torch.arange(batch, device=q.device)
+        cu_q, longest_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
+    else:  # the queries are the last q_len positions (left padding)
+        rows_q, cu_q, longest_q = _plan_from_mask(attention_mask[:, -q_len:])[:3]
+    if pitch is not None:
+        out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), cache_as_rows(k, pitch), cache_as_rows(v, pitch),
+                                                cu_q, starts, keys.cu.diff(), longest_q, keys.longest,
+                                                options["softmax_scale"], options["causal"], options["window"],
+                                                options["softcap"], None)
+    else:
+        out_rows = attention_varlen(_rows(q, rows_q), _rows(k, keys.rows), _rows(v, keys.rows), cu_q, keys.cu,
+                                    longest_q, keys.longest, **options)
+    out = out_rows.new_zeros(batch * q_len, *out_rows.shape[1:]).index_copy(0, rows_q, out_rows)
+    return out.view(batch, q_len, *out_rows.shape[1:])
+
+
+def _documents(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, position_ids, batch: int, q_len: int,
+               kv_len: int):
+    """(cu_q, cu_k, longest_q, longest_k) of packed documents, or None: flash-attention keywords
+    (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) when given, else position ids that
+    restart inside a row (broadcast over the batch when given for one row)."""
+    if all(x is not None for x in (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)):
+        return cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), int(max_length_q), int(max_length_k)
+    if position_ids is None or q_len != kv_len or q_len < 2:
+        return None
+    plan = _memoised(position_ids, ("positions", batch), lambda p: _plan_from_positions(p.expand(batch, -1)))
+    return None if plan is None else (plan[0], plan[0], plan[1], plan[1])
+
+
 def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                          scaling: Optional[float] = None, sliding_window: Optional[int] = None,
@@ -196,7 +258,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     """transformers' attention-function contract: query (batch, heads_q, q_len, dim), key/value
     (batch, heads_kv, kv_len, dim); returns ((batch, q_len, heads_q, dim), None)."""
     from tokenforge.ops.attention import attention, attention_varlen
-    from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, decode_over_cache
+    from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS
     from tokenforge.patch import count_call
 
     if s_aux is not None:
@@ -220,46 +282,12 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     options = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=causal, window=window,
                    softcap=float(softcap or 0.0))
 
+    grad_inputs = (query, key, value)
     if attention_mask is not None:
-        keys = _memoised(attention_mask, "mask", _plan_from_mask)
-        if q_len == kv_len:
-            rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
-        elif q_len == 1:  # one new token per sequence, never padding
-            rows_q = torch.arange(batch, device=q.device)
-            cu_q, longest_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
-        else:  # the queries are the last q_len positions (left padding)
-            rows_q, cu_q, longest_q = _plan_from_mask(attention_mask[:, -q_len:])[:3]
-        count_call("attention_varlen")
-        pitch = _cache_pitch(q, k, v, keys, dropout, query, key, value)
-        if pitch is not None:  # generation: each row's live keys read where they are in the cache
-            from tokenforge.ops.attention import attention_over_cache_rows
-            from tokenforge.ops.attention_kvcache import cache_as_rows
-
-            starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts
-            if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # a decoding step
-                out_rows, _ = decode_over_cache(_rows(q, rows_q), k, v, starts, keys.cu.diff(), None, pitch, 1,
-                                                keys.longest, scaling, causal, window, options["softcap"], None, 0)
-            else:
-                out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), cache_as_rows(k, pitch),
-                                                        cache_as_rows(v, pitch), cu_q, starts, keys.cu.diff(),
-                                                        longest_q, keys.longest, scaling, causal, window,
-                                                        options["softcap"], None)
-        else:
-            out_rows = attention_varlen(_rows(q, rows_q), _rows(k, keys.rows), _rows(v, keys.rows), cu_q, keys.cu,
-                                        longest_q, keys.longest, **options)
-        out = out_rows.new_zeros(batch * q_len, *out_rows.shape[1:]).index_copy(0, rows_q, out_rows)
-        out = out.view(batch, q_len, *out_rows.shape[1:])
+        out = _padded(q, k, v, attention_mask, options, grad_inputs)
     else:
-        documents = None
-        if all(x is not None for x in (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)):
-            documents = (cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), int(max_length_q),
-                         int(max_length_k))
-        elif position_ids is not None and q_len == kv_len and q_len > 1:
-            # Positions given for one row are broadcast over the batch.
-            plan = _memoised(position_ids, ("positions", batch),
-                             lambda p: _plan_from_positions(p.expand(batch, -1)))
-            if plan is not None:
-                documents = (plan[0], plan[0], plan[1], plan[1])
+        documents = _documents(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, position_ids, batch, q_len,
+                               kv_len)
         if documents is not None:
             flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
             count_call("attention_varlen")
@@ -268,13 +296,11 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
             count_call("attention")
             pitch = None
             if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS:
-                pitch = _cache_pitch(q, k, v, None, dropout, query, key, value)
+                pitch = _cache_pitch(q, k, v, None, options["dropout_p"], *grad_inputs)
             if pitch is not None:  # a decoding step, unpadded: the decoding kernel, one tile per GQA group
                 starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch
                 used = torch.full((batch,), kv_len, device=q.device, dtype=torch.int32)
-                out, _ = decode_over_cache(q.reshape(batch * q_len, *q.shape[2:]), k, v, starts, used, None, pitch,
-                                           q_len, kv_len, scaling, causal, window, options["softcap"], None, 0)
-                out = out.view(batch, q_len, *q.shape[2:])
+                out = _decode_step(q, k, v, starts, used, pitch, kv_len, options)
             else:
                 out = attention(q, k, v, **options)
     if v_dim != head_dim:
