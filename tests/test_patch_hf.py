@@ -119,11 +119,13 @@ def test_changed_model_classes_fail_loudly():
     assert "forward" not in vars(model)  # nothing left half-patched
 
 
-def test_hf_bf16_attention_is_routed_to_the_kernel():
-    """In bf16 every layer's attention (causal, no mask) reaches tokenforge's attention kernel
-    through the Hugging Face attention implementation tokenforge registers (tests/test_hf_attention.py
-    covers padded and packed batches); SDPA is left alone."""
+def test_hf_bf16_attention_is_routed_to_the_kernel(monkeypatch):
+    """In bf16 every layer's attention (causal, no mask) reaches tokenforge's kernels through the
+    Hugging Face attention implementation tokenforge registers (tests/test_hf_attention.py covers
+    padded and packed batches), SDPA left alone: with autograd the attention kernel; without it, 16
+    queries x a GQA group of 2 fit one tile of the decoding kernel, which takes them."""
     from tokenforge import sdpa_patch
+    from tokenforge.kernels import attention_kvcache as decode_kernels
     from tokenforge.ops.attention import LAUNCHERS
 
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -131,22 +133,29 @@ def test_hf_bf16_attention_is_routed_to_the_kernel():
     cfg._attn_implementation = "sdpa"  # head_dim 32: the smallest the attention kernel takes
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     ids = torch.randint(0, 256, (1, 16))
-    launcher = LAUNCHERS["triton"]
-    real, launches = launcher.attention_forward, []
+    launches = []
+    for module, fn in ((LAUNCHERS["triton"], "attention_forward"), (decode_kernels, "attention_decode")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _fn=fn, _real=real, **kw: launches.append(_fn) or _real(*a, **kw))
     with torch.no_grad():
         ref = model(input_ids=ids, labels=ids).loss.float()
-        tokenforge.patch(model)
+    launches.clear()
+    tokenforge.patch(model)
+    try:
         assert not sdpa_patch.is_installed()
-        launcher.attention_forward = lambda *a, **kw: launches.append(1) or real(*a, **kw)
-        try:
-            loss = model(input_ids=ids, labels=ids).loss.float()
-        finally:
-            launcher.attention_forward = real
-            tokenforge.unpatch(model)
-    assert len(launches) == model.config.num_hidden_layers, f"{len(launches)} kernel launches"
+        loss = model(input_ids=ids, labels=ids).loss.float()
+        loss.backward()
+        trained, launches[:] = list(launches), []
+        with torch.no_grad():
+            evaluated = model(input_ids=ids, labels=ids).loss.float()
+    finally:
+        tokenforge.unpatch(model)
+    layers = model.config.num_hidden_layers
+    assert trained == ["attention_forward"] * layers and launches == ["attention_decode"] * layers, (trained, launches)
     assert model.config._attn_implementation == "sdpa"
     # bf16 activations through two layers: the loss agrees to bf16 precision.
-    assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
+    for got in (loss, evaluated):
+        assert abs(got.item() - ref.item()) <= 2e-2 * abs(ref.item())
 
 
 def test_trainer_safe_outputs():
