@@ -4,7 +4,8 @@
 One program per (sequence b, kv head hk, key split). Its tile's rows are every query of hk's GQA
 group: row m is query head hk * GROUP + m // seqlen_q, query m % seqlen_q, so each key and value
 block is read once for the whole group (the prefill kernel, one program per query head, would read it
-GROUP times) and a decoding step's single query does not waste a 64-row tile. Keys are read where they
+GROUP times) and a decoding step's single query does not waste a 64-row tile. The op sends it up to
+tokenforge.ops.attention_kvcache.DECODE_MAX_ROWS rows (the compile gate checks tiles up to 64). Keys are read where they
 sit in the cache, never gathered:
 
     dense cache  key j of sequence b is row START[b] + j of the cache viewed as rows
@@ -26,10 +27,6 @@ import triton.language as tl
 
 from tokenforge.kernels import INTERPRETED, launch_device
 from tokenforge.kernels.attention import _dot, _scores
-
-# Rows of the tile (GROUP x seqlen_q) this kernel takes: decoding and short speculative steps.
-MAX_ROWS = 64
-
 
 @triton.jit
 def _decode_fwd(
