@@ -160,18 +160,22 @@ def test_generic_patch_on_a_hand_written_model():
 
         def forward(self, x):
             q = self.proj(self.norm(x)).view(2, 5, 4, 8).transpose(1, 2)
-            return F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
     model = Tiny()
     x = torch.randn(2, 5, 32)
     ref = model(x)
     report = tokenforge.patch(model)
-    assert report.family == "generic"
-    assert any("not an architecture tokenforge knows" in s for s in report.skipped)
-    assert any(p.startswith("rms_norm: 1") for p in report.patched)
-    assert isinstance(model.norm, tokenforge.nn.RMSNorm)
-    assert rel_error(model(x), ref) < 1e-5
-    tokenforge.unpatch(model)
+    try:  # unpatch even on failure: the SDPA routing is process-wide
+        assert report.family == "generic"
+        assert any("not an architecture tokenforge knows" in s for s in report.skipped)
+        assert any(p.startswith("rms_norm: 1") for p in report.patched)
+        assert isinstance(model.norm, tokenforge.nn.RMSNorm)
+        # The attention output, not its sum: a sum of terms of both signs amplifies a rounding-sized
+        # difference past any relative bound (1.7e-5 was seen).
+        assert rel_error(model(x), ref) < 1e-5
+    finally:
+        tokenforge.unpatch(model)
     assert type(model.norm) is torch.nn.RMSNorm
 
 
