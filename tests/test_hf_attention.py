@@ -9,6 +9,7 @@ batches: the loss and every gradient, and greedy decoding from a static cache.""
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ KINDS = [pytest.param(torch.float64, "cpu", id="f64-cpu"),
 def test_attention_function_matches_the_masks_transformers_means(scenario, window, softcap, dtype, device):
     q_len, kv_len, mask, kw, visible, live = _scenario(scenario, window)
     batch = visible.shape[0]
-    torch.manual_seed(hash((scenario, window, softcap)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((scenario, window, softcap)).encode()))  # the same every run
     q = torch.randn(batch, HEADS_Q, q_len, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
     k = torch.randn(batch, HEADS_KV, kv_len, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
     v = torch.randn(batch, HEADS_KV, kv_len, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
