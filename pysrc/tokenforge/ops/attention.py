@@ -704,6 +704,18 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _returns(out, lse, return_lse, return_attn_probs, probs)
 
 
+def check_cache_options(name: str, q, k_rows, v_rows, batch: int, softmax_scale, causal, window_size, softcap,
+                        alibi_slopes) -> tuple[float, tuple[int, int], Optional[torch.Tensor]]:
+    """The KV-cache kernels' options checked as :func:`attention_varlen` checks them, for q and the
+    cache as rows (total, heads, d): (scale, window with causal folded in, fp32 ALiBi slopes or None)."""
+    window = _check_flash_attn_keywords(name, 0.0, None, window_size, alibi_slopes, False)
+    _check_common(name, q, k_rows, v_rows, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale, window,
+                  softcap)
+    alibi = _check_alibi(name, alibi_slopes, q.shape[1], batch, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return scale, _fold_causal(causal, window), alibi
+
+
 def attention_over_cache_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, cu_seqlens_q: torch.Tensor,
                               starts_k: torch.Tensor, used_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                               softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
@@ -714,13 +726,8 @@ def attention_over_cache_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: tor
     flattened to rows is read where it is, with no gather (attention_with_kvcache's dense caches).
     No autograd. The caller has checked that the rows exist and that the kernel takes these inputs
     (head dim a kernel tile, unit stride); the options are checked here as attention_varlen does."""
-    window = _check_flash_attn_keywords("attention_with_kvcache", 0.0, None, window_size, alibi_slopes, False)
-    _check_common("attention_with_kvcache", q, k_rows, v_rows, 3, "(total_tokens, heads, head_dim)", causal,
-                  softmax_scale, window, softcap)
-    batch = starts_k.shape[0]
-    alibi = _check_alibi("attention_with_kvcache", alibi_slopes, q.shape[1], batch, q.device)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    win = _fold_causal(causal, window)
+    scale, win, alibi = check_cache_options("attention_with_kvcache", q, k_rows, v_rows, starts_k.shape[0],
+                                            softmax_scale, causal, window_size, softcap, alibi_slopes)
     starts_k = torch.cat((starts_k, starts_k.new_zeros(1)))  # the kernel also reads entry b + 1 (unused)
     return torch.ops.tokenforge.attention_fwd(q, k_rows, v_rows, cu_seqlens_q, starts_k, int(max_seqlen_q),
                                               int(max_seqlen_k), scale, win[0], win[1], float(softcap), "triton",

@@ -318,15 +318,11 @@ def decode_over_cache(q_rows, k_cache, v_cache, starts, used, block_table, pitch
                       longest: int, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits: int):
     """(out rows, lse (heads, rows)) by the decoding kernel, the options checked as
     :func:`attention_varlen` checks them."""
-    from tokenforge.ops.attention import _check_alibi, _check_common, _check_flash_attn_keywords, _fold_causal
+    from tokenforge.ops.attention import check_cache_options
 
-    window = _check_flash_attn_keywords(NAME, 0.0, None, window_size, alibi_slopes, False)
     k_rows, v_rows = cache_as_rows(k_cache, pitch), cache_as_rows(v_cache, pitch)
-    _check_common(NAME, q_rows, k_rows, v_rows, 3, "(total_tokens, heads, head_dim)", causal, softmax_scale, window,
-                  softcap)
-    alibi = _check_alibi(NAME, alibi_slopes, q_rows.shape[1], starts.shape[0], q_rows.device)
-    scale = float(softmax_scale) if softmax_scale is not None else q_rows.shape[-1] ** -0.5
-    left, right = _fold_causal(causal, window)
+    scale, (left, right), alibi = check_cache_options(NAME, q_rows, k_rows, v_rows, starts.shape[0], softmax_scale,
+                                                      causal, window_size, softcap, alibi_slopes)
     return torch.ops.tokenforge.attention_kvcache_decode(q_rows, k_rows, v_rows, starts, used, block_table,
                                                         k_cache.shape[1], pitch, seqlen_q, longest, scale, left,
                                                         right, float(softcap), alibi, num_splits)
