@@ -9,6 +9,7 @@ batches: the loss and every gradient, and greedy decoding from a static cache.""
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 
 import pytest
@@ -248,6 +249,37 @@ def test_the_unpadding_plan_is_built_once_per_mask(monkeypatch):
     mask[0, 7:] = True
     full, _ = hf_attention.hf_attention_forward(_Layer(), q, k, k, mask)
     assert len(built) == 2 and not torch.equal(full, first)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("scenario", ["decode", "chunk", "cache_no_mask"])
+def test_a_decoding_step_builds_its_cache_rows_once(scenario, monkeypatch):
+    """Every layer of a decoding step reads the cache rows (starts, used) built by the first one:
+    a GPU decoding step is launch-bound, and rebuilding them cost launches in every layer. The
+    next step (one more key, or a new mask) gets new ones."""
+    q_len, kv_len, mask, _, _, _ = _scenario(scenario, None)
+    seen = []  # (starts, used) the kernel was given
+    monkeypatch.setattr(hf_attention, "_decode_step", lambda q, k, v, starts, used, *a: seen.append(
+        (starts, used)) or q.new_zeros(q.shape))
+    attention_ops = sys.modules["tokenforge.ops.attention"]
+    real_rows = attention_ops.attention_over_cache_rows
+    monkeypatch.setattr(attention_ops, "attention_over_cache_rows", lambda q, k, v, cu_q, starts, used, *a: seen.append(
+        (starts, used)) or real_rows(q, k, v, cu_q, starts, used, *a))
+
+    def step(keys, mask):
+        batch = 2
+        q = torch.randn(batch, HEADS_Q, q_len, HEAD_DIM, dtype=torch.bfloat16)
+        k = torch.randn(batch, HEADS_KV, keys, HEAD_DIM, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for _ in range(3):  # three layers
+                hf_attention.hf_attention_forward(_Layer(), q, k, k, mask)
+
+    step(kv_len, mask)
+    assert len(seen) == 3 and all(s is seen[0][0] and u is seen[0][1] for s, u in seen), seen
+    nxt = None if mask is None else torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    step(kv_len + 1, nxt)
+    assert len(seen) == 6 and seen[3][1] is not seen[0][1] and all(u is seen[3][1] for _, u in seen[3:])
+    assert seen[3][1].tolist() == (nxt.sum(-1) if nxt is not None else torch.full((2,), kv_len + 1)).tolist()
 
 
 def test_a_ready_4d_mask_goes_to_sdpa_and_sinks_are_refused():

@@ -86,7 +86,7 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
 # (tensor, (its version, tag), plan) for the last few tensors seen: a forward alternates between at most
 # a full-attention and a sliding-window mask, so a handful of entries never thrash.
 _PLANS: list = []
-_PLANS_KEPT = 4
+_PLANS_KEPT = 8  # a mask's plan and the index tensors built from it, for a forward or two
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
@@ -109,6 +109,26 @@ def _memoised(t: torch.Tensor, tag, build):
     _PLANS.insert(0, (t, (version, tag), plan))
     del _PLANS[_PLANS_KEPT:]
     return plan
+
+
+_UNPADDED_ROWS: dict = {}
+
+
+def _unpadded_rows(device: torch.device, batch: int, pitch: int, kv_len: int):
+    """(starts, used) int32 (batch,) of an unpadded decoding step: sequence b's kv_len keys from row
+    b * pitch. Every layer of a step asks for the same pair, so it is built once per step, not
+    twice per layer (two launches each on a GPU, where a decoding step is launch-bound)."""
+    def build():
+        starts = torch.arange(batch, device=device, dtype=torch.int32) * pitch
+        return starts, torch.full((batch,), kv_len, device=device, dtype=torch.int32)
+
+    if torch.compiler.is_compiling():
+        return build()
+    key = (device, batch, pitch, kv_len)
+    if key not in _UNPADDED_ROWS:
+        _UNPADDED_ROWS.clear()  # one step's pair: the next step has one more key
+        _UNPADDED_ROWS[key] = build()
+    return _UNPADDED_ROWS[key]
 
 
 class _Unpadding(NamedTuple):
@@ -212,20 +232,23 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
     keys = _memoised(attention_mask, "mask", _plan_from_mask)
     count_call("attention_varlen")
     pitch = _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
-    if pitch is not None:
-        starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts
+    if pitch is not None:  # built once per mask, like the plan: every layer reads the same rows
+        starts, used = _memoised(attention_mask, ("cache rows", batch, pitch), lambda _: (
+            torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts, keys.cu.diff()))
         if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # every sequence's one query
-            return _decode_step(q, k, v, starts, keys.cu.diff(), pitch, keys.longest, options)
+            return _decode_step(q, k, v, starts, used, pitch, keys.longest, options)
     if q_len == kv_len:
         rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
     elif q_len == 1:  # one new token per sequence, never padding
-        rows_q = torch.arange(batch, device=q.device)
-        cu_q, longest_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
+        rows_q, cu_q = _memoised(attention_mask, ("one query", batch), lambda _: (
+            torch.arange(batch, device=q.device), torch.arange(batch + 1, dtype=torch.int32, device=q.device)))
+        longest_q = 1
     else:  # the queries are the last q_len positions (left padding)
-        rows_q, cu_q, longest_q = _plan_from_mask(attention_mask[:, -q_len:])[:3]
+        rows_q, cu_q, longest_q = _memoised(attention_mask, ("last queries", q_len),
+                                            lambda m: _plan_from_mask(m[:, -q_len:]))[:3]
     if pitch is not None:
         out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), cache_as_rows(k, pitch), cache_as_rows(v, pitch),
-                                                cu_q, starts, keys.cu.diff(), longest_q, keys.longest,
+                                                cu_q, starts, used, longest_q, keys.longest,
                                                 options["softmax_scale"], options["causal"], options["window"],
                                                 options["softcap"], None)
     else:
@@ -298,8 +321,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
             if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS:
                 pitch = _cache_pitch(q, k, v, None, options["dropout_p"], *grad_inputs)
             if pitch is not None:  # a decoding step, unpadded: the decoding kernel, one tile per GQA group
-                starts = torch.arange(batch, device=q.device, dtype=torch.int32) * pitch
-                used = torch.full((batch,), kv_len, device=q.device, dtype=torch.int32)
+                starts, used = _unpadded_rows(q.device, batch, pitch, kv_len)
                 out = _decode_step(q, k, v, starts, used, pitch, kv_len, options)
             else:
                 out = attention(q, k, v, **options)
