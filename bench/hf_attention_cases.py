@@ -10,8 +10,8 @@ Backends (baselines first, so our ratios are known when it runs):
                 the mask is built once, outside the timing, as transformers builds it once per forward
     flash_attn  transformers' "flash_attention_2" path (unpad, flash_attn_varlen_func, pad), when
                 flash_attn is installed (CUDA)
-    tokenforge  tokenforge.hf_attention.hf_attention_forward, what a patched model runs: the live
-                tokens as attention_varlen documents
+    tokenforge  tokenforge.hf_attention.hf_attention_forward, what a patched model runs: the padded
+                rows read in place (attention_padded), the packed ones as attention_varlen documents
 
 The FLOPs counted are the useful ones: causal attention within each document (flash_attn's
 convention, 2 * h * d * n^2 per document of n tokens forward, 3.5x that forward + backward), so
@@ -42,7 +42,7 @@ CPU_BACKENDS = ("sdpa_mask", "tokenforge")
 BACKEND_DESCRIPTIONS = {
     "sdpa_mask": "transformers sdpa_attention_forward with its dense boolean (b, 1, s, s) mask",
     "flash_attn": "transformers flash_attention_2 path: unpad, flash_attn_varlen_func, pad",
-    "tokenforge": "tokenforge.hf_attention.hf_attention_forward (attention_varlen documents)",
+    "tokenforge": "tokenforge.hf_attention.hf_attention_forward (padded rows in place, packed as varlen documents)",
 }
 
 

@@ -82,18 +82,29 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr):
-    """(first row, length) of batch entry b's queries and keys."""
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
+def _rows_of(CU, SEQUSED, b, SEQ, IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(first row, length) of batch entry b in one of q / k. Varlen: document b is rows CU[b] ..
+    CU[b + 1], or the SEQUSED[b] rows from CU[b] (a document anywhere in the rows). Dense: the whole
+    sequence, or its SEQUSED[b] rows from CU[b] (CU then holds one start per sequence: the live
+    stretch of a left- or right-padded row, read in place)."""
+    if HAS_SEQUSED:
+        start = tl.load(CU + b)
+        length = tl.load(SEQUSED + b)
+    elif IS_VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
     else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+        start = 0
+        length = SEQ
+    return start, length
+
+
+@triton.jit
+def _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN: tl.constexpr, SEQUSED_Q, SEQUSED_K,
+                HAS_SEQUSED_Q: tl.constexpr, HAS_SEQUSED_K: tl.constexpr):
+    """(first row, length) of batch entry b's queries and keys (see _rows_of)."""
+    q_start, seqlen_q = _rows_of(CU_Q, SEQUSED_Q, b, SEQ_Q, IS_VARLEN, HAS_SEQUSED_Q)
+    k_start, seqlen_k = _rows_of(CU_K, SEQUSED_K, b, SEQ_K, IS_VARLEN, HAS_SEQUSED_K)
     return q_start, seqlen_q, k_start, seqlen_k
 
 
@@ -304,11 +315,11 @@ def _attn_fwd(
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
     SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
-    SEQUSED_K=None, HAS_SEQUSED: tl.constexpr = False,
+    SEQUSED_Q=None, SEQUSED_K=None, HAS_SEQUSED_Q: tl.constexpr = False, HAS_SEQUSED_K: tl.constexpr = False,
 ):
-    # HAS_SEQUSED (varlen): document b's keys are the SEQUSED_K[b] rows from CU_K[b], not up to
-    # CU_K[b + 1]: the documents may sit anywhere in K, apart, in any order (a KV cache read in place,
-    # flattened to rows: sequence b's live keys are a stretch of its cache row).
+    # HAS_SEQUSED_Q / _K: batch entry b's queries / keys are the SEQUSED[b] rows from CU[b] (see
+    # _rows_of): varlen documents anywhere in the rows (a KV cache read in place, flattened to rows),
+    # or the live stretch of a padded dense row. Query rows outside every stretch are not written.
     # HAS_DROPOUT: attention dropout, probability p = DROP_THRESHOLD / 2^32; a kept probability
     # is scaled by drop_scale = 1 / (1 - p) (see _dropout_keep); lse is that of the undropped scores.
     # SEED points at the call's int64 seed, drawn on q's device (read here: no host sync).
@@ -318,6 +329,7 @@ def _attn_fwd(
     # tensors: Q's block, every K/V block and the O block move by the copy engine
     # (cp.async.bulk.tensor on sm_90) instead of by every thread; past seqlen and the head dim a load
     # is zero-filled and the store clipped.
+    tl.static_assert(not (TMA and (HAS_SEQUSED_Q or HAS_SEQUSED_K)), "TMA boxes start at row 0 of a sequence")
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
@@ -326,9 +338,8 @@ def _attn_fwd(
     if HEAD_I64:  # h * stride_h passes 2^31 at 128 heads x 128k x d128 (see _head_i64)
         h = tl.cast(h, tl.int64)
     hk = h // GROUP
-    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
-    if HAS_SEQUSED:
-        seqlen_k = tl.load(SEQUSED_K + b)
+    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN, SEQUSED_Q, SEQUSED_K,
+                                                       HAS_SEQUSED_Q, HAS_SEQUSED_K)
     m_start = pid_m * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -408,19 +419,14 @@ def _attn_bwd_preprocess(
     stride_lb, stride_lh,
     SEQ_Q, HEADS, HEAD_DIM, N_BLOCKS,
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_I64: tl.constexpr,
-    FOLD: tl.constexpr,
+    FOLD: tl.constexpr, SEQUSED_Q=None, HAS_SEQUSED_Q: tl.constexpr = False,
 ):
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
     h = pid_bh % HEADS
     if HEAD_I64:
         h = tl.cast(h, tl.int64)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
+    q_start, seqlen_q = _rows_of(CU_Q, SEQUSED_Q, b, SEQ_Q, IS_VARLEN, HAS_SEQUSED_Q)
     m_start = pid_m * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -456,6 +462,7 @@ def _attn_bwd_dkdv(
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr = False,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
     SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
+    SEQUSED_Q=None, SEQUSED_K=None, HAS_SEQUSED_Q: tl.constexpr = False, HAS_SEQUSED_K: tl.constexpr = False,
 ):
     # Transposed formulation: sT = k @ q^T is (BLOCK_N, BLOCK_M), so dk += dsT @ q and
     # dv += pT @ dO need no transposes of the accumulators. With ATOMIC_DQ the same pass also adds
@@ -466,13 +473,15 @@ def _attn_bwd_dkdv(
     # stay pointer loads: Triton then keeps them in shared memory as wgmma operands, while a
     # descriptor load's tile is materialised in registers (64 more per thread at d128, which spilled
     # the 32x128 tiles).
+    tl.static_assert(not (TMA and (HAS_SEQUSED_Q or HAS_SEQUSED_K)), "TMA boxes start at row 0 of a sequence")
     pid_n, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // KV_HEADS
     hk = pid_bh % KV_HEADS
     hk32 = hk  # TMA coordinates are 32-bit
     if HEAD_I64:
         hk = tl.cast(hk, tl.int64)
-    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN, SEQUSED_Q, SEQUSED_K,
+                                                       HAS_SEQUSED_Q, HAS_SEQUSED_K)
     n_start = pid_n * BLOCK_N
     if n_start >= seqlen_k:
         return
@@ -591,6 +600,7 @@ def _attn_bwd_dq(
     HEAD_I64: tl.constexpr, FOLD: tl.constexpr,
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
     SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
+    SEQUSED_Q=None, SEQUSED_K=None, HAS_SEQUSED_Q: tl.constexpr = False, HAS_SEQUSED_K: tl.constexpr = False,
 ):
     pid_m, pid_bh = _split_pid(N_BLOCKS, FOLD)
     b = pid_bh // HEADS
@@ -598,7 +608,8 @@ def _attn_bwd_dq(
     if HEAD_I64:  # h * stride_h passes 2^31 at 128 heads x 128k x d128 (see _head_i64)
         h = tl.cast(h, tl.int64)
     hk = h // GROUP
-    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k = _doc_bounds(CU_Q, CU_K, b, SEQ_Q, SEQ_K, IS_VARLEN, SEQUSED_Q, SEQUSED_K,
+                                                       HAS_SEQUSED_Q, HAS_SEQUSED_K)
     m_start = pid_m * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -1114,34 +1125,57 @@ def _dropout_args(dropout) -> dict:
     return dict(SEED=seed, DROP_THRESHOLD=threshold, drop_scale=2.0**32 / (2.0**32 - threshold), HAS_DROPOUT=True)
 
 
+def _seqused_args(seqused_q, seqused_k) -> dict:
+    """The kernels' SEQUSED arguments (see _rows_of)."""
+    args = {}
+    if seqused_q is not None:
+        args.update(SEQUSED_Q=seqused_q, HAS_SEQUSED_Q=True)
+    if seqused_k is not None:
+        args.update(SEQUSED_K=seqused_k, HAS_SEQUSED_K=True)
+    return args
+
+
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                       scale: float, window: tuple[int, int], softcap: float, alibi=None, dropout=None,
-                      seqused_k=None):
+                      seqused_q=None, seqused_k=None):
     """(out, lse): out like q (contiguous), lse fp32 (batch, heads, seqlen_q) or (heads, total_q).
 
     Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
     cu_seqlens int32 (batch + 1,). ``window`` has causal already folded in (right = 0). ``alibi``:
     contiguous fp32 slopes (hq,) or (batch, hq), or None. ``dropout``: (seed tensor, threshold),
-    the probability p = threshold / 2^32 (see _dropout_keep), or None. ``seqused_k`` (varlen, int32
-    (batch,)): document b's keys are rows cu_seqlens_k[b] .. + seqused_k[b] (only cu_seqlens_k[:batch]
-    is read), so the documents can lie anywhere in k/v: a KV cache read where it is."""
-    varlen = cu_seqlens_q is not None
+    the probability p = threshold / 2^32 (see _dropout_keep), or None. ``seqused_q`` / ``seqused_k``
+    (int32 (batch,)): batch entry b's queries / keys are the seqused[b] rows from cu_seqlens[b]
+    (only cu_seqlens[:batch] is read). Varlen: the documents can lie anywhere in the rows (a KV
+    cache read where it is). Dense: cu_seqlens_q / _k are then each sequence's first live row (a
+    padded batch's live stretch, read in place). Query rows outside every stretch get out 0 and
+    lse +inf (an empty row's)."""
+    varlen = q.dim() == 3
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
     if varlen:
-        batch = cu_seqlens_q.shape[0] - 1
+        batch = (seqused_q if seqused_q is not None else cu_seqlens_q).shape[0] - (seqused_q is None)
         seq_q, seq_k = 0, 0
-        lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        lse_shape = (heads, q.shape[0])
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     else:
         batch, seq_q = q.shape[0], q.shape[1]
         seq_k = k.shape[1]
-        lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-        cu_q = cu_k = lse  # never read when IS_VARLEN is False
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse_shape = (batch, heads, seq_q)
+        # each sequence's first live row with seqused, else never read (IS_VARLEN False)
+        cu_q = cu_seqlens_q if seqused_q is not None else q
+        cu_k = cu_seqlens_k if seqused_k is not None else q
+    if seqused_q is None:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:  # rows no program writes
+        lse = torch.full(lse_shape, float("inf"), dtype=torch.float32, device=q.device)
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     group = heads // kv_heads
+    seqused = _seqused_args(seqused_q, seqused_k)
 
-    tma_layout = not varlen and tma_usable(k, v) and tma_usable(q, out)
+    tma_layout = not varlen and not seqused and tma_usable(k, v) and tma_usable(q, out)
 
     def launch(cfg, out=out, lse=lse):
         n_blocks = triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"])
@@ -1162,7 +1196,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
             GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
             UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg, **_alibi_args(alibi),
-            **_dropout_args(dropout), **({} if seqused_k is None else dict(SEQUSED_K=seqused_k, HAS_SEQUSED=True)),
+            **_dropout_args(dropout), **seqused,
         )
 
     with launch_device(q):
@@ -1175,32 +1209,36 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                        max_seqlen_k: int, scale: float, window: tuple[int, int], softcap: float,
-                       deterministic: bool = True, alibi=None, dropout=None):
-    """(dq, dk, dv), contiguous, in q/k/v's dtype.
+                       deterministic: bool = True, alibi=None, dropout=None, seqused_q=None, seqused_k=None):
+    """(dq, dk, dv), contiguous, in q/k/v's dtype; rows outside seqused's stretches (see
+    attention_forward) get 0.
 
     deterministic=False (the API's default, as in flash_attn), where :func:`fused_backward_runs`:
     one pass per key block computes dk, dv and adds dq's share with fp32 atomics (scores computed
     once). Otherwise (deterministic=True, d > 64, or not sm_90): the dk/dv pass, then a dq pass per
     query block that recomputes the scores; no atomics, bitwise reproducible."""
-    varlen = cu_seqlens_q is not None
+    varlen = q.dim() == 3
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
     if varlen:
-        batch = cu_seqlens_q.shape[0] - 1
+        batch = (seqused_q if seqused_q is not None else cu_seqlens_q).shape[0] - (seqused_q is None)
         seq_q, seq_k = 0, 0
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     else:
         batch, seq_q = q.shape[0], q.shape[1]
         seq_k = k.shape[1]
-        cu_q = cu_k = lse
+        cu_q = cu_seqlens_q if seqused_q is not None else q  # as in attention_forward
+        cu_k = cu_seqlens_k if seqused_k is not None else q
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # rows outside seqused's stretches: no program writes them
+    dq = (torch.empty if seqused_q is None else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    dk = (torch.empty if seqused_k is None else torch.zeros)(k.shape, dtype=k.dtype, device=k.device)
+    dv = (torch.empty if seqused_k is None else torch.zeros)(v.shape, dtype=v.dtype, device=v.device)
     lse_strides = _lse_strides(lse, varlen)
     wide = _head_i64(q, k, v, do, out, lse, dq, dk, dv)
+    seqused = _seqused_args(seqused_q, seqused_k)
     common = dict(GROUP=heads // kv_heads, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, UPCAST=INTERPRETED,
-                  HEAD_I64=wide, **_window_args(window), **_alibi_args(alibi), **_dropout_args(dropout))
+                  HEAD_I64=wide, **_window_args(window), **_alibi_args(alibi), **_dropout_args(dropout), **seqused)
     cap = softcap if softcap > 0 else 1.0
     sq_blocks = max(max_seqlen_q, 1)
     with launch_device(q):
@@ -1210,12 +1248,14 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
         _attn_bwd_preprocess[grid](
             out, do, delta, cu_q, *_bshd(out, varlen), *_bshd(do, varlen), *lse_strides,
             seq_q, heads, d, n_pre, IS_VARLEN=varlen, HEAD_I64=wide, FOLD=fold, **pcfg,
+            **{name: value for name, value in seqused.items() if name.endswith("_Q")},
         )
 
         fused = not deterministic and fused_backward_runs(d, q.device)
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused else None  # zeroed per launch
 
-        tma_layout = not varlen and tma_usable(q, do)  # the streamed operands; K/V are pointer loads
+        # the streamed operands; K/V are pointer loads
+        tma_layout = not varlen and not seqused and tma_usable(q, do)
 
         def launch_dkdv(cfg, dk=dk, dv=dv, dq_acc=dq_acc):
             n_blocks = triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"])

@@ -631,6 +631,15 @@ def test_custom_ops_pass_opcheck():
     out, lse = torch.ops.tokenforge.attention_fwd(*args)
     bargs = (torch.randn_like(out), q, k, v, out, lse, None, None, 17, 9, 0.2, -1, 0, 0.0, True, "triton")
     torch.library.opcheck(torch.ops.tokenforge.attention_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+    # a padded batch read in place (attention_padded): a start and a count per sequence
+    starts_q, used_q = torch.tensor([3], dtype=torch.int32), torch.tensor([12], dtype=torch.int32)
+    starts_k, used_k = torch.tensor([1], dtype=torch.int32), torch.tensor([7], dtype=torch.int32)
+    args = (q, k, v, starts_q, starts_k, 12, 7, 0.2, -1, 0, 0.0, "triton", None, 0.0, None, used_k, used_q)
+    torch.library.opcheck(torch.ops.tokenforge.attention_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.tokenforge.attention_fwd(*args)
+    bargs = (torch.randn_like(out), q, k, v, out, lse, starts_q, starts_k, 12, 7, 0.2, -1, 0, 0.0, True, "triton",
+             None, 0.0, None, used_q, used_k)
+    torch.library.opcheck(torch.ops.tokenforge.attention_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fullgraph_compile_matches_eager():
@@ -668,13 +677,14 @@ def _attention_arg_types(dtype: str) -> dict:
 
     t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32",
-             ALIBI="*fp32", SEED="*i64", DROP_THRESHOLD="i64", drop_scale="fp32", SEQUSED_K="*i32")
+             ALIBI="*fp32", SEED="*i64", DROP_THRESHOLD="i64", drop_scale="fp32", SEQUSED_Q="*i32",
+             SEQUSED_K="*i32")
     return t
 
 
 def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
                       softcap=False, head_i64=False, fold=False, tma=False, alibi=False, dropout=False,
-                      seqused=False):
+                      seqused_q=False, seqused_k=False):
     import inspect
 
     from compile_gate import TARGETS, compile_kernel
@@ -687,7 +697,7 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
     flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
                  HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False), HAS_ALIBI=alibi,
-                 HAS_DROPOUT=dropout, HAS_SEQUSED=seqused)
+                 HAS_DROPOUT=dropout, HAS_SEQUSED_Q=seqused_q, HAS_SEQUSED_K=seqused_k)
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
     if tma:  # the launcher's tensor descriptors: Q, K, V, O in the forward; Q and dO in the dk/dv pass
@@ -879,7 +889,7 @@ def test_hopper_d128_backward_fits_registers(name):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kvcache_read_in_place_compiles(head_dim):
     """The forward attention_with_kvcache runs on a dense cache read where it is (varlen with a key
-    count per sequence, HAS_SEQUSED), at the fixed config of every gated target: no spills, wgmma
+    count per sequence, HAS_SEQUSED_K), at the fixed config of every gated target: no spills, wgmma
     on sm_90; causal GQA 4, and with a window, softcap and ALiBi."""
     from compile_gate import ptxas_report, spill_bytes, uses_wgmma
 
@@ -888,10 +898,39 @@ def test_kvcache_read_in_place_compiles(head_dim):
     for arch in GATE_ARCHS:
         config = ak.fwd_config(head_dim, interpreted=False, arch=arch)
         for kw in (dict(), dict(left=True, softcap=True, alibi=True)):
-            compiled = compile_attention("_attn_fwd", config, arch, group=4, varlen=True, seqused=True, **kw)
+            compiled = compile_attention("_attn_fwd", config, arch, group=4, varlen=True, seqused_k=True, **kw)
             assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (arch, config, kw)
             if arch == "sm_90":
                 assert uses_wgmma(compiled), (config, kw)
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("name", ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq",
+                                  "_attn_bwd_fused"])
+def test_padded_in_place_compiles(name):
+    """attention_padded's kernels (dense, a start and a count per sequence for q and k:
+    HAS_SEQUSED_Q/_K) at the fixed config of every gated target and d64/d128, causal GQA 4 and with
+    a window and softcap: they spill no more than the gathered varlen call they replace (pointer
+    loads both), and the GEMM kernels issue wgmma on sm_90."""
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    from tokenforge.kernels import attention as ak
+
+    for arch in GATE_ARCHS:
+        for hd in (64, 128):
+            if name == "_attn_bwd_preprocess":
+                config = ak.preprocess_config(hd)
+            elif name == "_attn_bwd_fused" and (arch != "sm_90" or ak.block_d(hd) not in ak.FUSED_TILES):
+                continue
+            else:
+                config = ak._FIXED[name](hd, interpreted=False, arch=arch)
+            for kw in (dict(group=4), dict(group=4, left=True, softcap=True)):
+                padded = compile_attention(name, config, arch, seqused_q=True, seqused_k=True, **kw)
+                gathered = compile_attention(name, config, arch, varlen=True, **kw)
+                spills = [spill_bytes(ptxas_report(c.asm["ptx"], arch)) for c in (padded, gathered)]
+                assert spills[0] <= spills[1], (name, arch, hd, kw, spills)
+                if arch == "sm_90" and name != "_attn_bwd_preprocess":
+                    assert uses_wgmma(padded), (name, hd, kw)
 
 
 @pytest.mark.compile_gate

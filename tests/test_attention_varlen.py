@@ -198,3 +198,142 @@ def test_varlen_alibi_per_document_slopes(device):
         assert rel_error(got, want) <= tol, f"d{name}"
     with pytest.raises(ValueError, match=r"\(3, 4\)"):
         attention_varlen(q, k, v, cu_q, cu_k, 23, 30, alibi_slopes=torch.rand(2, 4, device=device))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_padded: a padded dense batch read in place (the Hugging Face padded-training path).
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded_case(lengths, seqlen, starts, hq, hkv, d, dtype, device):
+    """(q, k, v, starts, used, live): (b, seqlen, h, d) tensors whose rows outside each
+    sequence's stretch [starts[b], starts[b] + lengths[b]) hold NaN, which a kernel that reads them
+    turns into a NaN output; live (b, seqlen) bool marks the stretches."""
+    batch = len(lengths)
+    live = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
+    for b, (s, n) in enumerate(zip(starts, lengths)):
+        live[b, s:s + n] = True
+    tensors = []
+    for heads in (hq, hkv, hkv):
+        t = torch.randn(batch, seqlen, heads, d, device=device, dtype=dtype)
+        t[~live] = float("nan")
+        tensors.append(t.requires_grad_())
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    return (*tensors, as_i32(starts), as_i32(lengths), live)
+
+
+PADDED_CASES = [
+    # right, left, middle, empty, full and one-token sequences in one batch; GQA
+    ("causal", [9, 17, 0, 37, 1, 23], [0, 20, 5, 0, 36, 7], dict(causal=True)),
+    ("window-softcap", [30, 12, 37], [0, 25, 0], dict(causal=True, window=(5, 0), softcap=12.0)),
+    ("bidirectional", [6, 37, 19], [31, 0, 2], dict()),
+]
+
+
+@pytest.mark.parametrize("name,lengths,starts,kw", PADDED_CASES, ids=[c[0] for c in PADDED_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_padded_matches_each_sequence_alone(name, lengths, starts, kw, device):
+    """Every sequence of a padded batch, read in place, against float64 on its live rows alone
+    (out, dq, dk, dv per row and norm-wise); the padding rows hold NaN (in q, k, v and the
+    incoming gradient), so a kernel that reads one fails, and get out 0 and gradients 0."""
+    from tokenforge.ops.attention import attention_padded
+
+    seqlen, hq, hkv, d = 37, 4, 2, 32
+    q, k, v, st, used, live = _padded_case(lengths, seqlen, starts, hq, hkv, d, torch.bfloat16, device)
+    out = attention_padded(q, k, v, st, used, st, used, max(lengths), max(lengths), **kw)
+    dout = torch.randn_like(out)
+    dout[~live] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    for what, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.equal(t[~live], torch.zeros_like(t[~live])), f"{what}: padding rows must be 0"
+    # the reference: the live rows packed as documents, in float64
+    cu = _cu(lengths, device)
+    leaves = [t.detach()[live].double().requires_grad_() for t in (q, k, v)]
+    ref_kw = dict(kw)
+    ref = attention_varlen_reference(*leaves, cu, cu, **ref_kw)
+    ref_grads = torch.autograd.grad(ref, leaves, dout[live].double())
+    tol = TOLERANCE[torch.bfloat16]
+    assert rel_error(out[live], ref) <= tol
+    for what, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
+        assert rel_error(got[live], want) <= 2 * tol, what
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_padded_equals_the_gathered_varlen_call(device):
+    """In place and gathered are the same computation: the same kernel over the same rows, with
+    the same dropout mask (the offsets are each sequence's own), so the outputs and gradients (of
+    the two-pass backward) are bitwise equal; the queries may be a shorter block than the keys (a chunk after a cache)."""
+    from tokenforge.ops.attention import attention_padded
+
+    lengths_k, starts_k = [14, 3, 20], [6, 0, 0]
+    lengths_q, starts_q = [4, 3, 1], [0, 1, 3]
+    q, _, _, sq, uq, live_q = _padded_case(lengths_q, 5, starts_q, 4, 2, 32, torch.float16, device)
+    _, k, v, sk, uk, live_k = _padded_case(lengths_k, 20, starts_k, 4, 2, 32, torch.float16, device)
+    kw = dict(causal=True, dropout_p=0.25, softcap=9.0, deterministic=True)  # no dq atomics: bitwise
+    torch.manual_seed(3)
+    out = attention_padded(q, k, v, sq, uq, sk, uk, 4, 20, **kw)
+    gathered = [t.detach()[m].requires_grad_() for t, m in ((q, live_q), (k, live_k), (v, live_k))]
+    torch.manual_seed(3)
+    want = attention_varlen(*gathered, _cu(lengths_q, device), _cu(lengths_k, device), 4, 20, backend="triton", **kw)
+    assert torch.equal(out[live_q], want)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(want, gathered, dout[live_q])
+    for what, g, r, m in zip(("dq", "dk", "dv"), got, ref, (live_q, live_k, live_k)):
+        assert torch.equal(g[m], r), what
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-kernel", "fp32-torch"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_seqused_takes_the_first_rows_of_each_document(device, dtype):
+    """flash_attn 3's seqused_q / seqused_k: document b is the first seqused[b] of its cu_seqlens
+    rows (none, some, all). The unused rows hold NaN in q, k, v and the incoming gradient, so
+    reading one fails; they get out 0, lse +inf and gradient 0; the used ones match float64 per
+    row (the Triton kernel in bf16, the torch path in fp32)."""
+    cap_q, used_q = [10, 6, 20, 3], [7, 0, 20, 1]
+    cap_k, used_k = [12, 6, 25, 3], [10, 2, 13, 3]
+
+    def tensor(caps, used, heads):
+        live = torch.cat([torch.arange(c) < u for c, u in zip(caps, used)]).to(device)
+        t = torch.randn(sum(caps), heads, 32, device=device, dtype=dtype)
+        t[~live] = float("nan")
+        return t.requires_grad_(), live
+
+    q, live_q = tensor(cap_q, used_q, 4)
+    k, live_k = tensor(cap_k, used_k, 2)
+    v, _ = tensor(cap_k, used_k, 2)
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    cu_q, cu_k = _cu(cap_q, device), _cu(cap_k, device)
+    kw = dict(causal=True, softcap=8.0)
+    out, lse = attention_varlen(q, k, v, cu_q, cu_k, 20, 25, seqused_q=as_i32(used_q), seqused_k=as_i32(used_k),
+                                return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    dout[~live_q] = float("nan")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert not out[~live_q].any() and bool(torch.isinf(lse[:, ~live_q]).all())
+    for name, g, live in zip("qkv", grads, (live_q, live_k, live_k)):
+        assert not g[~live].any(), f"d{name} of unused rows"
+    leaves = [t.detach()[m].double().requires_grad_() for t, m in ((q, live_q), (k, live_k), (v, live_k))]
+    ref, ref_lse = attention_varlen_reference(*leaves, _cu(used_q, device), _cu(used_k, device), return_lse=True,
+                                              **kw)
+    tol = TOLERANCE[dtype]
+    assert rel_error(out[live_q], ref) <= tol
+    fin = torch.isfinite(ref_lse)  # the first queries of the 20-query document see no key (causal)
+    assert torch.equal(torch.isfinite(lse[:, live_q]), fin) and rel_error(lse[:, live_q][fin], ref_lse[fin]) <= 1e-4
+    for name, g, r, live in zip("qkv", grads, torch.autograd.grad(ref, leaves, dout[live_q].double()),
+                                (live_q, live_k, live_k)):
+        assert rel_error(g[live], r) <= 2 * tol, f"d{name}"
+
+
+def test_seqused_refusals():
+    q, k, v = _varlen_inputs()
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="seqused_k must count 0 up to each document's rows"):
+        attention_varlen(q, k, v, cu, cu, 6, 6, seqused_k=torch.tensor([5, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="has 3 entries but there are 2 documents"):
+        attention_varlen(q, k, v, cu, cu, 6, 6, seqused_q=torch.tensor([1, 1, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="1-D int32"):
+        attention_varlen(q, k, v, cu, cu, 6, 6, seqused_q=torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match="not taken with return_attn_probs"):
+        attention_varlen(q, k, v, cu, cu, 6, 6, dropout_p=0.1, return_attn_probs=True,
+                         seqused_q=torch.tensor([1, 1], dtype=torch.int32))

@@ -195,6 +195,45 @@ def test_generation_reads_the_keys_in_place(scenario, dtype, device, monkeypatch
     assert (read[0][1] == k.untyped_storage().data_ptr()) == (scenario != "holes"), read
 
 
+@pytest.mark.parametrize("dtype,device", KINDS[1:])
+@pytest.mark.parametrize("scenario", ["right_padded", "left_padded", "holes"])
+def test_padded_training_reads_the_batch_in_place(scenario, dtype, device, monkeypatch):
+    """With autograd (training), a left- or right-padded batch runs the kernel on q, k, v where
+    they are, forward and backward (no gathered copies); a mask with holes gathers. Both as the
+    oracle, gradients included."""
+    from tokenforge.ops.attention import LAUNCHERS
+
+    if scenario == "holes":
+        mask = torch.ones(2, 13, dtype=torch.bool)
+        mask[0, 3:5] = False
+        visible, live = _padded_visibility(mask, 13, None)
+    else:
+        _, _, mask, _, visible, live = _scenario(scenario, None)
+    read = []  # (launcher, q's storage, k's storage)
+    launcher = LAUNCHERS["triton"]
+    for fn, at in (("attention_forward", 0), ("attention_backward", 1)):
+        real = getattr(launcher, fn)
+        monkeypatch.setattr(launcher, fn, lambda *a, _fn=fn, _real=real, _at=at, **kw: read.append(
+            (_fn, a[_at].untyped_storage().data_ptr(), a[_at + 1].untyped_storage().data_ptr())) or _real(*a, **kw))
+    torch.manual_seed(8)
+    batch, seqlen = mask.shape
+    # transformers' layout: (batch, heads, seq, dim) views of (batch, seq, heads, dim) projections
+    q, k, v = (torch.randn(batch, seqlen, heads, HEAD_DIM, dtype=dtype, device=device).transpose(1, 2)
+               .requires_grad_() for heads in (HEADS_Q, HEADS_KV, HEADS_KV))
+    out, _ = hf_attention.hf_attention_forward(_Layer(), q, k, v, mask.to(device), scaling=0.3)
+    grad = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    ref = _oracle(q, k, v, visible.to(device), live.to(device), 0.3, None)
+    assert rel_error(out, ref) <= TOLERANCE[dtype]
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, (q, k, v), grad.double())):
+        assert rel_error(got, want) <= 2 * TOLERANCE[dtype], name
+    in_place = scenario != "holes"
+    assert [fn for fn, _, _ in read] == ["attention_forward", "attention_backward"], read
+    for _, q_at, k_at in read:
+        assert (q_at == q.untyped_storage().data_ptr()) == in_place, read
+        assert (k_at == k.untyped_storage().data_ptr()) == in_place, read
+
+
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("packed", [False, True])
 def test_bidirectional_layers(packed, window):

@@ -7,11 +7,15 @@ build their masks through ``masking_utils``) from ``attn_implementation="sdpa"``
 dense (batch, 1, q, k) mask, which the kernel cannot take, so those batches never reached it. Under
 :data:`NAME` the model hands over what FlashAttention-2's integration gets instead:
 
-- a 2-D padding mask (batch, keys): the live tokens are gathered into one document per sequence and
-  run through :func:`tokenforge.ops.attention_varlen`, the output scattered back (padding rows 0).
-  Without autograd (generate()), when each row's live keys are one stretch (left or right padding),
-  the kernel reads them where they are in the KV cache instead of gathering them
-  (:func:`tokenforge.ops.attention.attention_over_cache_rows`);
+- a 2-D padding mask (batch, keys): each sequence's live tokens are one document. A left- or
+  right-padded batch (every row's live tokens one stretch; Trainer's padding collators) with as
+  many queries as keys runs where it is, forward and backward, with no gathered copy
+  (:func:`tokenforge.ops.attention.attention_padded`: a start and a count per sequence); padding
+  rows get 0. Other masks (holes, or a block of queries after a cache) have their live tokens
+  gathered and run through :func:`tokenforge.ops.attention_varlen`, the output scattered back.
+  Without autograd (generate()), when each row's live keys are one stretch, the kernel reads them
+  where they are in the KV cache instead of gathering them (the decoding kernel for one query;
+  :func:`tokenforge.ops.attention.attention_over_cache_rows` for a block);
 - packed sequences, as ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords
   (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) or as position ids that restart
   (a new document wherever a position is not the previous one + 1, in any row: the rule
@@ -220,10 +224,14 @@ def _decode_step(q, k, v, starts, used, pitch: int, longest: int, options: dict)
 
 def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor:
     """Attention under a 2-D padding mask (batch, kv_len): the live queries and keys of each row as
-    one document (varlen), the output scattered back with padding rows 0. Without autograd, keys
-    that are one stretch per row are read in place: a decoding step (one query) by the decoding
-    kernel, longer blocks by the varlen kernel with key starts and counts."""
-    from tokenforge.ops.attention import attention_over_cache_rows, attention_varlen
+    one document, padding rows 0. A left- or right-padded batch (every row's live tokens one
+    stretch) with as many queries as keys, training included, runs where it is
+    (:func:`tokenforge.ops.attention.attention_padded`). Otherwise the live rows are gathered
+    (varlen) and the output scattered back; except that without autograd, keys that are one
+    stretch per row are read in place: a decoding step (one query) by the decoding kernel, longer
+    blocks by the varlen kernel with key starts and counts."""
+    from tokenforge.ops.attention import (attention_over_cache_rows, attention_padded, attention_varlen,
+                                          padded_in_place)
     from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, cache_as_rows
     from tokenforge.patch import count_call
 
@@ -237,6 +245,9 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
             torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts, keys.cu.diff()))
         if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # every sequence's one query
             return _decode_step(q, k, v, starts, used, pitch, keys.longest, options)
+    if q_len == kv_len and keys.one_stretch and padded_in_place(q, k, v):  # no gather, no scatter
+        used = _memoised(attention_mask, "lengths", lambda _: keys.cu.diff())
+        return attention_padded(q, k, v, keys.starts, used, keys.starts, used, keys.longest, keys.longest, **options)
     if q_len == kv_len:
         rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
     elif q_len == 1:  # one new token per sequence, never padding

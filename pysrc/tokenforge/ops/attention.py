@@ -253,24 +253,37 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                                return_lse: bool = False, upcast: bool = True,
                                alibi_slopes: Optional[torch.Tensor] = None,
-                               dropout: Optional[tuple[int, int]] = None):
+                               dropout: Optional[tuple[int, int]] = None, seqused_q: Optional[torch.Tensor] = None,
+                               seqused_k: Optional[torch.Tensor] = None):
     """:func:`attention_reference` per document of packed q (total_q, hq, d), k/v (total_k, hkv, d);
     lse is (hq, total_q). Reads cu_seqlens on the host (a sync: a reference, not a hot path).
-    ``dropout`` = (seed, threshold): the kernels' dropout, document b drawing as batch entry b."""
+    ``dropout`` = (seed, threshold): the kernels' dropout, document b drawing as batch entry b.
+    ``seqused_q`` / ``seqused_k`` (batch,): document b is only the first seqused[b] rows from
+    cu_seqlens[b]; the other query rows get out 0 and lse +inf."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     compute = _compute_dtype(q.dtype, upcast)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    batch = len(cq) - 1
+    ends_q = [a + n for a, n in zip(cq, seqused_q.tolist())] if seqused_q is not None else cq[1:]
+    ends_k = [a + n for a, n in zip(ck, seqused_k.tolist())] if seqused_k is not None else ck[1:]
+    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
     outs, lses = [], []
-    for b in range(len(cq) - 1):
+    for b in range(batch):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
-        o, l = _reference_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+        o, l = _reference_dense(q[None, cq[b]:ends_q[b]], k[None, ck[b]:ends_k[b]], v[None, ck[b]:ends_k[b]],
                                 scale, win, softcap, compute, slopes, dropout, b)
         outs.append(o[0])
         lses.append(l[0])
-    out = torch.cat(outs, 0) if outs else q.new_empty(q.shape)
-    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
-    lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=lse_dtype)
+    if seqused_q is None:
+        out = torch.cat(outs, 0) if outs else q.new_empty(q.shape)
+        lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=lse_dtype)
+    else:  # the documents' used rows among rows no document uses
+        out = q.new_zeros(q.shape)
+        lse = q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=lse_dtype)
+        for b in range(batch):
+            out[cq[b]:ends_q[b]] = outs[b]
+            lse[:, cq[b]:ends_q[b]] = lses[b]
     return (out, lse) if return_lse else out
 
 
@@ -349,6 +362,26 @@ def _check_cu_seqlens(name, cu, label, total: int, batch: int, device, max_seqle
             raise ValueError(f"{name}: a document in {label} has {longest} tokens but max_seqlen is {max_seqlen}; "
                              "pass the longest document length")
     return cu.to(torch.int32)
+
+
+def _check_seqused(name, used, label, cu: torch.Tensor, batch: int, device) -> Optional[torch.Tensor]:
+    """seqused_q / seqused_k as int32, or None: (batch,) counts on q's device, each within its
+    document (checked on the host for CPU tensors, as cu_seqlens are)."""
+    if used is None:
+        return None
+    if not isinstance(used, torch.Tensor) or used.dtype not in (torch.int32, torch.int64) or used.dim() != 1:
+        raise TypeError(f"{name}: {label} must be a 1-D int32 tensor of per-document counts (batch,), got "
+                        f"{used.dtype if isinstance(used, torch.Tensor) else type(used).__name__}")
+    if used.shape[0] != batch:
+        raise ValueError(f"{name}: {label} has {used.shape[0]} entries but there are {batch} documents")
+    if used.device != device:
+        raise ValueError(f"{name}: {label} is on {used.device} but q is on {device}; move it to {device}")
+    if used.device.type == "cpu" and not torch.compiler.is_compiling():
+        room = cu.diff()
+        if bool(((used < 0) | (used > room)).any()):
+            raise ValueError(f"{name}: {label} must count 0 up to each document's rows in cu_seqlens "
+                             f"({room.tolist()[:8]}); got {used.tolist()[:8]}")
+    return used.to(torch.int32)
 
 
 def kernel_head_dim(d: int) -> int:
@@ -491,6 +524,11 @@ def _dropout_seed(device=None) -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
+def _seqused_kwargs(seqused_q: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor]) -> dict:
+    """The Triton launchers' seqused keywords, only those given (the cuda launcher has none)."""
+    return {name: t for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k)) if t is not None}
+
+
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
@@ -500,22 +538,22 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   window_left: int, window_right: int, softcap: float, backend: str,
                   alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  dropout_seed: Optional[torch.Tensor] = None,
-                  seqused_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  dropout_seed: Optional[torch.Tensor] = None, seqused_k: Optional[torch.Tensor] = None,
+                  seqused_q: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # dropout_seed: the int64 scalar tensor of _dropout_seed (an input, so the op is a function of
-    # its arguments and the backward redraws the forward's mask). seqused_k (Triton, varlen): each
-    # document's key count, its keys starting at cu_seqlens_k[b] (attention_over_cache_rows).
-    kw = _feature_kwargs(alibi_slopes, dropout_p, dropout_seed)
-    if seqused_k is not None:
-        kw["seqused_k"] = seqused_k
+    # its arguments and the backward redraws the forward's mask). seqused_q / seqused_k (Triton):
+    # each batch entry's query / key count from cu_seqlens[b] (varlen: attention_over_cache_rows;
+    # dense, cu_seqlens then the starts: attention_padded).
     return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, (window_left, window_right), softcap, **kw)
+                                                 scale, (window_left, window_right), softcap,
+                                                 **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed),
+                                                 **_seqused_kwargs(seqused_q, seqused_k))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_k=None):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_k=None, seqused_q=None):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, q.dim() == 3), dtype=torch.float32)
 
 
 @torch.library.custom_op("tokenforge::attention_bwd", mutates_args=())
@@ -523,7 +561,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
                   softcap: float, deterministic: bool, backend: str, alibi_slopes: Optional[torch.Tensor] = None,
-                  dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None
+                  dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None,
+                  seqused_q: Optional[torch.Tensor] = None, seqused_k: Optional[torch.Tensor] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # deterministic=False lets a backward add dq with atomics in one pass (Triton on sm_90 at d <= 64,
     # always the cuda backend); True takes Triton's two-pass backward, bitwise reproducible (the op
@@ -531,12 +570,14 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return LAUNCHERS[backend].attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, scale, (window_left, window_right), softcap,
                                                   deterministic,
-                                                  **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed))
+                                                  **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed),
+                                                  **_seqused_kwargs(seqused_q, seqused_k))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, softcap, deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+      window_right, softcap, deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+      seqused_q=None, seqused_k=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -550,12 +591,14 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap,
-                deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+                deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_q=None,
+                seqused_k=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         out, lse = torch.ops.tokenforge.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, scale, window[0], window[1], softcap, backend,
-                                                      alibi_slopes, dropout_p, dropout_seed)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed)
+                                                      alibi_slopes, dropout_p, dropout_seed, seqused_k, seqused_q)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed, seqused_q,
+                              seqused_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, window[0], window[1], softcap, deterministic, backend)
         ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
@@ -563,15 +606,15 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, dropout_seed = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, dropout_seed, seqused_q, seqused_k = ctx.saved_tensors
         dout = _unit_last(dout.to(q.dtype))
         dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes,
-                                                        ctx.dropout_p, dropout_seed)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+                                                        ctx.dropout_p, dropout_seed, seqused_q, seqused_k)
+        return dq, dk, dv, *([None] * 14)
 
 
 def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None,
-                dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None):
+                dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, seqused_q=None, seqused_k=None):
     """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
     if name == "cuda":  # what the CUDA C++ kernels do not do, refused before anything runs
         from tokenforge.cuda import attention as cuda_attention
@@ -583,7 +626,7 @@ def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, determin
                                  "for it")
     qp, kp, vp, d = _pad_head_dim(q, k, v)
     out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
-                                       name, alibi, dropout_p, dropout_seed)
+                                       name, alibi, dropout_p, dropout_seed, seqused_q, seqused_k)
     return (out[..., :d] if out.shape[-1] != d else out), lse
 
 
@@ -665,14 +708,19 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, alibi_slopes=None,
                      deterministic: bool = False, return_attn_probs: bool = False, block_table=None, *,
                      window: Optional[tuple[int, int]] = None, return_lse: bool = False,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None, seqused_q: Optional[torch.Tensor] = None,
+                     seqused_k: Optional[torch.Tensor] = None):
     """Attention within each packed document: q (total_q, hq, d), k/v (total_k, hkv, d), document b is
     rows cu_seqlens[b]:cu_seqlens[b+1] (int32, batch + 1 entries); max_seqlen_* bound the document
     lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q).
     Arguments in flash_attn_varlen_func's order, with :func:`attention`'s rules for them.
     ``block_table`` (batch, blocks per document), int32: flash_attn's paged KV cache, k/v then
     (num_blocks, page_size, hkv, d) and document b's key i at page block_table[b, i // page_size],
-    row i % page_size; the pages are gathered into rows first (one host sync for the row count)."""
+    row i % page_size; the pages are gathered into rows first (one host sync for the row count).
+    ``seqused_q`` / ``seqused_k`` (batch,) int32, flash_attn 3's: document b is only the first
+    seqused[b] of its rows (say, buffers of fixed capacity filled to different lengths); the other
+    query rows get out 0 and lse +inf, the other rows no gradient. Not with return_attn_probs, and
+    not on backend='cuda'."""
     if block_table is not None:
         k, v = _gather_pages("attention_varlen", k, v, block_table, cu_seqlens_k)
     window = _check_flash_attn_keywords("attention_varlen", dropout_p, window, window_size, alibi_slopes,
@@ -684,19 +732,26 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              max_seqlen_q)
     cu_k = _check_cu_seqlens("attention_varlen", cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device,
                              max_seqlen_k)
+    used_q = _check_seqused("attention_varlen", seqused_q, "seqused_q", cu_q, batch, q.device)
+    used_k = _check_seqused("attention_varlen", seqused_k, "seqused_k", cu_k, batch, q.device)
     alibi = _check_alibi("attention_varlen", alibi_slopes, q.shape[1], batch, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
+    if (used_q is not None or used_k is not None) and (return_attn_probs or name == "cuda"):
+        raise ValueError("attention_varlen: seqused_q / seqused_k are not taken with "
+                         f"{'return_attn_probs' if return_attn_probs else 'backend=cuda'}; drop one of the two "
+                         "(backend='triton', the default, takes seqused)")
     p = float(dropout_p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
                                               softcap=float(softcap), return_lse=True, alibi_slopes=alibi,
-                                              dropout=_reference_dropout(p, seed))
+                                              dropout=_reference_dropout(p, seed), seqused_q=used_q,
+                                              seqused_k=used_k)
     else:
         out, lse = _run_kernel(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
-                               float(softcap), bool(deterministic), name, alibi, p, seed)
+                               float(softcap), bool(deterministic), name, alibi, p, seed, used_q, used_k)
     probs = None
     if return_attn_probs and seed is not None:
         probs = _attn_probs_varlen(q, k, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
@@ -728,10 +783,48 @@ def attention_over_cache_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: tor
     (head dim a kernel tile, unit stride); the options are checked here as attention_varlen does."""
     scale, win, alibi = check_cache_options("attention_with_kvcache", q, k_rows, v_rows, starts_k.shape[0],
                                             softmax_scale, causal, window_size, softcap, alibi_slopes)
-    starts_k = torch.cat((starts_k, starts_k.new_zeros(1)))  # the kernel also reads entry b + 1 (unused)
     return torch.ops.tokenforge.attention_fwd(q, k_rows, v_rows, cu_seqlens_q, starts_k, int(max_seqlen_q),
                                               int(max_seqlen_k), scale, win[0], win[1], float(softcap), "triton",
                                               alibi, 0.0, None, used_k)
+
+
+def padded_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> bool:
+    """Whether :func:`attention_padded` takes these (b, s, h, d) tensors: the Triton kernel is the
+    backend, the head dim is a kernel tile (no zero-padded copy) and its stride is 1."""
+    if backends.choose(OP, q, k, v, backend=backend) != "triton":
+        return False
+    return kernel_head_dim(q.shape[-1]) == q.shape[-1] and all(t.stride(-1) == 1 for t in (q, k, v))
+
+
+def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q: torch.Tensor,
+                     used_q: torch.Tensor, starts_k: torch.Tensor, used_k: torch.Tensor, max_used_q: int,
+                     max_used_k: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                     causal: bool = False, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     deterministic: bool = False) -> torch.Tensor:
+    """:func:`attention` over a padded batch, read where it is (no gather of the live rows, no
+    scatter of the output): q (b, sq, hq, d), k/v (b, sk, hkv, d); sequence b's queries are rows
+    starts_q[b] .. starts_q[b] + used_q[b] - 1 of q[b], its keys the used_k[b] rows from
+    starts_k[b] of k[b] and v[b] (int32 (b,) each: left or right padding, every row's live tokens
+    one stretch), the longest stretches max_used_q / max_used_k. Each sequence is what
+    :func:`attention_varlen` computes for it as one document (causal aligns the stretches' ends,
+    dropout draws the same mask); out is 0 on the other query rows, and their gradients (and the
+    other key rows') are 0. With autograd, on the Triton kernel: the caller has checked
+    :func:`padded_in_place` and that the stretches lie within the rows (the Hugging Face
+    implementation builds them from the padding mask); the options are checked as attention's."""
+    _check_common("attention_padded", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale,
+                  window, softcap)
+    batch = q.shape[0]
+    for name, t in (("starts_q", starts_q), ("used_q", used_q), ("starts_k", starts_k), ("used_k", used_k)):
+        if t.dtype != torch.int32 or t.shape != (batch,) or t.device != q.device:
+            raise ValueError(f"attention_padded: {name} must be int32 of shape ({batch},) on {q.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p = float(dropout_p)
+    seed = _dropout_seed(q.device) if p > 0.0 else None
+    out, _ = AttentionFunction.apply(q, k, v, starts_q, starts_k, int(max_used_q), int(max_used_k), scale,
+                                     _fold_causal(causal, window), float(softcap), bool(deterministic), "triton",
+                                     None, p, seed, used_q, used_k)
+    return out
 
 
 def _gather_pages(name: str, k_pages, v_pages, block_table, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor]:
