@@ -12,6 +12,9 @@ Backends (baselines first, so our ratios are known when it runs):
                 flash_attn is installed (CUDA)
     tokenforge  tokenforge.hf_attention.hf_attention_forward, what a patched model runs: the padded
                 rows read in place (attention_padded), the packed ones as attention_varlen documents
+    tokenforge_unpadded  (padded training case only) the same kernel behind FlashAttention-2's
+                integration's flow: the live rows of q, k, v gathered, attention_varlen, the output
+                scattered back; what reading in place saves is the gap to ``tokenforge``
 
 The FLOPs counted are the useful ones: causal attention within each document (flash_attn's
 convention, 2 * h * d * n^2 per document of n tokens forward, 3.5x that forward + backward), so
@@ -39,7 +42,9 @@ BASELINES = ("sdpa_mask", "flash_attn")
 GPU_BACKENDS = ("sdpa_mask", "flash_attn", "tokenforge")
 CPU_BACKENDS = ("sdpa_mask", "tokenforge")
 
+UNPADDED = "tokenforge_unpadded"
 BACKEND_DESCRIPTIONS = {
+    UNPADDED: "gather the live rows, tokenforge attention_varlen, scatter the output (FA2's integration flow)",
     "sdpa_mask": "transformers sdpa_attention_forward with its dense boolean (b, 1, s, s) mask",
     "flash_attn": "transformers flash_attention_2 path: unpad, flash_attn_varlen_func, pad",
     "tokenforge": "tokenforge.hf_attention.hf_attention_forward (padded rows in place, packed as varlen documents)",
@@ -104,8 +109,13 @@ def cases(device) -> list[Case]:
             Case("fwd_bwd", "packed", 1, 16384, 32, 8, 128), Case("decode", "padded", 16, 4096, 32, 8, 128)]
 
 
-def backends_for(device) -> tuple[str, ...]:
-    return harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
+def backends_for(device, case: Optional[Case] = None) -> tuple[str, ...]:
+    """The backends of ``case`` (every case's without one): the padded training case adds
+    tokenforge_unpadded, the gather-and-scatter flow that in-place reading replaced."""
+    names = harness.backends_for(device, GPU_BACKENDS, CPU_BACKENDS)
+    if case is not None and case.batch_kind == "padded" and case.pass_ == "fwd_bwd":
+        names = (*names, UNPADDED)
+    return names
 
 
 class _Layer(torch.nn.Module):
@@ -160,6 +170,21 @@ def make_op(backend: str, case: Case, device: torch.device, mask2d, positions, d
         from tokenforge.hf_attention import hf_attention_forward
 
         return lambda q, k, v: hf_attention_forward(layer, q, k, v, mask2d, position_ids=positions)[0]
+    if backend == UNPADDED:
+        if harness.triton_needs_interpreter(device):
+            raise BackendUnavailable("Triton on CPU tensors needs TRITON_INTERPRET=1")
+        from tokenforge.hf_attention import _plan_from_mask, _rows
+        from tokenforge.ops import attention_varlen
+
+        plan = _plan_from_mask(mask2d)  # built once, outside the timing, as the plan of ``tokenforge``
+
+        def unpadded(q, k, v):
+            b, _, s, _ = q.shape
+            live = [_rows(t.transpose(1, 2), plan.rows) for t in (q, k, v)]
+            out = attention_varlen(*live, plan.cu, plan.cu, plan.longest, plan.longest, causal=True)
+            return out.new_zeros(b * s, *out.shape[1:]).index_copy(0, plan.rows, out).view(b, s, *out.shape[1:])
+
+        return unpadded
     raise ValueError(f"unknown backend {backend!r}; known: {sorted(BACKEND_DESCRIPTIONS)}")
 
 
