@@ -337,3 +337,17 @@ def test_seqused_refusals():
     with pytest.raises(ValueError, match="not taken with return_attn_probs"):
         attention_varlen(q, k, v, cu, cu, 6, 6, dropout_p=0.1, return_attn_probs=True,
                          seqused_q=torch.tensor([1, 1], dtype=torch.int32))
+
+
+def test_attention_padded_refusals():
+    from tokenforge.ops.attention import attention_padded
+
+    q = torch.randn(2, 8, 2, 32, dtype=torch.float16)
+    ok = torch.tensor([0, 2], dtype=torch.int32)
+    used = torch.tensor([8, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="the k stretches must lie within its 8 rows"):
+        attention_padded(q, q, q, ok, used, ok, torch.tensor([8, 7], dtype=torch.int32), 8, 8)
+    with pytest.raises(ValueError, match="at most max_used_q = 6"):
+        attention_padded(q, q, q, ok, used, ok, used, 6, 8)
+    with pytest.raises(ValueError, match="used_k must be an int32 tensor of shape \\(2,\\)"):
+        attention_padded(q, q, q, ok, used, ok, used.long(), 8, 8)

@@ -815,9 +815,17 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
                   window, softcap)
     batch = q.shape[0]
     for name, t in (("starts_q", starts_q), ("used_q", used_q), ("starts_k", starts_k), ("used_k", used_k)):
-        if t.dtype != torch.int32 or t.shape != (batch,) or t.device != q.device:
-            raise ValueError(f"attention_padded: {name} must be int32 of shape ({batch},) on {q.device}, got "
-                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != (batch,) or t.device != q.device:
+            raise ValueError(f"attention_padded: {name} must be an int32 tensor of shape ({batch},) on {q.device}, "
+                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    # The stretches checked on the host for CPU tensors (as cu_seqlens are); on CUDA that is a sync.
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        for label, starts, used, rows, longest in (("q", starts_q, used_q, q.shape[1], max_used_q),
+                                                   ("k", starts_k, used_k, k.shape[1], max_used_k)):
+            if bool(((starts < 0) | (used < 0) | (starts + used > rows) | (used > longest)).any()):
+                raise ValueError(f"attention_padded: the {label} stretches must lie within its {rows} rows and be "
+                                 f"at most max_used_{label} = {longest} long; got starts {starts.tolist()[:8]}, "
+                                 f"counts {used.tolist()[:8]}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = float(dropout_p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
