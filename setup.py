@@ -537,9 +537,10 @@ if __name__ == "__main__":
             # release tested; 5.25+ imports Hugging Face's `kernels` package, which the checkout's own
             # kernels/ folder would shadow, so the tests keep the checkout root off sys.path
             # (tokenforge.testing.keep_checkout_off_sys_path). peft: patching a LoRA model (tests/test_patch_hf.py),
-            # the newest release tested as the cap.
+            # the newest release tested as the cap. deepspeed: the Trainer client under ZeRO-3 on 2 CPU
+            # ranks (tests/test_run.py; pure Python on a machine without CUDA: no ops are built).
             "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<5.26", "accelerate>=1.0",
-                     "peft>=0.13,<0.22"],
+                     "peft>=0.13,<0.22", "deepspeed>=0.16,<0.20"],
             "hf": ["transformers>=4.50,<5.26"],
             "bench": ["pytest-benchmark>=4", "matplotlib"],
         },

@@ -81,6 +81,44 @@ def test_hf_trainer_script_same_metrics_under_tokenforge_run(tmp_path, collator)
     assert "patched LlamaForCausalLM" in proc.stderr and "calls  linear_cross_entropy" in proc.stderr
 
 
+def test_hf_trainer_under_deepspeed_zero3_same_losses(tmp_path):
+    """The Trainer script under DeepSpeed ZeRO-3, 2 gloo ranks (parameters partitioned between
+    them and gathered by DeepSpeed's hooks around each module's forward), plain and under
+    `tokenforge run --optimizer`: the same loss at every step. The fused loss reads the LM head's
+    weight inside the head's own forward, where ZeRO-3 has gathered it; DeepSpeed wraps the
+    swapped-in tokenforge AdamW as a client optimizer; padded batches run attention as documents."""
+    pytest.importorskip("deepspeed")
+    from torchrun import free_port
+
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}))
+    env_extra = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+
+    def run(name, *prefix):
+        out = tmp_path / f"{name}.json"
+        cmd = [*launch, "--master_port", str(free_port()), *prefix, HF_SCRIPT, "--out", str(out), "--output-dir",
+               str(tmp_path / name), "--collator", "padded", "--deepspeed", str(config)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **env_extra}, cwd=tmp_path,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return json.loads(out.read_text())
+
+    plain = run("plain")
+    report_path = tmp_path / "report.json"
+    routed = run("routed", "-m", "tokenforge.run", "--optimizer", "--report", str(report_path))
+    assert len(plain["losses"]) == len(routed["losses"]) == 3
+    for a, b in zip(routed["losses"], plain["losses"]):
+        assert a == pytest.approx(b, rel=1e-5)
+    report = json.loads(report_path.read_text())
+    assert report["optimizers"] == {"tokenforge.optim.AdamW": 1}
+    for op in ("linear_cross_entropy", "rms_norm", "swiglu", "rope", "attention_varlen"):
+        assert report["calls"].get(op, 0) > 0, (op, report["calls"])
+
+
 def test_nanogpt_script_same_losses_and_sdpa_routed(tmp_path):
     plain, _ = _script_result([sys.executable], NANOGPT_SCRIPT, tmp_path)
     report_path = tmp_path / "report.json"

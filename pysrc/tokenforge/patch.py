@@ -643,7 +643,8 @@ def _patch_hf_attention(model, modeling, undo, report) -> None:
     config._attn_implementation = hf_attention.NAME
     undo.steps.append(lambda: setattr(config, "_attn_implementation", impl))
     report.patched.append(f"attention: attn_implementation {impl!r} -> {hf_attention.NAME!r}: tokenforge.ops.attention, "
-                          "padded batches (2-D mask) and packed ones (position ids or cu_seq_lens) as "
+                          "left/right-padded batches (2-D mask) read in place by tokenforge.ops.attention."
+                          "attention_padded, other masks and packed batches (position ids or cu_seq_lens) as "
                           "tokenforge.ops.attention_varlen documents")
 
 

@@ -3,7 +3,10 @@ config, three training steps, then evaluate() with an accuracy compute_metrics. 
 line of metrics (and writes it to --out): tests/test_run.py runs it plain and under
 `tokenforge run` and compares the two. ``--collator`` picks how examples become batches: equal
 blocks (Trainer's default collator), documents of varied lengths right-padded with an attention
-mask, or packed into one row by transformers' DataCollatorWithFlattening (position ids restart)."""
+mask, or packed into one row by transformers' DataCollatorWithFlattening (position ids restart).
+``--deepspeed CONFIG`` trains under DeepSpeed instead (launched by torchrun, one process a rank; on
+the CPU, DS_ACCELERATOR=cpu and gloo) and reports the training losses only: accelerate's gather in
+evaluate() fails on CPU ranks under DeepSpeed, with or without tokenforge."""
 
 import argparse
 import json
@@ -55,6 +58,7 @@ def main():
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--collator", choices=["blocks", "padded", "packed"], default="blocks")
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config file")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -65,7 +69,7 @@ def main():
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=4,
         per_device_eval_batch_size=4, learning_rate=3e-3, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        report_to=[], use_cpu=args.deepspeed is None, seed=0, deepspeed=args.deepspeed, dataloader_num_workers=0, disable_tqdm=True,
     )
     varied = args.collator != "blocks"
     collator = {"blocks": None, "padded": pad_right, "packed": DataCollatorWithFlattening()}[args.collator]
@@ -73,6 +77,15 @@ def main():
                       eval_dataset=TokenBlocks(8, 24, 128, 2, varied), compute_metrics=compute_metrics,
                       data_collator=collator)
     train = trainer.train()
+    if args.deepspeed:
+        rank = torch.distributed.get_rank()
+        result = {"train_loss": train.training_loss, "rank": rank,
+                  "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+        print(json.dumps(result))
+        if rank == 0:
+            with open(args.out, "w") as f:
+                json.dump(result, f)
+        return
     metrics = trainer.evaluate()
     result = {"train_loss": train.training_loss, "eval_loss": metrics["eval_loss"],
               "eval_accuracy": metrics["eval_accuracy"], "eval_n_predictions": metrics["eval_n_predictions"],
