@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from device_params import DEVICES, HAS_CUDA
+from device_params import DEVICES, HAS_CUDA, INTERPRETING
 from test_attention import _cancelling_terms, _grad_error
 
 from tokenforge import backends
@@ -351,3 +351,27 @@ def test_attention_padded_refusals():
         attention_padded(q, q, q, ok, used, ok, used, 6, 8)
     with pytest.raises(ValueError, match="used_k must be an int32 tensor of shape \\(2,\\)"):
         attention_padded(q, q, q, ok, used, ok, used.long(), 8, 8)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 (the kernel on CPU tensors)")
+def test_attention_padded_compiles_fullgraph():
+    """torch.compile(fullgraph=True) over attention_padded, with the queries' stretches passed as
+    the keys' too (one tensor twice, which dynamo refuses for an autograd.Function): no graph break,
+    the eager output and gradients bit for bit."""
+    from tokenforge.ops.attention import attention_padded
+
+    torch._dynamo.reset()
+    q = torch.randn(2, 9, 4, 32, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(2, 9, 2, 32, dtype=torch.float16, requires_grad=True)
+    v = torch.randn_like(k)
+    starts, used = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([9, 6], dtype=torch.int32)
+
+    def f(q, k):
+        return attention_padded(q, k, v, starts, used, starts, used, 9, 9, causal=True) * 2
+
+    eager = f(q, k)
+    eager_grads = torch.autograd.grad(eager.float().sum(), (q, k))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k)
+    assert torch.equal(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled.float().sum(), (q, k)), eager_grads):
+        assert torch.equal(got, want)

@@ -826,6 +826,10 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
                 raise ValueError(f"attention_padded: the {label} stretches must lie within its {rows} rows and be "
                                  f"at most max_used_{label} = {longest} long; got starts {starts.tolist()[:8]}, "
                                  f"counts {used.tolist()[:8]}")
+    # torch.compile refuses one tensor passed twice to an autograd.Function (q's stretches given as
+    # k's too): a copy of 4 bytes a sequence (the HF implementation passes distinct ones).
+    starts_k = starts_k.clone() if starts_k is starts_q else starts_k
+    used_k = used_k.clone() if used_k is used_q else used_k
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = float(dropout_p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
