@@ -356,18 +356,17 @@ def test_attention_padded_refusals():
 @pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 (the kernel on CPU tensors)")
 def test_attention_padded_compiles_fullgraph():
     """torch.compile(fullgraph=True) over attention_padded, with the queries' stretches passed as
-    the keys' too (one tensor twice, which dynamo refuses for an autograd.Function): no graph break,
-    the eager output and gradients bit for bit."""
+    the keys' too and k as v (one tensor twice, which dynamo refuses for an autograd.Function): no
+    graph break, the eager output and gradients bit for bit."""
     from tokenforge.ops.attention import attention_padded
 
     torch._dynamo.reset()
     q = torch.randn(2, 9, 4, 32, dtype=torch.float16, requires_grad=True)
     k = torch.randn(2, 9, 2, 32, dtype=torch.float16, requires_grad=True)
-    v = torch.randn_like(k)
     starts, used = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([9, 6], dtype=torch.int32)
 
     def f(q, k):
-        return attention_padded(q, k, v, starts, used, starts, used, 9, 9, causal=True) * 2
+        return attention_padded(q, k, k, starts, used, starts, used, 9, 9, causal=True) * 2
 
     eager = f(q, k)
     eager_grads = torch.autograd.grad(eager.float().sum(), (q, k))

@@ -246,10 +246,8 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
         if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # every sequence's one query
             return _decode_step(q, k, v, starts, used, pitch, keys.longest, options)
     if q_len == kv_len and keys.one_stretch and padded_in_place(q, k, v):  # no gather, no scatter
-        # the queries' and the keys' stretches are the same, as distinct tensors (see attention_padded)
-        stretches = _memoised(attention_mask, "stretches", lambda _: (
-            keys.starts, keys.cu.diff(), keys.starts.clone(), keys.cu.diff()))
-        return attention_padded(q, k, v, *stretches, keys.longest, keys.longest, **options)
+        used = _memoised(attention_mask, "lengths", lambda _: keys.cu.diff())
+        return attention_padded(q, k, v, keys.starts, used, keys.starts, used, keys.longest, keys.longest, **options)
     if q_len == kv_len:
         rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
     elif q_len == 1:  # one new token per sequence, never padding

@@ -613,6 +613,23 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, *([None] * 14)
 
 
+def _distinct(*tensors):
+    """The tensors, each one given more than once replaced after its first place by another tensor
+    of the same values: torch.compile refuses one tensor passed twice to an autograd.Function
+    (self-attention's attention(x, x, x); one cu_seqlens for q and k). A view for q, k, v (free), a
+    copy for the small int32 offsets and counts. While torch.compile traces, every tensor is
+    replaced so: there two different tensors can trace to one graph node (cu.to(torch.int32) of an
+    int32 cu_seqlens given as both, x.half() of an fp16 x given as q, k and v)."""
+    compiling = torch.compiler.is_compiling()
+    seen, out = set(), []
+    for t in tensors:
+        if t is not None and (compiling or id(t) in seen):
+            t = t.view(t.shape) if t.is_floating_point() else t.clone()
+        out.append(t)
+        seen.add(id(t))
+    return out
+
+
 def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None,
                 dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, seqused_q=None, seqused_k=None):
     """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
@@ -625,6 +642,7 @@ def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, determin
                 raise ValueError(f"attention: backend='cuda' has no {feature}; use backend='triton' (the default) "
                                  "for it")
     qp, kp, vp, d = _pad_head_dim(q, k, v)
+    qp, kp, vp, cu_q, cu_k, seqused_q, seqused_k = _distinct(qp, kp, vp, cu_q, cu_k, seqused_q, seqused_k)
     out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
                                        name, alibi, dropout_p, dropout_seed, seqused_q, seqused_k)
     return (out[..., :d] if out.shape[-1] != d else out), lse
@@ -826,10 +844,7 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
                 raise ValueError(f"attention_padded: the {label} stretches must lie within its {rows} rows and be "
                                  f"at most max_used_{label} = {longest} long; got starts {starts.tolist()[:8]}, "
                                  f"counts {used.tolist()[:8]}")
-    # torch.compile refuses one tensor passed twice to an autograd.Function (q's stretches given as
-    # k's too): a copy of 4 bytes a sequence (the HF implementation passes distinct ones).
-    starts_k = starts_k.clone() if starts_k is starts_q else starts_k
-    used_k = used_k.clone() if used_k is used_q else used_k
+    q, k, v, starts_q, used_q, starts_k, used_k = _distinct(q, k, v, starts_q, used_q, starts_k, used_k)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = float(dropout_p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
