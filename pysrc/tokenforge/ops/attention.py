@@ -614,20 +614,14 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def _distinct(*tensors):
-    """The tensors, each one given more than once replaced after its first place by another tensor
-    of the same values: torch.compile refuses one tensor passed twice to an autograd.Function
-    (self-attention's attention(x, x, x); one cu_seqlens for q and k). A view for q, k, v (free), a
-    copy for the small int32 offsets and counts. While torch.compile traces, every tensor is
-    replaced so: there two different tensors can trace to one graph node (cu.to(torch.int32) of an
-    int32 cu_seqlens given as both, x.half() of an fp16 x given as q, k and v)."""
-    compiling = torch.compiler.is_compiling()
-    seen, out = set(), []
-    for t in tensors:
-        if t is not None and (compiling or id(t) in seen):
-            t = t.view(t.shape) if t.is_floating_point() else t.clone()
-        out.append(t)
-        seen.add(id(t))
-    return out
+    """While torch.compile traces, the tensors each replaced by another of the same values (a view
+    for q, k, v: free; a copy for the small int32 offsets and counts): dynamo refuses one tensor
+    passed twice to an autograd.Function (self-attention's attention(x, x, x); one cu_seqlens for
+    q and k), and two different tensors can trace to one graph node there (cu.to(torch.int32) of an
+    int32 cu_seqlens given as both). Eager autograd takes repeats: unchanged, nothing launched."""
+    if not torch.compiler.is_compiling():
+        return tensors
+    return [t if t is None else t.view(t.shape) if t.is_floating_point() else t.clone() for t in tensors]
 
 
 def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None,
