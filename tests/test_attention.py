@@ -312,7 +312,10 @@ def test_one_pass_and_two_pass_backward_match_float64(device, case):
     assert ak.fused_backward_runs(d, q.device) == (device == "cpu" or ak.arch_family(q.device) == "sm_90")
     kw = dict(causal=causal, window=window, softcap=0.0, softmax_scale=None)
     floor_q, floor_k = (f.cpu() for f in _cancelling_terms(q, k, v, dout, kw, rows=True))
-    # The same computation entirely in bf16 (torch): a row may be no worse than twice its worst row.
+    # The same computation entirely in bf16 (torch): a row may be no worse than 3x its worst row
+    # (2x failed once in ~200 seeds: 0.032 vs 0.027 on a key row of rect-empty-rows that one query
+    # alone sees, where dk is one term of ds = p (dp - delta), delta read from the bf16 output;
+    # seed 3409276909). A wrong row is off by ~1.
     ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
     low_grads = torch.autograd.grad(attention_reference(ql, kl, vl, causal=causal, window=window, upcast=False),
                                     (ql, kl, vl), dout)
@@ -330,7 +333,7 @@ def test_one_pass_and_two_pass_backward_match_float64(device, case):
         grads = torch.autograd.grad(out, (qq, kk, vv), dout)
         for name, g, r, low, floor in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads, (floor_q, floor_k, None)):
             rows, low_rows = row_errors(g, r, floor), row_errors(low, r, floor)
-            bound = max(2 * TOLERANCE[torch.bfloat16], 2 * low_rows.max().item())
+            bound = max(2 * TOLERANCE[torch.bfloat16], 3 * low_rows.max().item())
             assert rows.max().item() <= bound, (name, deterministic, rows.argmax().item(), rows.max().item(), bound)
 
 
