@@ -38,7 +38,11 @@ def _counts():
     (dict(scale=0.3), 2, 2, 9, 9),
 ])
 def test_routed_calls_match_sdpa(kw, hq, hkv, sq, sk):
-    q, k, v = _bhsd(2, hq, sq, 32), _bhsd(2, hkv, sk, 32), _bhsd(2, hkv, sk, 32)
+    _check_routed(_bhsd(2, hq, sq, 32), _bhsd(2, hkv, sk, 32), _bhsd(2, hkv, sk, 32), **kw)
+
+
+def _check_routed(q, k, v, **kw):
+    """The call runs on the kernel, and matches SDPA in float64: output and gradients, every row."""
     for t in (q, k, v):
         t.requires_grad_()
     ref_args = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -82,6 +86,59 @@ def test_unsupported_calls_pass_through(make):
         got = F.scaled_dot_product_attention(q, k, v, **kw)
     assert sdpa_patch.stats["passed"] == before["passed"] + 1 and sdpa_patch.stats["routed"] == before["routed"]
     assert torch.equal(got, expected)
+
+
+def _key_padding_mask(lengths, starts, seqlen_k):
+    mask = torch.zeros(len(lengths), seqlen_k, dtype=torch.bool, device=DEVICE)
+    for row, (n, start) in enumerate(zip(lengths, starts)):
+        mask[row, start:start + n] = True
+    return mask
+
+
+@pytest.mark.parametrize("layout", ["b11s", "expanded", "1s"])
+def test_key_padding_masks_are_routed(layout):
+    """A boolean key-padding mask (right, left and middle stretches of keys; every query live) runs
+    on the kernel, reading the keys in place: as SDPA in float64 with the same mask, outputs and
+    gradients, every row. Shapes (b, 1, 1, sk), an expanded (b, 1, sq, sk) view (stride 0 over the
+    queries, as transformers builds it) and (1, sk): one row for the whole batch."""
+    b, hq, hkv, sq, sk = 3, 4, 2, 11, 19
+    rows = _key_padding_mask([19, 7, 12], [0, 12, 3], sk)
+    mask = {"b11s": rows[:, None, None, :], "expanded": rows[:, None, None, :].expand(b, 1, sq, sk),
+            "1s": rows[1:2]}[layout]
+    _check_routed(_bhsd(b, hq, sq, 32), _bhsd(b, hkv, sk, 32), _bhsd(b, hkv, sk, 32), attn_mask=mask,
+                  enable_gqa=True, scale=0.2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _key_padding_mask([5, 7], [0, 0], 12).index_fill(1, torch.tensor([2], device=DEVICE), False)[:, None, None],
+    lambda: _key_padding_mask([5, 0], [0, 0], 12)[:, None, None],   # a row with no key: SDPA's NaN row
+    lambda: torch.zeros(2, 1, 1, 12, device=DEVICE),                # an additive float mask
+    lambda: _key_padding_mask([5, 7], [0, 0], 12)[:, None, :, None].expand(2, 1, 12, 12),  # pads queries
+], ids=["holes", "empty-row", "float", "query-padding"])
+def test_other_masks_pass_through(make):
+    q, k, v = _bhsd(2, 2, 12, 32), _bhsd(2, 2, 12, 32), _bhsd(2, 2, 12, 32)
+    mask = make()
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    before = _counts()
+    with patch_sdpa():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert sdpa_patch.stats["passed"] == before["passed"] + 1 and sdpa_patch.stats["routed"] == before["routed"]
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_a_key_padding_mask_is_read_once(monkeypatch):
+    """The layers of a forward share one mask tensor: its stretches are read on the host once."""
+    from tokenforge import hf_attention
+
+    reads = []
+    real = hf_attention._plan_from_mask
+    monkeypatch.setattr(hf_attention, "_plan_from_mask", lambda m: reads.append(1) or real(m))
+    mask = _key_padding_mask([9, 4], [0, 5], 9)[:, None, None, :]
+    q = _bhsd(2, 2, 9, 32)
+    with patch_sdpa():
+        for _ in range(3):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert len(reads) == 1
 
 
 def test_errors_of_sdpa_are_unchanged():

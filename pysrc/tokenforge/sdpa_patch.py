@@ -5,7 +5,11 @@
     tokenforge.sdpa_patch.install()        # or a whole script (uninstall() undoes it)
 
 A call is routed when the kernel computes exactly what SDPA would: 4-D (batch, heads, seq, dim)
-fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask; dropout_p in [0, 1)
+fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask, or a boolean key-padding
+mask (shape (batch or 1, 1, 1, seqlen_k), or broadcast to more with stride 0 over heads and
+queries) whose live keys are one non-empty stretch in every row (left or right padding: the kernel
+reads that stretch in place, tokenforge.ops.attention.attention_padded; the stretches are read on
+the host once per mask tensor, which the layers of a forward share); dropout_p in [0, 1)
 (the kernel's own dropout: SDPA's semantics, tokenforge's Philox mask, so not SDPA's random
 numbers); is_causal only with seqlen_q == seqlen_k (SDPA aligns its causal mask to the top left, flash_attn
 and tokenforge to the bottom right: they agree only on square masks); heads_q == heads_kv, or
@@ -39,8 +43,6 @@ def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         return "non-tensor inputs"
     if any_dtensor(query, key, value):
         return "DTensor inputs (SDPA shards them itself; the kernel takes local tensors)"
-    if attn_mask is not None:
-        return "attn_mask"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         return "dropout_p outside [0, 1)"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -63,7 +65,46 @@ def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     if kernel_head_dim(query.shape[-1]) != query.shape[-1]:
         # tokenforge.ops.attention would zero-pad it (a copy, more FLOPs); SDPA runs it as it is.
         return "a head dim the kernel would pad"
+    if attn_mask is not None and (is_causal or _key_padding(attn_mask, query, key) is None):
+        return "attn_mask (other than a boolean key-padding mask of one stretch of keys per row)"
     return backends.why_not("attention", "triton", query, key, value)
+
+
+def _key_stretches(rows: torch.Tensor, seqlen_q: int):
+    """(starts_q, used_q, starts_k, used_k, longest key stretch) of a (batch, seqlen_k) boolean
+    key-padding mask whose live keys are one non-empty stretch in every row (every query live),
+    else None. Reads the mask on the host (one sync)."""
+    from tokenforge.hf_attention import _plan_from_mask
+
+    plan = _plan_from_mask(rows)
+    used_k = plan.cu.diff()
+    if not plan.one_stretch or not bool((used_k > 0).all()):  # SDPA gives NaN rows for no key at all
+        return None
+    batch = rows.shape[0]
+    starts_q = torch.zeros(batch, dtype=torch.int32, device=rows.device)
+    used_q = torch.full((batch,), seqlen_q, dtype=torch.int32, device=rows.device)
+    return starts_q, used_q, plan.starts, used_k, plan.longest
+
+
+def _key_padding(attn_mask, query, key):
+    """_key_stretches of ``attn_mask`` when it is a boolean key-padding mask for these 4-D query
+    and key, else None; memoised per mask tensor (tokenforge.hf_attention._memoised)."""
+    from tokenforge.hf_attention import _memoised
+
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.dim() > 4:
+        return None
+    if attn_mask.device != query.device:
+        return None
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    batch, seqlen_q, seqlen_k = query.shape[0], query.shape[2], key.shape[2]
+    if m.shape[0] not in (1, batch) or m.shape[3] != seqlen_k:
+        return None
+    if any(m.shape[dim] != 1 and m.stride(dim) != 0 for dim in (1, 2)):  # varies over heads or queries
+        return None
+    return _memoised(attn_mask, ("key padding", batch, seqlen_q),
+                     lambda _: _key_stretches(m[:, 0, 0, :].expand(batch, seqlen_k), seqlen_q))
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -74,11 +115,18 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         if enable_gqa:
             kwargs["enable_gqa"] = enable_gqa
         return _original(query, key, value, **kwargs)
-    from tokenforge.ops.attention import attention
+    from tokenforge.ops.attention import attention, attention_padded
 
     stats["routed"] += 1
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), float(dropout_p),
-                    causal=bool(is_causal), softmax_scale=None if scale is None else float(scale), backend="triton")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    softmax_scale = None if scale is None else float(scale)
+    if attn_mask is not None:  # a key-padding mask: every query over its row's stretch of keys
+        starts_q, used_q, starts_k, used_k, longest = _key_padding(attn_mask, query, key)
+        out = attention_padded(q, k, v, starts_q, used_q, starts_k, used_k, q.shape[1], longest, float(dropout_p),
+                               softmax_scale)
+    else:
+        out = attention(q, k, v, float(dropout_p), causal=bool(is_causal), softmax_scale=softmax_scale,
+                        backend="triton")
     return out.transpose(1, 2)
 
 
