@@ -61,7 +61,8 @@ def _check_routed(q, k, v, **kw):
 
 
 @pytest.mark.parametrize("make", [
-    lambda q, k, v: dict(attn_mask=torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=DEVICE)),
+    # a mask that differs between queries (an all-True one is a key-padding mask: routed)
+    lambda q, k, v: dict(attn_mask=torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=DEVICE).tril()),
     lambda q, k, v: dict(dropout_p=1.0),             # SDPA's own error (dropout is routed: test_attention_dropout)
     lambda q, k, v: dict(is_causal=True, _sk=20),   # top-left causal with sq != sk
     lambda q, k, v: dict(_dtype=torch.float32),
@@ -95,16 +96,17 @@ def _key_padding_mask(lengths, starts, seqlen_k):
     return mask
 
 
-@pytest.mark.parametrize("layout", ["b11s", "expanded", "1s"])
+@pytest.mark.parametrize("layout", ["b11s", "expanded", "materialised", "1s"])
 def test_key_padding_masks_are_routed(layout):
     """A boolean key-padding mask (right, left and middle stretches of keys; every query live) runs
     on the kernel, reading the keys in place: as SDPA in float64 with the same mask, outputs and
     gradients, every row. Shapes (b, 1, 1, sk), an expanded (b, 1, sq, sk) view (stride 0 over the
-    queries, as transformers builds it) and (1, sk): one row for the whole batch."""
+    queries), a materialised (b, 1, sq, sk) one (as transformers' encoders build it: its rows are
+    compared on the device, once per mask) and (1, sk): one row for the whole batch."""
     b, hq, hkv, sq, sk = 3, 4, 2, 11, 19
     rows = _key_padding_mask([19, 7, 12], [0, 12, 3], sk)
     mask = {"b11s": rows[:, None, None, :], "expanded": rows[:, None, None, :].expand(b, 1, sq, sk),
-            "1s": rows[1:2]}[layout]
+            "materialised": rows[:, None, None, :].expand(b, 1, sq, sk).clone(), "1s": rows[1:2]}[layout]
     _check_routed(_bhsd(b, hq, sq, 32), _bhsd(b, hkv, sk, 32), _bhsd(b, hkv, sk, 32), attn_mask=mask,
                   enable_gqa=True, scale=0.2)
 
@@ -114,7 +116,8 @@ def test_key_padding_masks_are_routed(layout):
     lambda: _key_padding_mask([5, 0], [0, 0], 12)[:, None, None],   # a row with no key: SDPA's NaN row
     lambda: torch.zeros(2, 1, 1, 12, device=DEVICE),                # an additive float mask
     lambda: _key_padding_mask([5, 7], [0, 0], 12)[:, None, :, None].expand(2, 1, 12, 12),  # pads queries
-], ids=["holes", "empty-row", "float", "query-padding"])
+    lambda: torch.ones(12, 12, dtype=torch.bool, device=DEVICE).tril()[None, None].expand(2, 1, 12, 12).clone(),
+], ids=["holes", "empty-row", "float", "query-padding", "materialised-causal"])
 def test_other_masks_pass_through(make):
     q, k, v = _bhsd(2, 2, 12, 32), _bhsd(2, 2, 12, 32), _bhsd(2, 2, 12, 32)
     mask = make()

@@ -6,10 +6,11 @@
 
 A call is routed when the kernel computes exactly what SDPA would: 4-D (batch, heads, seq, dim)
 fp16/bf16 q, k, v on a device where the Triton kernel runs; no attn_mask, or a boolean key-padding
-mask (shape (batch or 1, 1, 1, seqlen_k), or broadcast to more with stride 0 over heads and
-queries) whose live keys are one non-empty stretch in every row (left or right padding: the kernel
-reads that stretch in place, tokenforge.ops.attention.attention_padded; the stretches are read on
-the host once per mask tensor, which the layers of a forward share); dropout_p in [0, 1)
+mask (shape (batch or 1, 1, 1, seqlen_k), or one the same for every head and query, as
+transformers' encoders build it) whose live keys are one non-empty stretch in every row (left or
+right padding: the kernel reads that stretch in place, tokenforge.ops.attention.attention_padded;
+the mask is read on the host once per mask tensor, which the layers of a forward share);
+dropout_p in [0, 1)
 (the kernel's own dropout: SDPA's semantics, tokenforge's Philox mask, so not SDPA's random
 numbers); is_causal only with seqlen_q == seqlen_k (SDPA aligns its causal mask to the top left, flash_attn
 and tokenforge to the bottom right: they agree only on square masks); heads_q == heads_kv, or
@@ -101,10 +102,17 @@ def _key_padding(attn_mask, query, key):
     batch, seqlen_q, seqlen_k = query.shape[0], query.shape[2], key.shape[2]
     if m.shape[0] not in (1, batch) or m.shape[3] != seqlen_k:
         return None
-    if any(m.shape[dim] != 1 and m.stride(dim) != 0 for dim in (1, 2)):  # varies over heads or queries
-        return None
-    return _memoised(attn_mask, ("key padding", batch, seqlen_q),
-                     lambda _: _key_stretches(m[:, 0, 0, :].expand(batch, seqlen_k), seqlen_q))
+
+    def build(_):
+        rows = m[:, 0, 0, :]
+        # A mask materialised over heads or queries (transformers' encoders build (b, 1, sq, sk))
+        # is a key-padding mask when every head's and query's row is the first one.
+        materialised = any(m.shape[dim] != 1 and m.stride(dim) != 0 for dim in (1, 2))
+        if materialised and not bool((m == rows[:, None, None]).all()):
+            return None
+        return _key_stretches(rows.expand(batch, seqlen_k), seqlen_q)
+
+    return _memoised(attn_mask, ("key padding", batch, seqlen_q), build)
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
