@@ -1155,7 +1155,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
     if varlen:
-        batch = (seqused_q if seqused_q is not None else cu_seqlens_q).shape[0] - (seqused_q is None)
+        batch = cu_seqlens_q.shape[0] - 1
         seq_q, seq_k = 0, 0
         lse_shape = (heads, q.shape[0])
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
@@ -1221,7 +1221,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_se
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
     if varlen:
-        batch = (seqused_q if seqused_q is not None else cu_seqlens_q).shape[0] - (seqused_q is None)
+        batch = cu_seqlens_q.shape[0] - 1
         seq_q, seq_k = 0, 0
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     else:

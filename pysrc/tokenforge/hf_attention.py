@@ -231,7 +231,7 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
     stretch per row are read in place: a decoding step (one query) by the decoding kernel, longer
     blocks by the varlen kernel with key starts and counts."""
     from tokenforge.ops.attention import (attention_over_cache_rows, attention_padded, attention_varlen,
-                                          padded_in_place)
+                                          kernel_reads_in_place)
     from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, cache_as_rows
     from tokenforge.patch import count_call
 
@@ -239,15 +239,15 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
     kv_len = k.shape[1]
     keys = _memoised(attention_mask, "mask", _plan_from_mask)
     count_call("attention_varlen")
+    if 1 < q_len == kv_len and keys.one_stretch and kernel_reads_in_place(q, k, v):  # no gather, no scatter
+        used = _memoised(attention_mask, "lengths", lambda _: keys.cu.diff())
+        return attention_padded(q, k, v, keys.starts, used, keys.starts, used, keys.longest, keys.longest, **options)
     pitch = _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
     if pitch is not None:  # built once per mask, like the plan: every layer reads the same rows
         starts, used = _memoised(attention_mask, ("cache rows", batch, pitch), lambda _: (
             torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts, keys.cu.diff()))
         if q_len == 1 and q.shape[2] // k.shape[2] <= DECODE_MAX_ROWS:  # every sequence's one query
             return _decode_step(q, k, v, starts, used, pitch, keys.longest, options)
-    if q_len == kv_len and keys.one_stretch and padded_in_place(q, k, v):  # no gather, no scatter
-        used = _memoised(attention_mask, "lengths", lambda _: keys.cu.diff())
-        return attention_padded(q, k, v, keys.starts, used, keys.starts, used, keys.longest, keys.longest, **options)
     if q_len == kv_len:
         rows_q, cu_q, longest_q = keys.rows, keys.cu, keys.longest
     elif q_len == 1:  # one new token per sequence, never padding

@@ -800,9 +800,10 @@ def attention_over_cache_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: tor
                                               alibi, 0.0, None, used_k)
 
 
-def padded_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> bool:
-    """Whether :func:`attention_padded` takes these (b, s, h, d) tensors: the Triton kernel is the
-    backend, the head dim is a kernel tile (no zero-padded copy) and its stride is 1."""
+def kernel_reads_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> bool:
+    """Whether the Triton kernel reads these tensors where they are (:func:`attention_padded`, a KV
+    cache as rows): it is the backend, the head dim is a kernel tile (no zero-padded copy) and its
+    stride is 1."""
     if backends.choose(OP, q, k, v, backend=backend) != "triton":
         return False
     return kernel_head_dim(q.shape[-1]) == q.shape[-1] and all(t.stride(-1) == 1 for t in (q, k, v))
@@ -821,7 +822,7 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
     :func:`attention_varlen` computes for it as one document (causal aligns the stretches' ends,
     dropout draws the same mask); out is 0 on the other query rows, and their gradients (and the
     other key rows') are 0. With autograd, on the Triton kernel: the caller has checked
-    :func:`padded_in_place` and that the stretches lie within the rows (the Hugging Face
+    :func:`kernel_reads_in_place` and that the stretches lie within the rows (the Hugging Face
     implementation builds them from the padding mask); the options are checked as attention's."""
     _check_common("attention_padded", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale,
                   window, softcap)

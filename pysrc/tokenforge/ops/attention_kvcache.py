@@ -253,12 +253,9 @@ def cache_row_pitch(q, k_cache, v_cache, backend) -> Optional[int]:
     cache where it is, with no gather; or None: the torch and cuda backends, a head dim the kernel
     pads, a non-unit-stride head dim, k and v caches laid out differently, or 2^31 rows or more
     (int32 row offsets). Those gather each sequence's live keys into rows first."""
-    from tokenforge import backends
-    from tokenforge.ops.attention import OP, kernel_head_dim
+    from tokenforge.ops.attention import kernel_reads_in_place
 
-    if backends.choose(OP, q, k_cache, v_cache, backend=backend) != "triton":
-        return None
-    if kernel_head_dim(q.shape[-1]) != q.shape[-1] or q.stride(-1) != 1:
+    if not kernel_reads_in_place(q, k_cache, v_cache, backend):
         return None
     pitches = set()
     for c in (k_cache, v_cache):
