@@ -13,7 +13,10 @@ Cases (GPU; a tiny version of each on CPU):
 
 Backends: ``eager`` (F.cross_entropy, and for the fused op F.linear + F.cross_entropy), ``compile``
 (torch.compile of the same), ``liger`` (Liger-Kernel's functional ops, when importable), ``triton``
-(tokenforge), ``torch`` (tokenforge's CPU fallback; CPU runs only).
+(tokenforge), ``torch`` (tokenforge's CPU fallback; CPU runs only), and for the fused op
+``vocab_parallel`` (``vocab_parallel_linear_cross_entropy`` on a group of one rank: the whole head on
+this device, so its time against ``triton`` is the price of the split kernels and the per-chunk
+combine; a tensor-parallel group divides the head's work by its size on top of that).
 
 Each test: fresh random inputs; one call checked against a reference (float64 on CPU; fp32 on the
 GPU, where float64 logits of the big cases would take 16 GB); then the median time from
@@ -130,7 +133,44 @@ def make_op(case: Case, backend: str):
         if fused:
             return lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, backend=backend)
         return lambda x, t: cross_entropy(x, t, ignore_index=IGNORE_INDEX, backend=backend)
+    if backend == "vocab_parallel":
+        from tokenforge import backends
+        from tokenforge.ops.vocab_parallel_cross_entropy import vocab_parallel_linear_cross_entropy
+
+        reason = backends.triton_unsupported_reason(DEVICE)
+        if reason:
+            raise Unavailable(reason)
+        group = _group_of_one()
+        return lambda h, w, t: vocab_parallel_linear_cross_entropy(h, w, t, group=group, ignore_index=IGNORE_INDEX,
+                                                                   backend="triton")
     raise ValueError(f"unknown backend {backend!r}")
+
+
+_OWN_GROUP = []  # the 1-rank group this module started, destroyed at the end of the session
+
+
+def _group_of_one():
+    """A process group of this process alone (gloo: with one rank the op calls no collective)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+        _OWN_GROUP.append(dist.group.WORLD)
+    if dist.get_world_size() != 1:
+        raise Unavailable("the vocab_parallel case runs on a group of one rank; this process is in a larger one")
+    return dist.group.WORLD
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _destroy_own_group():
+    yield
+    if _OWN_GROUP:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        _OWN_GROUP.clear()
 
 
 def make_inputs(case: Case):
@@ -179,7 +219,7 @@ def peak_mib(fn) -> float:
 
 def _params():
     for case in CASES:
-        for backend in BACKENDS:
+        for backend in BACKENDS + (("vocab_parallel",) if case.op == "linear_cross_entropy" else ()):
             marks = [pytest.mark.headline] if case.headline else []
             yield pytest.param(case, backend, id=f"{case.id}-{backend}", marks=marks)
 

@@ -71,6 +71,21 @@ def _sech2(y):
 
 
 @triton.jit
+def _dlogits_block(l_row, col, mask, lse, p_coef, smooth, target_col, t_coef, softcap, HAS_SOFTCAP: tl.constexpr):
+    # One block of a row's gradient, fp32: exp(x - lse) * p_coef - smooth - [col == target] * t_coef,
+    # x softcapped and the softcap's derivative applied when HAS_SOFTCAP (smooth: a scalar or per column).
+    x = tl.load(l_row + col, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        y = x / softcap
+        x = softcap * tanh(y)
+    g = tl.exp(x - lse) * p_coef - smooth
+    g = tl.where(col == target_col, g - t_coef, g)
+    if HAS_SOFTCAP:
+        g = g * _sech2(y)
+    return g
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     LOGITS, TARGET, LOSS, DLOGITS, N_VALID, ROW_SCALE, CLASS_WEIGHT, W_VALID, Z_ROWS, PRED_ROWS,
     V, stride_l, stride_d, ignore_index, label_smoothing, z_loss, softcap,
@@ -177,18 +192,87 @@ def _cross_entropy_fwd_kernel(
             for start in range(0, V, BLOCK_V):
                 col = start + tl.arange(0, BLOCK_V)
                 mask = col < V
-                x = tl.load(l_row + col, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    y = x / softcap
-                    x = softcap * tanh(y)
                 if HAS_WEIGHT:
-                    g = tl.exp(x - lse) * p_coef - smooth * tl.load(CLASS_WEIGHT + col, mask=mask, other=0.0)
+                    g = _dlogits_block(l_row, col, mask, lse, p_coef,
+                                       smooth * tl.load(CLASS_WEIGHT + col, mask=mask, other=0.0), safe_target,
+                                       t_coef, softcap, HAS_SOFTCAP)
                 else:
-                    g = tl.exp(x - lse) * p_coef - smooth
-                g = tl.where(col == safe_target, g - t_coef, g)
-                if HAS_SOFTCAP:
-                    g = g * _sech2(y)
+                    g = _dlogits_block(l_row, col, mask, lse, p_coef, smooth, safe_target, t_coef, softcap,
+                                       HAS_SOFTCAP)
                 tl.store(d_row + col, g.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _vocab_shard_stats_kernel(
+    LOGITS, TARGET, STATS, V_local, vocab_start, stride_l, stride_s, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Pass 1 of the kernel above on one rank's slice of the vocab (tensor parallelism): per row the
+    # slice's running max m, sum of exp(x - m), sum of x, and x at the target when this slice holds
+    # it (else 0). STATS is (4, rows) fp32; the ranks' rows are combined by the caller. An ignored
+    # row reads nothing and stores m = 0, sum 1 (a finite log-sum-exp the caller masks out).
+    row = tl.program_id(0).to(tl.int64)
+    l_row = LOGITS + row * stride_l
+    target = tl.load(TARGET + row)
+    if target == ignore_index:
+        tl.store(STATS + row, 0.0)
+        tl.store(STATS + stride_s + row, 1.0)
+        tl.store(STATS + 2 * stride_s + row, 0.0)
+        tl.store(STATS + 3 * stride_s + row, 0.0)
+    else:
+        m = -float("inf")
+        d = 0.0
+        s = 0.0
+        for start in range(0, V_local, BLOCK_V):
+            col = start + tl.arange(0, BLOCK_V)
+            mask = col < V_local
+            x = tl.load(l_row + col, mask=mask, other=-float("inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, softcap * tanh(x / softcap), -float("inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # An empty slice so far (m_new = -inf) adds nothing, and exp(-inf - -inf) would be nan.
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+            s += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            m = m_new
+        local_t = target - vocab_start
+        here = (local_t >= 0) & (local_t < V_local)
+        x_t = tl.load(l_row + tl.where(here, local_t, 0), mask=here, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_t = softcap * tanh(x_t / softcap)
+        tl.store(STATS + row, m)
+        tl.store(STATS + stride_s + row, d)
+        tl.store(STATS + 2 * stride_s + row, s)
+        tl.store(STATS + 3 * stride_s + row, tl.where(here, x_t, 0.0))
+
+
+@triton.jit
+def _vocab_shard_grad_kernel(
+    LOGITS, TARGET, DLOGITS, COEFS, V_local, vocab_start, stride_l, stride_d, stride_c, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Pass 2 on one rank's slice: d/dx_j = exp(x_j - lse) * p_coef - smooth - [j == t] * t_coef, with
+    # the row's global lse and coefficients in COEFS (4, rows) fp32 = (lse, p_coef, t_coef, smooth),
+    # computed by the caller from every rank's pass 1. Written over the logits when DLOGITS is LOGITS.
+    row = tl.program_id(0).to(tl.int64)
+    l_row = LOGITS + row * stride_l
+    d_row = DLOGITS + row * stride_d
+    target = tl.load(TARGET + row)
+    if target == ignore_index:
+        for start in range(0, V_local, BLOCK_V):
+            col = start + tl.arange(0, BLOCK_V)
+            tl.store(d_row + col, tl.zeros([BLOCK_V], dtype=DLOGITS.dtype.element_ty), mask=col < V_local)
+    else:
+        lse = tl.load(COEFS + row)
+        p_coef = tl.load(COEFS + stride_c + row)
+        t_coef = tl.load(COEFS + 2 * stride_c + row)
+        smooth = tl.load(COEFS + 3 * stride_c + row)
+        local_t = target - vocab_start
+        for start in range(0, V_local, BLOCK_V):
+            col = start + tl.arange(0, BLOCK_V)
+            mask = col < V_local
+            g = _dlogits_block(l_row, col, mask, lse, p_coef, smooth, local_t, t_coef, softcap, HAS_SOFTCAP)
+            tl.store(d_row + col, g.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -220,6 +304,11 @@ def all_configs() -> list[tuple[str, dict]]:
     block_v = 16
     while block_v <= MAX_BLOCK_V:
         out.append(("_cross_entropy_fwd_kernel", fwd_config(block_v)))
+        block_v *= 2
+    block_v = 16
+    while block_v <= MAX_BLOCK_V:
+        cfg = fwd_config(block_v)
+        out += [("_vocab_shard_stats_kernel", cfg), ("_vocab_shard_grad_kernel", cfg)]
         block_v *= 2
     out.append(("_scale_rows_kernel", dict(BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS)))
     return out
@@ -307,4 +396,39 @@ def scale_rows_(dlogits: torch.Tensor, grad_output: torch.Tensor) -> None:
     with launch_device(dlogits.device):
         _scale_rows_kernel[(rows, triton.cdiv(V, SCALE_BLOCK))](
             dlogits, g, V, dlogits.stride(0), stride_g, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
+        )
+
+
+def vocab_shard_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, *, ignore_index: int = -100,
+                      softcap: float = 0.0) -> torch.Tensor:
+    """fp32 (4, rows): per row of logits (rows, V_local), this rank's slice [vocab_start, vocab_start +
+    V_local) of a vocab split across ranks, the slice's (max, sum of exp(x - max), sum of x, x at the
+    target or 0 when another slice holds it), x softcapped first when ``softcap``; an ignored row
+    gives (0, 1, 0, 0). The caller combines the ranks' stats into each row's log-sum-exp."""
+    rows, V_local = logits.shape
+    stats = torch.empty((4, rows), dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return stats
+    with launch_device(logits.device):
+        _vocab_shard_stats_kernel[(rows,)](
+            logits, target, stats, V_local, int(vocab_start), logits.stride(0), stats.stride(0), int(ignore_index),
+            float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap), **fwd_config(max(1, V_local)),
+        )
+    return stats
+
+
+def vocab_shard_grad_(logits: torch.Tensor, target: torch.Tensor, coefs: torch.Tensor, vocab_start: int, *,
+                      ignore_index: int = -100, softcap: float = 0.0) -> None:
+    """Write over logits (rows, V_local), this rank's vocab slice, the gradient
+    exp(x - lse) * p_coef - smooth - [j == target] * t_coef (x softcapped, and the softcap's
+    derivative applied, when ``softcap``) from ``coefs`` fp32 (4, rows) = (lse, p_coef, t_coef,
+    smooth); ignored rows get zeros."""
+    rows, V_local = logits.shape
+    if rows == 0 or V_local == 0:
+        return
+    with launch_device(logits.device):
+        _vocab_shard_grad_kernel[(rows,)](
+            logits, target, logits, coefs, V_local, int(vocab_start), logits.stride(0), logits.stride(0),
+            coefs.stride(0), int(ignore_index), float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap),
+            **fwd_config(V_local),
         )

@@ -4,7 +4,7 @@ training mode, against the same model unpatched:
 
     tp          ``from_pretrained(tp_plan="auto")``: Hugging Face's tensor parallelism (projections and
                 the vocab-sharded lm_head as DTensors, activations local); every rank sees the whole
-                batch. The patched model's loss and every gradient (sharded ones whole) against the
+                batch, and the fused loss runs vocab-parallel (each rank its lm_head rows). The patched model's loss and every gradient (sharded ones whole) against the
                 unpatched TP model's.
     fsdp        FSDP2 ``fully_shard`` on every decoder layer and the root; each rank takes half the
                 batch. Every gradient against one process's unpatched model on the whole batch
@@ -79,7 +79,8 @@ def main():
     result = {"sharded_params": sharded, "patched": len(report.patched), "loss": rel_error(loss, ref_loss),
               "grads_missing": sorted(set(ref_grads) ^ set(grads)),
               "grad": max(rel_error(grads[n], ref_grads[n]) for n in ref_grads),
-              "worst": max(ref_grads, key=lambda n: rel_error(grads[n], ref_grads[n]))}
+              "worst": max(ref_grads, key=lambda n: rel_error(grads[n], ref_grads[n])),
+              "vocab_parallel_loss": any("vocab_parallel_linear_cross_entropy" in p for p in report.patched)}
     write_per_rank(result, OUT)
 
 

@@ -661,7 +661,9 @@ def _ce_arg_types(dtype: str) -> dict:
     t = "*" + TRITON_DTYPE[dtype]
     return dict(LOGITS=t, DLOGITS=t, D=t, TARGET="*i64", LOSS="*fp32", N_VALID="*fp32", ROW_SCALE="*fp32",
                 CLASS_WEIGHT="*fp32", W_VALID="*fp32", Z_ROWS="*fp32", PRED_ROWS="*i64", G="*fp32", V="i32", stride_l="i32", stride_d="i32", stride_g="i32", ignore_index="i32",
-                label_smoothing="fp32", z_loss="fp32", softcap="fp32")
+                label_smoothing="fp32", z_loss="fp32", softcap="fp32",
+                # the vocab-parallel passes
+                STATS="*fp32", COEFS="*fp32", V_local="i32", vocab_start="i32", stride_s="i32", stride_c="i32")
 
 
 def _compile_ce(name, config, dtype, arch, aligned=True, **flags):
@@ -675,8 +677,10 @@ def _compile_ce(name, config, dtype, arch, aligned=True, **flags):
         # Default: every feature on (the most registers); callers turn some off.
         config.update(dict(HAS_SOFTCAP=True, MEAN=True, HAS_ROW_SCALE=True, COMPUTE_GRAD=True, HAS_WEIGHT=True,
                            SPLIT_Z=True, HAS_PRED=True, TOKEN_SCALING=True), **flags)
+    elif name.startswith("_vocab_shard_"):
+        config.update(dict(HAS_SOFTCAP=True), **flags)
     return compile_kernel(getattr(ce_kernels, name), _ce_arg_types(dtype), config, num_warps, TARGETS[arch],
-                          aligned=aligned, unaligned_args=("V", "ignore_index", "stride_g"))
+                          aligned=aligned, unaligned_args=("V", "ignore_index", "stride_g", "V_local", "vocab_start"))
 
 
 def _gate_configs():
@@ -715,6 +719,10 @@ def test_variants_compile(arch, dtype):
                        SPLIT_Z=False, HAS_PRED=True, TOKEN_SCALING=True)):
         for aligned in (True, False):
             assert len(_compile_ce("_cross_entropy_fwd_kernel", cfg, dtype, arch, aligned, **flags).asm["cubin"]) > 0
+    for name in ("_vocab_shard_stats_kernel", "_vocab_shard_grad_kernel"):
+        for softcap in (False, True):
+            for aligned in (True, False):
+                assert len(_compile_ce(name, cfg, dtype, arch, aligned, HAS_SOFTCAP=softcap).asm["cubin"]) > 0
 
 
 def test_every_vocab_maps_to_a_gated_config():
@@ -722,4 +730,5 @@ def test_every_vocab_maps_to_a_gated_config():
 
     gated = {(n, tuple(sorted(c.items()))) for n, c in _gate_configs()}
     for V in [1, 7, 16, 17, 1000, 8192, 8193, 32003, 128256, 256000]:
-        assert ("_cross_entropy_fwd_kernel", tuple(sorted(ce_kernels.fwd_config(V).items()))) in gated, V
+        for name in ("_cross_entropy_fwd_kernel", "_vocab_shard_stats_kernel", "_vocab_shard_grad_kernel"):
+            assert (name, tuple(sorted(ce_kernels.fwd_config(V).items()))) in gated, (name, V)

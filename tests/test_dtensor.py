@@ -62,3 +62,4 @@ def test_hf_model_sharded_then_patched_matches_unpatched(tmp_path, mode):
         assert result["sharded_params"] >= 14 and result["patched"] >= 4, (rank, result)
         assert not result["grads_missing"], (rank, result)
         assert result["loss"] <= 1e-6 and result["grad"] <= 1e-5, (rank, result)
+        assert result["vocab_parallel_loss"] == (mode == "tp"), (rank, result)

@@ -466,15 +466,9 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, fused_loss):
     FSDP2 or ZeRO-3 it runs as the head's forward (swapped in for this call), so their hooks gather
     the weight first and reduce its gradient after, as around the unfused matmul; the hooks' version
     of hidden is the one used, as their backward bookkeeping hangs on it. A tensor-parallel head's
-    DTensor weight is gathered whole for the call (its gradient goes back to the shards)."""
+    DTensor weight goes to fused_loss as it is (the vocab-parallel loss: each rank its rows)."""
     if not _gathers_in_forward(head):
-        weight, bias = head.weight, getattr(head, "bias", None)
-        if is_dtensor(weight):
-            # Hugging Face's tensor parallelism ("colwise_gather_output"): a vocab-sharded head and
-            # the same hidden on every rank, so each rank's whole-weight gradient is the gradient.
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if is_dtensor(bias) else bias
-        return fused_loss(hidden, weight, bias)
+        return fused_loss(hidden, head.weight, getattr(head, "bias", None))
     own = vars(head).get("forward")  # a forward set on the instance by someone else stays theirs
     head.forward = lambda h: fused_loss(h, head.weight, getattr(head, "bias", None))
     try:
@@ -518,6 +512,7 @@ def _hf_causal_lm_forward(self, *args, **kwargs):
         # Hugging Face's ForCausalLMLoss: position t predicts labels[t + 1]; the last has none.
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
+    from tokenforge.ops.vocab_parallel_cross_entropy import vocab_parallel_linear_cross_entropy
 
     reduction = "sum" if num_items_in_batch is not None else "mean"
     softcap = getattr(self.config, "final_logit_softcapping", None) or 0.0
@@ -525,9 +520,11 @@ def _hf_causal_lm_forward(self, *args, **kwargs):
 
     def fused_loss(hidden, weight, bias):
         h, weight = _matching_dtypes(hidden, weight)
-        return linear_cross_entropy(h.flatten(0, -2), weight, targets,
-                                    bias=bias.to(weight.dtype) if bias is not None else None,
-                                    ignore_index=ignore_index, reduction=reduction, softcap=float(softcap))
+        # Hugging Face's tensor parallelism ("colwise_gather_output"): a vocab-sharded DTensor head
+        # and the same hidden on every rank -> each rank its vocab slice, no gathered weight.
+        loss_fn = vocab_parallel_linear_cross_entropy if is_dtensor(weight) else linear_cross_entropy
+        return loss_fn(h.flatten(0, -2), weight, targets, bias=bias.to(weight.dtype) if bias is not None else None,
+                       ignore_index=ignore_index, reduction=reduction, softcap=float(softcap))
 
     count_call("linear_cross_entropy")
     loss = _head_loss(self.lm_head, hidden, fused_loss)
@@ -612,7 +609,10 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
         softcap = getattr(model.config, "final_logit_softcapping", None)
         report.patched.append(f"cross_entropy: {type(model).__name__}.forward loss -> tokenforge.ops.linear_cross_entropy "
                               "while training with labels (no logits then; eval mode returns logits)"
-                              + (f", final logit softcap {softcap} fused" if softcap else ""))
+                              + (f", final logit softcap {softcap} fused" if softcap else "")
+                              + ("; the tensor-parallel lm_head by tokenforge.ops.vocab_parallel_linear_cross_entropy "
+                                 "(each rank its vocab rows)" if is_dtensor(getattr(model.lm_head, "weight", None))
+                                 else ""))
     _patch_hf_experts(model, undo, report, opts)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from tokenforge.ops.cross_entropy import check_class_weight, check_flags, check_options, cross_entropy
 from tokenforge.ops.linear_cross_entropy import linear_cross_entropy
+from tokenforge.ops.vocab_parallel_cross_entropy import vocab_parallel_linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -110,3 +111,39 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                 + (", return_token_accuracy=True" if self.return_token_accuracy else "")
                 + (", return_predicted_tokens=True" if self.return_predicted_tokens else "")
                 + (", token_scaling=True" if self.token_scaling else ""))
+
+
+class VocabParallelLinearCrossEntropyLoss(torch.nn.Module):
+    """Fused lm_head + cross-entropy for a head split by vocab rows across a tensor-parallel group:
+    forward(hidden (..., H), weight, target (...), bias=None) -> fp32 loss, the same on every rank,
+    with neither the logits nor the whole weight on any rank. ``weight``: a ``Shard(0)`` DTensor
+    (its mesh gives the group), or this rank's plain rows with ``group`` (the ranks' slices
+    consecutive in rank order). See :func:`tokenforge.ops.vocab_parallel_linear_cross_entropy`."""
+
+    def __init__(self, group=None, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float = 0.0, chunk_size: Optional[int] = None, *,
+                 token_scaling: bool = False, backend: Optional[str] = None) -> None:
+        super().__init__()
+        check_options("VocabParallelLinearCrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap)
+        check_flags("VocabParallelLinearCrossEntropyLoss", token_scaling=token_scaling)
+        self.group = group
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.token_scaling = token_scaling
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return vocab_parallel_linear_cross_entropy(
+            hidden, weight, target, bias, group=self.group, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            token_scaling=self.token_scaling, chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"chunk_size={self.chunk_size}" + (", token_scaling=True" if self.token_scaling else ""))

@@ -13,6 +13,7 @@ from tokenforge.ops.grouped_mm import grouped_mm, grouped_mm_fp8, grouped_mm_fp8
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
 from tokenforge.ops.rope import rope, rope_reference
 from tokenforge.ops.swiglu import geglu, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
+from tokenforge.ops.vocab_parallel_cross_entropy import vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "add_rms_norm",
@@ -50,4 +51,5 @@ __all__ = [
     "swiglu_packed",
     "swiglu_packed_reference",
     "swiglu_reference",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -216,7 +216,6 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
     None when not asked for. Allocates one
     (chunk, V) buffer, never (N, V)."""
     N, _ = hidden.shape
-    V = weight.shape[0]
     n_valid = n_valid_of(target, ignore_index)
     w_valid = weight_valid_of(class_weight, target, ignore_index) if class_weight is not None else None
     acc = accumulate_dtype(hidden.dtype)
@@ -224,25 +223,10 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
     z_rows = torch.empty((N,), dtype=acc, device=hidden.device) if split_z else None
     pred_rows = torch.empty((N,), dtype=torch.int64, device=hidden.device) if want_predictions else None
     compute_grad = need_grad_hidden or need_grad_weight
-    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-    grad_weight = grad_bias = None
-    if need_grad_weight:
-        # fp32 across chunks: bf16 accumulation over many chunks drifts (a known training bug).
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
-        if bias is not None:
-            grad_bias = torch.zeros((V,), dtype=acc, device=hidden.device)
+    grad_hidden, grad_weight, grad_bias = grad_buffers(hidden, weight, bias, need_grad_hidden, need_grad_weight)
     if backend == "triton":
         from tokenforge.kernels import cross_entropy as kernels_ce
-    logits = None
-    for start in range(0, N, chunk_size):
-        end = min(N, start + chunk_size)
-        h = hidden[start:end]
-        if logits is None or logits.shape[0] != end - start:
-            logits = torch.empty((end - start, V), dtype=hidden.dtype, device=hidden.device)
-        if bias is not None:
-            torch.addmm(bias, h, weight.t(), out=logits)
-        else:
-            torch.mm(h, weight.t(), out=logits)
+    for start, end, h, logits in head_chunks(hidden, weight, bias, chunk_size):
         rs = row_scale[start:end] if row_scale is not None else None
         zr = z_rows[start:end] if z_rows is not None else None
         pr = pred_rows[start:end] if pred_rows is not None else None
@@ -256,13 +240,73 @@ def chunked_forward(hidden, weight, target, bias, row_scale, ignore_index, label
             loss[start:end] = _ce_chunk_torch(logits, target[start:end], ignore_index, label_smoothing, z_loss,
                                               softcap, nv, rs, compute_grad, class_weight, wv, zr, pr, token_scaling)
         # From here on ``logits`` holds dlogits.
-        if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            accumulate_mm_(grad_weight, logits.t(), h)
-        if grad_bias is not None:
-            grad_bias += logits.sum(0, dtype=acc)
+        head_backward_(logits, h, weight, grad_hidden[start:end] if grad_hidden is not None else None,
+                       grad_weight, grad_bias)
     return loss, n_valid, w_valid, z_rows, pred_rows, grad_hidden, grad_weight, grad_bias
+
+
+def grad_buffers(hidden, weight, bias, need_grad_hidden: bool, need_grad_weight: bool):
+    """(grad_hidden, grad_weight, grad_bias) of a chunk loop over the head, None where not needed;
+    the weight's and bias's accumulators are zeroed and fp32 (float64 for float64): a bf16 sum over
+    many chunks drifts (a known training bug)."""
+    acc = accumulate_dtype(hidden.dtype)
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    grad_weight = grad_bias = None
+    if need_grad_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
+        if bias is not None:
+            grad_bias = torch.zeros((weight.shape[0],), dtype=acc, device=hidden.device)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def head_chunks(hidden, weight, bias, chunk_size: int):
+    """Yield (start, end, h, logits) for each chunk of ``chunk_size`` tokens: h = hidden[start:end] and
+    logits = h @ weight.T (+ bias), one (chunk, V) buffer reused by every chunk of that size (the
+    consumer may write over it before asking for the next)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    logits = None
+    for start in range(0, N, chunk_size):
+        end = min(N, start + chunk_size)
+        h = hidden[start:end]
+        if logits is None or logits.shape[0] != end - start:
+            logits = torch.empty((end - start, V), dtype=hidden.dtype, device=hidden.device)
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
+        yield start, end, h, logits
+
+
+def head_backward_(dlogits, h, weight, grad_hidden_rows, grad_weight, grad_bias) -> None:
+    """One chunk's share of the head's gradients from its dlogits: grad_hidden_rows = dlogits @ weight,
+    grad_weight += dlogits.T @ h, grad_bias += the column sums (each skipped when None)."""
+    if grad_hidden_rows is not None:
+        torch.mm(dlogits, weight, out=grad_hidden_rows)
+    if grad_weight is not None:
+        accumulate_mm_(grad_weight, dlogits.t(), h)
+    if grad_bias is not None:
+        grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
+
+
+def saved_grads_times(ctx, grad_output, gh, gw, gb):
+    """Backward of 'mean'/'sum' for a Function whose forward saved the gradients (``ctx.need_hidden``,
+    ``ctx.need_weight``, ``ctx.has_bias``, ``ctx.weight_dtype``, ``ctx.hidden_shape``): (grad hidden,
+    grad weight, grad bias) times grad_output, None where not needed. ``loss.backward()`` (grad_output
+    1) skips the multiplications."""
+    if not _is_one(grad_output):
+        g = grad_output.to(accumulate_dtype(ctx.weight_dtype))
+        gh = (gh * g).to(gh.dtype) if ctx.need_hidden else gh
+        gw = (gw * g).to(gw.dtype) if ctx.need_weight else gw
+        gb = (gb * g).to(gb.dtype) if ctx.need_weight and ctx.has_bias else gb
+    return computed_grads(ctx, gh, gw, gb)
+
+
+def computed_grads(ctx, gh, gw, gb):
+    """(grad hidden in hidden's shape, grad weight, grad bias in the weight's dtype), None where not needed."""
+    grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
+    grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
+    grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None
+    return grad_hidden, grad_weight, grad_bias
 
 
 _ADDMM_OUT_DTYPE = {}  # device type -> whether torch.addmm(..., out_dtype=) runs there
@@ -374,16 +418,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             *_, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
                 h2, w, t, bias, row_scale, ignore_index, label_smoothing, z_loss, softcap, False, chunk_size,
                 ctx.need_hidden, ctx.need_weight, False, backend, class_weight, token_scaling=token_scaling)
+            grad_hidden, grad_weight, grad_bias = computed_grads(ctx, gh, gw, gb)
         else:
-            gh, gw, gb = ctx.saved_tensors
-            if not _is_one(grad_output):  # loss.backward() skips these multiplications
-                g = grad_output.to(accumulate_dtype(ctx.weight_dtype))
-                gh = (gh * g).to(gh.dtype) if ctx.need_hidden else gh
-                gw = (gw * g).to(gw.dtype) if ctx.need_weight else gw
-                gb = (gb * g).to(gb.dtype) if ctx.need_weight and ctx.has_bias else gb
-        grad_hidden = gh.view(ctx.hidden_shape) if ctx.need_hidden else None
-        grad_weight = gw.to(ctx.weight_dtype) if ctx.need_weight else None
-        grad_bias = gb.to(ctx.weight_dtype) if ctx.need_weight and ctx.has_bias else None
+            grad_hidden, grad_weight, grad_bias = saved_grads_times(ctx, grad_output, *ctx.saved_tensors)
         return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 13
 
 
