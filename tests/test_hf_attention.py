@@ -349,6 +349,10 @@ def _model(family, attn="sdpa", dtype=torch.float32):
         cfg, cls = t.LlamaConfig(**common), t.LlamaForCausalLM
     elif family == "mistral":  # every layer windowed
         cfg, cls = t.MistralConfig(**common, sliding_window=6), t.MistralForCausalLM
+    elif family == "olmo3":  # alternating windowed layers, q/k norms over all heads, post-norms
+        cfg, cls = t.Olmo3Config(**common, sliding_window=6), t.Olmo3ForCausalLM
+    elif family == "smollm3":  # no rotary in every 2nd layer
+        cfg, cls = t.SmolLM3Config(**common, no_rope_layer_interval=2), t.SmolLM3ForCausalLM
     else:  # gemma2: attention softcap, alternating sliding-window layers; eager unpatched
         cfg, cls = (t.Gemma2Config(**common, head_dim=32, sliding_window=6, attn_logit_softcapping=5.0,
                                    final_logit_softcapping=3.0), t.Gemma2ForCausalLM)
@@ -396,7 +400,7 @@ def _assert_same(loss, grads, ref_loss, ref_grads, tol):
         assert rel_error(grads[name], ref_grads[name]) <= tol, name
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "olmo3", "smollm3"])
 @pytest.mark.parametrize("batch_kind", ["padded", "packed_positions", "packed_cu_seq_lens"])
 def test_patched_model_matches_unpatched_on_padded_and_packed_batches(family, batch_kind):
     """fp32: the plumbing (unpadding, documents, windows, softcap) on the torch path; the loss and

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-5
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3", "smollm3",
+            "ministral", "ministral3", "seed_oss", "helium", "olmo3", "exaone4"]
 
 
 def _config(family):
@@ -42,7 +43,25 @@ def _config(family):
     if family == "gemma2":  # + final logit softcap (fused into the loss), attention softcap (eager)
         return (t.Gemma2Config(**common, head_dim=16, final_logit_softcapping=3.0, sliding_window=8),
                 t.Gemma2ForCausalLM)
-    return t.Gemma3TextConfig(**common, head_dim=16, final_logit_softcapping=3.0, sliding_window=8), t.Gemma3ForCausalLM
+    if family == "gemma3":
+        return (t.Gemma3TextConfig(**common, head_dim=16, final_logit_softcapping=3.0, sliding_window=8),
+                t.Gemma3ForCausalLM)
+    if family == "smollm3":  # no rotary in every 2nd layer (NoPE)
+        return t.SmolLM3Config(**common, no_rope_layer_interval=2, pad_token_id=0), t.SmolLM3ForCausalLM
+    if family == "ministral":  # sliding window on some layers
+        return t.MinistralConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]), \
+            t.MinistralForCausalLM
+    if family == "ministral3":
+        return t.Ministral3Config(**common), t.Ministral3ForCausalLM
+    if family == "seed_oss":  # biased q/k/v projections; dropout after attention and the MLP (0.1)
+        # (attention dropout off: tokenforge's kernel draws its own mask, tests/test_attention_dropout.py)
+        return t.SeedOssConfig(**common, head_dim=16, attention_bias=True, attention_dropout=0.0), t.SeedOssForCausalLM
+    if family == "helium":  # (weight.float() * x_hat).to(dtype), interleaved rotary pairs
+        return t.HeliumConfig(**common, head_dim=16), t.HeliumForCausalLM
+    if family == "olmo3":  # OLMo2's norms and post-norms, sliding windows
+        return t.Olmo3Config(**common, pad_token_id=0, sliding_window=8), t.Olmo3ForCausalLM
+    # exaone4: q/k norms, post-norms, sliding windows
+    return t.Exaone4Config(**common, sliding_window=8, sliding_window_pattern=2), t.Exaone4ForCausalLM
 
 
 def _build(family):
@@ -59,6 +78,7 @@ def _build(family):
 
 def _loss_and_grads(model, ids, labels):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout masks for both runs (Seed-OSS's residual dropout)
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -5,10 +5,12 @@ Three families of model are recognised:
 - ``tokenforge.models.Transformer``: its swap points (``nn.RMSNorm`` modules, ``Attention.rope_fn``
   / ``attention_fn``, ``FeedForward.swiglu_fn``, ``Transformer.loss_fn``) are replaced.
 - Hugging Face causal LMs of the families in ``_HF_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi3,
-  OLMo2, Gemma, Gemma2, Gemma3 text): RMSNorm modules (q/k norms included; each family's own
-  semantics: Llama's ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's
-  ``(1 + weight)``), the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU),
-  rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary included), and,
+  OLMo2, Gemma, Gemma2, Gemma3 text, SmolLM3, Ministral, Ministral3, Seed-OSS, Helium, OLMo3,
+  EXAONE 4): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
+  ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's ``(1 + weight)``),
+  the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU; Seed-OSS's dropout after
+  it kept), rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary
+  included, Helium's interleaved pairs), and,
   while training, the causal-LM loss through the fused linear cross-entropy (logits never
   materialised; Gemma2/3's final logit softcap inside it), and attention: ``attn_implementation``
   "sdpa" / "eager" -> tokenforge's Hugging Face implementation (``tokenforge/hf_attention.py``:
@@ -57,6 +59,7 @@ class HFFamily:
     module: str             # transformers.models.<module>.modeling_<module>
     norm: str = "llama"     # HFRMSNorm semantics: "llama", "fp32_product" (OLMo2) or "offset" (Gemma)
     mlp: str = "split"      # "split": gate_proj/up_proj/down_proj/act_fn; "packed": Phi3's gate_up_proj
+    rope: str = "half"      # "half": rotate_half over halves (Llama); "interleaved": pairs (2i, 2i+1) (Helium)
 
 
 _HF_FAMILIES = {
@@ -69,6 +72,13 @@ _HF_FAMILIES = {
     "GemmaForCausalLM": HFFamily("gemma", norm="offset"),
     "Gemma2ForCausalLM": HFFamily("gemma2", norm="offset"),
     "Gemma3ForCausalLM": HFFamily("gemma3", norm="offset"),
+    "SmolLM3ForCausalLM": HFFamily("smollm3"),
+    "MinistralForCausalLM": HFFamily("ministral"),
+    "Ministral3ForCausalLM": HFFamily("ministral3"),
+    "SeedOssForCausalLM": HFFamily("seed_oss"),
+    "HeliumForCausalLM": HFFamily("helium", norm="fp32_product", rope="interleaved"),
+    "Olmo3ForCausalLM": HFFamily("olmo3", norm="fp32_product"),
+    "Exaone4ForCausalLM": HFFamily("exaone4"),
 }
 # Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
 # transformers' attention functions as Llama's do, with masks from masking_utils: they get
@@ -179,6 +189,18 @@ def _hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
 
     count_call("rope")
     return rope(q, k, cos, sin, layout="bhsd" if unsqueeze_dim == 1 else "bshd")
+
+
+def _hf_apply_rotary_pos_emb_interleaved(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
+    """The interleaved families' apply_rotary_pos_emb (Helium): Hugging Face's cos/sin hold each
+    frequency twice, as [f | f]; there the first half is repeated per pair (f0 f0 f1 f1 ...), which
+    is what the interleaved kernel takes."""
+    from tokenforge.ops.rope import rope
+
+    count_call("rope")
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    return rope(q, k, cos, sin, interleaved=True, layout="bhsd" if unsqueeze_dim == 1 else "bshd")
 
 
 def _swiglu(gate, up, fp8=None):
@@ -394,8 +416,11 @@ def _gated(gate, up, activation: str):
 
 
 def _hf_mlp_forward(self, x):
-    # LlamaMLP.forward with the gate activation and product fused: down(act(gate(x)) * up(x)).
-    return self.down_proj(_gated(self.gate_proj(x), self.up_proj(x), self._tokenforge_activation))
+    # LlamaMLP.forward with the gate activation and product fused: down(act(gate(x)) * up(x)), then
+    # the dropout some families apply there (Seed-OSS's residual_dropout), as theirs does.
+    out = self.down_proj(_gated(self.gate_proj(x), self.up_proj(x), self._tokenforge_activation))
+    p = getattr(self, "residual_dropout", 0.0)
+    return nn.functional.dropout(out, p=p, training=self.training) if p else out
 
 
 def _hf_packed_mlp_forward(self, x):
@@ -597,7 +622,8 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
     if opts["swiglu"]:
         _patch_hf_mlps(model, spec, undo, report)
     if opts["rope"]:
-        _patch_global(undo, module_name, "apply_rotary_pos_emb", _hf_apply_rotary_pos_emb)
+        _patch_global(undo, module_name, "apply_rotary_pos_emb", _hf_apply_rotary_pos_emb_interleaved
+                      if spec.rope == "interleaved" else _hf_apply_rotary_pos_emb)
         report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
                               "(module-level: all models of this family while patched)")
     if opts["attention"]:
