@@ -1,5 +1,6 @@
 """tokenforge.patch on Hugging Face mixture-of-experts models (tiny random configs of every MoE
-family this transformers has among Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3): the loop over
+family this transformers has among Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and V2, GLM-4-MoE,
+dots1, ERNIE 4.5 MoE, Hunyuan MoE, GraniteMoE, MiniMax): the loop over
 experts replaced by the grouped GEMM, same loss and every gradient as unpatched, state_dict
 unchanged, unpatch exact, and the report names what it patched."""
 
@@ -25,6 +26,18 @@ FAMILIES = {
     "DeepseekV3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
                        first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
                        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+    "DeepseekV2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+                       qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+    "Glm4Moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8),
+    "Dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8),
+    "Ernie4_5_Moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, moe_num_shared_experts=1,
+                         moe_layer_start_index=1),
+    "HunYuanMoEV1": dict(num_experts=4, moe_topk=2, head_dim=8),
+    "GraniteMoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "MiniMax": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
 }
 
 

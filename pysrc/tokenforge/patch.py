@@ -83,7 +83,8 @@ _HF_FAMILIES = {
 # Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
 # transformers' attention functions as Llama's do, with masks from masking_utils: they get
 # tokenforge's Hugging Face attention implementation (tests/test_patch_hf_moe.py checks each).
-_HF_MOE_ATTENTION = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+_HF_MOE_ATTENTION = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1",
+                     "ernie4_5_moe", "hunyuan_v1_moe", "granitemoe", "minimax"}
 _UNDO_ATTR = "_tokenforge_undo"
 
 
