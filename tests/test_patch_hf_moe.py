@@ -1,6 +1,6 @@
 """tokenforge.patch on Hugging Face mixture-of-experts models (tiny random configs of every MoE
 family this transformers has among Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and V2, GLM-4-MoE,
-dots1, ERNIE 4.5 MoE, Hunyuan MoE, GraniteMoE, MiniMax): the loop over
+dots1, ERNIE 4.5 MoE, Hunyuan MoE, GraniteMoE, MiniMax, FlexOlmo, LFM2-MoE): the loop over
 experts replaced by the grouped GEMM, same loss and every gradient as unpatched, state_dict
 unchanged, unpatch exact, and the report names what it patched."""
 
@@ -38,6 +38,9 @@ FAMILIES = {
     "HunYuanMoEV1": dict(num_experts=4, moe_topk=2, head_dim=8),
     "GraniteMoe": dict(num_local_experts=4, num_experts_per_tok=2),
     "MiniMax": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+    "FlexOlmo": dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
+    "Lfm2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, num_dense_layers=1,
+                    layer_types=["conv", "full_attention"]),
 }
 
 
