@@ -703,9 +703,40 @@ def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return moe_unpermute(ys, order, top_k_weights * local).to(hidden_states.dtype)
 
 
+def _gpt_oss_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    """GptOssExperts (``gate_up_proj`` (E, D, 2I) with gate and up columns interleaved, biases, its
+    clamped GLU ``_apply_gate``) as two grouped GEMMs, each row's expert bias added by index (the
+    row's expert from offs, no host sync), instead of a Python loop over experts. routing_weights
+    (T, k) are the router's top-k scores; an index equal to num_experts contributes nothing, as there."""
+    from tokenforge.ops import grouped_mm, moe_permute, moe_unpermute
+
+    n = self.gate_up_proj.shape[0]
+    local = router_indices < n
+    xs, offs, order, _ = moe_permute(hidden_states, router_indices.clamp(max=n - 1), n)
+    rows = torch.arange(xs.shape[0], device=offs.device, dtype=offs.dtype)
+    expert_of_row = torch.searchsorted(offs, rows, right=True)
+    gate_up = grouped_mm(xs, self.gate_up_proj, offs, check_offs=False) + self.gate_up_proj_bias[expert_of_row]
+    ys = grouped_mm(self._apply_gate(gate_up), self.down_proj, offs, check_offs=False) + self.down_proj_bias[expert_of_row]
+    count_call("grouped_mm")
+    return moe_unpermute(ys, order, routing_weights * local).to(hidden_states.dtype)
+
+
+def _is_gpt_oss_experts(m) -> bool:
+    """transformers' GptOssExperts with the layout _gpt_oss_experts_forward reads."""
+    if type(m).__name__ != "GptOssExperts" or not callable(getattr(m, "_apply_gate", None)):
+        return False
+    shapes = [getattr(getattr(m, a, None), "shape", None) for a in
+              ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")]
+    if any(s is None for s in shapes):
+        return False
+    (e, d, two_i), gub, (e2, i, d2), db = shapes
+    return two_i == 2 * i and e == e2 and d == d2 and tuple(gub) == (e, two_i) and tuple(db) == (e, d)
+
+
 def _patch_hf_experts(model, undo, report, opts) -> None:
     """Every transformers ``*Experts`` module with the 3-D expert layout and SiLU gets the grouped
-    forward; other expert modules are reported by class name with the reason."""
+    forward, GPT-OSS's (biases, clamped GLU) its own; other expert modules are reported by class
+    name with the reason."""
     if not opts.get("moe", True):
         return
     patched, left = {}, {}
@@ -715,7 +746,10 @@ def _patch_hf_experts(model, undo, report, opts) -> None:
             continue
         gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
         act = getattr(m, "act_fn", None)
-        if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+        if _is_gpt_oss_experts(m) and gu.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            undo.set_attr(m, "forward", types.MethodType(_gpt_oss_experts_forward, m))
+            patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
+        elif not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
                 and gu.shape[1] == 2 * down.shape[2] and gu.shape[2] == down.shape[1]):
             left[cls.__name__] = "not the (experts, 2 x inter, hidden) gate_up_proj / down_proj layout"
         elif not _is_silu(act) or getattr(m, "has_bias", False) or getattr(m, "gate_up_proj_bias", None) is not None:
@@ -726,8 +760,9 @@ def _patch_hf_experts(model, undo, report, opts) -> None:
             undo.set_attr(m, "forward", types.MethodType(_grouped_experts_forward, m))
             patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
     for name, count in patched.items():
+        extra = "its clamped GLU and the expert biases in torch" if name == "GptOssExperts" else "swiglu_packed"
         report.patched.append(f"moe: {count} {name}: loop over experts -> tokenforge.ops.grouped_mm "
-                              "(+ swiglu_packed, the moe_permute / moe_unpermute kernels)")
+                              f"(+ {extra}, the moe_permute / moe_unpermute kernels)")
     for name, why in left.items():
         report.skipped.append(f"moe: {name} left alone: {why}")
 
