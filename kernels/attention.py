@@ -316,7 +316,13 @@ def _attn_fwd(
     ALIBI=None, stride_alb=0, HAS_ALIBI: tl.constexpr = False,
     SEED=None, DROP_THRESHOLD=0, drop_scale=1.0, HAS_DROPOUT: tl.constexpr = False,
     SEQUSED_Q=None, SEQUSED_K=None, HAS_SEQUSED_Q: tl.constexpr = False, HAS_SEQUSED_K: tl.constexpr = False,
+    SINKS=None, HAS_SINKS: tl.constexpr = False,
 ):
+    # HAS_SINKS: fp32 SINKS[h], one learned logit per query head that every row's softmax also
+    # normalises over (GPT-OSS's attention sinks) but that has no value: the running max and sum
+    # start at it instead of at -inf and 0, so out = sum_j p_j v_j with the sink's mass in the sum,
+    # and lse includes it (the backward recomputes the probabilities from that lse and needs no
+    # other change; the sink's own gradient, -sum_i p_sink,i * rowsum(dO_i * O_i), is the caller's).
     # HAS_SEQUSED_Q / _K: batch entry b's queries / keys are the SEQUSED[b] rows from CU[b] (see
     # _rows_of): varlen documents anywhere in the rows (a KV cache read in place, flattened to rows),
     # or the live stretch of a padded dense row. Query rows outside every stretch are not written.
@@ -367,8 +373,12 @@ def _attn_fwd(
         k_base = K + b64 * stride_kb + hk * stride_kh + tl.cast(k_start, tl.int64) * stride_ks
         v_base = V + b64 * stride_vb + hk * stride_vh + tl.cast(k_start, tl.int64) * stride_vs
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:  # the scores are in log2 units (qk_scale * log2(e) folded in)
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(SINKS + h) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, hi = _kv_range(m_start, seqlen_q, seqlen_k, off, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N,
@@ -1139,7 +1149,7 @@ def _seqused_args(seqused_q, seqused_k) -> dict:
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                       scale: float, window: tuple[int, int], softcap: float, alibi=None, dropout=None,
-                      seqused_q=None, seqused_k=None):
+                      seqused_q=None, seqused_k=None, sinks=None):
     """(out, lse): out like q (contiguous), lse fp32 (batch, heads, seqlen_q) or (heads, total_q).
 
     Dense: q (b, sq, hq, d), k/v (b, sk, hkv, d). Varlen: q (total_q, hq, d), k/v (total_k, hkv, d),
@@ -1150,7 +1160,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     (only cu_seqlens[:batch] is read). Varlen: the documents can lie anywhere in the rows (a KV
     cache read where it is). Dense: cu_seqlens_q / _k are then each sequence's first live row (a
     padded batch's live stretch, read in place). Query rows outside every stretch get out 0 and
-    lse +inf (an empty row's)."""
+    lse +inf (an empty row's). ``sinks``: contiguous fp32 (hq,) attention-sink logits (each row's
+    softmax also normalises over its head's sink; lse includes it), or None."""
     varlen = q.dim() == 3
     heads, d = q.shape[-2], q.shape[-1]
     kv_heads = k.shape[-2]
@@ -1196,7 +1207,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
             seq_q, seq_k, heads, d, n_blocks, scale, softcap if softcap > 0 else 1.0,
             GROUP=group, IS_VARLEN=varlen, HAS_SOFTCAP=softcap > 0, HEAD_I64=_head_i64(q, k, v, out, lse), FOLD=fold,
             UPCAST=INTERPRETED, TMA=tma, **_window_args(window), **cfg, **_alibi_args(alibi),
-            **_dropout_args(dropout), **seqused,
+            **_dropout_args(dropout), **seqused, **({} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)),
         )
 
     with launch_device(q):

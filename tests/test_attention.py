@@ -15,7 +15,7 @@ import torch
 from device_params import DEVICES, HAS_CUDA
 
 from tokenforge import backends, kernels
-from tokenforge.ops.attention import attention, attention_reference, attention_varlen
+from tokenforge.ops.attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from tokenforge.testing import TOLERANCE, PoisonEmpty, rel_error
 
 LOWP = [torch.float16, torch.bfloat16]
@@ -545,6 +545,74 @@ def test_alibi_bad_input_and_torch_backend():
     assert rel_error(ours, ref) <= TOLERANCE[torch.bfloat16]
 
 
+SINK_CASES = [  # batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal, window
+    (2, 37, 37, 4, 2, 64, True, (-1, -1)),
+    (1, 20, 45, 2, 1, 40, True, (8, 0)),     # head dim zero-padded for the kernel; rows past the window's keys
+    (2, 16, 16, 2, 2, 64, False, (-1, -1)),
+    (1, 33, 17, 2, 2, 128, True, (-1, -1)),  # the first 16 rows see no key: only the sink (out 0, lse = sink)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: f"{c[1]}x{c[2]}-h{c[3]}kv{c[4]}-d{c[5]}-"
+                         f"{'causal' if c[6] else 'full'}-w{c[7][0]}_{c[7][1]}")
+def test_sinks_match_float64(device, deterministic, case):
+    """Attention sinks (GPT-OSS): one logit per head in every row's softmax, with no value. Output,
+    lse and the gradients of q, k, v and the sinks (a bf16 parameter's, given back in bf16) against
+    float64, every row; the sinks must matter (the same call without them is far off)."""
+    b, sq, sk, hq, hkv, d, causal, window = case
+    q, k, v = (t.requires_grad_() for t in make_qkv(b, sq, sk, hq, hkv, d, torch.bfloat16, device))
+    sinks = (torch.rand(hq, device=device) * 2 + 2).to(torch.bfloat16).requires_grad_()  # 10-50% of a row
+    out, lse = attention(q, k, v, causal=causal, window=window, sinks=sinks, deterministic=deterministic,
+                         return_lse=True)
+    q64, k64, v64, s64 = (t.detach().double().requires_grad_() for t in (q, k, v, sinks))
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, window=window, sinks=s64, return_lse=True)
+    tol = TOLERANCE[torch.bfloat16]
+    assert rel_error(out, ref) <= tol
+    assert rel_error(lse, ref_lse) <= 1e-5
+    assert rel_error(attention(q.detach(), k.detach(), v.detach(), causal=causal, window=window), ref) > 10 * tol
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, sinks), g)
+    want = torch.autograd.grad(ref, (q64, k64, v64, s64), g.double())
+    assert got[3].dtype == torch.bfloat16
+    for name, a, w in zip(("dq", "dk", "dv", "dsinks"), got, want):
+        # dsinks sums rounded bf16 outputs over every row of a head: 4x the elementwise bound
+        assert rel_error(a, w) <= (4 * tol if name == "dsinks" else tol), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinks_varlen_and_torch_backend(device):
+    """attention_varlen's sinks (an empty document: lse = its sink) and the torch backend's, vs float64."""
+    cu = torch.tensor([0, 5, 5, 30, 41], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(41, h, 64, device=device).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2))
+    sinks = torch.randn(4, device=device, requires_grad=True)
+    q64, k64, v64, s64 = (t.detach().double().requires_grad_() for t in (q, k, v, sinks))
+    ref, ref_lse = attention_varlen_reference(q64, k64, v64, cu, cu, causal=True, sinks=s64, return_lse=True)
+    g = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (q64, k64, v64, s64), g)
+    tol = TOLERANCE[torch.bfloat16]
+    for backend in ("triton", "torch"):
+        out, lse = attention_varlen(q, k, v, cu, cu, 25, 25, causal=True, sinks=sinks, return_lse=True,
+                                    backend=backend)
+        assert rel_error(out, ref) <= tol and rel_error(lse, ref_lse) <= 1e-5, backend
+        got = torch.autograd.grad(out, (q, k, v, sinks), g.to(out.dtype))
+        for name, a, w in zip(("dq", "dk", "dv", "dsinks"), got, want):
+            assert rel_error(a, w) <= (4 * tol if name == "dsinks" else tol), (backend, name)
+
+
+def test_sinks_bad_input():
+    q, k, v = make_qkv(2, 9, 9, 4, 2, 32, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match=r"sinks must be a floating-point tensor of shape \(4,\)"):
+        attention(q, k, v, sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"sinks must be a floating-point tensor"):
+        attention(q, k, v, sinks=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="dropout_p > 0"):
+        attention(q, k, v, dropout_p=0.1, sinks=torch.zeros(4))
+    with pytest.raises(ValueError, match="return_attn_probs"):
+        attention(q, k, v, return_attn_probs=True, sinks=torch.zeros(4))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_flash_attn_packed_layouts(device):
     """flash_attn's packed entry points read q/k/v in place from one qkv (or kv) tensor and give the
@@ -699,13 +767,13 @@ def _attention_arg_types(dtype: str) -> dict:
     t = {n: "*" + TRITON_DTYPE[dtype] for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     t.update(LSE="*fp32", DELTA="*fp32", DQ_ACC="*fp32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32", softcap="fp32",
              ALIBI="*fp32", SEED="*i64", DROP_THRESHOLD="i64", drop_scale="fp32", SEQUSED_Q="*i32",
-             SEQUSED_K="*i32")
+             SEQUSED_K="*i32", SINKS="*fp32")
     return t
 
 
 def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=False, left=False, right=True,
                       softcap=False, head_i64=False, fold=False, tma=False, alibi=False, dropout=False,
-                      seqused_q=False, seqused_k=False):
+                      seqused_q=False, seqused_k=False, sinks=False):
     import inspect
 
     from compile_gate import TARGETS, compile_kernel
@@ -718,7 +786,7 @@ def compile_attention(name, config, arch, dtype="bfloat16", group=2, varlen=Fals
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages", None)
     flags = dict(GROUP=group, IS_VARLEN=varlen, HAS_LEFT=left, HAS_RIGHT=right, HAS_SOFTCAP=softcap, UPCAST=False,
                  HEAD_I64=head_i64, FOLD=fold, TMA=tma, ATOMIC_DQ=config.pop("ATOMIC_DQ", False), HAS_ALIBI=alibi,
-                 HAS_DROPOUT=dropout, HAS_SEQUSED_Q=seqused_q, HAS_SEQUSED_K=seqused_k)
+                 HAS_DROPOUT=dropout, HAS_SEQUSED_Q=seqused_q, HAS_SEQUSED_K=seqused_k, HAS_SINKS=sinks)
     constexprs = dict(config, **{k: val for k, val in flags.items() if k in params})
     types = _attention_arg_types(dtype)
     if tma:  # the launcher's tensor descriptors: Q, K, V, O in the forward; Q and dO in the dk/dv pass
@@ -952,6 +1020,26 @@ def test_padded_in_place_compiles(name):
                 assert spills[0] <= spills[1], (name, arch, hd, kw, spills)
                 if arch == "sm_90" and name != "_attn_bwd_preprocess":
                     assert uses_wgmma(padded), (name, hd, kw)
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sinks_compile(head_dim):
+    """The forward with attention sinks (the only kernel they change) at the fixed config of every
+    gated target: dense (by TMA descriptors on sm_90, cp.async.bulk.tensor in the PTX) and varlen
+    with a window and softcap, GQA 4; no spills, wgmma on sm_90."""
+    from compile_gate import ptxas_report, spill_bytes, uses_wgmma
+
+    from tokenforge.kernels import attention as ak
+
+    for arch in GATE_ARCHS:
+        config = ak.fwd_config(head_dim, interpreted=False, arch=arch)
+        for kw in (dict(tma=arch == "sm_90"), dict(varlen=True, left=True, softcap=True)):
+            compiled = compile_attention("_attn_fwd", config, arch, group=4, sinks=True, **kw)
+            assert spill_bytes(ptxas_report(compiled.asm["ptx"], arch)) == 0, (arch, config, kw)
+            if arch == "sm_90":
+                assert uses_wgmma(compiled), (config, kw)
+                assert ("cp.async.bulk.tensor" in compiled.asm["ptx"]) == kw.get("tma", False), kw
 
 
 @pytest.mark.compile_gate

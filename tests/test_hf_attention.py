@@ -19,6 +19,7 @@ from torch import nn
 
 import tokenforge
 from tokenforge import hf_attention
+from tokenforge.ops.attention import attention_reference
 from tokenforge.patch import calls
 from tokenforge.testing import TOLERANCE, rel_error
 
@@ -321,7 +322,7 @@ def test_a_decoding_step_builds_its_cache_rows_once(scenario, monkeypatch):
     assert seen[3][1].tolist() == (nxt.sum(-1) if nxt is not None else torch.full((2,), kv_len + 1)).tolist()
 
 
-def test_a_ready_4d_mask_goes_to_sdpa_and_sinks_are_refused():
+def test_a_ready_4d_mask_goes_to_sdpa_and_sinks_are_taken():
     q = torch.randn(1, HEADS_Q, 6, HEAD_DIM)
     k = torch.randn(1, HEADS_KV, 6, HEAD_DIM)
     mask4 = torch.rand(1, 1, 6, 6) > 0.3
@@ -332,8 +333,12 @@ def test_a_ready_4d_mask_goes_to_sdpa_and_sinks_are_refused():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), k.repeat_interleave(2, 1),
                                                            attn_mask=mask4, scale=0.25).transpose(1, 2)
     assert rel_error(out, ref) <= 1e-6
-    with pytest.raises(ValueError, match="attention sinks"):
-        hf_attention.hf_attention_forward(layer, q, k, k, None, s_aux=torch.zeros(HEADS_Q))
+    # GPT-OSS's attention sinks (s_aux): one more logit per head in every row's softmax
+    sinks = torch.randn(HEADS_Q) + 1.0
+    out, _ = hf_attention.hf_attention_forward(layer, q, k, k, None, scaling=0.25, s_aux=sinks)
+    ref = attention_reference(q.transpose(1, 2).double(), k.transpose(1, 2).double(), k.transpose(1, 2).double(),
+                              causal=True, softmax_scale=0.25, sinks=sinks.double())
+    assert rel_error(out, ref) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------

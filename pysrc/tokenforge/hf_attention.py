@@ -180,16 +180,17 @@ def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _ready_mask_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal,
-                         kwargs):
+                         kwargs, s_aux=None):
     """A ready-made 4-D mask: the function the model would have used unpatched."""
-    if softcap is not None:  # SDPA has no softcap; the modeling file's eager function does
+    if softcap is not None or s_aux is not None:  # SDPA has no softcap or sinks; the modeling file's eager has
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is None:
             raise ValueError(f"tokenforge attention: {type(module).__name__} passed a 4-D attention mask with a "
-                             "softcap, which neither the kernel nor SDPA takes; load the model with "
-                             "attn_implementation='eager' and patch it with attention=False")
+                             "softcap or attention sinks, which neither the kernel nor SDPA takes; load the model "
+                             "with attn_implementation='eager' and patch it with attention=False")
+        extra = {} if s_aux is None else {"s_aux": s_aux}
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap,
-                     **kwargs)
+                     **extra, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -242,7 +243,8 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
     if 1 < q_len == kv_len and keys.one_stretch and kernel_reads_in_place(q, k, v):  # no gather, no scatter
         used = _memoised(attention_mask, "lengths", lambda _: keys.cu.diff())
         return attention_padded(q, k, v, keys.starts, used, keys.starts, used, keys.longest, keys.longest, **options)
-    pitch = _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
+    # (the cache-reading kernels have no sinks: with them, the live rows are gathered)
+    pitch = None if "sinks" in options else _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
     if pitch is not None:  # built once per mask, like the plan: every layer reads the same rows
         starts, used = _memoised(attention_mask, ("cache rows", batch, pitch), lambda _: (
             torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts, keys.cu.diff()))
@@ -295,12 +297,9 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS
     from tokenforge.patch import count_call
 
-    if s_aux is not None:
-        raise ValueError(f"tokenforge attention: {type(module).__name__} uses attention sinks (s_aux), which the "
-                         "kernel does not have; patch the model with tokenforge.patch(model, attention=False)")
     if attention_mask is not None and attention_mask.dim() != 2:
         return _ready_mask_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap,
-                                    is_causal, dict(kwargs, position_ids=position_ids))
+                                    is_causal, dict(kwargs, position_ids=position_ids), s_aux)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     batch, _, q_len, head_dim = query.shape
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -315,6 +314,8 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         window = (int(sliding_window) - 1, int(sliding_window) - 1)
     options = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=causal, window=window,
                    softcap=float(softcap or 0.0))
+    if s_aux is not None:  # GPT-OSS's attention sinks: one logit per query head, in every row's softmax
+        options["sinks"] = s_aux
 
     grad_inputs = (query, key, value)
     if attention_mask is not None:
@@ -329,7 +330,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         else:
             count_call("attention")
             pitch = None
-            if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS:
+            if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS and s_aux is None:  # (no sinks there)
                 pitch = _cache_pitch(q, k, v, None, options["dropout_p"], *grad_inputs)
             if pitch is not None:  # a decoding step, unpadded: the decoding kernel, one tile per GQA group
                 starts, used = _unpadded_rows(q.device, batch, pitch, kv_len)

@@ -84,7 +84,7 @@ _HF_FAMILIES = {
 # transformers' attention functions as Llama's do, with masks from masking_utils: they get
 # tokenforge's Hugging Face attention implementation (tests/test_patch_hf_moe.py checks each).
 _HF_MOE_ATTENTION = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1",
-                     "ernie4_5_moe", "hunyuan_v1_moe", "granitemoe", "minimax", "flex_olmo", "lfm2_moe"}
+                     "ernie4_5_moe", "hunyuan_v1_moe", "granitemoe", "minimax", "flex_olmo", "lfm2_moe", "gpt_oss"}
 _UNDO_ATTR = "_tokenforge_undo"
 
 

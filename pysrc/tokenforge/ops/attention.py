@@ -132,14 +132,17 @@ def _reference_scores(q, k, scale: float, window: tuple[int, int], softcap: floa
 
 def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: float, compute: torch.dtype,
                      alibi: Optional[torch.Tensor] = None, dropout: Optional[tuple[int, int]] = None,
-                     first_batch: int = 0):
+                     first_batch: int = 0, sinks: Optional[torch.Tensor] = None):
     """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32/fp64, computed in ``compute``;
     ``alibi`` slopes (hq,) or (b, hq) add their bias after the softcap; ``dropout`` =
     (seed, threshold) drops probabilities as the kernels do (lse undropped), batch entry b drawing
-    as first_batch + b (a varlen document's index)."""
+    as first_batch + b (a varlen document's index); ``sinks`` (hq,): one more logit per head in
+    every row's softmax, with no value (GPT-OSS's eager attention: a column, dropped after)."""
     group = q.shape[2] // k.shape[2]
     vc = v.to(compute).repeat_interleave(group, dim=2).transpose(1, 2)
     s = _reference_scores(q, k, scale, window, softcap, compute, alibi)
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(compute)[None, :, None, None].expand(*s.shape[:-1], 1)], -1)
     # A row with every key masked has max -inf: subtract 0 instead so exp gives 0, not NaN.
     if s.shape[-1] == 0:  # a varlen document with no keys: every row is empty
         m = s.new_zeros(s.shape[:-1] + (1,))
@@ -148,6 +151,8 @@ def _reference_dense(q, k, v, scale: float, window: tuple[int, int], softcap: fl
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
+    if sinks is not None:
+        p = p[..., :-1]
     empty = denom == 0
     safe = torch.where(empty, torch.ones_like(denom), denom)
     if dropout is not None:
@@ -235,16 +240,16 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
 def attention_reference(q, k, v, causal: bool = False, softmax_scale: Optional[float] = None,
                         window: tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False,
                         upcast: bool = True, alibi_slopes: Optional[torch.Tensor] = None,
-                        dropout: Optional[tuple[int, int]] = None):
+                        dropout: Optional[tuple[int, int]] = None, sinks: Optional[torch.Tensor] = None):
     """Plain PyTorch attention over q (b, sq, hq, d), k/v (b, sk, hkv, d): materialises the
     (sq, sk) scores. Math in fp32 (float64 for float64 inputs; the input dtype with upcast=False,
     the low-precision baseline of the error bounds). ``dropout`` = (seed, threshold) drops
-    probabilities with the kernels' mask (:func:`dropout_keep_reference`). Returns out, or
-    (out, lse (b, hq, sq))."""
+    probabilities with the kernels' mask (:func:`dropout_keep_reference`); ``sinks`` (hq,)
+    attention-sink logits. Returns out, or (out, lse (b, hq, sq))."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _reference_dense(q, k, v, scale, _fold_causal(causal, window), softcap,
                                 _compute_dtype(q.dtype, upcast), alibi_slopes,
-                                dropout)
+                                dropout, sinks=sinks)
     return (out, lse) if return_lse else out
 
 
@@ -254,7 +259,7 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                return_lse: bool = False, upcast: bool = True,
                                alibi_slopes: Optional[torch.Tensor] = None,
                                dropout: Optional[tuple[int, int]] = None, seqused_q: Optional[torch.Tensor] = None,
-                               seqused_k: Optional[torch.Tensor] = None):
+                               seqused_k: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
     """:func:`attention_reference` per document of packed q (total_q, hq, d), k/v (total_k, hkv, d);
     lse is (hq, total_q). Reads cu_seqlens on the host (a sync: a reference, not a hot path).
     ``dropout`` = (seed, threshold): the kernels' dropout, document b drawing as batch entry b.
@@ -272,7 +277,7 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     for b in range(batch):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, l = _reference_dense(q[None, cq[b]:ends_q[b]], k[None, ck[b]:ends_k[b]], v[None, ck[b]:ends_k[b]],
-                                scale, win, softcap, compute, slopes, dropout, b)
+                                scale, win, softcap, compute, slopes, dropout, b, sinks)
         outs.append(o[0])
         lses.append(l[0])
     if seqused_q is None:
@@ -453,6 +458,23 @@ def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slope
     return window if window is not None else (-1, -1)
 
 
+def _check_sinks(name: str, sinks, heads: int, device, dropout_p, return_attn_probs) -> Optional[torch.Tensor]:
+    """Attention sinks: a floating (heads,) tensor on q's device -> fp32 (autograd-aware: a bf16
+    parameter gets its gradient back in bf16); refused with dropout and return_attn_probs."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,):
+        raise ValueError(f"{name}: sinks must be a floating-point tensor of shape ({heads},), one logit per query "
+                         f"head, got {getattr(sinks, 'dtype', type(sinks).__name__)} "
+                         f"{tuple(getattr(sinks, 'shape', ()))}")
+    if sinks.device != device:
+        raise ValueError(f"{name}: sinks is on {sinks.device} but q is on {device}; move it")
+    if float(dropout_p) > 0.0 or return_attn_probs:
+        raise ValueError(f"{name}: sinks are not taken with "
+                         f"{'dropout_p > 0' if float(dropout_p) > 0.0 else 'return_attn_probs'}; drop one of the two")
+    return sinks.float().contiguous()
+
+
 def alibi_slopes(heads: int, device=None) -> torch.Tensor:
     """The ALiBi paper's slopes for ``heads`` heads, fp32 (heads,): the geometric sequence
     2^(-8 i / n), i = 1..n, for the nearest power of two n <= heads, then every other term of the
@@ -539,20 +561,24 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   window_left: int, window_right: int, softcap: float, backend: str,
                   alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                   dropout_seed: Optional[torch.Tensor] = None, seqused_k: Optional[torch.Tensor] = None,
-                  seqused_q: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seqused_q: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     # dropout_seed: the int64 scalar tensor of _dropout_seed (an input, so the op is a function of
     # its arguments and the backward redraws the forward's mask). seqused_q / seqused_k (Triton):
     # each batch entry's query / key count from cu_seqlens[b] (varlen: attention_over_cache_rows;
-    # dense, cu_seqlens then the starts: attention_padded).
+    # dense, cu_seqlens then the starts: attention_padded). sinks (Triton): fp32 (hq,) sink logits;
+    # the backward op needs nothing more (lse includes them).
     return LAUNCHERS[backend].attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                  scale, (window_left, window_right), softcap,
                                                  **_feature_kwargs(alibi_slopes, dropout_p, dropout_seed),
-                                                 **_seqused_kwargs(seqused_q, seqused_k))
+                                                 **_seqused_kwargs(seqused_q, seqused_k),
+                                                 **({} if sinks is None else {"sinks": sinks}))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_k=None, seqused_q=None):
+      softcap, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_k=None, seqused_q=None,
+      sinks=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, q.dim() == 3), dtype=torch.float32)
 
 
@@ -592,13 +618,14 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap,
                 deterministic, backend, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, seqused_q=None,
-                seqused_k=None):
+                seqused_k=None, sinks=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         out, lse = torch.ops.tokenforge.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, scale, window[0], window[1], softcap, backend,
-                                                      alibi_slopes, dropout_p, dropout_seed, seqused_k, seqused_q)
+                                                      alibi_slopes, dropout_p, dropout_seed, seqused_k, seqused_q,
+                                                      sinks)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed, seqused_q,
-                              seqused_k)
+                              seqused_k, sinks)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, window[0], window[1], softcap, deterministic, backend)
         ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
@@ -606,11 +633,23 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, dropout_seed, seqused_q, seqused_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, dropout_seed, seqused_q, seqused_k, sinks = ctx.saved_tensors
         dout = _unit_last(dout.to(q.dtype))
         dq, dk, dv = torch.ops.tokenforge.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, alibi_slopes,
                                                         ctx.dropout_p, dropout_seed, seqused_q, seqused_k)
-        return dq, dk, dv, *([None] * 14)
+        dsinks = _sink_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[17] else None
+        return dq, dk, dv, *([None] * 14), dsinks
+
+
+def _sink_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks (hq,) fp32: a sink has no value, so its logit's gradient is
+    -sum over rows of p_sink * rowsum(dO * O), p_sink = exp(sink - lse); rows no program wrote
+    (lse +inf) add 0. Dense out (b, s, hq, d) with lse (b, hq, s); varlen (total, hq, d), (hq, total)."""
+    delta = (dout.float() * out.float()).sum(-1)  # (b, s, hq) or (total, hq)
+    if out.dim() == 4:
+        p_sink = torch.exp(sinks[None, :, None] - lse)  # (b, hq, s)
+        return -(p_sink * delta.transpose(1, 2)).sum((0, 2))
+    return -(torch.exp(sinks[:, None] - lse) * delta.t()).sum(1)
 
 
 def _distinct(*tensors):
@@ -625,20 +664,22 @@ def _distinct(*tensors):
 
 
 def _run_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic, name, alibi=None,
-                dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, seqused_q=None, seqused_k=None):
+                dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, seqused_q=None, seqused_k=None,
+                sinks=None):
     """AttentionFunction at the kernel's head dim (zero-padded when d is not one), out sliced back."""
     if name == "cuda":  # what the CUDA C++ kernels do not do, refused before anything runs
         from tokenforge.cuda import attention as cuda_attention
 
         cuda_attention.check_call(softcap, scale, deterministic)
-        for feature, used in (("ALiBi", alibi is not None), ("attention dropout", dropout_p > 0.0)):
+        for feature, used in (("ALiBi", alibi is not None), ("attention dropout", dropout_p > 0.0),
+                              ("attention sinks", sinks is not None)):
             if used:
                 raise ValueError(f"attention: backend='cuda' has no {feature}; use backend='triton' (the default) "
                                  "for it")
     qp, kp, vp, d = _pad_head_dim(q, k, v)
     qp, kp, vp, cu_q, cu_k, seqused_q, seqused_k = _distinct(qp, kp, vp, cu_q, cu_k, seqused_q, seqused_k)
     out, lse = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, win, softcap, deterministic,
-                                       name, alibi, dropout_p, dropout_seed, seqused_q, seqused_k)
+                                       name, alibi, dropout_p, dropout_seed, seqused_q, seqused_k, sinks)
     return (out[..., :d] if out.shape[-1] != d else out), lse
 
 
@@ -654,7 +695,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
               softmax_scale: Optional[float] = None, causal: bool = False,
               window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, alibi_slopes=None,
               deterministic: bool = False, return_attn_probs: bool = False, *,
-              window: Optional[tuple[int, int]] = None, return_lse: bool = False, backend: Optional[str] = None):
+              window: Optional[tuple[int, int]] = None, return_lse: bool = False, backend: Optional[str] = None,
+              sinks: Optional[torch.Tensor] = None):
     """Attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d), hq % hkv == 0; bf16/fp16 on the kernel
     (any head_dim up to 256: one that is not a multiple of 8 in 32..256 is zero-padded to one).
     Returns out (b, sq, hq, d), plus lse (b, hq, sq) fp32 with return_lse. causal is bottom-right
@@ -671,7 +713,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     The positional order and keywords are flash_attn_func's, so ported code runs unchanged:
     return_attn_probs=True returns (out, lse, S_dmask), S_dmask flash_attn 2's (b, hq, sq, sk)
     probabilities (rounded up to 128) with the dropped ones negative, for testing (it materialises
-    the scores), or None when dropout_p is 0, as flash_attn."""
+    the scores), or None when dropout_p is 0, as flash_attn.
+
+    ``sinks`` (hq,) floating point, with autograd: attention sinks (GPT-OSS), one learned logit per
+    query head that each row's softmax also normalises over and that has no value, so a row can
+    put weight on nothing (lse includes it). Not with dropout, return_attn_probs or backend='cuda'."""
     window = _check_flash_attn_keywords("attention", dropout_p, window, window_size, alibi_slopes,
                                         return_attn_probs)
     _check_common("attention", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale, window,
@@ -681,21 +727,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     if k.shape[1] == 0 and q.shape[1] > 0:
         raise ValueError("attention: seqlen_k must be at least 1 (there is nothing to attend to)")
     alibi = _check_alibi("attention", alibi_slopes, q.shape[2], q.shape[0], q.device)
+    sinks = _check_sinks("attention", sinks, q.shape[2], q.device, dropout_p, return_attn_probs)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
     want_lse = return_lse or return_attn_probs
     p = float(dropout_p)
-    if name == "torch" and q.is_cuda and q.numel() and alibi is None and sdpa_can_run(q.shape[1], k.shape[1], win,
-                                                                                      softcap, want_lse):
+    if name == "torch" and q.is_cuda and q.numel() and alibi is None and sinks is None \
+            and sdpa_can_run(q.shape[1], k.shape[1], win, softcap, want_lse):
         return sdpa_dense(q, k, v, scale, win, p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
     if name == "torch" or q.numel() == 0:
         out, lse = _reference_dense(q, k, v, scale, win, float(softcap), _compute_dtype(q.dtype, True), alibi,
-                                    _reference_dropout(p, seed))
+                                    _reference_dropout(p, seed), sinks=sinks)
     else:
         out, lse = _run_kernel(q, k, v, None, None, q.shape[1], k.shape[1], scale, win, float(softcap),
-                               bool(deterministic), name, alibi, p, seed)
+                               bool(deterministic), name, alibi, p, seed, sinks=sinks)
     probs = None
     if return_attn_probs and seed is not None:
         probs = _attn_probs_fa2(q, k, scale, win, float(softcap), alibi, _reference_dropout(p, seed),
@@ -721,7 +768,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      deterministic: bool = False, return_attn_probs: bool = False, block_table=None, *,
                      window: Optional[tuple[int, int]] = None, return_lse: bool = False,
                      backend: Optional[str] = None, seqused_q: Optional[torch.Tensor] = None,
-                     seqused_k: Optional[torch.Tensor] = None):
+                     seqused_k: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
     """Attention within each packed document: q (total_q, hq, d), k/v (total_k, hkv, d), document b is
     rows cu_seqlens[b]:cu_seqlens[b+1] (int32, batch + 1 entries); max_seqlen_* bound the document
     lengths and size the grid (no host sync). Returns out (total_q, hq, d), plus lse (hq, total_q).
@@ -732,7 +779,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ``seqused_q`` / ``seqused_k`` (batch,) int32, flash_attn 3's: document b is only the first
     seqused[b] of its rows (say, buffers of fixed capacity filled to different lengths); the other
     query rows get out 0 and lse +inf, the other rows no gradient. Not with return_attn_probs, and
-    not on backend='cuda'."""
+    not on backend='cuda'. ``sinks`` (hq,): attention sinks, as :func:`attention`."""
     if block_table is not None:
         k, v = _gather_pages("attention_varlen", k, v, block_table, cu_seqlens_k)
     window = _check_flash_attn_keywords("attention_varlen", dropout_p, window, window_size, alibi_slopes,
@@ -747,6 +794,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     used_q = _check_seqused("attention_varlen", seqused_q, "seqused_q", cu_q, batch, q.device)
     used_k = _check_seqused("attention_varlen", seqused_k, "seqused_k", cu_k, batch, q.device)
     alibi = _check_alibi("attention_varlen", alibi_slopes, q.shape[1], batch, q.device)
+    sinks = _check_sinks("attention_varlen", sinks, q.shape[1], q.device, dropout_p, return_attn_probs)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     win = _fold_causal(causal, window)
     name = backends.choose(OP, q, k, v, backend=backend)
@@ -760,10 +808,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, causal=False, softmax_scale=scale, window=win,
                                               softcap=float(softcap), return_lse=True, alibi_slopes=alibi,
                                               dropout=_reference_dropout(p, seed), seqused_q=used_q,
-                                              seqused_k=used_k)
+                                              seqused_k=used_k, sinks=sinks)
     else:
         out, lse = _run_kernel(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
-                               float(softcap), bool(deterministic), name, alibi, p, seed, used_q, used_k)
+                               float(softcap), bool(deterministic), name, alibi, p, seed, used_q, used_k, sinks)
     probs = None
     if return_attn_probs and seed is not None:
         probs = _attn_probs_varlen(q, k, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, win,
@@ -813,7 +861,7 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
                      used_q: torch.Tensor, starts_k: torch.Tensor, used_k: torch.Tensor, max_used_q: int,
                      max_used_k: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                      causal: bool = False, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     deterministic: bool = False) -> torch.Tensor:
+                     deterministic: bool = False, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`attention` over a padded batch, read where it is (no gather of the live rows, no
     scatter of the output): q (b, sq, hq, d), k/v (b, sk, hkv, d); sequence b's queries are rows
     starts_q[b] .. starts_q[b] + used_q[b] - 1 of q[b], its keys the used_k[b] rows from
@@ -823,7 +871,8 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
     dropout draws the same mask); out is 0 on the other query rows, and their gradients (and the
     other key rows') are 0. With autograd, on the Triton kernel: the caller has checked
     :func:`kernel_reads_in_place` and that the stretches lie within the rows (the Hugging Face
-    implementation builds them from the padding mask); the options are checked as attention's."""
+    implementation builds them from the padding mask); the options are checked as attention's
+    (``sinks`` too)."""
     _check_common("attention_padded", q, k, v, 4, "(batch, seqlen, heads, head_dim)", causal, softmax_scale,
                   window, softcap)
     batch = q.shape[0]
@@ -839,13 +888,14 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts_q
                 raise ValueError(f"attention_padded: the {label} stretches must lie within its {rows} rows and be "
                                  f"at most max_used_{label} = {longest} long; got starts {starts.tolist()[:8]}, "
                                  f"counts {used.tolist()[:8]}")
+    sinks = _check_sinks("attention_padded", sinks, q.shape[2], q.device, dropout_p, False)
     q, k, v, starts_q, used_q, starts_k, used_k = _distinct(q, k, v, starts_q, used_q, starts_k, used_k)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = float(dropout_p)
     seed = _dropout_seed(q.device) if p > 0.0 else None
     out, _ = AttentionFunction.apply(q, k, v, starts_q, starts_k, int(max_used_q), int(max_used_k), scale,
                                      _fold_causal(causal, window), float(softcap), bool(deterministic), "triton",
-                                     None, p, seed, used_q, used_k)
+                                     None, p, seed, used_q, used_k, sinks)
     return out
 
 
