@@ -601,6 +601,21 @@ def test_sinks_varlen_and_torch_backend(device):
             assert rel_error(a, w) <= (4 * tol if name == "dsinks" else tol), (backend, name)
 
 
+def test_sinks_module():
+    """nn.Attention(sink_heads=hq): a learned sinks parameter (zeros at init) that gets its gradient."""
+    from tokenforge.nn import Attention
+
+    q, k, v = make_qkv(2, 12, 12, 4, 2, 32, torch.bfloat16, "cpu")
+    module = Attention(causal=True, sink_heads=4)
+    assert "sinks" in dict(module.named_parameters()) and "sink_heads=4" in repr(module)
+    out = module(q, k, v)
+    assert torch.equal(out, attention(q, k, v, causal=True, sinks=torch.zeros(4)))
+    out.float().square().sum().backward()
+    assert module.sinks.grad is not None and bool(module.sinks.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="sink_heads must be a positive int"):
+        Attention(sink_heads=4, dropout=0.1)
+
+
 def test_sinks_bad_input():
     q, k, v = make_qkv(2, 9, 9, 4, 2, 32, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match=r"sinks must be a floating-point tensor of shape \(4,\)"):

@@ -19,14 +19,22 @@ class Attention(torch.nn.Module):
     """Fused attention of q (b, sq, hq, d) over k/v (b, sk, hkv, d); fp16/bf16 on the kernel.
     ``alibi_slopes``: fp32 (hq,) ALiBi slopes (``tokenforge.ops.alibi_slopes(heads)`` gives
     the paper's), kept as a buffer so they follow the module's device. ``dropout``: attention
-    dropout probability, applied in training mode only (as torch.nn.Dropout)."""
+    dropout probability, applied in training mode only (as torch.nn.Dropout). ``sink_heads``: the
+    number of query heads hq to give learned attention sinks (GPT-OSS's): a parameter ``sinks``
+    (hq,), zeros at init, one logit per head in every row's softmax (not with dropout)."""
 
     def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None,
                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, deterministic: bool = False,
-                 backend: Optional[str] = None, alibi_slopes: Optional[torch.Tensor] = None, dropout: float = 0.0):
+                 backend: Optional[str] = None, alibi_slopes: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                 sink_heads: Optional[int] = None):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"Attention: dropout must be a float in [0, 1), got {dropout!r}")
+        if sink_heads is not None and (isinstance(sink_heads, bool) or not isinstance(sink_heads, int)
+                                       or sink_heads < 1 or dropout):
+            raise ValueError(f"Attention: sink_heads must be a positive int (the query heads) and dropout 0, got "
+                             f"sink_heads={sink_heads!r}, dropout={dropout!r}")
+        self.sinks = None if sink_heads is None else torch.nn.Parameter(torch.zeros(sink_heads))
         self.causal, self.softmax_scale, self.window = causal, softmax_scale, tuple(window)
         self.softcap, self.deterministic, self.backend = softcap, deterministic, backend
         self.dropout = float(dropout)
@@ -35,12 +43,14 @@ class Attention(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attention(q, k, v, self.dropout if self.training else 0.0, causal=self.causal,
                          softmax_scale=self.softmax_scale, window=self.window, softcap=self.softcap,
-                         alibi_slopes=self.alibi_slopes, deterministic=self.deterministic, backend=self.backend)
+                         alibi_slopes=self.alibi_slopes, deterministic=self.deterministic, backend=self.backend,
+                         sinks=self.sinks)
 
     def extra_repr(self) -> str:
         alibi = ", alibi" if self.alibi_slopes is not None else ""
         dropout = f", dropout={self.dropout:g}" if self.dropout else ""
-        return f"causal={self.causal}, window={self.window}, softcap={self.softcap}{alibi}{dropout}"
+        sinks = f", sink_heads={self.sinks.numel()}" if self.sinks is not None else ""
+        return f"causal={self.causal}, window={self.window}, softcap={self.softcap}{alibi}{dropout}{sinks}"
 
 
 class MultiHeadAttention(torch.nn.Module):
