@@ -194,6 +194,32 @@ def test_matches_float64_oracle(device, backend, name, monkeypatch):
         assert torch.equal(only_out, out)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seqlen_q", [1, 3, 70])
+def test_sinks_match_float64(device, seqlen_q):
+    """Attention sinks (GPT-OSS) on a cache: the decoding kernel (1 and 3 rows per sequence), the
+    varlen kernel in place (70 rows, causal: its first rows see only a few keys), a left-padded
+    sequence; out and lse vs attention_reference with the sinks on each sequence's live keys."""
+    from tokenforge.ops.attention import attention_reference
+
+    torch.manual_seed(seqlen_q)
+    hq, hkv, d, cap = 4, 2, 64, 96
+    q = torch.randn(2, seqlen_q, hq, d, device=device).to(torch.bfloat16)
+    k_cache, v_cache = (torch.randn(2, cap, hkv, d, device=device).to(torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([80, 90], dtype=torch.int32, device=device)
+    leftpad = torch.tensor([0, 10], dtype=torch.int32, device=device)
+    sinks = torch.rand(hq, device=device) * 2 + 1
+    out, lse = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_leftpad=leftpad, causal=True,
+                                      return_softmax_lse=True, sinks=sinks)
+    for b in range(2):
+        lo, hi = int(leftpad[b]), int(seqlens[b])
+        ref, ref_lse = attention_reference(q[b:b + 1].double(), k_cache[b:b + 1, lo:hi].double(),
+                                           v_cache[b:b + 1, lo:hi].double(), causal=True, sinks=sinks.double(),
+                                           return_lse=True)
+        assert rel_error(out[b:b + 1], ref) <= TOLERANCE[torch.bfloat16], b
+        assert rel_error(lse[b:b + 1], ref_lse) <= 1e-5, b
+
+
 def test_refuses_bad_input():
     q = torch.randn(2, 1, 4, 16)
     k_cache, v_cache = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)

@@ -214,12 +214,15 @@ def _cache_pitch(q, k, v, keys: Optional[_Unpadding], dropout, *inputs) -> Optio
 def _decode_step(q, k, v, starts, used, pitch: int, longest: int, options: dict) -> torch.Tensor:
     """q (batch, q_len, heads, d) against each sequence's used[b] keys from row starts[b] of the
     cache k/v (batch, kv_len, kv heads, d) viewed as rows, by the decoding kernel; out like q."""
+    from tokenforge.ops.attention import with_sinks
     from tokenforge.ops.attention_kvcache import decode_over_cache
 
     batch, q_len = q.shape[:2]
-    out, _ = decode_over_cache(q.reshape(batch * q_len, *q.shape[2:]), k, v, starts, used, None, pitch, q_len,
-                               longest, options["softmax_scale"], options["causal"], options["window"],
-                               options["softcap"], None, 0)
+    out, lse = decode_over_cache(q.reshape(batch * q_len, *q.shape[2:]), k, v, starts, used, None, pitch, q_len,
+                                 longest, options["softmax_scale"], options["causal"], options["window"],
+                                 options["softcap"], None, 0)
+    if "sinks" in options:  # GPT-OSS: the sinks applied to the kernel's output (no autograd here)
+        out, _ = with_sinks(out, lse, options["sinks"])
     return out.view(q.shape)
 
 
@@ -232,7 +235,7 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
     stretch per row are read in place: a decoding step (one query) by the decoding kernel, longer
     blocks by the varlen kernel with key starts and counts."""
     from tokenforge.ops.attention import (attention_over_cache_rows, attention_padded, attention_varlen,
-                                          kernel_reads_in_place)
+                                          kernel_reads_in_place, with_sinks)
     from tokenforge.ops.attention_kvcache import DECODE_MAX_ROWS, cache_as_rows
     from tokenforge.patch import count_call
 
@@ -243,8 +246,7 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
     if 1 < q_len == kv_len and keys.one_stretch and kernel_reads_in_place(q, k, v):  # no gather, no scatter
         used = _memoised(attention_mask, "lengths", lambda _: keys.cu.diff())
         return attention_padded(q, k, v, keys.starts, used, keys.starts, used, keys.longest, keys.longest, **options)
-    # (the cache-reading kernels have no sinks: with them, the live rows are gathered)
-    pitch = None if "sinks" in options else _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
+    pitch = _cache_pitch(q, k, v, keys, options["dropout_p"], *grad_inputs)
     if pitch is not None:  # built once per mask, like the plan: every layer reads the same rows
         starts, used = _memoised(attention_mask, ("cache rows", batch, pitch), lambda _: (
             torch.arange(batch, device=q.device, dtype=torch.int32) * pitch + keys.starts, keys.cu.diff()))
@@ -260,10 +262,12 @@ def _padded(q, k, v, attention_mask, options: dict, grad_inputs) -> torch.Tensor
         rows_q, cu_q, longest_q = _memoised(attention_mask, ("last queries", q_len),
                                             lambda m: _plan_from_mask(m[:, -q_len:]))[:3]
     if pitch is not None:
-        out_rows, _ = attention_over_cache_rows(_rows(q, rows_q), cache_as_rows(k, pitch), cache_as_rows(v, pitch),
-                                                cu_q, starts, used, longest_q, keys.longest,
-                                                options["softmax_scale"], options["causal"], options["window"],
-                                                options["softcap"], None)
+        out_rows, lse_rows = attention_over_cache_rows(_rows(q, rows_q), cache_as_rows(k, pitch),
+                                                       cache_as_rows(v, pitch), cu_q, starts, used, longest_q,
+                                                       keys.longest, options["softmax_scale"], options["causal"],
+                                                       options["window"], options["softcap"], None)
+        if "sinks" in options:  # GPT-OSS: the sinks applied to the kernel's output (no autograd here)
+            out_rows, _ = with_sinks(out_rows, lse_rows, options["sinks"])
     else:
         out_rows = attention_varlen(_rows(q, rows_q), _rows(k, keys.rows), _rows(v, keys.rows), cu_q, keys.cu,
                                     longest_q, keys.longest, **options)
@@ -330,7 +334,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         else:
             count_call("attention")
             pitch = None
-            if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS and s_aux is None:  # (no sinks there)
+            if q_len * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS:
                 pitch = _cache_pitch(q, k, v, None, options["dropout_p"], *grad_inputs)
             if pitch is not None:  # a decoding step, unpadded: the decoding kernel, one tile per GQA group
                 starts, used = _unpadded_rows(q.device, batch, pitch, kv_len)

@@ -458,6 +458,17 @@ def _check_flash_attn_keywords(name, dropout_p, window, window_size, alibi_slope
     return window if window is not None else (-1, -1)
 
 
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward's (out (rows, hq, d), lse (hq, rows)) without attention sinks -> with them (no
+    autograd: the cache-reading kernels' results). Adding a value-less logit s to a row's softmax
+    scales its output by exp(lse) / (exp(lse) + exp(s)) = sigmoid(lse - s) and makes its lse
+    logaddexp(lse, s); a row that saw no key (out 0, lse +inf) keeps out 0 and gets lse s."""
+    s = sinks.float()[:, None]
+    seen = torch.isfinite(lse)
+    out = (out.float() * torch.where(seen, torch.sigmoid(lse - s), 0.0).t()[..., None]).to(out.dtype)
+    return out, torch.where(seen, torch.logaddexp(lse, s), s.expand_as(lse))
+
+
 def _check_sinks(name: str, sinks, heads: int, device, dropout_p, return_attn_probs) -> Optional[torch.Tensor]:
     """Attention sinks: a floating (heads,) tensor on q's device -> fp32 (autograd-aware: a bf16
     parameter gets its gradient back in bf16); refused with dropout and return_attn_probs."""

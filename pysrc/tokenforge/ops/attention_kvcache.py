@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 import torch
 
-from tokenforge.ops.attention import _as_window, attention_over_cache_rows, attention_varlen
+from tokenforge.ops.attention import _as_window, _check_sinks, attention_over_cache_rows, attention_varlen, with_sinks
 from tokenforge.ops.rope import rope_one, rope_tables_from_frequencies
 
 NAME = "attention_with_kvcache"
@@ -97,7 +97,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                            rotary_interleaved: bool = True, alibi_slopes: Optional[torch.Tensor] = None,
-                           num_splits: int = 0, return_softmax_lse: bool = False, *, backend: Optional[str] = None):
+                           num_splits: int = 0, return_softmax_lse: bool = False, *, backend: Optional[str] = None,
+                           sinks: Optional[torch.Tensor] = None):
     """Attention of q (batch, seqlen_q, heads, head_dim) over a KV cache; arguments, order and defaults
     are flash_attn_with_kvcache's. Returns out (batch, seqlen_q, heads, head_dim), plus lse (batch,
     heads, seqlen_q) fp32 with ``return_softmax_lse``. No gradient (as flash_attn): runs under no_grad.
@@ -120,6 +121,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     - num_splits: flash_attn's split-KV knob: the decoding kernel's key splits (0: chosen from the
       GPU's SM count and the longest sequence); the result is the same up to rounding.
     - ``backend`` forces the attention backend (triton, cuda or torch), as in :func:`attention`.
+    - ``sinks`` (heads,): attention sinks, as :func:`attention` (GPT-OSS's; applied to the kernel's
+      output and lse: a query with no key gets 0 and lse = its sink).
 
     One host sync reads the cache lengths (to check they fit and to size the gather), and a paged
     cache's page check is a second one."""
@@ -146,6 +149,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"{NAME}: num_splits must be an int >= 0 (flash_attn's split-KV knob), got {num_splits!r}")
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"{NAME}: return_softmax_lse must be True or False, got {return_softmax_lse!r}")
+    sinks = _check_sinks(NAME, sinks, heads, device, 0.0, False)
     seqlen_new = 0 if k is None else k.shape[1]
     tables = _rotary_tables(rotary_cos, rotary_sin, bool(rotary_interleaved), head_dim, k, device)
 
@@ -241,6 +245,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             out, lse = attention_varlen(q_rows, keys, values, cu_q, cu_k.to(torch.int32), seqlen_q, longest, 0.0,
                                         softmax_scale, causal, window_size, softcap, alibi_slopes, return_lse=True,
                                         backend=backend)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
     out = out.view(batch, seqlen_q, heads, head_dim)
     if not return_softmax_lse:
         return out
