@@ -288,6 +288,29 @@ def head_backward_(dlogits, h, weight, grad_hidden_rows, grad_weight, grad_bias)
         grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
 
 
+def head_context(ctx, hidden, weight, target, bias, reduction):
+    """The forward bookkeeping of a fused-head Function (what saved_grads_times and computed_grads
+    read): the reduction, shapes, and which gradients autograd asks for (a frozen lm_head costs no
+    grad_weight). Returns (hidden as contiguous (N, H), target as contiguous (N,), weight contiguous)."""
+    ctx.reduction = reduction
+    ctx.hidden_shape = hidden.shape
+    ctx.has_bias = bias is not None
+    ctx.weight_dtype = weight.dtype
+    ctx.need_hidden = bool(ctx.needs_input_grad[0])
+    ctx.need_weight = bool(ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]))
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), target.reshape(-1).contiguous(), weight.contiguous()
+
+
+def save_forward_grads(ctx, gh, gw, gb) -> None:
+    """'mean'/'sum': keep the gradients the forward computed until backward, in the weight's dtype:
+    the fp32 accumulator (4 V H bytes) lives only inside the forward's chunk loop; rounding it once
+    here is what backward did before."""
+    if ctx.need_weight:
+        gw = gw.to(ctx.weight_dtype)
+        gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
+    ctx.save_for_backward(gh, gw, gb)
+
+
 def saved_grads_times(ctx, grad_output, gh, gw, gb):
     """Backward of 'mean'/'sum' for a Function whose forward saved the gradients (``ctx.need_hidden``,
     ``ctx.need_weight``, ``ctx.has_bias``, ``ctx.weight_dtype``, ``ctx.hidden_shape``): (grad hidden,
@@ -376,18 +399,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap, return_z_loss, return_accuracy, return_predictions, token_scaling, chunk_size, validate,
                 backend):
-        H = hidden.shape[-1]
-        h2 = hidden.reshape(-1, H).contiguous()
-        t = target.reshape(-1).contiguous()
+        h2, t, w = head_context(ctx, hidden, weight, target, bias, reduction)
         ctx.opts = (ignore_index, float(label_smoothing), float(z_loss), float(softcap), chunk_size, backend,
                     token_scaling)
-        ctx.reduction = reduction
-        ctx.hidden_shape = hidden.shape
-        ctx.has_bias = bias is not None
-        ctx.weight_dtype = weight.dtype
-        ctx.need_hidden = bool(ctx.needs_input_grad[0])
-        ctx.need_weight = bool(ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]))
-        w = weight.contiguous()
         eager_grads = reduction != "none"
         split_z = class_weight is not None or return_z_loss
         loss, n_valid, w_valid, z_rows, pred_rows, gh, gw, gb = torch.ops.tokenforge.linear_cross_entropy_fwd(
@@ -400,12 +414,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             out = out.reshape(target.shape)
             ctx.save_for_backward(h2, w, t, bias, class_weight)
         else:
-            # Held until backward in the weight's dtype: the fp32 accumulator (4 V H bytes) lives
-            # only inside the forward's chunk loop; rounding it once here is what backward did before.
-            if ctx.need_weight:
-                gw = gw.to(ctx.weight_dtype)
-                gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
-            ctx.save_for_backward(gh, gw, gb)
+            save_forward_grads(ctx, gh, gw, gb)
         return function_outputs(ctx, out, z_rows, pred_rows, target, n_valid, reduction, ignore_index,
                                 weight.shape[0], return_z_loss, return_accuracy, return_predictions)
 

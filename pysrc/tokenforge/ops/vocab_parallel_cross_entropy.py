@@ -44,7 +44,8 @@ from tokenforge.ops.cross_entropy import _check_targets_in_range, n_valid_of, re
 from tokenforge.ops.cross_entropy import _triton_supports as _ce_triton_supports
 from tokenforge.ops.linear_cross_entropy import (_check_inputs, accumulate_dtype, computed_grads,
                                                  default_chunk_size, grad_buffers, head_backward_, head_chunks,
-                                                 linear_cross_entropy_reference, saved_grads_times)
+                                                 head_context, linear_cross_entropy_reference,
+                                                 save_forward_grads, saved_grads_times)
 
 OP = "vocab_parallel_linear_cross_entropy"
 
@@ -225,18 +226,9 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, vocab_start, vocab_size, group_name, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, token_scaling, chunk_size, validate, backend):
-        H = hidden.shape[-1]
-        h2 = hidden.reshape(-1, H).contiguous()
-        t = target.reshape(-1).contiguous()
+        h2, t, w = head_context(ctx, hidden, weight, target, bias, reduction)
         ctx.opts = (vocab_start, vocab_size, group_name, ignore_index, float(label_smoothing), float(z_loss),
                     float(softcap), bool(token_scaling), chunk_size, backend)
-        ctx.reduction = reduction
-        ctx.hidden_shape = hidden.shape
-        ctx.has_bias = bias is not None
-        ctx.weight_dtype = weight.dtype
-        ctx.need_hidden = bool(ctx.needs_input_grad[0])
-        ctx.need_weight = bool(ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3]))
-        w = weight.contiguous()
         eager = reduction != "none"
         loss, n_valid, gh, gw, gb = torch.ops.tokenforge.vocab_parallel_linear_cross_entropy_fwd(
             h2, w, t, bias, None, vocab_start, vocab_size, group_name, ignore_index, float(label_smoothing),
@@ -247,10 +239,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             out = out.reshape(target.shape)
             ctx.save_for_backward(h2, w, t, bias)
         else:
-            if ctx.need_weight:
-                gw = gw.to(ctx.weight_dtype)
-                gb = gb.to(ctx.weight_dtype) if ctx.has_bias else gb
-            ctx.save_for_backward(gh, gw, gb)
+            save_forward_grads(ctx, gh, gw, gb)
         return out
 
     @staticmethod
@@ -297,7 +286,7 @@ def _dtensor_slice(name: str, weight) -> tuple[int, int, int]:
     return start, V, dim
 
 
-def _local_slice(name: str, weight: torch.Tensor, group) -> tuple[int, int]:
+def _local_slice(weight: torch.Tensor, group) -> tuple[int, int]:
     """(vocab_start, V) for plain per-rank shards in rank order: one all-gather of the row counts."""
     import torch.distributed as dist
 
@@ -386,7 +375,7 @@ def vocab_parallel_linear_cross_entropy(
             raise TypeError(f"{name}: bias is a DTensor but weight is not; pass both as this rank's plain shards")
         if group is None:
             group = dist.group.WORLD
-        vocab_start, V = _local_slice(name, weight, group)
+        vocab_start, V = _local_slice(weight, group)
         mesh = tp_dim = None
     hidden, target = _local(name, "hidden", hidden, mesh, tp_dim), _local(name, "target", target, mesh, tp_dim)
     _check_inputs(hidden, weight if weight.shape[0] else weight.new_empty((1, weight.shape[1])), target,
