@@ -38,8 +38,14 @@ install: $(STAMP)
 # and benchmark id it names exists, every command line runs), so the GPU script cannot rot.
 test: test-suite gate-triton36 gpu-check-dry
 
+# Two pytest-xdist workers, work-stealing: most of the suite is the Triton interpreter, one Python
+# thread per process, so one process leaves a 2-core CI machine's second core idle (64 min serial,
+# stop 36). On a GPU machine more workers would share one GPU: keep it small there too.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
+
 test-suite: $(STAMP)
-	$(PY) -m pytest tests bench -q -ra --benchmark-disable
+	$(PY) -m pytest tests bench -q -ra --benchmark-disable $(XDIST)
 
 $(TRITON36_STAMP): $(PY)
 	rm -rf $(TRITON36)
@@ -48,7 +54,7 @@ $(TRITON36_STAMP): $(PY)
 
 gate-triton36: $(STAMP) $(TRITON36_STAMP)
 	PYTHONPATH=$(TRITON36) TRITON_INTERPRET=0 TOKENFORGE_GATE_ARCHS=sm_90 \
-	  $(PY) -m pytest tests -q -p no:cacheprovider -m compile_gate
+	  $(PY) -m pytest tests -q -p no:cacheprovider -m compile_gate $(XDIST)
 	PYTHONPATH=$(TRITON36) $(PY) -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('compile gate ran under triton', triton.__version__)"
 
 gpu-check-dry: $(STAMP)

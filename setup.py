@@ -539,8 +539,9 @@ if __name__ == "__main__":
             # (tokenforge.testing.keep_checkout_off_sys_path). peft: patching a LoRA model (tests/test_patch_hf.py),
             # the newest release tested as the cap. deepspeed: the Trainer client under ZeRO-3 on 2 CPU
             # ranks (tests/test_run.py; pure Python on a machine without CUDA: no ops are built).
-            "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.50,<5.26", "accelerate>=1.0",
-                     "peft>=0.13,<0.22", "deepspeed>=0.16,<0.20"],
+            # pytest-xdist: `make test` runs the suite on two workers (the Makefile's TEST_WORKERS).
+            "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3.2", "hypothesis>=6",
+                     "transformers>=4.50,<5.26", "accelerate>=1.0", "peft>=0.13,<0.22", "deepspeed>=0.16,<0.20"],
             "hf": ["transformers>=4.50,<5.26"],
             "bench": ["pytest-benchmark>=4", "matplotlib"],
         },

@@ -226,11 +226,17 @@ def cuda_time(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: floa
 
 
 def cpu_time(fn: Callable[[], object], *, warmup_ms: float = 5.0, rep_ms: float = 20.0,
-             min_reps: int = 5, max_reps: int = 200, clock: Callable[[], float] = time.perf_counter) -> dict:
+             min_reps: int = 5, max_reps: int = 200, clock: Callable[[], float] = time.perf_counter,
+             quick: bool = False) -> dict:
     """Median wall-clock time of ``fn()`` in ms with ``time.perf_counter`` (CPU tensors).
 
     Same shape as :func:`cuda_time`: one untimed call, an estimate, warm-up, then timed calls.
+    ``quick``: one timed call and nothing else (see :func:`time_fn`).
     """
+    if quick:
+        t0 = clock()
+        fn()
+        return summarize([(clock() - t0) * 1e3], "perf_counter, one call (quick; not meaningful)")
     fn()
     t0 = clock()
     fn()
@@ -246,7 +252,7 @@ def cpu_time(fn: Callable[[], object], *, warmup_ms: float = 5.0, rep_ms: float 
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: Optional[float] = None,
-            rep_ms: Optional[float] = None, flush_l2: bool = True) -> dict:
+            rep_ms: Optional[float] = None, flush_l2: bool = True, quick: bool = False) -> dict:
     """Median time of ``fn()`` on ``device``: :func:`cuda_time` on CUDA, :func:`cpu_time` otherwise.
 
     Timed warm: :data:`WARM_CALLS` untimed calls first, whatever the warm-up budget (a compiled
@@ -255,11 +261,18 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: Option
     recompile is refused (:class:`RecompiledWhileTiming`), never reported.
 
     Returns a dict with ``median_ms``, ``p20_ms``, ``p80_ms``, ``min_ms``, ``max_ms``, ``mean_ms``,
-    ``reps``, ``warm_calls`` and ``timer`` (how it was measured)."""
+    ``reps``, ``warm_calls`` and ``timer`` (how it was measured).
+
+    ``quick`` (:data:`QUICK_TIMER`, what ``--benchmark-disable`` asks for): the benchmark only has to
+    run. On a CPU, where the interpreter makes a call take seconds, that is one warm call and one
+    timed call (12 calls were most of ``make test``'s benchmark time); on a GPU, the usual timer with
+    no warm-up budget."""
     device = torch.device(device)
+    quick = quick and device.type != "cuda"
     warmup_ms = default_warmup_ms(device) if warmup_ms is None else warmup_ms
     rep_ms = default_rep_ms(device) if rep_ms is None else rep_ms
-    for _ in range(WARM_CALLS):
+    warm_calls = 1 if quick else WARM_CALLS
+    for _ in range(warm_calls):
         fn()
     graphs_before = compiled_graphs()
     with no_recompiles():
@@ -267,17 +280,19 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: Option
             with torch.cuda.device(device):
                 stats = cuda_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, flush_l2=flush_l2, device=device)
         else:
-            stats = cpu_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            stats = cpu_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, quick=quick)
     new_graphs = compiled_graphs() - graphs_before
     if new_graphs:
         raise RecompiledWhileTiming(f"{new_graphs} graph(s) compiled while timing: the figure would include "
                                     "compilation and is not reported")
-    stats["warm_calls"] = WARM_CALLS
+    stats["warm_calls"] = warm_calls
     return stats
 
 
 # Untimed calls before any timing (see time_fn).
 WARM_CALLS = 3
+# time_fn's arguments under --benchmark-disable (`make test`): the benchmarks only have to run.
+QUICK_TIMER = {"warmup_ms": 0.0, "rep_ms": 0.0, "quick": True}
 
 
 class RecompiledWhileTiming(RuntimeError):

@@ -192,4 +192,4 @@ def _torchao_float8_linear(lin, recipe, device):
 
 
 def measure(fn, device, quick):
-    return bw.time_fn(fn, device, **({"warmup_ms": 0.0, "rep_ms": 0.0} if quick else {}))
+    return bw.time_fn(fn, device, **(bw.QUICK_TIMER if quick else {}))

@@ -28,7 +28,6 @@ from tokenforge.testing import rel_error
 
 # The pytest-benchmark timer of ``run_benchmark``'s quick mode (`make test` runs every benchmark
 # once, so the code stays tested without spending a real timing budget).
-QUICK_TIMER = {"warmup_ms": 0.0, "rep_ms": 0.0}
 
 
 class BackendUnavailable(Exception):
@@ -226,7 +225,7 @@ def run_benchmark(benchmark, bench_recorder, request, *, op: str, case, backend:
         pytest.skip(f"unavailable: {exc}")
     # Under --benchmark-disable (`make test`) the benchmarks only have to run: a quick timing.
     quick = bool(getattr(benchmark, "disabled", False))
-    stats = bw.time_fn(prep.fn, prep.device, **(QUICK_TIMER if quick else {}))
+    stats = bw.time_fn(prep.fn, prep.device, **(bw.QUICK_TIMER if quick else {}))
     if quick:
         stats["timer"] += " [quick: --benchmark-disable]"
     rec = bench_recorder.record(benchmark, make_record(prep, stats), baselines=baselines)

@@ -35,7 +35,7 @@ def test_adamw_step(benchmark, bench_recorder, request, case):
         bench_recorder.skip(request.node.nodeid, str(exc))
         pytest.skip(f"unavailable: {exc}")
     quick = bool(getattr(benchmark, "disabled", False))
-    rec = ac.measure(prep, bench_recorder.copy_gbps, {"warmup_ms": 0.0, "rep_ms": 0.0} if quick else None)
+    rec = ac.measure(prep, bench_recorder.copy_gbps, bw.QUICK_TIMER if quick else None)
     if quick:
         rec["timer"] += " [quick: --benchmark-disable]"
     bench_recorder.record(benchmark, rec, baselines=ac.BASELINES)

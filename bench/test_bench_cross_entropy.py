@@ -254,7 +254,7 @@ def test_cross_entropy(benchmark, bench_recorder, request, case, backend):
 
     quick = bool(getattr(benchmark, "disabled", False))
     peak = peak_mib(fn)
-    stats = bw.time_fn(fn, DEVICE, **({"warmup_ms": 0.0, "rep_ms": 0.0} if quick else {}))
+    stats = bw.time_fn(fn, DEVICE, **(bw.QUICK_TIMER if quick else {}))
     med = stats["median_ms"]
     nbytes = case.bytes()
     rec = {"op": case.op, "pass": "fwd_bwd", "shape": case.shape, "dtype": bw.dtype_name(case.dtype),

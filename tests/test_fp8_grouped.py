@@ -97,7 +97,10 @@ def test_matches_the_float64_emulation_per_row(device, dtype, backend, recipe):
         cases = CPU_BLOCK_CASES if device == "cpu" else GPU_BLOCK_CASES
     else:
         cases = CPU_CASES if device == "cpu" else GPU_CASES
-    for (name, (counts, k, n)), stored in zip(list(cases.items()) * 2, ["ekn"] * len(cases) + ["enk"] * len(cases)):
+    # Every case stored (E, K, N); the first (the awkward counts) also stored (E, N, K): the layout
+    # changes only the weight cast's route, which one case covers (CI time: blockwise is ~10 s a case).
+    runs = [(case, "ekn") for case in cases.items()] + [(next(iter(cases.items())), "enk")]
+    for (name, (counts, k, n)), stored in runs:
         offs = _offs(counts, device)
         a = torch.randn(sum(counts), k, device=device, dtype=dtype, requires_grad=True)
         shape = (len(counts), k, n) if stored == "ekn" else (len(counts), n, k)
