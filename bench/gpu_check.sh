@@ -235,9 +235,11 @@ step_headline() {
     TOKENFORGE_BENCH_DEVICE=cuda "$PY" -m pytest -qq -p no:cacheprovider --co "${ids[@]}" >"$TMPD/headline.co" \
       || { tail -n 20 "$TMPD/headline.co"; return 1; }
     echo "collected: $(count_collected "$TMPD/headline.co") GPU benchmark ids, every id exists"
-    # Here: the same benchmarks at tiny sizes on the CPU (headline cases of each op).
+    # Here: the same benchmarks at tiny sizes on the CPU (headline cases of each op), on two
+    # workers as `make test` runs them (the interpreter is one thread; one process ran out of the
+    # step's cap on a 2-core machine).
     TOKENFORGE_BENCH_JSONL="$OUT/bench.jsonl" "$PY" -m pytest -q -p no:cacheprovider -rfEs bench -m headline \
-      --benchmark-disable -k "not compile"
+      --benchmark-disable -k "not compile" -n 2 --dist worksteal
     return $?
   fi
   bench_ids "$ROOT/bench/gpu_headlines.txt" "$OUT/bench.jsonl"
