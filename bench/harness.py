@@ -26,9 +26,6 @@ import torch
 import bandwidth as bw
 from tokenforge.testing import rel_error
 
-# The pytest-benchmark timer of ``run_benchmark``'s quick mode (`make test` runs every benchmark
-# once, so the code stays tested without spending a real timing budget).
-
 
 class BackendUnavailable(Exception):
     """The backend cannot run this case here (not built, not installed, no GPU, no interpreter...)."""

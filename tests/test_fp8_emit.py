@@ -175,7 +175,7 @@ def test_patch_emits_fp8_in_the_reference_transformer(recipe, monkeypatch):
     from tokenforge.nn.rms_norm import RMSNorm
 
     torch.manual_seed(0)
-    # One layer: every emitting site (attention norm, ffn norm, SwiGLU) and both recipes run in it.
+    # One layer: it holds every emitting site (attention norm, ffn norm, SwiGLU).
     model = Transformer(TransformerConfig.preset("tiny", dim=128, n_layers=1, hidden_dim=256))
     fused, plain = copy.deepcopy(model), copy.deepcopy(model)
     report = tokenforge.patch(fused, fp8=recipe, attention=False, rope=False, cross_entropy=False)
