@@ -91,10 +91,10 @@ class FusedMoE:
         # Liger's fused MoE has transformers 5's *Experts signature: the forward patch() installs.
         from types import SimpleNamespace
 
-        from tokenforge.patch import _grouped_experts_forward
+        from tokenforge.patch import _hf_experts_forward
 
-        experts = SimpleNamespace(gate_up_proj=gate_up_proj, down_proj=down_proj)
-        return _grouped_experts_forward(experts, x, top_k_index, top_k_weights)
+        experts = SimpleNamespace(gate_up_proj=gate_up_proj, down_proj=down_proj)  # default flags: SwiGLU, (E, out, in)
+        return _hf_experts_forward(experts, x, top_k_index, top_k_weights)
 
 
 liger_ops.LigerRMSNormFunction = RMSNorm

@@ -23,6 +23,10 @@ Three families of model are recognised:
   calls, and with ``fp8=True`` eligible ``nn.Linear`` layers. The report says the architecture was
   not recognised.
 
+On every model, transformers' mixture-of-experts modules run as grouped GEMMs: each experts module
+whose forward is transformers' ``use_experts_implementation`` dispatch (as its flags describe it:
+layout, biases, gate, post-expert norm), and Llama 4's MoE block (top-k instead of every expert).
+
 Parameters are never copied or re-created: a patched model has the same parameters and state_dict
 keys. ``tokenforge.unpatch(model)`` undoes every change, in reverse order. Each change and each
 skipped option is listed in the returned :class:`PatchReport`; nothing is skipped silently.
@@ -683,86 +687,211 @@ def _transformers_version() -> str:
 
 # A patched Hugging Face *Experts module with this attribute runs its GEMMs by grouped_mm_float8 with that recipe.
 _EXPERTS_FP8_ATTR = "_tokenforge_fp8_recipe"
+# ... and with this one True, its gate is plain SwiGLU (the fused kernel), False: its own _apply_gate.
+_EXPERTS_FUSED_GATE_ATTR = "_tokenforge_fused_gate"
 
 
-def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """A Hugging Face ``*Experts`` module (transformers 5: ``gate_up_proj`` (E, 2I, D) = [gate | up],
-    ``down_proj`` (E, D, I), SiLU) as two grouped GEMMs instead of a Python loop over experts.
-    An index equal to num_experts (a slot for a non-local expert) contributes nothing, as there."""
+def _hf_default_apply_gate():
+    """transformers' default ``_apply_gate`` (chunk into [gate | up], act(gate) * up), or None on a
+    transformers without it."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return None
+    return _default_apply_gate
+
+
+def _fused_swiglu_gate(experts) -> bool:
+    """Whether ``experts``' gate is plain SwiGLU on [gate | up] (the fused swiglu_packed kernel
+    computes it): its class keeps transformers' default ``_apply_gate`` (or has none) and its
+    activation is SiLU. Otherwise (GPT-OSS's clamped GLU on interleaved columns, DeepSeek-V4's
+    clamp, a float32 gate) its own ``_apply_gate`` runs, in torch."""
+    own = getattr(type(experts), "_apply_gate", None)
+    return (own is None or own is _hf_default_apply_gate()) and getattr(experts, "is_concatenated", True) \
+        and _is_silu(getattr(experts, "act_fn", nn.SiLU()))
+
+
+def _hf_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *, router_indices=None,
+                        routing_weights=None):
+    """A Hugging Face ``*Experts`` module as two grouped GEMMs (one per projection, every expert at
+    once) instead of a Python loop over experts, with what transformers' ``use_experts_implementation``
+    flags say it has, as its own grouped_mm path reads them: weights (E, out, in), or (E, in, out)
+    when ``is_transposed``; per-expert biases (``has_bias``: each row's added by its expert, found
+    from offs with no host sync); a gate (``has_gate``: the fused SwiGLU kernel, or the class's own
+    ``_apply_gate``) or a plain activation (``up_proj``, ``act_fn``); a ``post_expert_norm``
+    (``has_post_expert_norm``). top_k_index / top_k_weights (T, k) are the router's choice and
+    weights (GPT-OSS names them router_indices / routing_weights); an index equal to num_experts (a
+    slot for an expert on another rank) contributes nothing, as there."""
     from tokenforge.fp8.grouped import expert_gemm
     from tokenforge.ops import moe_permute, moe_unpermute
     from tokenforge.ops.swiglu import swiglu_packed
 
-    n = self.gate_up_proj.shape[0]
-    local = top_k_index < n
-    xs, offs, order, _ = moe_permute(hidden_states, top_k_index.clamp(max=n - 1), n)
+    index = top_k_index if top_k_index is not None else router_indices
+    weights = top_k_weights if top_k_weights is not None else routing_weights
+    has_gate, has_bias = getattr(self, "has_gate", True), getattr(self, "has_bias", False)
+    up = self.gate_up_proj if has_gate else self.up_proj
+    n = up.shape[0]
+    local = index < n
+    xs, offs, order, _ = moe_permute(hidden_states, index.clamp(max=n - 1), n)
+    expert_of_row = None
+    if has_bias:
+        rows = torch.arange(xs.shape[0], device=offs.device, dtype=offs.dtype)
+        expert_of_row = torch.searchsorted(offs, rows, right=True)
     expert_mm = expert_gemm(vars(self).get(_EXPERTS_FP8_ATTR))  # the recipe is set by patch(fp8=...)
-    gate_up = expert_mm(xs, self.gate_up_proj.transpose(1, 2), offs, check_offs=False)
-    ys = expert_mm(swiglu_packed(gate_up), self.down_proj.transpose(1, 2), offs, check_offs=False)
+    transposed = getattr(self, "is_transposed", False)
+
+    def project(x, weight, bias_name):
+        y = expert_mm(x, weight if transposed else weight.transpose(1, 2), offs, check_offs=False)
+        return y if expert_of_row is None else y + getattr(self, bias_name)[expert_of_row]
+
+    if has_gate:
+        h = project(xs, up, "gate_up_proj_bias")
+        fused = vars(self).get(_EXPERTS_FUSED_GATE_ATTR)  # decided by patch(); computed here for a bare call
+        h = swiglu_packed(h) if (_fused_swiglu_gate(self) if fused is None else fused) else self._apply_gate(h)
+    else:
+        h = self.act_fn(project(xs, up, "up_proj_bias"))
+    ys = project(h, self.down_proj, "down_proj_bias")
+    if getattr(self, "has_post_expert_norm", False):
+        ys = self.post_expert_norm(ys)
     count_call("grouped_mm")
-    return moe_unpermute(ys, order, top_k_weights * local).to(hidden_states.dtype)
+    return moe_unpermute(ys, order, weights * local).to(hidden_states.dtype)
 
 
-def _gpt_oss_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
-    """GptOssExperts (``gate_up_proj`` (E, D, 2I) with gate and up columns interleaved, biases, its
-    clamped GLU ``_apply_gate``) as two grouped GEMMs, each row's expert bias added by index (the
-    row's expert from offs, no host sync), instead of a Python loop over experts. routing_weights
-    (T, k) are the router's top-k scores; an index equal to num_experts contributes nothing, as there."""
-    from tokenforge.ops import grouped_mm, moe_permute, moe_unpermute
+@functools.lru_cache(maxsize=None)
+def _experts_dispatch_code():
+    """The code of the forward transformers' ``use_experts_implementation`` gives an experts class
+    (it dispatches on config._experts_implementation), or None on a transformers without it."""
+    try:
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError:
+        return None
 
-    n = self.gate_up_proj.shape[0]
-    local = router_indices < n
-    xs, offs, order, _ = moe_permute(hidden_states, router_indices.clamp(max=n - 1), n)
-    rows = torch.arange(xs.shape[0], device=offs.device, dtype=offs.dtype)
-    expert_of_row = torch.searchsorted(offs, rows, right=True)
-    gate_up = grouped_mm(xs, self.gate_up_proj, offs, check_offs=False) + self.gate_up_proj_bias[expert_of_row]
-    ys = grouped_mm(self._apply_gate(gate_up), self.down_proj, offs, check_offs=False) + self.down_proj_bias[expert_of_row]
+    class Probe(nn.Module):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    return use_experts_implementation(Probe).forward.__code__
+
+
+def _hf_experts_unsupported(m) -> Optional[str]:
+    """Why _hf_experts_forward cannot run this transformers ``*Experts`` module, or None when it can:
+    its weights must have the 3-D layout its flags name, a floating dtype, and the biases, gate or
+    norm the flags say it has."""
+    dispatch = _experts_dispatch_code()
+    if dispatch is None or getattr(type(m).forward, "__code__", None) is not dispatch:
+        # Only a class whose forward is transformers' experts dispatch computes what its flags say
+        # (ErgoExperts, say, subclasses one and adds a per-route norm in its own forward).
+        return "its forward is not transformers' use_experts_implementation dispatch"
+    has_gate, has_bias = m.has_gate, m.has_bias
+    up, down = getattr(m, "gate_up_proj" if has_gate else "up_proj", None), getattr(m, "down_proj", None)
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3):
+        return "no 3-D gate_up_proj (or up_proj) / down_proj expert weights"
+    if getattr(m, "is_transposed", False):
+        (e, d, width), (e2, inter, d2) = up.shape, down.shape
+    else:
+        (e, width, d), (e2, d2, inter) = up.shape, down.shape
+    if not (e == e2 and d == d2 and width == (2 * inter if has_gate else inter)):
+        return f"weights {tuple(up.shape)} / {tuple(down.shape)} are not the layout its flags name"
+    if up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"expert weights in {up.dtype}"
+    if has_bias:
+        wanted = {"gate_up_proj_bias" if has_gate else "up_proj_bias": (e, width), "down_proj_bias": (e, d)}
+        if any(tuple(getattr(getattr(m, b, None), "shape", ())) != shape for b, shape in wanted.items()):
+            return "its biases are not (experts, width)"
+    if has_gate and not _fused_swiglu_gate(m) and not callable(getattr(m, "_apply_gate", None)):
+        return "its activation is not SiLU and it has no _apply_gate"
+    if not has_gate and not callable(getattr(m, "act_fn", None)):
+        return "no act_fn"
+    if getattr(m, "has_post_expert_norm", False) and not callable(getattr(m, "post_expert_norm", None)):
+        return "has_post_expert_norm without a post_expert_norm module"
+    return None
+
+
+def _experts_description(m) -> str:
+    """What runs around the grouped GEMMs of a patched ``*Experts`` module, for the report."""
+    parts = ["swiglu_packed" if vars(m).get(_EXPERTS_FUSED_GATE_ATTR) else
+             f"its own {'_apply_gate' if getattr(m, 'has_gate', True) else 'act_fn'} in torch"]
+    if getattr(m, "has_bias", False):
+        parts.append("its expert biases")
+    if getattr(m, "has_post_expert_norm", False):
+        parts.append("its post-expert norm")
+    return ", ".join(parts)
+
+
+def _llama4_moe_forward(self, hidden_states):
+    """Llama4TextMoe with each token sent to its top-k experts only, by two grouped GEMMs. Hugging
+    Face's forward runs every token through every expert (one bmm over all E, the input scaled by a
+    score that is 0 for the unselected experts): E / k times the expert FLOPs, 16x for Scout's
+    16 experts top-1. The result is the same because a SwiGLU expert without biases maps a zero
+    input to zero. As there, the top-k sigmoid score scales the expert's *input* (not its output),
+    the slots are summed with weight 1, the shared expert is added, and the router logits are
+    returned for the auxiliary loss."""
+    from tokenforge.fp8.grouped import expert_gemm
+    from tokenforge.ops import moe_permute, moe_unpermute
+    from tokenforge.ops.swiglu import swiglu_packed
+
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    router_scores, router_logits = self.router(x)  # (T, E): sigmoid of the top-k logits, 0 elsewhere
+    # The router's own choice: its k positive scores are the top k (an unselected expert scores 0).
+    scores, experts = router_scores.topk(self.top_k, dim=1)
+    xs, offs, order, _ = moe_permute(x, experts, self.num_experts)
+    xs = xs * scores.reshape(-1)[order].unsqueeze(1)  # in the model's dtype, as Hugging Face scales
+    expert_mm = expert_gemm(vars(self).get(_EXPERTS_FP8_ATTR))  # the recipe is set by patch(fp8=...)
+    gate_up = expert_mm(xs, self.experts.gate_up_proj, offs, check_offs=False)  # (E, D, 2I): [gate | up]
+    ys = expert_mm(swiglu_packed(gate_up), self.experts.down_proj, offs, check_offs=False)
     count_call("grouped_mm")
-    return moe_unpermute(ys, order, routing_weights * local).to(hidden_states.dtype)
+    routed = moe_unpermute(ys, order, torch.ones_like(scores))
+    return self.shared_expert(x) + routed.to(x.dtype), router_logits
 
 
-def _is_gpt_oss_experts(m) -> bool:
-    """transformers' GptOssExperts with the layout _gpt_oss_experts_forward reads."""
-    if type(m).__name__ != "GptOssExperts" or not callable(getattr(m, "_apply_gate", None)):
+def _is_llama4_moe(m) -> bool:
+    """transformers' Llama4TextMoe with the layout and activation _llama4_moe_forward reads."""
+    if type(m).__name__ != "Llama4TextMoe" or not type(m).__module__.startswith("transformers."):
         return False
-    shapes = [getattr(getattr(m, a, None), "shape", None) for a in
-              ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")]
-    if any(s is None for s in shapes):
+    experts = getattr(m, "experts", None)
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
         return False
-    (e, d, two_i), gub, (e2, i, d2), db = shapes
-    return two_i == 2 * i and e == e2 and d == d2 and tuple(gub) == (e, two_i) and tuple(db) == (e, d)
+    (e, d, two_i), (e2, i, d2) = gu.shape, down.shape
+    return (two_i == 2 * i and e == e2 == getattr(m, "num_experts", None) and d == d2 == getattr(m, "hidden_dim", None)
+            and isinstance(getattr(m, "top_k", None), int) and callable(getattr(m, "router", None))
+            and callable(getattr(m, "shared_expert", None)) and _is_silu(getattr(experts, "act_fn", None))
+            and gu.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def _patch_hf_experts(model, undo, report, opts) -> None:
-    """Every transformers ``*Experts`` module with the 3-D expert layout and SiLU gets the grouped
-    forward, GPT-OSS's (biases, clamped GLU) its own; other expert modules are reported by class
-    name with the reason."""
+    """Every transformers ``*Experts`` module _hf_experts_forward can run (3-D expert weights; its
+    flags say the layout, biases, gate and norm) gets it; Llama 4's MoE block (whose experts see
+    every token) a top-k grouped forward; other expert modules are reported by class name with the
+    reason."""
     if not opts.get("moe", True):
         return
-    patched, left = {}, {}
+    patched, left, covered, described = {}, {}, set(), {}
     for m in model.modules():
         cls = type(m)
-        if not (cls.__name__.endswith("Experts") and cls.__module__.startswith("transformers.")):
+        if _is_llama4_moe(m):
+            undo.set_attr(m, "forward", types.MethodType(_llama4_moe_forward, m))
+            patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
+            covered.add(id(m.experts))
             continue
-        gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-        act = getattr(m, "act_fn", None)
-        if _is_gpt_oss_experts(m) and gu.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            undo.set_attr(m, "forward", types.MethodType(_gpt_oss_experts_forward, m))
-            patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
-        elif not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
-                and gu.shape[1] == 2 * down.shape[2] and gu.shape[2] == down.shape[1]):
-            left[cls.__name__] = "not the (experts, 2 x inter, hidden) gate_up_proj / down_proj layout"
-        elif not _is_silu(act) or getattr(m, "has_bias", False) or getattr(m, "gate_up_proj_bias", None) is not None:
-            left[cls.__name__] = "its activation is not SiLU (or it has biases): the grouped path is SwiGLU only"
-        elif gu.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            left[cls.__name__] = f"expert weights in {gu.dtype}"
-        else:
-            undo.set_attr(m, "forward", types.MethodType(_grouped_experts_forward, m))
-            patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
+        if id(m) in covered or not (cls.__name__.endswith("Experts") and cls.__module__.startswith("transformers.")):
+            continue
+        why = _hf_experts_unsupported(m)
+        if why is not None:
+            left[cls.__name__] = why
+            continue
+        undo.set_attr(m, _EXPERTS_FUSED_GATE_ATTR, m.has_gate and _fused_swiglu_gate(m))
+        undo.set_attr(m, "forward", types.MethodType(_hf_experts_forward, m))
+        patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
+        described[cls.__name__] = _experts_description(m)
     for name, count in patched.items():
-        extra = "its clamped GLU and the expert biases in torch" if name == "GptOssExperts" else "swiglu_packed"
+        if name == "Llama4TextMoe":
+            report.patched.append(f"moe: {count} {name}: every token through every expert (bmm) -> its top-k experts "
+                                  "only by tokenforge.ops.grouped_mm (+ swiglu_packed, the moe_permute / moe_unpermute "
+                                  "kernels)")
+            continue
         report.patched.append(f"moe: {count} {name}: loop over experts -> tokenforge.ops.grouped_mm "
-                              f"(+ {extra}, the moe_permute / moe_unpermute kernels)")
+                              f"(+ {described[name]}, the moe_permute / moe_unpermute kernels)")
     for name, why in left.items():
         report.skipped.append(f"moe: {name} left alone: {why}")
 
@@ -821,13 +950,19 @@ def _hf_experts_fp8(model: nn.Module, undo: _Undo, report: PatchReport, linear_r
     done = {}
     left = {}
     for m in model.modules():
-        if getattr(getattr(m, "forward", None), "__func__", None) is not _grouped_experts_forward:
+        forward = getattr(getattr(m, "forward", None), "__func__", None)
+        if forward is _hf_experts_forward:
+            down = m.down_proj
+        elif forward is _llama4_moe_forward:
+            down = m.experts.down_proj.transpose(1, 2)
+        else:
             continue
-        e, two_inter, hidden = m.gate_up_proj.shape
-        if hidden % 16 or (two_inter // 2) % 16:
-            left[type(m).__name__] = f"hidden {hidden} / expert width {two_inter // 2} not multiples of 16"
+        # down_proj is (E, hidden, expert width), or (E, width, hidden) when transposed
+        hidden, inter = down.shape[1:] if not getattr(m, "is_transposed", False) else down.shape[:0:-1]
+        if hidden % 16 or inter % 16:
+            left[type(m).__name__] = f"hidden {hidden} / expert width {inter} not multiples of 16"
             continue
-        recipe = fit_expert_recipe(asked, hidden, two_inter // 2)
+        recipe = fit_expert_recipe(asked, hidden, inter)
         undo.set_attr(m, _EXPERTS_FP8_ATTR, recipe)
         done[recipe] = done.get(recipe, 0) + 1
     for recipe, count in done.items():
