@@ -471,3 +471,49 @@ def test_more_moe_families_patched_match_unpatched(family, monkeypatch):
         if g is not None:
             assert float((h - g).norm()) <= tol * max(float(g.norm()), 1e-6 * scale), name
     tokenforge.unpatch(patched)
+
+
+from tokenforge.patch import _HF_FAMILIES  # noqa: E402  (tokenforge.patch is also the function)
+
+KNOWN_MOE = [f for f in FAMILIES if f"{f}ForCausalLM" in _HF_FAMILIES]
+
+
+@pytest.mark.parametrize("family", KNOWN_MOE)
+def test_known_moe_family_full_patch(family, monkeypatch):
+    """The MoE families patch() knows as families: everything on (RMSNorm with Llama's semantics,
+    Llama's rotary function where the family uses it, attention, experts, and the fused linear
+    cross-entropy with the family's load-balancing loss added when output_router_logits is set):
+    loss, aux_loss, router logits and every gradient as unpatched, no logits while training, the
+    model's own logits in eval mode, and unpatch exact. The wiring is under test (the dense
+    families' tests run the same wiring on the kernels), so the ops run on their torch backend:
+    a fifth of the interpreter's time."""
+    monkeypatch.setenv("TOKENFORGE_BACKEND", "torch")
+    spec = _HF_FAMILIES[f"{family}ForCausalLM"]
+    plain = _build(family, **({"output_router_logits": True, "router_aux_loss_coef": 0.5} if spec.aux_loss else {}))
+    patched = copy.deepcopy(plain)
+    report = tokenforge.patch(patched)
+    assert report.family == spec.module
+    for op in ("rms_norm", "attention", "cross_entropy", "moe") + (("rope",) if spec.rope != "own" else ()):
+        assert any(line.startswith(f"{op}: ") for line in report.patched), (op, report)
+    ids = torch.randint(1, 128, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    a = plain(input_ids=ids, labels=labels)
+    b = patched(input_ids=ids, labels=labels)
+    assert b.logits is None
+    if spec.aux_loss:
+        assert a.aux_loss is not None and rel_error(b.aux_loss, a.aux_loss) <= 1e-5
+        assert len(b.router_logits) == len(a.router_logits)
+    a.loss.backward()
+    b.loss.backward()
+    assert rel_error(b.loss.detach(), a.loss.detach()) <= 1e-5
+    for (name, p), (_, q) in zip(plain.named_parameters(), patched.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert rel_error(q.grad, p.grad) <= 1e-4, name
+    patched.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert rel_error(patched(input_ids=ids).logits, plain(input_ids=ids).logits) <= 1e-5
+        tokenforge.unpatch(patched)
+        assert torch.equal(patched(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -6,7 +6,9 @@ Three families of model are recognised:
   / ``attention_fn``, ``FeedForward.swiglu_fn``, ``Transformer.loss_fn``) are replaced.
 - Hugging Face causal LMs of the families in ``_HF_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi3,
   OLMo2, Gemma, Gemma2, Gemma3 text, SmolLM3, Ministral, Ministral3, Seed-OSS, Helium, OLMo3,
-  EXAONE 4): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
+  EXAONE 4; and the MoE Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, MiniMax, ERNIE 4.5 MoE, DeepSeek-V3
+  and V2, GLM-4-MoE, dots1, Hunyuan MoE: no dense MLP to fuse, the load-balancing loss kept in the
+  fused loss): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
   ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's ``(1 + weight)``),
   the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU; Seed-OSS's dropout after
   it kept), rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary
@@ -42,6 +44,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -62,8 +65,11 @@ class HFFamily:
 
     module: str             # transformers.models.<module>.modeling_<module>
     norm: str = "llama"     # HFRMSNorm semantics: "llama", "fp32_product" (OLMo2) or "offset" (Gemma)
-    mlp: str = "split"      # "split": gate_proj/up_proj/down_proj/act_fn; "packed": Phi3's gate_up_proj
-    rope: str = "half"      # "half": rotate_half over halves (Llama); "interleaved": pairs (2i, 2i+1) (Helium)
+    mlp: str = "split"      # "split": gate_proj/up_proj/down_proj/act_fn; "packed": Phi3's gate_up_proj;
+                            # "moe": sparse MoE blocks (their experts patched as every model's are)
+    rope: str = "half"      # "half": rotate_half over halves (Llama); "interleaved": pairs (2i, 2i+1) (Helium);
+                            # "own": the family's rotary function is not Llama's, and is left alone
+    aux_loss: bool = False  # the causal LM adds load_balancing_loss_func(router_logits) x router_aux_loss_coef
 
 
 _HF_FAMILIES = {
@@ -83,12 +89,24 @@ _HF_FAMILIES = {
     "HeliumForCausalLM": HFFamily("helium", norm="fp32_product", rope="interleaved"),
     "Olmo3ForCausalLM": HFFamily("olmo3", norm="fp32_product"),
     "Exaone4ForCausalLM": HFFamily("exaone4"),
+    # MoE families whose RMSNorm and (where patched) rotary function are Llama's, and whose causal
+    # LM loss is Llama's plus, with output_router_logits, the family's load-balancing loss.
+    "MixtralForCausalLM": HFFamily("mixtral", mlp="moe", aux_loss=True),
+    "Qwen2MoeForCausalLM": HFFamily("qwen2_moe", mlp="moe", aux_loss=True),
+    "Qwen3MoeForCausalLM": HFFamily("qwen3_moe", mlp="moe", aux_loss=True),
+    "OlmoeForCausalLM": HFFamily("olmoe", mlp="moe", aux_loss=True),
+    "MiniMaxForCausalLM": HFFamily("minimax", mlp="moe", aux_loss=True),
+    "Ernie4_5_MoeForCausalLM": HFFamily("ernie4_5_moe", mlp="moe", rope="own", aux_loss=True),
+    "DeepseekV3ForCausalLM": HFFamily("deepseek_v3", mlp="moe"),
+    "DeepseekV2ForCausalLM": HFFamily("deepseek_v2", mlp="moe", rope="own"),
+    "Glm4MoeForCausalLM": HFFamily("glm4_moe", mlp="moe", rope="own"),
+    "Dots1ForCausalLM": HFFamily("dots1", mlp="moe"),
+    "HunYuanMoEV1ForCausalLM": HFFamily("hunyuan_v1_moe", mlp="moe"),
 }
-# Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
+# Other Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
 # transformers' attention functions as Llama's do, with masks from masking_utils: they get
 # tokenforge's Hugging Face attention implementation (tests/test_patch_hf_moe.py checks each).
-_HF_MOE_ATTENTION = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "dots1",
-                     "ernie4_5_moe", "hunyuan_v1_moe", "granitemoe", "minimax", "flex_olmo", "lfm2_moe", "gpt_oss"}
+_HF_MOE_ATTENTION = {"granitemoe", "flex_olmo", "lfm2_moe", "gpt_oss"}
 _UNDO_ATTR = "_tokenforge_undo"
 
 
@@ -515,9 +533,10 @@ def _hf_causal_lm_forward(self, *args, **kwargs):
     the final hidden states with the fused linear cross-entropy (no logits are returned then);
     otherwise (eval, no labels, logits_to_keep, a custom loss, ``skip_logits=False``) the original
     forward runs. ``skip_logits=True`` takes the fused loss in eval mode too."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
     original, signature = self._tokenforge_original_forward, self._tokenforge_forward_signature
+    spec = self._tokenforge_family_spec
     skip_logits = kwargs.pop("skip_logits", None)
     try:
         arguments = dict(signature.bind(*args, **kwargs).arguments)
@@ -536,6 +555,12 @@ def _hf_causal_lm_forward(self, *args, **kwargs):
     num_items_in_batch = arguments.pop("num_items_in_batch", None)
     ignore_index = arguments.pop("ignore_index", -100)
     shift_labels = arguments.pop("shift_labels", None)
+    router_logits_wanted = False
+    if "output_router_logits" in signature.parameters:  # as the MoE causal LMs resolve it
+        router_logits_wanted = arguments.get("output_router_logits")
+        if router_logits_wanted is None:
+            router_logits_wanted = bool(getattr(self.config, "output_router_logits", False))
+        arguments["output_router_logits"] = router_logits_wanted
     outputs = self.model(**arguments, return_dict=True)
     hidden = outputs.last_hidden_state
     if shift_labels is None:
@@ -560,11 +585,20 @@ def _hf_causal_lm_forward(self, *args, **kwargs):
     loss = _head_loss(self.lm_head, hidden, fused_loss)
     if num_items_in_batch is not None:
         loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    aux = {}
+    if spec.mlp == "moe":
+        aux["aux_loss"] = None
+        if router_logits_wanted and spec.aux_loss:  # after the normalisation, as the family adds it
+            load_balancing_loss = sys.modules[type(self).__module__].load_balancing_loss_func
+            aux["aux_loss"] = load_balancing_loss(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                                                  arguments.get("attention_mask"))
+            loss = loss + self.router_aux_loss_coef * aux["aux_loss"].to(loss.device)
     # Everything the base model returned (the cache under its name in this version, hidden states,
-    # attentions) goes through; logits are None, and to_tuple() drops them as HF's own does.
-    fields = _field_names(CausalLMOutputWithPast)
+    # attentions, router logits) goes through; logits are None, and to_tuple() drops them as HF's own does.
+    output_cls = MoeCausalLMOutputWithPast if spec.mlp == "moe" else CausalLMOutputWithPast
+    fields = _field_names(output_cls)
     extra = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in fields}
-    out = CausalLMOutputWithPast(loss=loss, logits=None, **extra)
+    out = output_cls(loss=loss, logits=None, **aux, **extra)
     return out if return_dict else out.to_tuple()
 
 
@@ -573,8 +607,8 @@ def _check_hf_shape(model, spec: HFFamily) -> None:
     import transformers
 
     problems = []
-    mlp_attrs = ("gate_proj", "up_proj", "down_proj", "act_fn") if spec.mlp == "split" else \
-        ("gate_up_proj", "down_proj", "activation_fn")
+    mlp_attrs = {"split": ("gate_proj", "up_proj", "down_proj", "act_fn"), "packed": ("gate_up_proj", "down_proj",
+                 "activation_fn"), "moe": ()}[spec.mlp]
     if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model, "lm_head"):
         problems.append("model.model.layers / model.lm_head")
     else:
@@ -586,8 +620,12 @@ def _check_hf_shape(model, spec: HFFamily) -> None:
             if norm is None or not hasattr(norm, "weight") or not (hasattr(norm, "variance_epsilon") or hasattr(norm, "eps")):
                 problems.append("layer.post_attention_layernorm.weight/variance_epsilon")
     module = importlib.import_module(f"transformers.models.{spec.module}.modeling_{spec.module}")
-    if not callable(getattr(module, "apply_rotary_pos_emb", None)):
+    if spec.rope != "own" and not callable(getattr(module, "apply_rotary_pos_emb", None)):
         problems.append(f"modeling_{spec.module}.apply_rotary_pos_emb")
+    if spec.aux_loss and not (callable(getattr(module, "load_balancing_loss_func", None))
+                              and all(hasattr(model, a) for a in ("router_aux_loss_coef", "num_experts",
+                                                                   "num_experts_per_tok"))):
+        problems.append(f"modeling_{spec.module}.load_balancing_loss_func / the model's router_aux_loss_coef")
     if problems:
         raise RuntimeError(
             f"tokenforge.patch: transformers {transformers.__version__} changed the {spec.module} model classes "
@@ -624,9 +662,14 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
     if opts["rms_norm"]:
         _replace_rms_norms(model, undo, report, (norm_cls,), lambda m: HFRMSNorm(m, spec.norm),
                            f"tokenforge.ops.rms_norm ({spec.norm} semantics)")
-    if opts["swiglu"]:
+    if opts["swiglu"] and spec.mlp == "moe":
+        report.skipped.append("swiglu: a mixture-of-experts family: its experts run as grouped GEMMs (moe); its "
+                              "dense and shared-expert MLPs stay in torch")
+    elif opts["swiglu"]:
         _patch_hf_mlps(model, spec, undo, report)
-    if opts["rope"]:
+    if opts["rope"] and spec.rope == "own":
+        report.skipped.append(f"rope: {module_name} rotates by its own rule, not Llama's; left alone")
+    elif opts["rope"]:
         _patch_global(undo, module_name, "apply_rotary_pos_emb", _hf_apply_rotary_pos_emb_interleaved
                       if spec.rope == "interleaved" else _hf_apply_rotary_pos_emb)
         report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
@@ -636,11 +679,14 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
     if opts["cross_entropy"]:
         undo.set_attr(model, "_tokenforge_original_forward", model.forward)
         undo.set_attr(model, "_tokenforge_forward_signature", inspect.signature(model.forward))
+        undo.set_attr(model, "_tokenforge_family_spec", spec)
         undo.set_attr(model, "forward", types.MethodType(_with_signature_of(type(model).forward, _hf_causal_lm_forward), model))
         softcap = getattr(model.config, "final_logit_softcapping", None)
         report.patched.append(f"cross_entropy: {type(model).__name__}.forward loss -> tokenforge.ops.linear_cross_entropy "
                               "while training with labels (no logits then; eval mode returns logits)"
                               + (f", final logit softcap {softcap} fused" if softcap else "")
+                              + ("; with output_router_logits, + the family's load-balancing loss" if spec.aux_loss
+                                 else "")
                               + ("; the tensor-parallel lm_head by tokenforge.ops.vocab_parallel_linear_cross_entropy "
                                  "(each rank its vocab rows)" if is_dtensor(getattr(model.lm_head, "weight", None))
                                  else ""))
