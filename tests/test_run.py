@@ -81,6 +81,26 @@ def test_hf_trainer_script_same_metrics_under_tokenforge_run(tmp_path, collator)
     assert "patched LlamaForCausalLM" in proc.stderr and "calls  linear_cross_entropy" in proc.stderr
 
 
+def test_hf_trainer_moe_script_same_metrics_under_tokenforge_run(tmp_path):
+    """The same unmodified Trainer script on a Qwen3-MoE with output_router_logits: the known MoE
+    family is patched as it is built (experts as grouped GEMMs, the fused loss with the family's
+    load-balancing loss added) and trains and evaluates as the plain run does."""
+    extra = ("--model", "qwen3_moe")
+    plain, _ = _script_result([sys.executable], HF_SCRIPT, tmp_path, "--output-dir", str(tmp_path / "plain"), *extra)
+    report_path = tmp_path / "report.json"
+    routed, _ = _script_result([sys.executable, "-m", "tokenforge.run", "--report", str(report_path)], HF_SCRIPT,
+                               tmp_path, "--output-dir", str(tmp_path / "routed"), *extra)
+    assert routed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    assert routed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-4)
+    assert routed["eval_n_predictions"] == plain["eval_n_predictions"] == 8 * 24 * 128
+    report = json.loads(report_path.read_text())
+    [model] = report["models"]
+    assert model["model"] == "Qwen3MoeForCausalLM" and model["family"] == "qwen3_moe"
+    assert any("load-balancing loss" in line for line in model["patched"]), model["patched"]
+    # 3 training steps and 2 evaluation batches, 2 MoE layers each; the fused loss in training only.
+    assert report["calls"].get("grouped_mm") == (3 + 2) * 2 and report["calls"].get("linear_cross_entropy") == 3
+
+
 def test_hf_trainer_under_deepspeed_zero3_same_losses(tmp_path):
     """The Trainer script under DeepSpeed ZeRO-3, 2 gloo ranks (parameters partitioned between
     them and gathered by DeepSpeed's hooks around each module's forward), plain and under

@@ -4,6 +4,8 @@ line of metrics (and writes it to --out): tests/test_run.py runs it plain and un
 `tokenforge run` and compares the two. ``--collator`` picks how examples become batches: equal
 blocks (Trainer's default collator), documents of varied lengths right-padded with an attention
 mask, or packed into one row by transformers' DataCollatorWithFlattening (position ids restart).
+``--model qwen3_moe`` trains a tiny Qwen3-MoE instead, with output_router_logits (its load-balancing
+loss in the training loss; evaluation's predictions then hold the router logits as well).
 ``--deepspeed CONFIG`` trains under DeepSpeed instead (launched by torchrun, one process a rank; on
 the CPU, DS_ACCELERATOR=cpu and gloo) and reports the training losses only: accelerate's gather in
 evaluate() fails on CPU ranks under DeepSpeed, with or without tokenforge."""
@@ -12,7 +14,8 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, LlamaConfig, Trainer, TrainingArguments
+from transformers import (AutoModelForCausalLM, DataCollatorWithFlattening, LlamaConfig, Qwen3MoeConfig, Trainer,
+                          TrainingArguments)
 
 
 class TokenBlocks(torch.utils.data.Dataset):
@@ -47,6 +50,8 @@ def pad_right(features):
 
 def compute_metrics(eval_pred):
     logits, labels = eval_pred
+    if isinstance(logits, tuple):  # an MoE model's outputs: the logits are the 3-D one
+        logits = next(x for x in logits if getattr(x, "ndim", 0) == 3)
     predictions = logits.argmax(-1)[:, :-1]
     targets = labels[:, 1:]
     return {"accuracy": float((predictions == targets).mean()), "n_predictions": int(logits.size)}
@@ -59,11 +64,17 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--collator", choices=["blocks", "padded", "packed"], default="blocks")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config file")
+    parser.add_argument("--model", choices=["llama", "qwen3_moe"], default="llama")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    if args.model == "qwen3_moe":
+        config = Qwen3MoeConfig(**sizes, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                output_router_logits=True, router_aux_loss_coef=0.1)
+    else:
+        config = LlamaConfig(**sizes)
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config)
     training_args = TrainingArguments(
