@@ -7,7 +7,7 @@ Three families of model are recognised:
 - Hugging Face causal LMs of the families in ``_HF_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi3,
   OLMo2, Gemma, Gemma2, Gemma3 text, SmolLM3, Ministral, Ministral3, Seed-OSS, Helium, OLMo3,
   EXAONE 4; and the MoE Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, MiniMax, ERNIE 4.5 MoE, DeepSeek-V3
-  and V2, GLM-4-MoE, dots1, Hunyuan MoE: no dense MLP to fuse, the load-balancing loss kept in the
+  and V2, GLM-4-MoE, dots1, Hunyuan MoE, GPT-OSS, FlexOlmo: no dense MLP to fuse, the load-balancing loss kept in the
   fused loss): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
   ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's ``(1 + weight)``),
   the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU; Seed-OSS's dropout after
@@ -102,11 +102,14 @@ _HF_FAMILIES = {
     "Glm4MoeForCausalLM": HFFamily("glm4_moe", mlp="moe", rope="own"),
     "Dots1ForCausalLM": HFFamily("dots1", mlp="moe"),
     "HunYuanMoEV1ForCausalLM": HFFamily("hunyuan_v1_moe", mlp="moe"),
+    # OLMo2's norm semantics; GPT-OSS's rotary function takes half-width cos/sin, FlexOlmo's its own
+    "GptOssForCausalLM": HFFamily("gpt_oss", norm="fp32_product", mlp="moe", rope="own", aux_loss=True),
+    "FlexOlmoForCausalLM": HFFamily("flex_olmo", norm="fp32_product", mlp="moe", rope="own", aux_loss=True),
 }
 # Other Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
 # transformers' attention functions as Llama's do, with masks from masking_utils: they get
 # tokenforge's Hugging Face attention implementation (tests/test_patch_hf_moe.py checks each).
-_HF_MOE_ATTENTION = {"granitemoe", "flex_olmo", "lfm2_moe", "gpt_oss"}
+_HF_MOE_ATTENTION = {"granitemoe", "lfm2_moe"}
 _UNDO_ATTR = "_tokenforge_undo"
 
 
