@@ -68,6 +68,7 @@ class HFFamily:
     mlp: str = "split"      # "split": gate_proj/up_proj/down_proj/act_fn; "packed": Phi3's gate_up_proj;
                             # "moe": sparse MoE blocks (their experts patched as every model's are)
     rope: str = "half"      # "half": rotate_half over halves (Llama); "interleaved": pairs (2i, 2i+1) (Helium);
+                            # "half_width": Llama's halves from half-width cos/sin (GPT-OSS);
                             # "own": the family's rotary function is not Llama's, and is left alone
     aux_loss: bool = False  # the causal LM adds load_balancing_loss_func(router_logits) x router_aux_loss_coef
 
@@ -103,7 +104,7 @@ _HF_FAMILIES = {
     "Dots1ForCausalLM": HFFamily("dots1", mlp="moe"),
     "HunYuanMoEV1ForCausalLM": HFFamily("hunyuan_v1_moe", mlp="moe"),
     # OLMo2's norm semantics; GPT-OSS's rotary function takes half-width cos/sin, FlexOlmo's its own
-    "GptOssForCausalLM": HFFamily("gpt_oss", norm="fp32_product", mlp="moe", rope="own", aux_loss=True),
+    "GptOssForCausalLM": HFFamily("gpt_oss", norm="fp32_product", mlp="moe", rope="half_width", aux_loss=True),
     "FlexOlmoForCausalLM": HFFamily("flex_olmo", norm="fp32_product", mlp="moe", rope="own", aux_loss=True),
 }
 # Other Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
@@ -215,6 +216,12 @@ def _hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
 
     count_call("rope")
     return rope(q, k, cos, sin, layout="bhsd" if unsqueeze_dim == 1 else "bshd")
+
+
+def _hf_apply_rotary_pos_emb_half_width(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
+    """GPT-OSS's apply_rotary_pos_emb: cos/sin hold each frequency once (half the head dim) and the
+    halves rotate as Llama's do, so [f | f] is Llama's call."""
+    return _hf_apply_rotary_pos_emb(q, k, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), unsqueeze_dim)
 
 
 def _hf_apply_rotary_pos_emb_interleaved(q, k, cos, sin, unsqueeze_dim=1, **_ignored):
@@ -673,8 +680,9 @@ def _patch_hf(model, family: str, undo, report, opts) -> None:
     if opts["rope"] and spec.rope == "own":
         report.skipped.append(f"rope: {module_name} rotates by its own rule, not Llama's; left alone")
     elif opts["rope"]:
-        _patch_global(undo, module_name, "apply_rotary_pos_emb", _hf_apply_rotary_pos_emb_interleaved
-                      if spec.rope == "interleaved" else _hf_apply_rotary_pos_emb)
+        _patch_global(undo, module_name, "apply_rotary_pos_emb", {
+            "interleaved": _hf_apply_rotary_pos_emb_interleaved, "half_width": _hf_apply_rotary_pos_emb_half_width,
+        }.get(spec.rope, _hf_apply_rotary_pos_emb))
         report.patched.append(f"rope: {module_name}.apply_rotary_pos_emb -> tokenforge.ops.rope "
                               "(module-level: all models of this family while patched)")
     if opts["attention"]:
