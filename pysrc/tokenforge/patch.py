@@ -7,8 +7,8 @@ Three families of model are recognised:
 - Hugging Face causal LMs of the families in ``_HF_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi3,
   OLMo2, Gemma, Gemma2, Gemma3 text, SmolLM3, Ministral, Ministral3, Seed-OSS, Helium, OLMo3,
   EXAONE 4; and the MoE Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, MiniMax, ERNIE 4.5 MoE, DeepSeek-V3
-  and V2, GLM-4-MoE, dots1, Hunyuan MoE, GPT-OSS, FlexOlmo: no dense MLP to fuse, the load-balancing loss kept in the
-  fused loss): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
+  and V2, GLM-4-MoE, dots1, Hunyuan MoE, GPT-OSS, FlexOlmo: no dense MLP to fuse, the load-balancing
+  loss kept in the fused loss): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
   ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's ``(1 + weight)``),
   the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU; Seed-OSS's dropout after
   it kept), rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary
@@ -90,8 +90,9 @@ _HF_FAMILIES = {
     "HeliumForCausalLM": HFFamily("helium", norm="fp32_product", rope="interleaved"),
     "Olmo3ForCausalLM": HFFamily("olmo3", norm="fp32_product"),
     "Exaone4ForCausalLM": HFFamily("exaone4"),
-    # MoE families whose RMSNorm and (where patched) rotary function are Llama's, and whose causal
-    # LM loss is Llama's plus, with output_router_logits, the family's load-balancing loss.
+    # MoE families whose RMSNorm and (where patched) rotary function are Llama's (their source read
+    # against Llama's), and whose causal LM loss is Llama's plus, with output_router_logits, the
+    # family's load-balancing loss (tests/test_patch_hf_moe.py::test_known_moe_family_full_patch).
     "MixtralForCausalLM": HFFamily("mixtral", mlp="moe", aux_loss=True),
     "Qwen2MoeForCausalLM": HFFamily("qwen2_moe", mlp="moe", aux_loss=True),
     "Qwen3MoeForCausalLM": HFFamily("qwen3_moe", mlp="moe", aux_loss=True),
