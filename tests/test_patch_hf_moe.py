@@ -43,6 +43,13 @@ FAMILIES = {
                     layer_types=["conv", "full_attention"]),
     # biased experts, gate/up interleaved, clamped GLU: grouped GEMMs + HF's own _apply_gate
     "GptOss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, swiglu_limit=0.5),
+    # hybrids: Gated DeltaNet layers, then full attention with partial rotary and a gated output
+    "Qwen3Next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                      head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                      linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+    "Qwen3_5Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=40, head_dim=8, layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
     # every token through every expert there (the input scaled by its score): top-k here
     "Llama4": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, intermediate_size_mlp=64),
 }
@@ -402,7 +409,7 @@ MORE_FAMILIES = {name: {} for name in (
     "AXK2", "Afmoe", "AriaText", "BailingHybrid", "Beam", "Cohere2Moe", "DeepseekV32", "DeepseekV4", "ExaoneMoe",
     "Glm4MoeLite", "GlmMoeDsa", "GraniteMoeSWA", "GraniteMoeShared", "HYV3", "HYV4", "Inkling", "Inkling2",
     "Kolibri1", "Laguna", "LaraMini", "Mellum", "MiMoV2Flash", "MiniCPM5Moe", "MiniMaxM2", "MiniMaxM3VL",
-    "Mistral4", "Phimoe", "Qwen3Next", "Qwen3_5Moe", "SolarOpen")}
+    "Mistral4", "Phimoe", "SolarOpen")}
 MORE_FAMILIES["NemotronH"] = dict(layers_block_type=["full_attention", "moe"], layer_types=["full_attention", "moe"],
                                   moe_shared_expert_intermediate_size=24, mamba_num_heads=4,
                                   mamba_head_dim=8)  # ungated (relu^2) experts

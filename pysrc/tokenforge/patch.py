@@ -7,8 +7,8 @@ Three families of model are recognised:
 - Hugging Face causal LMs of the families in ``_HF_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi3,
   OLMo2, Gemma, Gemma2, Gemma3 text, SmolLM3, Ministral, Ministral3, Seed-OSS, Helium, OLMo3,
   EXAONE 4; and the MoE Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, MiniMax, ERNIE 4.5 MoE, DeepSeek-V3
-  and V2, GLM-4-MoE, dots1, Hunyuan MoE, GPT-OSS, FlexOlmo: no dense MLP to fuse, the load-balancing
-  loss kept in the fused loss): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
+  and V2, GLM-4-MoE, dots1, Hunyuan MoE, GPT-OSS, FlexOlmo, Qwen3-Next, Qwen3.5-MoE: no dense MLP to
+  fuse, the load-balancing loss kept in the fused loss): RMSNorm modules (q/k norms included; each family's own semantics: Llama's
   ``weight * x_hat.to(dtype)``, OLMo2's ``(weight * x_hat).to(dtype)``, Gemma's ``(1 + weight)``),
   the MLP's gated activation (SwiGLU, Phi3's packed gate_up, Gemma's GeGLU; Seed-OSS's dropout after
   it kept), rotary embeddings (the modeling module's ``apply_rotary_pos_emb``, partial rotary
@@ -107,6 +107,10 @@ _HF_FAMILIES = {
     # OLMo2's norm semantics; GPT-OSS's rotary function takes half-width cos/sin, FlexOlmo's its own
     "GptOssForCausalLM": HFFamily("gpt_oss", norm="fp32_product", mlp="moe", rope="half_width", aux_loss=True),
     "FlexOlmoForCausalLM": HFFamily("flex_olmo", norm="fp32_product", mlp="moe", rope="own", aux_loss=True),
+    # Gemma's zero-centred norm, partial rotary (Llama's on the leading dims); their linear-attention
+    # layers (Gated DeltaNet) take their own 2-D padding mask and are left alone
+    "Qwen3NextForCausalLM": HFFamily("qwen3_next", norm="offset", mlp="moe", aux_loss=True),
+    "Qwen3_5MoeForCausalLM": HFFamily("qwen3_5_moe", norm="offset", mlp="moe", aux_loss=True),
 }
 # Other Hugging Face MoE families (patched generically: experts, SDPA) whose attention layers call
 # transformers' attention functions as Llama's do, with masks from masking_utils: they get
