@@ -44,8 +44,9 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     # Fresh random inputs every run (never zeros); the seed shows in a failing test's captured
-    # stdout, so a failure can be replayed with torch.manual_seed.
-    seed = int.from_bytes(os.urandom(4), "little")
+    # stdout, so a failure can be replayed: TOKENFORGE_TEST_SEED=<seed> pytest <that test>.
+    replay = os.environ.get("TOKENFORGE_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
     print(f"torch.manual_seed({seed})")
     torch.manual_seed(seed)
     yield seed
