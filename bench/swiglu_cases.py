@@ -1,8 +1,10 @@
-"""SwiGLU and residual+RMSNorm benchmark cases: shapes, backends, inputs, the float64 reference and
-the record fields (the shared flow is bench/harness.py).
+"""SwiGLU, GPT-OSS's clamped GLU and residual+RMSNorm benchmark cases: shapes, backends, inputs, the
+float64 reference and the record fields (the shared flow is bench/harness.py).
 
-Used by bench/test_bench_swiglu.py and bench/test_bench_add_rms_norm.py. Backends (baselines
-first, so the kernels' speedups are known when they run):
+Used by bench/test_bench_swiglu.py and bench/test_bench_add_rms_norm.py. ``gpt_oss_glu`` times
+GPT-OSS's expert gate on its packed, interleaved (rows, 2n) grouped-GEMM output: rows = tokens x
+top-k (8192 x 4), n = its expert width 2880, limit 7 and alpha 1.702; eager is GPT-OSS's own
+_apply_gate code. Backends (baselines first, so the kernels' speedups are known when they run):
 
     eager    the op's tokenforge reference (plain PyTorch), eager
     compile  torch.compile of that reference, dynamic=False, per shape
@@ -33,7 +35,7 @@ BASELINES = ("eager", "compile", "liger")
 
 def swiglu_bytes(pass_: str, rows: int, n: int, eb: int) -> int:
     """Minimum traffic: forward reads gate, up and writes y (3 tensors of rows*n); the backward
-    reads dy, gate, up and writes dgate, dup (5 more)."""
+    reads dy, gate, up and writes dgate, dup (5 more). The packed forms move the same."""
     return (3 if pass_ == "fwd" else 8) * rows * n * eb
 
 
@@ -48,7 +50,7 @@ def add_rms_norm_bytes(pass_: str, rows: int, n: int, eb: int, wb: Optional[int]
 
 @dataclass(frozen=True)
 class Case(harness.CaseId):
-    op: str  # "swiglu" or "add_rms_norm"
+    op: str  # "swiglu", "gpt_oss_glu" or "add_rms_norm"
     pass_: str
     rows: int
     n: int
@@ -60,12 +62,13 @@ class Case(harness.CaseId):
         return f"{self.rows}x{self.n}"
 
     def bytes(self) -> int:
-        f = swiglu_bytes if self.op == "swiglu" else add_rms_norm_bytes
+        f = add_rms_norm_bytes if self.op == "add_rms_norm" else swiglu_bytes
         return f(self.pass_, self.rows, self.n, bw.dtype_bytes(self.dtype))
 
 
-HEADLINE = {"swiglu": (16384, 14336), "add_rms_norm": (16384, 4096)}
-MORE_GPU_SHAPES = {"swiglu": [(4096, 11008)], "add_rms_norm": [(4096, 8192), (32768, 1024)]}
+HEADLINE = {"swiglu": (16384, 14336), "gpt_oss_glu": (32768, 2880), "add_rms_norm": (16384, 4096)}
+MORE_GPU_SHAPES = {"swiglu": [(4096, 11008)], "gpt_oss_glu": [(8192, 2880)], "add_rms_norm": [(4096, 8192), (32768, 1024)]}
+GPT_OSS_LIMIT, GPT_OSS_ALPHA = 7.0, 1.702
 CPU_SHAPE = (64, 256)
 
 
@@ -92,10 +95,12 @@ def backends_for(device) -> tuple[str, ...]:
 
 def _reference(op: str) -> Callable:
     from tokenforge.ops.add_rms_norm import add_rms_norm_reference
-    from tokenforge.ops.swiglu import swiglu_reference
+    from tokenforge.ops.swiglu import gpt_oss_glu_reference, swiglu_reference
 
     if op == "swiglu":
         return lambda g, u: (swiglu_reference(g, u),)
+    if op == "gpt_oss_glu":
+        return lambda gu: (gpt_oss_glu_reference(gu, GPT_OSS_ALPHA, GPT_OSS_LIMIT, True),)
     return lambda x, r, w: add_rms_norm_reference(x, r, w, 1e-6)
 
 
@@ -109,7 +114,7 @@ def make_op(op: str, backend: str, device: torch.device) -> Callable:
         return torch.compile(_reference(op), dynamic=False)
     if backend == "liger":
         if op != "swiglu":
-            raise BackendUnavailable("Liger-Kernel is compared for SwiGLU only")
+            raise BackendUnavailable("Liger-Kernel is compared for SwiGLU only (it has no GPT-OSS gate)")
         LigerSiLUMulFunction = harness.peer_import("liger_kernel.ops.swiglu", "liger_kernel",
                                                    "pip install liger-kernel (bench/fetch_peers.sh)").LigerSiLUMulFunction
         if device.type != "cuda":
@@ -117,10 +122,12 @@ def make_op(op: str, backend: str, device: torch.device) -> Callable:
         return lambda g, u: (LigerSiLUMulFunction.apply(g, u),)
     if backend in ("triton", "torch"):
         from tokenforge.ops.add_rms_norm import add_rms_norm
-        from tokenforge.ops.swiglu import swiglu
+        from tokenforge.ops.swiglu import gpt_oss_glu, swiglu
 
         if op == "swiglu":
             return lambda g, u: (swiglu(g, u, backend=backend),)
+        if op == "gpt_oss_glu":
+            return lambda gu: (gpt_oss_glu(gu, alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT, backend=backend),)
         return lambda x, r, w: add_rms_norm(x, r, w, 1e-6, backend=backend)
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -130,6 +137,9 @@ def make_inputs(case: Case, device):
     t = lambda scale=1.0: (torch.randn(case.rows, case.n, device=device) * scale).to(case.dtype)  # noqa: E731
     if case.op == "swiglu":
         return (t(2.0), t()), (t(),)
+    if case.op == "gpt_oss_glu":  # scale 4 against limit 7: some of both halves clamped
+        packed = (torch.randn(case.rows, 2 * case.n, device=device) * 4).to(case.dtype)
+        return (packed,), (t(),)
     w = (1.0 + 0.1 * torch.randn(case.n, device=device)).to(case.dtype)
     return (t(), t(), w), (t(), t())
 
@@ -139,6 +149,10 @@ def reference64(op: str, inputs):
     if op == "swiglu":
         g, u = inputs
         return (torch.nn.functional.silu(g) * u,)
+    if op == "gpt_oss_glu":
+        (gu,) = inputs
+        g, u = gu[:, 0::2].clamp(max=GPT_OSS_LIMIT), gu[:, 1::2].clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+        return ((u + 1) * g * torch.sigmoid(GPT_OSS_ALPHA * g),)
     x, r, w = inputs
     h = x + r
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w, h
@@ -167,6 +181,8 @@ def prepare(case: Case, backend: str, device) -> Prepared:
         errs.update({f"d{i}": harness.rel_err(d, r) for i, (d, r) in enumerate(zip(dins, ref_dins))})
     del outs
     tol = harness.tolerance(case.dtype)
+    if case.op == "gpt_oss_glu" and case.dtype != torch.float32:
+        tol *= 2  # eager's five roundings, kept by the kernel (tests/test_swiglu.py: check_gpt_oss_glu)
 
     if case.pass_ == "fwd":
         def fn():

@@ -1,5 +1,7 @@
 """SwiGLU microbenchmarks (pytest-benchmark): ``y = silu(gate) * up``, forward and forward+backward,
-against eager PyTorch, torch.compile and Liger-Kernel's LigerSiLUMulFunction (when importable).
+against eager PyTorch, torch.compile and Liger-Kernel's LigerSiLUMulFunction (when importable); and
+GPT-OSS's clamped GLU on its interleaved packed gate/up (``test_gpt_oss_glu``), against GPT-OSS's
+eager code and torch.compile of it.
 
     pytest bench/test_bench_swiglu.py --benchmark-json=bench.json
     pytest bench/test_bench_swiglu.py -m headline       # 16384x14336 bf16 fwd+bwd only
@@ -32,4 +34,12 @@ OP = "swiglu"
 def test_swiglu(benchmark, bench_recorder, request, case, backend):
     harness.run_benchmark(benchmark, bench_recorder, request, op=OP, case=case, backend=backend, device=DEVICE,
                           prepare=sc.prepare, baselines=sc.BASELINES,
+                          make_record=lambda prep, stats: sc.make_record(prep, stats, bench_recorder.copy_gbps))
+
+
+@pytest.mark.parametrize("case,backend", list(harness.bench_params(sc.cases("gpt_oss_glu", DEVICE),
+                                                                    [b for b in sc.backends_for(DEVICE) if b != "liger"])))
+def test_gpt_oss_glu(benchmark, bench_recorder, request, case, backend):
+    harness.run_benchmark(benchmark, bench_recorder, request, op="gpt_oss_glu", case=case, backend=backend,
+                          device=DEVICE, prepare=sc.prepare, baselines=sc.BASELINES,
                           make_record=lambda prep, stats: sc.make_record(prep, stats, bench_recorder.copy_gbps))

@@ -17,10 +17,22 @@ roundings too: dup = dy * act(g) (act as rounded in the forward), dgate = rnd(dy
     gelu_tanh'(g) = (1 + t) / 2 + g/2 * (1 - t^2) * c * (1 + 3 * 0.044715 g^2),  t the tanh above
     gelu'(g)      = (1 + erf(g / sqrt(2))) / 2 + g * exp(-g^2 / 2) / sqrt(2 pi)
 
-gate and up are separate (rows, n) pointers with their own row strides and unit column stride, so
-the same kernels serve two separate tensors and the two halves of a packed (rows, 2n) gate/up
-projection output (two views of one buffer, no copies); likewise dgate/dup may be the two halves of
-one packed gradient buffer.
+gate and up are separate (rows, n) pointers with their own row strides and a column stride of 1
+(COL_STRIDE), so the same kernels serve two separate tensors and the two halves of a packed (rows,
+2n) gate/up projection output (two views of one buffer, no copies); likewise dgate/dup may be the two
+halves of one packed gradient buffer. With COL_STRIDE 2 they are the even and odd columns of one
+interleaved [g0, u0, g1, u1, ...] buffer (GPT-OSS's layout), again without copies.
+
+Clamped forms, for MoE experts trained with them (CLAMP, a runtime ``limit``): gate clamped from
+above and up to [-limit, limit] before the activation, their gradients zero where clamped (torch's
+clamp backward: where the input lies within the bounds, ends included):
+
+    "silu" + CLAMP   DeepSeek-V4 / GLM-5-Next / HY-V4:  silu(min(g, L)) * clamp(u, -L, L)
+    "gpt_oss"        GPT-OSS / MiniMax-M3 (always clamped, a runtime ``alpha``):
+                     gc = min(g, L);  glu = gc * sigmoid(alpha * gc);  y = (clamp(u, -L, L) + 1) * glu
+
+"gpt_oss" rounds after each of eager's five operations (gc * alpha, sigmoid, gc * s, u + 1, the
+product), its backward after each of autograd's steps in reverse, as eager bf16 code rounds them.
 """
 
 from __future__ import annotations
@@ -35,6 +47,10 @@ from tokenforge.kernels import INTERPRETED, launch_device
 from tokenforge.kernels.fp8_quantize import EMIT_BLOCK, emission_buffers, emit_fp8_tile
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+# Forms with the clamp and their own formula (module docstring): (ACTIVATION, CLAMP) pairs beyond the
+# plain activations, and the column strides the packed layouts use.
+CLAMPED_FORMS = (("silu", True), ("gpt_oss", True))
+COL_STRIDES = (1, 2)
 
 # Elements per program: 1024 with 4 warps is 8 per thread, i.e. one 16-byte load per operand for
 # bf16 (two for fp32); narrow rows are packed BLOCK_M to a program so it still moves 1024.
@@ -113,21 +129,66 @@ def _activation_and_grad(g, dact, ACTIVATION: tl.constexpr, LIBDEVICE: tl.conste
 
 
 @triton.jit
+def _clamp_inputs(g, u, limit):
+    """min(g, limit) and clamp(u, -limit, limit), NaN kept NaN as torch.clamp keeps it."""
+    g = tl.minimum(g, limit, propagate_nan=tl.PropagateNan.ALL)
+    u = tl.minimum(tl.maximum(u, -limit, propagate_nan=tl.PropagateNan.ALL), limit, propagate_nan=tl.PropagateNan.ALL)
+    return g, u
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x rounded to the tensors' dtype and back to fp32: where eager stores an intermediate."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _gpt_oss_forward(g, u, alpha, DTYPE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """(u + 1) * (g * sigmoid(alpha * g)) of clamped g, u: eager's five operations, each rounded
+    (sigmoid as torch's kernel writes it, 1 / (1 + exp(-x)))."""
+    s = _round(1.0 / (1.0 + _exp(-_round(g * alpha, DTYPE), LIBDEVICE)), DTYPE)
+    glu = _round(g * s, DTYPE)
+    return _round(u + 1.0, DTYPE) * glu
+
+
+@triton.jit
+def _gpt_oss_backward(dy, g, u, alpha, DTYPE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """(dgate, dup) of :func:`_gpt_oss_forward` for clamped g, u (the clamp's mask is the caller's),
+    in autograd's order with its roundings: d(up + 1) = dy * glu; d glu = dy * (up + 1); through
+    glu = g * s to g and s; sigmoid's backward d s * (1 - s) * s; times alpha; the two paths into g
+    summed."""
+    s = _round(1.0 / (1.0 + _exp(-_round(g * alpha, DTYPE), LIBDEVICE)), DTYPE)
+    glu = _round(g * s, DTYPE)
+    du = dy * glu
+    dglu = _round(dy * _round(u + 1.0, DTYPE), DTYPE)
+    dg_direct = _round(dglu * s, DTYPE)
+    ds = _round(dglu * g, DTYPE)
+    dga = _round(ds * (1.0 - s) * s, DTYPE)
+    return dg_direct + _round(dga * alpha, DTYPE), du
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     G, U, Y, DATA, SCALE,
-    rows, n, stride_g, stride_u, stride_y, stride_scale,
+    rows, n, stride_g, stride_u, stride_y, stride_scale, limit, alpha,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr, LIBDEVICE: tl.constexpr = True,
     EMIT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, FP8_MAX: tl.constexpr = 448.0,
     MBITS: tl.constexpr = 3, BIAS: tl.constexpr = 7, POW2: tl.constexpr = False, SOFT_CAST: tl.constexpr = False,
+    CLAMP: tl.constexpr = False, COL_STRIDE: tl.constexpr = 1,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * BLOCK_N
     col = col0 + tl.arange(0, BLOCK_N)
     mask = (row < rows)[:, None] & (col < n)[None, :]
-    g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    act = _activation(g, ACTIVATION, LIBDEVICE).to(Y.dtype.element_ty).to(tl.float32)  # eager rounds act(g)
-    y_out = (act * u).to(Y.dtype.element_ty)
+    g = tl.load(G + row[:, None] * stride_g + col[None, :] * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row[:, None] * stride_u + col[None, :] * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
+    if CLAMP:
+        g, u = _clamp_inputs(g, u, limit)
+    if ACTIVATION == "gpt_oss":
+        y_out = _gpt_oss_forward(g, u, alpha, Y.dtype.element_ty, LIBDEVICE).to(Y.dtype.element_ty)
+    else:
+        act = _activation(g, ACTIVATION, LIBDEVICE).to(Y.dtype.element_ty).to(tl.float32)  # eager rounds act(g)
+        y_out = (act * u).to(Y.dtype.element_ty)
     tl.store(Y + row[:, None] * stride_y + col[None, :], y_out, mask=mask)
     if EMIT_FP8:  # y quantized for the down projection's Float8Linear, from the values just stored
         emit_fp8_tile(y_out.to(tl.float32), row, row < rows, col0, n, DATA, SCALE, n, stride_scale,
@@ -137,21 +198,32 @@ def _swiglu_fwd_kernel(
 @triton.jit
 def _swiglu_bwd_kernel(
     DY, G, U, DG, DU,
-    rows, n, stride_dy, stride_g, stride_u, stride_dg, stride_du,
+    rows, n, stride_dy, stride_g, stride_u, stride_dg, stride_du, limit, alpha,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATION: tl.constexpr, LIBDEVICE: tl.constexpr = True,
+    CLAMP: tl.constexpr = False, COL_STRIDE: tl.constexpr = 1,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (row < rows)[:, None] & (col < n)[None, :]
     dy = tl.load(DY + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    # Eager's roundings: the forward's rounded act(g); d act = dy * up rounded to the dtype.
-    dact = (dy * u).to(DG.dtype.element_ty).to(tl.float32)
-    act, dg = _activation_and_grad(g, dact, ACTIVATION, LIBDEVICE)
-    act = act.to(DU.dtype.element_ty).to(tl.float32)
-    tl.store(DG + row[:, None] * stride_dg + col[None, :], dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + row[:, None] * stride_du + col[None, :], (dy * act).to(DU.dtype.element_ty), mask=mask)
+    g_in = tl.load(G + row[:, None] * stride_g + col[None, :] * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
+    u_in = tl.load(U + row[:, None] * stride_u + col[None, :] * COL_STRIDE, mask=mask, other=0.0).to(tl.float32)
+    g, u = g_in, u_in
+    if CLAMP:
+        g, u = _clamp_inputs(g_in, u_in, limit)
+    if ACTIVATION == "gpt_oss":
+        dg, du = _gpt_oss_backward(dy, g, u, alpha, DG.dtype.element_ty, LIBDEVICE)
+    else:
+        # Eager's roundings: the forward's rounded act(g); d act = dy * up rounded to the dtype.
+        dact = (dy * u).to(DG.dtype.element_ty).to(tl.float32)
+        act, dg = _activation_and_grad(g, dact, ACTIVATION, LIBDEVICE)
+        act = act.to(DU.dtype.element_ty).to(tl.float32)
+        du = dy * act
+    if CLAMP:  # torch's clamp backward: the gradient flows where the input lies within the bounds
+        dg = tl.where(g_in <= limit, dg, 0.0)
+        du = tl.where((u_in >= -limit) & (u_in <= limit), du, 0.0)
+    tl.store(DG + row[:, None] * stride_dg + col[None, :] * COL_STRIDE, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row[:, None] * stride_du + col[None, :] * COL_STRIDE, du.to(DU.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +245,9 @@ def all_configs() -> list[tuple[str, dict]]:
         for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
             for activation in ACTIVATIONS:
                 out.append((name, dict(tile_config(block_n), ACTIVATION=activation, LIBDEVICE=True)))
+            for (activation, clamp), col_stride in ((f, c) for f in CLAMPED_FORMS for c in COL_STRIDES):
+                out.append((name, dict(tile_config(block_n), ACTIVATION=activation, LIBDEVICE=True, CLAMP=clamp,
+                                       COL_STRIDE=col_stride)))
         block_n *= 2
     # With fp8 emission (swiglu_forward_fp8, silu): blockwise on every tile, rowwise on whole rows up
     # to EMIT_ROW_MAX_N; the gate sets the fp8 format.
@@ -221,17 +296,32 @@ def supports(gate: torch.Tensor, up: torch.Tensor) -> str | None:
 
 
 
+def _form(activation: str, limit: float | None, alpha: float, *views: torch.Tensor) -> tuple[tuple, dict]:
+    """The runtime (limit, alpha) and the form's constexprs for gate/up (and dgate/dup) views of one
+    column stride (1, or 2: the halves of an interleaved buffer)."""
+    col_stride = views[0].stride(1) if views[0].shape[1] > 1 else 1
+    if col_stride not in COL_STRIDES or any(v.shape[1] > 1 and v.stride(1) != col_stride for v in views):
+        raise ValueError(f"swiglu kernels: gate/up views need one column stride in {COL_STRIDES}, got "
+                         f"{[v.stride() for v in views]}")
+    clamp = limit is not None
+    if activation == "gpt_oss" and not clamp:
+        raise ValueError("swiglu kernels: the gpt_oss form takes a limit")
+    return (float(limit) if clamp else 0.0, float(alpha)), dict(CLAMP=clamp, COL_STRIDE=col_stride)
+
+
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None,
-                   activation: str = "silu") -> torch.Tensor:
-    """act(gate) * up (act one of ACTIVATIONS) for gate, up (rows, n) with unit column stride; into
-    ``out`` (rows, n) or a new contiguous tensor in gate's dtype."""
+                   activation: str = "silu", limit: float | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """act(gate) * up (act one of ACTIVATIONS), or a clamped form (``limit``; activation "gpt_oss"
+    with ``alpha``: the module docstring), for gate, up (rows, n) with column stride 1 (or both 2);
+    into ``out`` (rows, n) or a new contiguous tensor in gate's dtype."""
     rows, n = gate.shape
     y = torch.empty((rows, n), dtype=gate.dtype, device=gate.device) if out is None else out
     cfg = tile_config(n)
+    scalars, form = _form(activation, limit, alpha, gate, up)
     with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
-            gate, up, y, y, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), 0, **cfg, ACTIVATION=activation,
-            LIBDEVICE=not INTERPRETED,
+            gate, up, y, y, y, rows, n, gate.stride(0), up.stride(0), y.stride(0), 0, *scalars, **cfg,
+            ACTIVATION=activation, LIBDEVICE=not INTERPRETED, **form,
         )
     return y
 
@@ -250,20 +340,22 @@ def swiglu_forward_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str, fp
     with launch_device(gate):
         _swiglu_fwd_kernel[_grid(rows, n, cfg)](
             gate, up, y, data_arg, scale, rows, n, gate.stride(0), up.stride(0), y.stride(0), scale.stride(0),
-            **cfg, ACTIVATION=activation, LIBDEVICE=not INTERPRETED, EMIT_FP8=True, **fmt,
+            0.0, 1.0, **cfg, ACTIVATION=activation, LIBDEVICE=not INTERPRETED, EMIT_FP8=True, **fmt,
         )
     return y, data, scale
 
 
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    dgate: torch.Tensor, dup: torch.Tensor, activation: str = "silu") -> None:
-    """Write dgate and dup (rows, n views with unit column stride, e.g. the two halves of one
-    packed gradient) for dy, gate, up (rows, n)."""
+                    dgate: torch.Tensor, dup: torch.Tensor, activation: str = "silu",
+                    limit: float | None = None, alpha: float = 1.0) -> None:
+    """Write dgate and dup (rows, n views with the column stride of gate and up, e.g. the two halves
+    of one packed gradient) for dy (rows, n, unit column stride), gate, up (rows, n)."""
     rows, n = gate.shape
     cfg = tile_config(n)
+    scalars, form = _form(activation, limit, alpha, gate, up, dgate, dup)
     with launch_device(gate):
         _swiglu_bwd_kernel[_grid(rows, n, cfg)](
             dy, gate, up, dgate, dup, rows, n,
-            dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), **cfg,
-            ACTIVATION=activation, LIBDEVICE=not INTERPRETED,
+            dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), *scalars, **cfg,
+            ACTIVATION=activation, LIBDEVICE=not INTERPRETED, **form,
         )

@@ -244,7 +244,7 @@ def test_llama4_moe_block_top_k(top_k):
 
 
 def _probe_experts_class(*, transposed=False, bias=False, gate=True, own_gate=None, post_norm=False, act="silu",
-                         override_forward=False):
+                         override_forward=False, attrs=None):
     """A transformers-style experts class (``use_experts_implementation`` with these flags; eager
     forward: the loop over experts, written here from what the flags mean) for the flag
     combinations no tiny model of this transformers may have. Its module name starts with
@@ -269,6 +269,8 @@ def _probe_experts_class(*, transposed=False, bias=False, gate=True, own_gate=No
                 with torch.no_grad():
                     self.post_expert_norm.weight.normal_(1.0, 0.3)
             self.act_fn = ACT2FN[act]
+            for name, value in (attrs or {}).items():  # a gate's constants (limit, alpha)
+                setattr(self, name, value)
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
             out = torch.zeros_like(hidden_states)
@@ -311,24 +313,63 @@ def _clamped_gate(self, gate_up):  # DeepSeek-V4's: clamp both halves, then SwiG
     return self.act_fn(gate.clamp(max=0.5)) * up.clamp(min=-0.5, max=0.5)
 
 
-def _interleaved_gate(self, gate_up):  # GPT-OSS-like: gate and up columns interleaved
+def _interleaved_gate(self, gate_up):  # gate and up columns interleaved, no clamp
     return self.act_fn(gate_up[..., ::2]) * gate_up[..., 1::2]
 
 
-@pytest.mark.parametrize("flags,fused", [
-    (dict(), True),                                                        # Mixtral / Qwen3-MoE
-    (dict(own_gate=_clamped_gate), False),                                 # DeepSeek-V4, GLM-5-Next, Step3p7
-    (dict(transposed=True, bias=True, own_gate=_interleaved_gate), False),  # GPT-OSS
-    (dict(transposed=True), True),                                         # Aria
-    (dict(gate=False, act="relu2", transposed=True), False),               # NemotronH
-    (dict(post_norm=True), True),                                          # MuseSpark
-    (dict(act="gelu_pytorch_tanh"), False),                                # a GeGLU gate: transformers' default
-], ids=["default", "clamped", "gpt_oss", "transposed", "ungated", "post_norm", "gelu"])
-def test_hf_experts_flags(flags, fused):
+def _clamped_gate_with_limit(self, gate_up):  # DeepSeek-V4's, as written there: its limit an attribute
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=self.limit)
+    up = up.clamp(min=-self.limit, max=self.limit)
+    return self.act_fn(gate) * up
+
+
+def _gpt_oss_gate(self, gate_up):  # GPT-OSS's, as written there
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=self.limit)
+    up = up.clamp(min=-self.limit, max=self.limit)
+    glu = gate * torch.sigmoid(gate * self.alpha)
+    return (up + 1) * glu
+
+
+def _minimax_gate(self, gate_up):  # MiniMax-M3's: GPT-OSS's on halves
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=self.swiglu_limit)
+    up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+    return (up + 1.0) * (gate * torch.sigmoid(gate * self.swiglu_alpha))
+
+
+def _clamp_after_act_gate(self, gate_up):  # Bailing / Step3p7: the activation's output clamped
+    gate, up = gate_up.chunk(2, dim=-1)
+    return self.act_fn(gate).clamp(max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
+
+
+OWN_GATE = "its own _apply_gate in torch"
+
+
+@pytest.mark.parametrize("flags,runs", [
+    (dict(), "swiglu_packed"),                                              # Mixtral / Qwen3-MoE
+    (dict(own_gate=_clamped_gate), OWN_GATE),                               # a clamp with no limit attribute
+    (dict(own_gate=_clamped_gate_with_limit, attrs=dict(limit=0.5)),        # DeepSeek-V4, GLM-5-Next, HY-V4
+     "swiglu_packed(limit=0.5, interleaved=False)"),
+    (dict(transposed=True, bias=True, own_gate=_gpt_oss_gate, attrs=dict(limit=0.5, alpha=1.702)),  # GPT-OSS
+     "gpt_oss_glu(alpha=1.702, limit=0.5, interleaved=True)"),
+    (dict(own_gate=_minimax_gate, attrs=dict(swiglu_limit=0.5, swiglu_alpha=1.702)),  # MiniMax-M3
+     "gpt_oss_glu(alpha=1.702, limit=0.5, interleaved=False)"),
+    (dict(own_gate=_clamp_after_act_gate, attrs=dict(limit=0.2)), OWN_GATE),  # Bailing: no fused form
+    (dict(transposed=True, bias=True, own_gate=_interleaved_gate), OWN_GATE),
+    (dict(transposed=True), "swiglu_packed"),                               # Aria
+    (dict(gate=False, act="relu2", transposed=True), "its own act_fn in torch"),  # NemotronH
+    (dict(post_norm=True), "swiglu_packed"),                                # MuseSpark
+    (dict(act="gelu_pytorch_tanh"), OWN_GATE),                              # a GeGLU gate: transformers' default
+], ids=["default", "clamped", "clamped_limit", "gpt_oss", "minimax", "clamp_after_act", "interleaved", "transposed",
+        "ungated", "post_norm", "gelu"])
+def test_hf_experts_flags(flags, runs):
     """Every use_experts_implementation flag patch() reads (layout, biases, gate or activation, its
     own _apply_gate, post-expert norm): the grouped forward gives the eager loop's output and every
     gradient, with inputs large enough that a clamp bites and a slot for another rank's expert
-    (index E) that contributes nothing; the report names what runs around the GEMMs."""
+    (index E) that contributes nothing; the report names what runs around the GEMMs: the fused
+    kernel of the gate's form where a probe of its _apply_gate finds one, else that _apply_gate."""
     from types import SimpleNamespace
 
     cls = _probe_experts_class(**flags)
@@ -345,7 +386,7 @@ def test_hf_experts_flags(flags, fused):
     report = tokenforge.patch(experts)
     try:
         line = next(line for line in report.patched if line.startswith("moe: 1 ProbeExperts"))
-        assert ("swiglu_packed" in line) == fused, line
+        assert f"(+ {runs}," in line, line
         assert ("post-expert norm" in line) == flags.get("post_norm", False), line
         out = experts(x, index, weights)
         grads = torch.autograd.grad(out, [x, weights, *experts.parameters()], dout)
@@ -372,7 +413,7 @@ def test_hf_experts_own_forward_left_alone():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # interpreter e5m2 casts
-@pytest.mark.parametrize("flags", [dict(transposed=True, bias=True, own_gate=_interleaved_gate),
+@pytest.mark.parametrize("flags", [dict(transposed=True, bias=True, own_gate=_gpt_oss_gate, attrs=dict(limit=0.5, alpha=1.702)),
                                    dict(gate=False, act="relu2", transposed=True), dict(post_norm=True)],
                          ids=["gpt_oss", "ungated", "post_norm"])
 def test_hf_experts_flags_fp8(flags):

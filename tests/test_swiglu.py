@@ -1,4 +1,5 @@
-"""SwiGLU (separate and packed gate/up): the Triton kernels against the float64 torch reference,
+"""SwiGLU (separate and packed gate/up, and the packed clamped forms: DeepSeek-V4's clamped SwiGLU,
+GPT-OSS's GLU, halves or interleaved): the Triton kernels against the float64 torch reference,
 forward and both gradients; launchers with NaN-poisoned outputs; refusals; the compile gate;
 torch.compile; the LLaMA MLP module."""
 
@@ -9,7 +10,8 @@ from device_params import DEVICES, HAS_CUDA, kernel_backends
 
 from tokenforge import backends, kernels
 from tokenforge.nn.swiglu import SwiGLU
-from tokenforge.ops.swiglu import ACTIVATIONS, geglu, gated_reference, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
+from tokenforge.ops.swiglu import (ACTIVATIONS, geglu, gated_reference, gpt_oss_glu, gpt_oss_glu_reference, split_gate_up, swiglu,
+                                   swiglu_packed, swiglu_packed_reference, swiglu_reference)
 from tokenforge.testing import ROW_SLACK, TOLERANCE, PoisonEmpty, rel_error, row_errors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -273,6 +275,192 @@ def test_packed_backward_makes_no_copies():
 
 
 # ---------------------------------------------------------------------------------------------
+# Clamped forms (MoE experts' gates): swiglu_packed(limit=), gpt_oss_glu, halves or interleaved
+# ---------------------------------------------------------------------------------------------
+
+LIMIT, ALPHA = 7.0, 1.702  # GPT-OSS's swiglu_limit and alpha
+
+
+def _clamped_op(form):
+    """(op(gate_up, backend), float64 reference(gate_up)) of a clamped form."""
+    name, interleaved = form
+    if name == "gpt_oss":
+        return (lambda gu, backend: gpt_oss_glu(gu, alpha=ALPHA, limit=LIMIT, interleaved=interleaved, backend=backend),
+                lambda gu: gpt_oss_glu_reference(gu, ALPHA, LIMIT, interleaved))
+    return (lambda gu, backend: swiglu_packed(gu, limit=LIMIT, interleaved=interleaved, backend=backend),
+            lambda gu: swiglu_packed_reference(gu, limit=LIMIT, interleaved=interleaved))
+
+
+CLAMPED_FORMS = [("silu", False), ("silu", True), ("gpt_oss", False), ("gpt_oss", True)]
+
+
+def unit_roundoff(t: torch.Tensor) -> float:
+    """The relative error of one rounding to t's dtype as the kernel rounds on t's device (bf16 under
+    the interpreter truncates: a whole ulp); fp32's floored at 2^-22 for the exp / divide of sigmoid."""
+    if t.dtype == torch.float32:
+        return 2.0 ** -22
+    bits = 7 if t.dtype == torch.bfloat16 else 10
+    return 2.0 ** -bits if (t.dtype == torch.bfloat16 and t.device.type == "cpu") else 2.0 ** -(bits + 1)
+
+
+def check_gpt_oss_glu(y, dgate_up, gate_up, dy, interleaved):
+    """GPT-OSS's gate rounds like its eager code (gc * alpha, the sigmoid, gc * s, up + 1 and the
+    product forward; five roundings back), so against float64 an element's error is bounded by
+    first-order error propagation, not by a flat relative tolerance: rounding alpha * g (|ga| up to
+    ~20) moves sigmoid by |ga| (1 - s) of its relative error, and the gradient's two paths into gate,
+    rounded apart, cancel near g ~ -1 (a result far below its terms). Per element, with u the unit
+    roundoff and 4x slack: |dy| <= 4u (5 + a) |y|, a = |ga| (1 - s); dup likewise of dy * glu;
+    dgate <= 4u ((6 + a)(|T1| + |T2|) + |dglu| |ga| s) with T1 = dglu s, T2 = dglu g alpha s (1 - s)
+    (the last term: 1 - s of a rounded s); plus, for fp16, an absolute floor of a few subnormal ulps
+    carried through the products (sigmoid of a very negative g is subnormal there: no relative
+    precision left). Clamped elements' gradients exactly 0. So a wrong element, or row, fails on its
+    own scale at every size, the 1-element one too."""
+    u = unit_roundoff(gate_up)
+    info = torch.finfo(gate_up.dtype)
+    subnormal_ulp = info.tiny * info.eps
+    g, up = (t.double() for t in split_gate_up(gate_up.detach(), interleaved))
+    gc, uc = g.clamp(max=LIMIT), up.clamp(-LIMIT, LIMIT)
+    ga = ALPHA * gc
+    s = torch.sigmoid(ga)
+    a = ga.abs() * (1 - s)
+    glu, d = gc * s, dy.double()
+    y64 = (uc + 1) * glu
+    dglu = d * (uc + 1)
+    t1, t2 = dglu * s, dglu * gc * ALPHA * s * (1 - s)
+    dgate64 = torch.where(g <= LIMIT, t1 + t2, 0.0)
+    dup64 = torch.where(up.abs() <= LIMIT, d * glu, 0.0)
+    floor = 8 * subnormal_ulp * (1 + ga.abs()) * (2 + uc.abs()) * (1 + d.abs())
+    bounds = {
+        "y": (y, y64, 4 * u * (5 + a) * y64.abs() + floor),
+        "dgate": (split_gate_up(dgate_up, interleaved)[0], dgate64,
+                  4 * u * ((6 + a) * (t1.abs() + t2.abs()) + dglu.abs() * ga.abs() * s) + floor),
+        "dup": (split_gate_up(dgate_up, interleaved)[1], dup64, 4 * u * (5 + a) * dup64.abs() + floor),
+    }
+    for name, (out, ref, bound) in bounds.items():
+        err = (out.double() - ref).abs()
+        worst = (err - bound).max().item() if err.numel() else 0.0
+        assert worst <= 0.0, f"{name}: an element {worst:.3g} past its bound ({gate_up.dtype}, {tuple(gate_up.shape)})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", CLAMPED_FORMS, ids=lambda f: f"{f[0]}-{'interleaved' if f[1] else 'halves'}")
+@pytest.mark.parametrize("shape", [(1, 2), (17, 2 * 48), (129, 2 * 500), (2, 3, 2 * 33)], ids=str)
+def test_clamped_forms_match_float64(device, dtype, form, shape):
+    """Inputs of scale 6 against limit 7: a quarter of the elements clamped, on each side. Forward
+    and the packed gradient against the float64 reference (norm-wise and per row; GPT-OSS's per
+    element, check_gpt_oss_glu), and the gradient exactly 0 where the input was clamped (torch's
+    clamp backward), nonzero elsewhere."""
+    op, reference = _clamped_op(form)
+    gu = (torch.randn(shape, device=device) * 6).to(dtype).requires_grad_()
+    y = op(gu, None)
+    assert y.shape == (*shape[:-1], shape[-1] // 2) and y.dtype == dtype
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    if form[0] == "gpt_oss":
+        check_gpt_oss_glu(y, gu.grad, gu, dy, form[1])
+    else:
+        ref = gu.detach().double().requires_grad_()
+        ref_y = reference(ref)
+        ref_y.backward(dy.double())
+        assert rel_error(y, ref_y) <= tolerance(gu)
+        assert rel_error(gu.grad, ref.grad) <= tolerance(gu)
+    gate, up = split_gate_up(gu.detach(), form[1])
+    dgate, dup = split_gate_up(gu.grad, form[1])
+    assert (dgate[gate > LIMIT] == 0).all() and (dup[up.abs() > LIMIT] == 0).all()
+    inside = up.abs() < LIMIT
+    if inside.sum() >= 32:  # not the 1-element shape, whose one up may be clamped
+        assert (dup[inside] != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", CLAMPED_FORMS, ids=lambda f: f"{f[0]}-{'interleaved' if f[1] else 'halves'}")
+def test_clamped_forms_one_wrong_row_and_nan(device, form):
+    """A row 1e-3 times the others' scale is judged on its own (the per-row bound); NaN stays NaN
+    (torch.clamp keeps it) and its neighbours are unharmed."""
+    op, reference = _clamped_op(form)
+    gu = torch.randn(9, 2 * 70, device=device) * 6
+    gu[4] *= 1e-3
+    gu[7, 3] = float("nan")
+    y = op(gu, "triton" if kernels.INTERPRETED or device == "cuda" else None)
+    ref = reference(gu.double())
+    assert torch.isnan(y[7]).sum() == 1 and torch.isnan(ref[7]).sum() == 1
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[7] = False
+    assert rel_error(y[keep], ref[keep]) <= TOLERANCE[torch.float32]
+    assert (row_errors(y[keep], ref[keep]) <= TOLERANCE[torch.float32] * ROW_SLACK).all()
+
+
+def _round_each(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _round_as_kernel(x, dtype).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gpt_oss_glu_rounds_where_eager_rounds(device, interleaved):
+    """bf16: the kernel rounds after each of GPT-OSS's eager operations (gc * alpha, sigmoid, gc * s,
+    up + 1, the product) and each autograd step back, so a patched GPT-OSS's expert activations are
+    the unpatched ones: against that chain of roundings in fp32 (as the kernel's conversion rounds on
+    this device), at most 1 in 500 elements differ (an fp32 exp an ulp apart across a rounding
+    boundary); rounding only the output differs in far more. On a GPU, against eager itself."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    gu = (torch.randn(64, 2 * 500, device=device) * 4).to(dtype)
+    dy = torch.randn(64, 500, device=device).to(dtype)
+    leaf = gu.clone().requires_grad_()
+    y = gpt_oss_glu(leaf, alpha=ALPHA, limit=LIMIT, interleaved=interleaved, backend="triton")
+    y.backward(dy)
+    gate, up = (t.float() for t in split_gate_up(gu, interleaved))
+    gc, uc = gate.clamp(max=LIMIT), up.clamp(-LIMIT, LIMIT)
+    s = _round_each(torch.sigmoid(_round_each(gc * ALPHA, dtype)), dtype)
+    glu, up1 = _round_each(gc * s, dtype), _round_each(uc + 1, dtype)
+    d = dy.float()
+    dglu = _round_each(d * up1, dtype)
+    dga = _round_each(_round_each(dglu * gc, dtype) * (1 - s) * s, dtype)
+    dgate = _round_each(_round_each(dglu * s, dtype) + _round_each(dga * ALPHA, dtype), dtype) * (gate <= LIMIT)
+    dup = _round_each(d * glu, dtype) * (up.abs() <= LIMIT)
+    expected = {"y": _round_each(up1 * glu, dtype), "dgate": dgate, "dup": dup}
+    got_dgate, got_dup = split_gate_up(leaf.grad, interleaved)
+    for name, out in (("y", y), ("dgate", got_dgate), ("dup", got_dup)):
+        differ = (out.float() != expected[name]).float().mean().item()
+        assert differ <= 2e-3, f"{name}: {differ:.2%} of elements differ from eager's roundings"
+    once = gpt_oss_glu_reference(gu.double(), ALPHA, LIMIT, interleaved).float().to(dtype)
+    assert (once != y).float().mean().item() > 0.02
+    if device == "cuda":
+        ref_leaf = gu.clone().requires_grad_()
+        ref_y = gpt_oss_glu_reference(ref_leaf, ALPHA, LIMIT, interleaved)
+        ref_y.backward(dy)
+        for name, out, ref in (("y", y, ref_y), ("dgate_up", leaf.grad, ref_leaf.grad)):
+            differ = (out != ref).float().mean().item()
+            assert differ <= 1e-3, f"{name}: {differ:.3%} of elements differ from eager PyTorch's"
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda gu: swiglu_packed(gu, limit=0.0), "swiglu_packed: limit must be a finite positive number"),
+        (lambda gu: swiglu_packed(gu, limit=float("inf")), "limit must be a finite positive"),
+        (lambda gu: gpt_oss_glu(gu, limit=-1.0), "gpt_oss_glu: limit must be a finite positive"),
+        (lambda gu: gpt_oss_glu(gu, alpha=float("nan")), "gpt_oss_glu: alpha must be a finite number"),
+        (lambda gu: gpt_oss_glu(gu, alpha=True), "alpha must be a finite number"),
+        (lambda gu: gpt_oss_glu(gu[:, :7]), "gpt_oss_glu: the last dim of gate_up .* must be even"),
+    ],
+)
+def test_clamped_forms_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(3, 8))
+
+
+def test_clamped_forms_empty_and_float64_on_torch():
+    assert gpt_oss_glu(torch.randn(0, 8)).shape == (0, 4)
+    gu = torch.randn(5, 12, dtype=torch.float64) * 6
+    gate, up = gu[:, 0::2].clamp(max=LIMIT), gu[:, 1::2].clamp(-LIMIT, LIMIT)
+    assert torch.equal(gpt_oss_glu(gu), (up + 1) * (gate * torch.sigmoid(gate * ALPHA)))
+    gate, up = gu[:, :6].clamp(max=3.0), gu[:, 6:].clamp(-3.0, 3.0)
+    assert torch.equal(swiglu_packed(gu, limit=3.0), torch.nn.functional.silu(gate) * up)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers called directly with NaN-poisoned allocations: every output element must be written.
 # ---------------------------------------------------------------------------------------------
 
@@ -295,6 +483,14 @@ def test_launchers_write_every_output(device, rows, n):
     ref_y, ref_dg, ref_du = _reference(g, u, dy)
     for out, ref in ((y, ref_y), (dg, ref_dg), (du, ref_du), (packed, torch.cat([ref_dg, ref_du], 1))):
         assert rel_error(out, ref) <= tolerance(g)
+    # Interleaved: the even and odd columns of one poisoned buffer, in and out (GPT-OSS's gate).
+    gu = torch.stack([g, u], -1).reshape(rows, 2 * n) * 6
+    with PoisonEmpty():
+        y = launcher.swiglu_forward(gu[:, 0::2], gu[:, 1::2], activation="gpt_oss", limit=LIMIT, alpha=ALPHA)
+        dgu = torch.empty(rows, 2 * n, device=device, dtype=torch.bfloat16)
+        launcher.swiglu_backward(dy, gu[:, 0::2], gu[:, 1::2], dgu[:, 0::2], dgu[:, 1::2], activation="gpt_oss",
+                                 limit=LIMIT, alpha=ALPHA)
+    check_gpt_oss_glu(y, dgu, gu, dy, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +621,11 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.tokenforge.swiglu_bwd, (dy, g, u, "triton"), test_utils=utils)
     torch.library.opcheck(torch.ops.tokenforge.swiglu_packed_fwd, (torch.randn(4, 32), "triton"), test_utils=utils)
     torch.library.opcheck(torch.ops.tokenforge.swiglu_packed_bwd, (dy, torch.randn(4, 32), "triton"), test_utils=utils)
+    form = ("gpt_oss", LIMIT, ALPHA, True)
+    torch.library.opcheck(torch.ops.tokenforge.swiglu_packed_fwd, (torch.randn(4, 32) * 6, "triton", *form),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.tokenforge.swiglu_packed_bwd, (dy, torch.randn(4, 32) * 6, "triton", *form),
+                          test_utils=utils)
 
 
 def test_fullgraph_compile_no_graph_breaks():
@@ -463,7 +664,8 @@ def _compile(name, config, dtype, arch, aligned=True):
     types = {k: t for k in ("G", "U", "Y", "DY", "DG", "DU")}
     types.update({k: "i32" for k in ("rows", "n", "stride_g", "stride_u", "stride_y", "stride_dy", "stride_dg", "stride_du",
                                      "stride_scale")})
-    config = dict(config)
+    types.update(limit="fp32", alpha="fp32")
+    config = dict({"CLAMP": False, "COL_STRIDE": 1}, **config)  # the launchers' defaults where a config names none
     types.update(emission_gate_types(config, arch, getattr(swiglu_kernels, name)))
     num_warps = config.pop("num_warps")
     return compile_kernel(getattr(swiglu_kernels, name), types, config, num_warps, TARGETS[arch],
@@ -479,7 +681,8 @@ def _all_configs():
 @pytest.mark.compile_gate
 @pytest.mark.parametrize("arch", GATE_ARCHS)
 @pytest.mark.parametrize("name,config", _all_configs(),
-                         ids=[f"{n}-{c['ACTIVATION']}-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}{'-fp8g%d' % c['GROUP'] if c.get('EMIT_FP8') else ''}"
+                         ids=[f"{n}-{c['ACTIVATION']}{'-clamp-cs%d' % c['COL_STRIDE'] if c.get('CLAMP') else ''}"
+                              f"-{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}{'-fp8g%d' % c['GROUP'] if c.get('EMIT_FP8') else ''}"
                               for n, c in _all_configs()])
 def test_configs_compile_without_spills(arch, name, config):
     from compile_gate import ptxas_report, spill_bytes
@@ -514,3 +717,7 @@ def test_every_width_maps_to_a_gated_config():
     for n in [1, 2, 15, 16, 17, 100, 1000, 1024, 1025, 4096, 14336, 100003]:
         cfg = tuple(sorted(dict(swiglu_kernels.tile_config(n), ACTIVATION="gelu_tanh", LIBDEVICE=True).items()))
         assert ("_swiglu_fwd_kernel", cfg) in gated and ("_swiglu_bwd_kernel", cfg) in gated, n
+        for (activation, clamp), col_stride in ((f, c) for f in swiglu_kernels.CLAMPED_FORMS for c in (1, 2)):
+            cfg = tuple(sorted(dict(swiglu_kernels.tile_config(n), ACTIVATION=activation, LIBDEVICE=True, CLAMP=clamp,
+                                    COL_STRIDE=col_stride).items()))
+            assert ("_swiglu_fwd_kernel", cfg) in gated and ("_swiglu_bwd_kernel", cfg) in gated, (n, activation)

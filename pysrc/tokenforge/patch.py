@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -749,7 +750,7 @@ def _transformers_version() -> str:
 
 # A patched Hugging Face *Experts module with this attribute runs its GEMMs by grouped_mm_float8 with that recipe.
 _EXPERTS_FP8_ATTR = "_tokenforge_fp8_recipe"
-# ... and with this one True, its gate is plain SwiGLU (the fused kernel), False: its own _apply_gate.
+# ... and this one holds its gate's form on the fused kernels (_experts_gate_form), False: its own _apply_gate.
 _EXPERTS_FUSED_GATE_ATTR = "_tokenforge_fused_gate"
 
 
@@ -766,11 +767,64 @@ def _hf_default_apply_gate():
 def _fused_swiglu_gate(experts) -> bool:
     """Whether ``experts``' gate is plain SwiGLU on [gate | up] (the fused swiglu_packed kernel
     computes it): its class keeps transformers' default ``_apply_gate`` (or has none) and its
-    activation is SiLU. Otherwise (GPT-OSS's clamped GLU on interleaved columns, DeepSeek-V4's
-    clamp, a float32 gate) its own ``_apply_gate`` runs, in torch."""
+    activation is SiLU."""
     own = getattr(type(experts), "_apply_gate", None)
     return (own is None or own is _hf_default_apply_gate()) and getattr(experts, "is_concatenated", True) \
         and _is_silu(getattr(experts, "act_fn", nn.SiLU()))
+
+
+def _experts_scalar(experts, names) -> Optional[float]:
+    """The first of these attributes of ``experts`` that is a finite positive number, or None."""
+    for name in names:
+        v = getattr(experts, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+    return None
+
+
+def _experts_gate_form(experts) -> Optional[dict]:
+    """How the fused kernels compute ``experts``' gate, as keyword arguments of
+    :func:`_fused_gate` (op plus its options), or None when only the class's own ``_apply_gate`` does.
+
+    Plain SwiGLU for transformers' default gate with SiLU. A class with its own ``_apply_gate`` and a
+    clamp limit (``limit`` / ``swiglu_limit``) gets the clamped form whose float64 output equals its
+    ``_apply_gate``'s on a probe reaching well past the limit: DeepSeek-V4's clamped SwiGLU, or
+    GPT-OSS's GLU with its ``alpha`` / ``swiglu_alpha``, each on halves or interleaved columns. No
+    match (Bailing's clamp after the activation, a float32 gate, anything new): its own gate, in torch."""
+    from tokenforge.ops.swiglu import gpt_oss_glu_reference, swiglu_packed_reference
+
+    if _fused_swiglu_gate(experts):
+        return {"op": "swiglu_packed"}
+    own = getattr(type(experts), "_apply_gate", None)
+    limit = _experts_scalar(experts, ("limit", "swiglu_limit"))
+    if own is None or limit is None:
+        return None
+    alpha = _experts_scalar(experts, ("alpha", "swiglu_alpha"))
+    probe = torch.randn(16, 2 * 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * (2 * limit)
+    try:
+        with torch.no_grad():
+            want = own(experts, probe)
+    except Exception:  # a gate that cannot run on a float64 CPU probe is left as it is
+        return None
+    candidates = []
+    for interleaved in (False, True):
+        candidates.append(({"op": "swiglu_packed", "limit": limit, "interleaved": interleaved},
+                           swiglu_packed_reference(probe, limit=limit, interleaved=interleaved)))
+        if alpha is not None:
+            candidates.append(({"op": "gpt_oss_glu", "alpha": alpha, "limit": limit, "interleaved": interleaved},
+                               gpt_oss_glu_reference(probe, alpha, limit, interleaved)))
+    for form, got in candidates:
+        if isinstance(want, torch.Tensor) and want.shape == got.shape and want.dtype == got.dtype \
+                and torch.allclose(want, got, rtol=1e-12, atol=1e-12):
+            return form
+    return None
+
+
+def _fused_gate(h: torch.Tensor, op: str, **options) -> torch.Tensor:
+    """The gate of a form from :func:`_experts_gate_form` on the packed grouped-GEMM output h."""
+    from tokenforge.ops.swiglu import gpt_oss_glu, swiglu_packed
+
+    return (gpt_oss_glu if op == "gpt_oss_glu" else swiglu_packed)(h, **options)
 
 
 def _hf_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *, router_indices=None,
@@ -786,7 +840,6 @@ def _hf_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=Non
     slot for an expert on another rank) contributes nothing, as there."""
     from tokenforge.fp8.grouped import expert_gemm
     from tokenforge.ops import moe_permute, moe_unpermute
-    from tokenforge.ops.swiglu import swiglu_packed
 
     index = top_k_index if top_k_index is not None else router_indices
     weights = top_k_weights if top_k_weights is not None else routing_weights
@@ -808,8 +861,9 @@ def _hf_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=Non
 
     if has_gate:
         h = project(xs, up, "gate_up_proj_bias")
-        fused = vars(self).get(_EXPERTS_FUSED_GATE_ATTR)  # decided by patch(); computed here for a bare call
-        h = swiglu_packed(h) if (_fused_swiglu_gate(self) if fused is None else fused) else self._apply_gate(h)
+        form = vars(self).get(_EXPERTS_FUSED_GATE_ATTR)  # decided by patch(); probed here for a bare call
+        form = _experts_gate_form(self) if form is None else form
+        h = _fused_gate(h, **form) if form else self._apply_gate(h)
     else:
         h = self.act_fn(project(xs, up, "up_proj_bias"))
     ys = project(h, self.down_proj, "down_proj_bias")
@@ -871,8 +925,12 @@ def _hf_experts_unsupported(m) -> Optional[str]:
 
 def _experts_description(m) -> str:
     """What runs around the grouped GEMMs of a patched ``*Experts`` module, for the report."""
-    parts = ["swiglu_packed" if vars(m).get(_EXPERTS_FUSED_GATE_ATTR) else
-             f"its own {'_apply_gate' if getattr(m, 'has_gate', True) else 'act_fn'} in torch"]
+    form = vars(m).get(_EXPERTS_FUSED_GATE_ATTR)
+    if form:
+        options = ", ".join(f"{k}={v}" for k, v in form.items() if k != "op")
+        parts = [f"{form['op']}({options})" if options else form["op"]]
+    else:
+        parts = [f"its own {'_apply_gate' if getattr(m, 'has_gate', True) else 'act_fn'} in torch"]
     if getattr(m, "has_bias", False):
         parts.append("its expert biases")
     if getattr(m, "has_post_expert_norm", False):
@@ -942,7 +1000,7 @@ def _patch_hf_experts(model, undo, report, opts) -> None:
         if why is not None:
             left[cls.__name__] = why
             continue
-        undo.set_attr(m, _EXPERTS_FUSED_GATE_ATTR, m.has_gate and _fused_swiglu_gate(m))
+        undo.set_attr(m, _EXPERTS_FUSED_GATE_ATTR, m.has_gate and (_experts_gate_form(m) or False))
         undo.set_attr(m, "forward", types.MethodType(_hf_experts_forward, m))
         patched[cls.__name__] = patched.get(cls.__name__, 0) + 1
         described[cls.__name__] = _experts_description(m)

@@ -12,7 +12,7 @@ from tokenforge.ops.newton_schulz import newton_schulz, newton_schulz_reference
 from tokenforge.ops.grouped_mm import grouped_mm, grouped_mm_fp8, grouped_mm_fp8_reference, grouped_mm_reference
 from tokenforge.ops.rms_norm import rms_norm, rms_norm_reference
 from tokenforge.ops.rope import rope, rope_reference
-from tokenforge.ops.swiglu import geglu, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
+from tokenforge.ops.swiglu import geglu, gpt_oss_glu, swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference
 from tokenforge.ops.vocab_parallel_cross_entropy import vocab_parallel_linear_cross_entropy
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "geglu",
     "swiglu",
     "swiglu_packed",
+    "gpt_oss_glu",
     "swiglu_packed_reference",
     "swiglu_reference",
     "vocab_parallel_linear_cross_entropy",

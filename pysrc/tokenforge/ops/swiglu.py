@@ -16,6 +16,13 @@ the first half of the last dim is gate, the second half up (``torch.cat([gate, u
 Outputs and gradients have the inputs' dtype; the math is fp32 (float64 on the torch backend),
 rounded where eager PyTorch's ``act(gate) * up`` rounds (act(gate), then the product), so a patched
 model's MLP activations are those of the unpatched one.
+
+Clamped forms of the packed op, the gates of MoE experts trained with them (same kernels, same
+custom ops: their ``limit`` / ``alpha`` / ``interleaved`` arguments): ``swiglu_packed(limit=L)`` is
+``silu(gate.clamp(max=L)) * up.clamp(-L, L)`` (DeepSeek-V4, GLM-5-Next, HY-V4), and
+:func:`gpt_oss_glu` is GPT-OSS's ``(up.clamp(-L, L) + 1) * g * sigmoid(alpha * g)``, g =
+``gate.clamp(max=L)`` (MiniMax-M3's too). ``interleaved=True`` reads gate and up from the even and
+odd columns of gate_up (GPT-OSS's ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``) instead of its halves.
 """
 
 from __future__ import annotations
@@ -57,10 +64,31 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return gated_reference(gate, up, "silu")
 
 
-def swiglu_packed_reference(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """:func:`gated_reference` of the two halves of gate_up (..., 2*hidden): gate first, then up."""
-    gate, up = gate_up.chunk(2, dim=-1)
+def split_gate_up(gate_up: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) views of a packed (..., 2*hidden) tensor: its halves, or with ``interleaved`` its
+    even and odd columns."""
+    if interleaved:
+        return gate_up[..., 0::2], gate_up[..., 1::2]
+    hidden = gate_up.shape[-1] // 2
+    return gate_up[..., :hidden], gate_up[..., hidden:]
+
+
+def swiglu_packed_reference(gate_up: torch.Tensor, activation: str = "silu", limit: Optional[float] = None,
+                            interleaved: bool = False) -> torch.Tensor:
+    """:func:`gated_reference` of gate and up of gate_up (..., 2*hidden) (:func:`split_gate_up`),
+    with ``limit`` of gate clamped from above and up to [-limit, limit] first."""
+    gate, up = split_gate_up(gate_up, interleaved)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     return gated_reference(gate, up, activation)
+
+
+def gpt_oss_glu_reference(gate_up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0,
+                          interleaved: bool = True) -> torch.Tensor:
+    """GPT-OSS's gate as its eager code computes it, in gate_up's dtype (each operation rounded)."""
+    gate, up = split_gate_up(gate_up, interleaved)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,15 +120,23 @@ def _check_inputs(gate, up, name: str = "swiglu") -> None:
         raise ValueError(f"{name}: gate is on {gate.device} but up is on {up.device}; move both to the same device")
 
 
-def _check_packed(gate_up) -> None:
-    _check_float("swiglu_packed", "gate_up", gate_up)
+def _check_packed(gate_up, name: str = "swiglu_packed") -> None:
+    _check_float(name, "gate_up", gate_up)
     if gate_up.dim() == 0:
-        raise ValueError("swiglu_packed: gate_up must have at least one dimension (..., 2*hidden)")
+        raise ValueError(f"{name}: gate_up must have at least one dimension (..., 2*hidden)")
     if gate_up.shape[-1] % 2:
         raise ValueError(
-            f"swiglu_packed: the last dim of gate_up {tuple(gate_up.shape)} must be even (gate then up, "
+            f"{name}: the last dim of gate_up {tuple(gate_up.shape)} must be even (gate then up, "
             "hidden each); pass gate and up separately to tokenforge.ops.swiglu otherwise"
         )
+
+
+def _check_scalar(name: str, what: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        kind = "a finite positive number" if positive else "a finite number"
+        raise ValueError(f"{name}: {what} must be {kind}, got {value!r}")
+    return float(value)
 
 
 def _triton_supports(gate, up=None) -> Optional[str]:
@@ -155,28 +191,30 @@ def _(dy, gate, up, backend, activation="silu"):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
+# Packed ops: the activation's form is (activation, limit, alpha, interleaved); limit None: no clamp.
 @torch.library.custom_op("tokenforge::swiglu_packed_fwd", mutates_args=())
-def swiglu_packed_fwd(gate_up: torch.Tensor, backend: str, activation: str = "silu") -> torch.Tensor:
-    hidden = gate_up.shape[1] // 2
-    return LAUNCHERS[backend].swiglu_forward(gate_up[:, :hidden], gate_up[:, hidden:], activation=activation)
+def swiglu_packed_fwd(gate_up: torch.Tensor, backend: str, activation: str = "silu", limit: Optional[float] = None,
+                      alpha: float = 1.0, interleaved: bool = False) -> torch.Tensor:
+    gate, up = split_gate_up(gate_up, interleaved)
+    return LAUNCHERS[backend].swiglu_forward(gate, up, activation=activation, limit=limit, alpha=alpha)
 
 
 @swiglu_packed_fwd.register_fake
-def _(gate_up, backend, activation="silu"):
+def _(gate_up, backend, activation="silu", limit=None, alpha=1.0, interleaved=False):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
 @torch.library.custom_op("tokenforge::swiglu_packed_bwd", mutates_args=())
-def swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor, backend: str, activation: str = "silu") -> torch.Tensor:
-    hidden = gate_up.shape[1] // 2
+def swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor, backend: str, activation: str = "silu",
+                      limit: Optional[float] = None, alpha: float = 1.0, interleaved: bool = False) -> torch.Tensor:
     dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-    LAUNCHERS[backend].swiglu_backward(dy, gate_up[:, :hidden], gate_up[:, hidden:],
-                                        dgate_up[:, :hidden], dgate_up[:, hidden:], activation=activation)
+    LAUNCHERS[backend].swiglu_backward(dy, *split_gate_up(gate_up, interleaved), *split_gate_up(dgate_up, interleaved),
+                                        activation=activation, limit=limit, alpha=alpha)
     return dgate_up
 
 
 @swiglu_packed_bwd.register_fake
-def _(dy, gate_up, backend, activation="silu"):
+def _(dy, gate_up, backend, activation="silu", limit=None, alpha=1.0, interleaved=False):
     return gate_up.new_empty(gate_up.shape)
 
 
@@ -253,19 +291,20 @@ class SwiGLUPackedFunction(torch.autograd.Function):
     """Autograd of the packed form: saves gate_up only; its gradient is one packed tensor."""
 
     @staticmethod
-    def forward(ctx, gate_up, backend, activation="silu"):
+    def forward(ctx, gate_up, backend, activation="silu", limit=None, alpha=1.0, interleaved=False):
         gu2 = rows_view(gate_up)
-        y = torch.ops.tokenforge.swiglu_packed_fwd(gu2, backend, activation)
+        form = (activation, limit, alpha, interleaved)
+        y = torch.ops.tokenforge.swiglu_packed_fwd(gu2, backend, *form)
         ctx.save_for_backward(gu2)
-        ctx.backend, ctx.activation = backend, activation
+        ctx.backend, ctx.form = backend, form
         ctx.shape = gate_up.shape
         return y.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, dy):
         (gu2,) = ctx.saved_tensors
-        dgu = torch.ops.tokenforge.swiglu_packed_bwd(rows_view(dy.to(gu2.dtype)), gu2, ctx.backend, ctx.activation)
-        return dgu.view(ctx.shape), None, None
+        dgu = torch.ops.tokenforge.swiglu_packed_bwd(rows_view(dy.to(gu2.dtype)), gu2, ctx.backend, *ctx.form)
+        return dgu.view(ctx.shape), None, None, None, None, None
 
 
 def _check_multipliers(gate_multiplier, down_multiplier, fp8) -> None:
@@ -311,19 +350,50 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, gate_multiplier: float = 1.0
     return SwiGLUFunction.apply(gate, up, name)
 
 
-def swiglu_packed(gate_up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+def swiglu_packed(gate_up: torch.Tensor, *, limit: Optional[float] = None, interleaved: bool = False,
+                  backend: Optional[str] = None) -> torch.Tensor:
     """``silu(gate) * up`` for gate_up (..., 2*hidden) = cat([gate, up], -1), the output of a fused
     gate/up projection; returns (..., hidden) in gate_up's dtype, and a packed (..., 2*hidden)
-    gradient. ``backend`` forces triton or torch. DTensor gate_up: per shard, its last dim whole."""
+    gradient. ``backend`` forces triton or torch. DTensor gate_up: per shard, its last dim whole.
+
+    ``limit``: ``silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)`` (DeepSeek-V4's experts;
+    no gradient where clamped). ``interleaved``: gate and up are gate_up's even and odd columns."""
     if any_dtensor(gate_up):
-        return run_on_shards("swiglu_packed", lambda t: swiglu_packed(t, backend=backend), [gate_up])
+        return run_on_shards("swiglu_packed", lambda t: swiglu_packed(t, limit=limit, interleaved=interleaved,
+                                                                      backend=backend), [gate_up])
     _check_packed(gate_up)
+    if limit is not None:
+        limit = _check_scalar("swiglu_packed", "limit", limit, positive=True)
+    interleaved = bool(interleaved)
     if gate_up.numel() == 0:
-        return swiglu_packed_reference(gate_up)
+        return swiglu_packed_reference(gate_up, limit=limit, interleaved=interleaved)
     name = backends.choose(OP_PACKED, gate_up, backend=backend)
     if name == "torch":
-        return swiglu_packed_reference(gate_up)
-    return SwiGLUPackedFunction.apply(gate_up, name)
+        return swiglu_packed_reference(gate_up, limit=limit, interleaved=interleaved)
+    return SwiGLUPackedFunction.apply(gate_up, name, "silu", limit, 1.0, interleaved)
+
+
+def gpt_oss_glu(gate_up: torch.Tensor, *, alpha: float = 1.702, limit: float = 7.0, interleaved: bool = True,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """GPT-OSS's expert gate on gate_up (..., 2*hidden): ``(up.clamp(-limit, limit) + 1) * g *
+    sigmoid(alpha * g)`` with ``g = gate.clamp(max=limit)``; gate and up are gate_up's even and odd
+    columns (GPT-OSS's layout), or with ``interleaved=False`` its halves (MiniMax-M3's). Returns
+    (..., hidden) in gate_up's dtype, rounded where GPT-OSS's eager code rounds, and a packed gradient
+    (none where clamped). Defaults are GPT-OSS's ``alpha`` and ``swiglu_limit``. DTensor gate_up: per
+    shard, its last dim whole."""
+    if any_dtensor(gate_up):
+        return run_on_shards("gpt_oss_glu", lambda t: gpt_oss_glu(t, alpha=alpha, limit=limit, interleaved=interleaved,
+                                                                  backend=backend), [gate_up])
+    _check_packed(gate_up, "gpt_oss_glu")
+    alpha = _check_scalar("gpt_oss_glu", "alpha", alpha)
+    limit = _check_scalar("gpt_oss_glu", "limit", limit, positive=True)
+    interleaved = bool(interleaved)
+    if gate_up.numel() == 0:
+        return gpt_oss_glu_reference(gate_up, alpha, limit, interleaved)
+    name = backends.choose(OP_PACKED, gate_up, backend=backend)
+    if name == "torch":
+        return gpt_oss_glu_reference(gate_up, alpha, limit, interleaved)
+    return SwiGLUPackedFunction.apply(gate_up, name, "gpt_oss", limit, alpha, interleaved)
 
 
 GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu"}
